@@ -1,0 +1,3 @@
+from waconsent.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""The protocol every CRM connector satisfies; the run speaks only this.
+
+A connector translates its vendor's API into plain data: records come out as
+`CrmRecord` with *logical* consent fields (opt_in as a bool, datetimes as aware
+UTC) and raw phone values by CRM field name; writes go in as `WriteRequest` with
+logical fields and come back as one `WriteResult` per request, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from waconsent.domain import CrmRecord, FieldDescription, WriteRequest, WriteResult
+
+
+@runtime_checkable
+class CrmConnector(Protocol):
+    """What a CRM must offer the sync run."""
+
+    #: how many records one write call carries (Salesforce collections: 200)
+    write_batch_size: int
+
+    def preflight(self) -> None:
+        """Check the mapping against the CRM before anything is read or written.
+
+        Raises ConfigError naming every mapped field the object does not have.
+        """
+
+    def read_all(self) -> Iterator[CrmRecord]:
+        """Every record of the mapped object, lazily, page by page."""
+
+    def read_changed_since(self, since: datetime) -> Iterator[CrmRecord]:
+        """Records modified at or after `since` (the caller already subtracted its lookback)."""
+
+    def read_by_ids(self, record_ids: Sequence[str]) -> Iterator[CrmRecord]:
+        """The named records (missing ones are simply absent)."""
+
+    def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        """Write one batch of at most `write_batch_size`; one result per request, same order."""
+
+    def describe_fields(self) -> Mapping[str, FieldDescription]:
+        """The object's fields as the CRM describes them, by CRM field name."""
+
+    def usage(self) -> Mapping[str, int | str | None]:
+        """API usage of this connector so far (`api_calls`, and limits where the CRM says)."""
+
+    def close(self) -> None:
+        """Release sessions and pools."""

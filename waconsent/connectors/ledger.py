@@ -1,0 +1,223 @@
+"""The built-in ledger as a CRM (`crm.kind = "ledger"`), for companies without one.
+
+Its records live in the store's `contacts` table and its field names are the
+logical names themselves, so no mapping is needed. It also reads and writes the
+contacts CSV (`waconsent contacts import/export`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from waconsent import domain
+from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
+from waconsent.phones import UnparseablePhone, mask, phone_key
+from waconsent.store.tables import contacts
+
+PHONE_FIELDS = ("mobile_phone", "phone")
+CSV_COLUMNS: tuple[str, ...] = ("id", "name", *PHONE_FIELDS, *domain.LOGICAL_FIELDS)
+_CHUNK = 500
+
+
+def _row_to_record(row: Any) -> CrmRecord:
+    return CrmRecord(
+        record_id=row.id,
+        fields={name: getattr(row, name) for name in domain.LOGICAL_FIELDS},
+        phones={name: getattr(row, name) for name in PHONE_FIELDS},
+        modified_at=row.modified_at,
+        name=row.name,
+    )
+
+
+class LedgerCrm:
+    """CrmConnector over the contacts table; every call is one SQL statement."""
+
+    write_batch_size = 500
+
+    def __init__(self, engine: Engine, read_chunk_size: int = 2_000,
+                 clock: Any = None) -> None:
+        self._engine = engine
+        self._chunk = read_chunk_size
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._calls = 0
+
+    def preflight(self) -> None:
+        """The ledger's fields are the logical ones; nothing can be mis-mapped."""
+
+    def _pages(self, query: Any, order: Sequence[Any]) -> Iterator[CrmRecord]:
+        """Keyset pagination on the ordering columns, so memory stays one page deep."""
+        last: tuple[Any, ...] | None = None
+        while True:
+            page_query = query
+            if last is not None:
+                from sqlalchemy import tuple_
+
+                page_query = page_query.where(tuple_(*order) > tuple_(*last))
+            with self._engine.connect() as connection:
+                rows = connection.execute(page_query.order_by(*order).limit(self._chunk)).all()
+                connection.rollback()
+            self._calls += 1
+            if not rows:
+                return
+            yield from (_row_to_record(row) for row in rows)
+            last = tuple(getattr(rows[-1], column.name) for column in order)
+            if len(rows) < self._chunk:
+                return
+
+    def read_all(self) -> Iterator[CrmRecord]:
+        return self._pages(select(contacts), [contacts.c.id])
+
+    def read_changed_since(self, since: datetime) -> Iterator[CrmRecord]:
+        return self._pages(select(contacts).where(contacts.c.modified_at >= since),
+                           [contacts.c.modified_at, contacts.c.id])
+
+    def read_by_ids(self, record_ids: Sequence[str]) -> Iterator[CrmRecord]:
+        ids = list(dict.fromkeys(record_ids))
+        for start in range(0, len(ids), _CHUNK):
+            with self._engine.connect() as connection:
+                rows = connection.execute(
+                    select(contacts).where(contacts.c.id.in_(ids[start:start + _CHUNK]))).all()
+                connection.rollback()
+            self._calls += 1
+            yield from (_row_to_record(row) for row in rows)
+
+    def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        results = []
+        now = self._clock()
+        with self._engine.begin() as connection:
+            for write in writes:
+                unknown = set(write.values) - set(domain.LOGICAL_FIELDS)
+                if unknown:
+                    results.append(WriteResult(write.record_id, False,
+                                               f"unknown field(s) {sorted(unknown)}",
+                                               "INVALID_FIELD", permanent=True))
+                    continue
+                changed = connection.execute(
+                    update(contacts).where(contacts.c.id == write.record_id)
+                    .values(**write.values, modified_at=now)).rowcount
+                results.append(WriteResult(write.record_id, True) if changed else
+                               WriteResult(write.record_id, False, "no such contact",
+                                           "NOT_FOUND", permanent=True))
+        self._calls += 1
+        return results
+
+    def describe_fields(self) -> Mapping[str, FieldDescription]:
+        kinds = {name: ("datetime" if name in domain.DATETIME_FIELDS else
+                        "boolean" if name in domain.BOOLEAN_FIELDS else "string")
+                 for name in domain.LOGICAL_FIELDS}
+        return {name: FieldDescription(name, kind) for name, kind in kinds.items()}
+
+    def usage(self) -> Mapping[str, int | str | None]:
+        return {"api_calls": self._calls}
+
+    def close(self) -> None:
+        """The engine belongs to the caller."""
+
+
+# ---- contacts CSV ---------------------------------------------------------------------------
+
+@dataclass
+class ContactsImport:
+    imported: int = 0
+    refused: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_datetime(text: str) -> datetime:
+    """ISO 8601; a value without an offset is taken as UTC (documented in the README)."""
+    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _csv_value(column: str, text: str) -> FieldValue:
+    if text.strip() == "":
+        return None
+    if column in domain.DATETIME_FIELDS:
+        try:
+            return parse_datetime(text)
+        except ValueError:
+            raise ValueError(f"{column}: expected an ISO 8601 datetime such as "
+                             f"2026-01-31T09:30:00Z, got {text!r}") from None
+    if column in domain.BOOLEAN_FIELDS:
+        try:
+            return parse_bool(text)
+        except ValueError as exc:
+            raise ValueError(f"{column}: {exc}") from None
+    return text.strip()
+
+
+def read_contacts_csv(text: str, default_region: str, source: str = "<csv>"
+                      ) -> tuple[list[dict[str, FieldValue]], ContactsImport]:
+    """Rows to import plus the report; bad rows are refused by line, the rest kept."""
+    report = ContactsImport()
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in reader.fieldnames or []]
+    if "id" not in header:
+        report.refused.append(f"{source}:1: the header has no 'id' column "
+                              f"(expected some of: {', '.join(CSV_COLUMNS)})")
+        return [], report
+    unknown = [h for h in header if h not in CSV_COLUMNS]
+    if unknown:
+        report.warnings.append(f"{source}:1: unknown column(s) ignored: {', '.join(unknown)}")
+    rows: list[dict[str, FieldValue]] = []
+    for line_number, raw in enumerate(reader, start=2):
+        values = {k.strip(): (v or "") for k, v in raw.items() if k and k.strip() in CSV_COLUMNS}
+        if not values.get("id", "").strip():
+            report.refused.append(f"{source}:{line_number}: no id")
+            continue
+        try:
+            row = {column: _csv_value(column, text) for column, text in values.items()}
+        except ValueError as exc:
+            report.refused.append(f"{source}:{line_number}: {exc}")
+            continue
+        for phone_field in PHONE_FIELDS:
+            phone = row.get(phone_field)
+            if isinstance(phone, str):
+                try:
+                    phone_key(phone, default_region)
+                except UnparseablePhone:
+                    report.warnings.append(
+                        f"{source}:{line_number}: {phone_field} {mask(phone)} is not a phone "
+                        "number; the contact is kept but its number matches nothing")
+        rows.append(row)
+    return rows, report
+
+
+def upsert_contacts(engine: Engine, rows: Iterable[Mapping[str, FieldValue]],
+                    now: datetime) -> int:
+    """Insert or update by id; only the columns a row carries are touched."""
+    count = 0
+    with engine.begin() as connection:
+        dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+        for row in rows:
+            values = {**row, "modified_at": now}
+            statement = dialect.insert(contacts).values(**values)
+            statement = statement.on_conflict_do_update(
+                index_elements=["id"], set_={k: statement.excluded[k] for k in values
+                                             if k != "id"})
+            connection.execute(statement)
+            count += 1
+    return count
+
+
+def export_rows(engine: Engine) -> Iterator[dict[str, Any]]:
+    with engine.connect() as connection:
+        for row in connection.execute(select(contacts).order_by(contacts.c.id)):
+            yield {column: getattr(row, column) for column in CSV_COLUMNS}

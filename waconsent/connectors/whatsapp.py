@@ -1,0 +1,339 @@
+"""WhatsApp Cloud API webhook payloads: signature check and parsing into typed events.
+
+The parser reads every `entry[]`, every `changes[]` and every item (a POST may
+batch up to 1,000 updates). It keeps only what consent needs: who, when, the
+message id, the matched keyword (never the body), status error codes and
+window expiries. An item it cannot understand is skipped with its location;
+it never fails the rest of the payload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from waconsent.domain import Event, EventKind, ParsedPayload, Signal, SkippedItem, utc_from_unix
+
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+STOP_MARKETING_ERROR = 131050
+RE_ENGAGEMENT_ERROR = 131047
+FREE_ENTRY_POINT_ORIGINS = frozenset({"referral_conversion"})
+FREE_ENTRY_POINT_PRICING = frozenset({"free_entry_point"})
+# Meta's marketing opt-out quick reply, as its payload arrives when not localized.
+STOP_BUTTON_PAYLOADS = frozenset({"stop promotions"})
+KNOWN_USER_MESSAGE_TYPES = frozenset({
+    "text", "button", "interactive", "image", "video", "audio", "document", "sticker",
+    "location", "contacts", "reaction", "order", "system", "unsupported", "request_welcome",
+    "revoke", "edit", "unknown",
+})
+
+
+def normalize_text(text: str) -> str:
+    """SPEC 5.3: trimmed, case-folded, punctuation stripped (inner spaces folded to one)."""
+    kept = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    return " ".join(kept.casefold().split())
+
+
+@dataclass(frozen=True)
+class KeywordRules:
+    """The configured keywords, pre-normalized; maps normalized text back to the keyword."""
+
+    opt_in: Mapping[str, str]
+    opt_out: Mapping[str, str]
+    stop_labels: frozenset[str]
+
+    @classmethod
+    def build(cls, opt_in: Iterable[str], opt_out: Iterable[str],
+              stop_labels: Iterable[str]) -> KeywordRules:
+        return cls(
+            opt_in={normalize_text(k): k.strip().upper() for k in opt_in},
+            opt_out={normalize_text(k): k.strip().upper() for k in opt_out},
+            stop_labels=frozenset(normalize_text(s) for s in stop_labels) | STOP_BUTTON_PAYLOADS,
+        )
+
+
+DEFAULT_KEYWORDS = KeywordRules.build(["START"], ["STOP", "UNSUBSCRIBE"], ["Stop promotions"])
+
+
+def verify_signature(raw_body: bytes, header_value: str | None, app_secret: str) -> bool:
+    """HMAC-SHA256 over the raw bytes as sent, compared in constant time."""
+    if not header_value or not header_value.startswith("sha256="):
+        return False
+    expected = hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, header_value.removeprefix("sha256=").strip().lower())
+
+
+def sign(raw_body: bytes, app_secret: str) -> str:
+    """The header value Meta would send; for tests, benchmarks and replay tools."""
+    return "sha256=" + hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
+
+
+class _Skip(Exception):
+    """An item that cannot be understood; carries the reason."""
+
+
+def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS) -> ParsedPayload:
+    """Turn one webhook body into events; never raises for content it does not understand."""
+    events: list[Event] = []
+    skipped: list[SkippedItem] = []
+    ignored = 0
+    if not isinstance(payload, Mapping) or not isinstance(payload.get("entry"), list):
+        return ParsedPayload((), (SkippedItem("$", "not a webhook payload: no entry list"),))
+    for e_index, entry in enumerate(payload["entry"]):
+        changes = entry.get("changes") if isinstance(entry, Mapping) else None
+        if not isinstance(changes, list):
+            skipped.append(SkippedItem(f"entry[{e_index}]", "no changes list"))
+            continue
+        for c_index, change in enumerate(changes):
+            where = f"entry[{e_index}].changes[{c_index}]"
+            if not isinstance(change, Mapping) or not isinstance(change.get("value"), Mapping):
+                skipped.append(SkippedItem(where, "change without a value object"))
+                continue
+            field = change.get("field")
+            if field not in ("messages", "user_preferences"):
+                ignored += 1  # account, template and call updates carry no consent
+                continue
+            for location, item in _items(change["value"], where):
+                try:
+                    event = _parse_item(location, item, change["value"], keywords)
+                except _Skip as skip:
+                    skipped.append(SkippedItem(location, str(skip)))
+                    continue
+                except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+                    skipped.append(SkippedItem(location, f"malformed item ({type(exc).__name__})"))
+                    continue
+                if event is not None:
+                    events.append(event)
+    return ParsedPayload(tuple(events), tuple(skipped), ignored)
+
+
+def _items(value: Mapping[str, Any], where: str) -> Iterator[tuple[str, Any]]:
+    for key in ("messages", "statuses", "user_preferences"):
+        items = value.get(key)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            yield f"{where}.value.{key}", None
+            continue
+        for index, item in enumerate(items):
+            yield f"{where}.value.{key}[{index}]", item
+
+
+def _parse_item(location: str, item: Any, value: Mapping[str, Any],
+                keywords: KeywordRules) -> Event | None:
+    if not isinstance(item, Mapping):
+        raise _Skip("item is not an object")
+    section = location.rsplit(".", 1)[1].split("[", 1)[0]
+    if section == "messages":
+        return _message(item, value, keywords)
+    if section == "statuses":
+        return _status(item, value)
+    return _preference(item, value)
+
+
+def _time(item: Mapping[str, Any]) -> datetime:
+    raw = item.get("timestamp")
+    if raw is None or isinstance(raw, bool):
+        raise _Skip("no timestamp")
+    try:
+        moment = utc_from_unix(raw)
+    except (TypeError, ValueError, OverflowError, OSError):
+        raise _Skip(f"timestamp is not Unix seconds: {str(raw)[:20]!r}") from None
+    if moment.year < 2009:  # WhatsApp did not exist; a zero or garbage stamp
+        raise _Skip("timestamp before 2009")
+    return moment
+
+
+def _str(value: Any) -> str | None:
+    if value is None or isinstance(value, (Mapping, list)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _user_id_for(wa_id: str | None, value: Mapping[str, Any]) -> str | None:
+    """The business-scoped user id from `contacts[]`, matched by wa_id (or the only contact)."""
+    contacts = value.get("contacts")
+    if not isinstance(contacts, list):
+        return None
+    candidates = [c for c in contacts if isinstance(c, Mapping)]
+    for contact in candidates:
+        if wa_id is not None and _str(contact.get("wa_id")) == wa_id:
+            return _str(contact.get("user_id"))
+    if len(candidates) == 1 and wa_id is None:
+        return _str(candidates[0].get("user_id"))
+    return None
+
+
+def _message(item: Mapping[str, Any], value: Mapping[str, Any],
+             keywords: KeywordRules) -> Event:
+    message_id = _str(item.get("id"))
+    if message_id is None:
+        raise _Skip("message without an id")
+    wa_id = _str(item.get("from"))
+    user_id = _str(item.get("from_user_id")) or _user_id_for(wa_id, value)
+    if wa_id is None and user_id is None:
+        raise _Skip("message without a sender (no from, no from_user_id)")
+    occurred_at = _time(item)
+    raw_type = _str(item.get("type")) or "unknown"
+    message_type = raw_type if raw_type in KNOWN_USER_MESSAGE_TYPES else f"other:{raw_type}"
+    signal, keyword, detail, new_wa_id = Signal.NONE, None, None, None
+    if raw_type == "system":
+        signal, detail, new_wa_id = _system(item.get("system"))
+    else:
+        signal, keyword = _classify(item, raw_type, keywords)
+    referral = item.get("referral")
+    return Event(
+        key=f"msg:{message_id}",
+        kind=EventKind.MESSAGE,
+        occurred_at=occurred_at,
+        wa_id=wa_id,
+        user_id=user_id,
+        message_id=message_id,
+        message_type=message_type,
+        signal=signal,
+        keyword=keyword,
+        opens_session=raw_type != "system",
+        referral_source_id=_str(referral.get("source_id")) if isinstance(referral, Mapping)
+        else None,
+        new_wa_id=new_wa_id,
+        detail=detail,
+    )
+
+
+def _system(system: Any) -> tuple[Signal, str | None, str | None]:
+    if not isinstance(system, Mapping):
+        return Signal.NONE, "system", None
+    kind = _str(system.get("type")) or "system"
+    if kind == "user_changed_number":
+        return Signal.NUMBER_CHANGED, kind, _str(system.get("wa_id"))
+    if kind == "user_preference_changed":
+        marketing = (_str(system.get("marketing")) or "").lower()
+        if marketing == "stop":
+            return Signal.OPT_OUT, "user_preference_changed:stop", None
+        if marketing == "resume":
+            return Signal.RESUME, "user_preference_changed:resume", None
+    return Signal.NONE, kind, None
+
+
+def _reply_texts(item: Mapping[str, Any], raw_type: str) -> tuple[list[str], list[str]]:
+    """(typed texts, button payloads/labels) that could carry a keyword."""
+    if raw_type == "text":
+        text = item.get("text")
+        body = _str(text.get("body")) if isinstance(text, Mapping) else None
+        return ([body] if body else []), []
+    if raw_type == "button":
+        button = item.get("button")
+        if not isinstance(button, Mapping):
+            return [], []
+        return [], [t for t in (_str(button.get("payload")), _str(button.get("text"))) if t]
+    if raw_type == "interactive":
+        interactive = item.get("interactive")
+        if not isinstance(interactive, Mapping):
+            return [], []
+        reply = interactive.get("button_reply") or interactive.get("list_reply")
+        if not isinstance(reply, Mapping):
+            return [], []
+        return [], [t for t in (_str(reply.get("id")), _str(reply.get("title"))) if t]
+    return [], []
+
+
+def _classify(item: Mapping[str, Any], raw_type: str,
+              keywords: KeywordRules) -> tuple[Signal, str | None]:
+    """Opt-out wins over opt-in when one reply somehow carries both."""
+    typed, buttons = _reply_texts(item, raw_type)
+    candidates = [normalize_text(t) for t in (*typed, *buttons)]
+    for text in candidates:
+        if text in keywords.opt_out:
+            return Signal.OPT_OUT, keywords.opt_out[text]
+    for text in (normalize_text(b) for b in buttons):
+        if text in keywords.stop_labels:
+            return Signal.OPT_OUT, "STOP_PROMOTIONS"
+    for text in candidates:
+        if text in keywords.opt_in:
+            return Signal.OPT_IN, keywords.opt_in[text]
+    return Signal.NONE, None
+
+
+def _status(item: Mapping[str, Any], value: Mapping[str, Any]) -> Event:
+    message_id = _str(item.get("id"))
+    status = _str(item.get("status"))
+    if message_id is None or status is None:
+        raise _Skip("status without id or status")
+    if item.get("recipient_type") == "group":
+        wa_id = _str(item.get("recipient_participant_id"))
+        user_id = _str(item.get("recipient_participant_user_id"))
+    else:
+        wa_id = _str(item.get("recipient_id"))
+        user_id = _str(item.get("recipient_user_id")) or _user_id_for(wa_id, value)
+    occurred_at = _time(item)
+    codes = tuple(
+        int(error["code"]) for error in item.get("errors") or ()
+        if isinstance(error, Mapping) and str(error.get("code", "")).lstrip("-").isdigit()
+    )
+    signal = Signal.OPT_OUT if STOP_MARKETING_ERROR in codes else Signal.NONE
+    return Event(
+        key=f"status:{message_id}:{status}",
+        kind=EventKind.STATUS,
+        occurred_at=occurred_at,
+        wa_id=wa_id,
+        user_id=user_id,
+        message_id=message_id,
+        status=status,
+        error_codes=codes,
+        signal=signal,
+        window_expires_at=_free_entry_expiry(item),
+        detail=f"status:{status}:{STOP_MARKETING_ERROR}" if signal is Signal.OPT_OUT else None,
+    )
+
+
+def _free_entry_expiry(item: Mapping[str, Any]) -> datetime | None:
+    """The expiry of a free entry point window, when the status shows one and names its end."""
+    conversation = item.get("conversation")
+    pricing = item.get("pricing")
+    origin = None
+    expiry = None
+    if isinstance(conversation, Mapping):
+        origin_obj = conversation.get("origin")
+        origin = _str(origin_obj.get("type")) if isinstance(origin_obj, Mapping) else None
+        expiry = conversation.get("expiration_timestamp")
+    pricing_type = _str(pricing.get("type")) if isinstance(pricing, Mapping) else None
+    pricing_category = _str(pricing.get("category")) if isinstance(pricing, Mapping) else None
+    free = (origin in FREE_ENTRY_POINT_ORIGINS or pricing_type in FREE_ENTRY_POINT_PRICING
+            or pricing_category in FREE_ENTRY_POINT_ORIGINS)
+    if not free or expiry is None:
+        return None
+    try:
+        return utc_from_unix(expiry)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
+def _preference(item: Mapping[str, Any], value: Mapping[str, Any]) -> Event:
+    wa_id = _str(item.get("wa_id"))
+    user_id = _str(item.get("user_id")) or _user_id_for(wa_id, value)
+    preference = (_str(item.get("value")) or "").lower()
+    if wa_id is None and user_id is None:
+        raise _Skip("preference without wa_id or user_id")
+    if not preference:
+        raise _Skip("preference without a value")
+    occurred_at = _time(item)
+    signal = {"stop": Signal.OPT_OUT, "resume": Signal.RESUME}.get(preference, Signal.NONE)
+    return Event(
+        key=f"pref:{wa_id or user_id}:{preference}:{int(occurred_at.timestamp())}",
+        kind=EventKind.PREFERENCE,
+        occurred_at=occurred_at,
+        wa_id=wa_id,
+        user_id=user_id,
+        signal=signal,
+        detail=f"user_preferences:{preference}",
+    )
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,201 @@
+"""Plain data shared by every layer: events, consent state, decisions, write results.
+
+Everything here is a frozen dataclass or an enum so the rules can be pure
+functions over values. All datetimes are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+FieldValue = str | bool | datetime | None
+
+
+class EventKind(enum.StrEnum):
+    MESSAGE = "message"
+    STATUS = "status"
+    PREFERENCE = "preference"
+
+
+class Signal(enum.StrEnum):
+    """What an event means for consent; decided at parse time so bodies need not be kept."""
+
+    NONE = "none"
+    OPT_IN = "opt_in"
+    OPT_OUT = "opt_out"
+    RESUME = "resume"
+    NUMBER_CHANGED = "number_changed"
+
+
+CONSENT_SIGNALS = frozenset({Signal.OPT_IN, Signal.OPT_OUT})
+
+# Logical field names of [mapping.fields]; the rules speak only these.
+OPT_IN = "opt_in"
+OPT_IN_DATE = "opt_in_date"
+OPT_IN_IP = "opt_in_ip"
+OPT_IN_SOURCE = "opt_in_source"
+OPT_OUT_DATE = "opt_out_date"
+LAST_INBOUND = "last_inbound"
+SESSION_EXPIRES = "session_expires"
+PROOF_MISSING = "proof_missing"
+WHATSAPP_USER_ID = "whatsapp_user_id"
+
+LOGICAL_FIELDS: tuple[str, ...] = (
+    OPT_IN, OPT_IN_DATE, OPT_IN_IP, OPT_IN_SOURCE, OPT_OUT_DATE,
+    LAST_INBOUND, SESSION_EXPIRES, PROOF_MISSING, WHATSAPP_USER_ID,
+)
+DATETIME_FIELDS = frozenset({OPT_IN_DATE, OPT_OUT_DATE, LAST_INBOUND, SESSION_EXPIRES})
+BOOLEAN_FIELDS = frozenset({OPT_IN, PROOF_MISSING})
+# Without these the rules cannot decide or record a revocation.
+REQUIRED_FIELDS: tuple[str, ...] = (OPT_IN, OPT_IN_DATE, OPT_OUT_DATE)
+
+
+def utc_from_unix(seconds: int | str) -> datetime:
+    return datetime.fromtimestamp(int(seconds), tz=UTC)
+
+
+def to_second(moment: datetime) -> datetime:
+    """CRMs keep datetimes to the second; compare at that precision or every run sees a change."""
+    return moment.astimezone(UTC).replace(microsecond=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One normalized WhatsApp update. `key` is its deduplication identity."""
+
+    key: str
+    kind: EventKind
+    occurred_at: datetime
+    wa_id: str | None = None
+    user_id: str | None = None
+    message_id: str | None = None
+    message_type: str | None = None
+    status: str | None = None
+    error_codes: tuple[int, ...] = ()
+    signal: Signal = Signal.NONE
+    keyword: str | None = None
+    opens_session: bool = False
+    window_expires_at: datetime | None = None
+    referral_source_id: str | None = None
+    new_wa_id: str | None = None
+    detail: str | None = None
+
+    @property
+    def evidence(self) -> str:
+        """The proof string for an opt-in (SPEC 5.4) or a description of the signal."""
+        if self.signal is Signal.OPT_IN and self.keyword:
+            return f"whatsapp:keyword:{self.keyword}:{self.message_id}"
+        return self.detail or self.signal.value
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedItem:
+    """An item of a payload that could not be understood: where it was and why."""
+
+    location: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedPayload:
+    events: tuple[Event, ...]
+    skipped: tuple[SkippedItem, ...] = ()
+    ignored_changes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CrmRecord:
+    """One CRM record as the rules see it: logical consent fields, raw phones, user id."""
+
+    record_id: str
+    fields: Mapping[str, FieldValue]
+    phones: Mapping[str, str | None] = field(default_factory=dict)
+    modified_at: datetime | None = None
+    name: str | None = None
+
+    def get(self, logical: str) -> FieldValue:
+        return self.fields.get(logical)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldChange:
+    field: str
+    old: FieldValue
+    new: FieldValue
+    reason: str
+
+
+class DecisionKind(enum.IntEnum):
+    """Ordering of the outbox: revocations are sent before anything else."""
+
+    REVOCATION = 0
+    OPT_IN = 1
+    OTHER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    record_id: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the rules decided for one record; empty `changes` means nothing to write."""
+
+    record_id: str
+    changes: tuple[FieldChange, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    proof_missing: bool = False
+    session_open: bool = False
+
+    @property
+    def kind(self) -> DecisionKind:
+        fields = {c.field: c.new for c in self.changes}
+        if fields.get(OPT_IN) is False or OPT_OUT_DATE in fields:
+            return DecisionKind.REVOCATION
+        if fields.get(OPT_IN) is True:
+            return DecisionKind.OPT_IN
+        return DecisionKind.OTHER
+
+    def changed(self, logical: str) -> bool:
+        return any(c.field == logical for c in self.changes)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """A batch item for a connector: the logical field values to set on one record."""
+
+    record_id: str
+    values: Mapping[str, FieldValue]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    record_id: str
+    ok: bool
+    error: str = ""
+    code: str = ""
+    permanent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDescription:
+    """What a CRM says about one of its fields (for `check` and pre-flight)."""
+
+    name: str
+    type: str
+    updateable: bool = True
+    length: int | None = None
+    picklist_values: tuple[str, ...] = ()
+
+
+def jsonable(value: Any) -> Any:
+    """Render a field value for JSON reports and evidence rows."""
+    if isinstance(value, datetime):
+        return to_second(value).isoformat().replace("+00:00", "Z")
+    return value

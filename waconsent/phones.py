@@ -1,0 +1,76 @@
+"""Phone numbers and WhatsApp ids as match keys: one canonical E.164 key per line.
+
+A CRM number is whatever somebody typed; a `wa_id` is E.164 digits without the
+plus. Both become one *match key*, so that the same line matches whatever the
+spelling, including WhatsApp's known Brazil (mobile "9") and Mexico ("521")
+differences. A `wa_id` is never refused because phonenumbers calls it invalid.
+Parsing costs ~20 us, so results are cached by the raw string and strings that
+are already E.164 skip the parser.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import phonenumbers
+
+USER_ID_PREFIX = "uid:"
+_E164 = re.compile(r"\+[1-9]\d{6,14}")
+_DIGITS = re.compile(r"[1-9]\d{6,14}")
+_BRAZIL_OLD_MOBILE = re.compile(r"\+55(\d{2})([6-9]\d{7})")
+_MEXICO_MOBILE = re.compile(r"\+521(\d{10})")
+
+
+def canonical(e164: str) -> str:
+    """One key per line: Brazil mobiles with the ninth digit, Mexico without the '1'."""
+    if e164.startswith("+55"):
+        old = _BRAZIL_OLD_MOBILE.fullmatch(e164)
+        if old:
+            return f"+55{old.group(1)}9{old.group(2)}"
+    elif e164.startswith("+521"):
+        mexico = _MEXICO_MOBILE.fullmatch(e164)
+        if mexico:
+            return f"+52{mexico.group(1)}"
+    return e164
+
+
+def wa_id_key(wa_id: str | None) -> str | None:
+    """A wa_id is E.164 without the plus; anything but digits (a placeholder) matches nothing."""
+    if wa_id is None:
+        return None
+    digits = wa_id.strip().removeprefix("+")
+    if not _DIGITS.fullmatch(digits):
+        return None
+    return canonical("+" + digits)
+
+
+def user_id_key(user_id: str | None) -> str | None:
+    return f"{USER_ID_PREFIX}{user_id}" if user_id else None
+
+
+class UnparseablePhone(ValueError):
+    """A CRM phone value that is no possible number (kept raw for the report)."""
+
+
+@lru_cache(maxsize=200_000)
+def phone_key(raw: str, default_region: str) -> str:
+    """Canonical key of a CRM phone value; raises UnparseablePhone for junk like 'n/a'."""
+    text = raw.strip()
+    if _E164.fullmatch(text):  # already E.164: the common case, no parse needed
+        return canonical(text)
+    try:
+        number = phonenumbers.parse(text, default_region)
+    except phonenumbers.NumberParseException as exc:
+        raise UnparseablePhone(str(exc)) from None
+    if not phonenumbers.is_possible_number(number):
+        raise UnparseablePhone("not a possible number for its region")
+    return canonical(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def mask(value: str) -> str:
+    """Phone numbers in logs and reports keep only the last three characters."""
+    text = value.strip()
+    if len(text) <= 3:
+        return "*" * len(text)
+    return "*" * (len(text) - 3) + text[-3:]

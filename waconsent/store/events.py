@@ -1,0 +1,147 @@
+"""Stored WhatsApp events: deduplicated by a unique key, found again by match key."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from waconsent.domain import Event, EventKind, Signal
+from waconsent.phones import user_id_key, wa_id_key
+from waconsent.store import evidence as evidence_store
+from waconsent.store.tables import events
+
+EVIDENCE_SIGNALS = frozenset({Signal.OPT_IN, Signal.OPT_OUT, Signal.RESUME,
+                              Signal.NUMBER_CHANGED})
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class IngestCounts:
+    stored: int
+    duplicates: int
+
+
+def _row(event: Event, source: str, now: datetime) -> dict[str, Any]:
+    return {
+        "key": event.key, "kind": event.kind.value, "occurred_at": event.occurred_at,
+        "wa_id": event.wa_id, "user_id": event.user_id,
+        "phone_key": wa_id_key(event.wa_id), "uid_key": user_id_key(event.user_id),
+        "message_id": event.message_id, "message_type": event.message_type,
+        "status": event.status,
+        "error_codes": ",".join(str(c) for c in event.error_codes) or None,
+        "signal": event.signal.value, "keyword": event.keyword,
+        "opens_session": event.opens_session, "window_expires_at": event.window_expires_at,
+        "referral_source_id": event.referral_source_id, "new_wa_id": event.new_wa_id,
+        "detail": event.detail, "source": source[:300], "received_at": now,
+    }
+
+
+def _insert_ignoring_duplicates(connection: Connection) -> Any:
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(events).on_conflict_do_nothing(index_elements=["key"])
+
+
+def ingest(connection: Connection, batch: Sequence[Event], source: str,
+           now: datetime) -> IngestCounts:
+    """Store new events and their evidence in the caller's transaction; duplicates are no-ops.
+
+    Deduplication is the unique constraint's job, so concurrent identical
+    deliveries store one row however they interleave.
+    """
+    unique = list({event.key: event for event in batch}.values())
+    stored_keys: set[str] = set()
+    for start in range(0, len(unique), _CHUNK):
+        chunk = unique[start:start + _CHUNK]
+        statement = _insert_ignoring_duplicates(connection).returning(events.c.key)
+        result = connection.execute(statement, [_row(e, source, now) for e in chunk])
+        stored_keys.update(result.scalars().all())
+    entries = [
+        evidence_store.EvidenceEntry(
+            kind="event",
+            body=_evidence_body(event, source),
+            phone_key=wa_id_key(event.wa_id),
+            uid_key=user_id_key(event.user_id),
+        )
+        for event in unique
+        if event.key in stored_keys and event.signal in EVIDENCE_SIGNALS
+    ]
+    evidence_store.append(connection, entries, now)
+    return IngestCounts(stored=len(stored_keys), duplicates=len(batch) - len(stored_keys))
+
+
+def _evidence_body(event: Event, source: str) -> dict[str, Any]:
+    return {"event_key": event.key, "signal": event.signal.value,
+            "occurred_at": event.occurred_at, "keyword": event.keyword,
+            "message_id": event.message_id, "evidence": event.evidence,
+            "new_wa_id": event.new_wa_id, "source": source}
+
+
+def to_event(row: Row[Any]) -> Event:
+    return Event(
+        key=row.key, kind=EventKind(row.kind), occurred_at=row.occurred_at,
+        wa_id=row.wa_id, user_id=row.user_id, message_id=row.message_id,
+        message_type=row.message_type, status=row.status,
+        error_codes=tuple(int(c) for c in row.error_codes.split(",")) if row.error_codes else (),
+        signal=Signal(row.signal), keyword=row.keyword, opens_session=row.opens_session,
+        window_expires_at=row.window_expires_at, referral_source_id=row.referral_source_id,
+        new_wa_id=row.new_wa_id, detail=row.detail,
+    )
+
+
+def for_keys(connection: Connection, keys: Iterable[str]) -> dict[str, list[Event]]:
+    """Events by match key (phone key or user-id key); an event may sit under both."""
+    wanted = sorted(set(keys))
+    found: dict[str, list[Event]] = defaultdict(list)
+    phone = [k for k in wanted if not k.startswith("uid:")]
+    uids = [k for k in wanted if k.startswith("uid:")]
+    for start in range(0, max(len(phone), len(uids)), _CHUNK):
+        conditions = []
+        if phone[start:start + _CHUNK]:
+            conditions.append(events.c.phone_key.in_(phone[start:start + _CHUNK]))
+        if uids[start:start + _CHUNK]:
+            conditions.append(events.c.uid_key.in_(uids[start:start + _CHUNK]))
+        rows = connection.execute(select(events).where(or_(*conditions)).order_by(events.c.id))
+        phone_set, uid_set = set(phone), set(uids)
+        for row in rows:
+            event = to_event(row)
+            if row.phone_key in phone_set:
+                found[row.phone_key].append(event)
+            if row.uid_key in uid_set:
+                found[row.uid_key].append(event)
+    return found
+
+
+def newest_id(connection: Connection) -> int:
+    return int(connection.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one())
+
+
+def keys_after(connection: Connection, after_id: int, up_to_id: int) -> Iterator[str]:
+    """Match keys of events stored in (after_id, up_to_id]: whose records need a look."""
+    query = (select(events.c.phone_key, events.c.uid_key)
+             .where(events.c.id > after_id, events.c.id <= up_to_id).distinct())
+    for phone_key, uid_key in connection.execute(query):
+        if phone_key:
+            yield phone_key
+        if uid_key:
+            yield uid_key
+
+
+def in_range(connection: Connection, after_id: int, up_to_id: int,
+             signal: Signal | None = None) -> Iterator[Event]:
+    query = select(events).where(events.c.id > after_id, events.c.id <= up_to_id)
+    if signal is not None:
+        query = query.where(events.c.signal == signal.value)
+    for row in connection.execute(query.order_by(events.c.id)):
+        yield to_event(row)
+
+
+def for_proof(connection: Connection, keys: Sequence[str]) -> list[Any]:
+    return list(connection.execute(
+        select(events).where(or_(events.c.phone_key.in_(keys), events.c.uid_key.in_(keys)))
+        .order_by(events.c.occurred_at, events.c.id)))

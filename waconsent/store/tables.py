@@ -1,0 +1,166 @@
+"""The ledger's tables. The schema itself is created and upgraded by the Alembic migrations
+in `migrations/versions`; this module is what the queries are written against."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC in, aware UTC out, on every database (SQLite would hand back naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime refused: every datetime in the ledger is UTC-aware")
+        moment = value.astimezone(UTC)
+        return moment.replace(tzinfo=None) if dialect.name == "sqlite" else moment
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+metadata = MetaData()
+ID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+UTC_DATETIME = UtcDateTime()
+
+events = Table(
+    "events", metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("key", String(300), nullable=False, unique=True),
+    Column("kind", String(20), nullable=False),
+    Column("occurred_at", UTC_DATETIME, nullable=False),
+    Column("wa_id", String(64)),
+    Column("user_id", String(128)),
+    Column("phone_key", String(32), index=True),
+    Column("uid_key", String(140), index=True),
+    Column("message_id", String(200)),
+    Column("message_type", String(64)),
+    Column("status", String(32)),
+    Column("error_codes", String(200)),
+    Column("signal", String(20), nullable=False),
+    Column("keyword", String(100)),
+    Column("opens_session", Boolean, nullable=False),
+    Column("window_expires_at", UTC_DATETIME),
+    Column("referral_source_id", String(200)),
+    Column("new_wa_id", String(64)),
+    Column("detail", String(200)),
+    Column("source", String(300), nullable=False),
+    Column("received_at", UTC_DATETIME, nullable=False),
+)
+
+evidence = Table(
+    "evidence", metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("kind", String(20), nullable=False),  # "event" | "write"
+    Column("phone_key", String(32), index=True),
+    Column("uid_key", String(140), index=True),
+    Column("record_id", String(100), index=True),
+    Column("body", Text, nullable=False),  # canonical JSON, the hashed content
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False, unique=True),
+)
+
+evidence_head = Table(
+    "evidence_head", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("last_id", ID, nullable=False),
+    Column("last_hash", String(64), nullable=False),
+    Column("count", ID, nullable=False),
+)
+
+phone_index = Table(
+    "phone_index", metadata,
+    Column("crm", String(300), primary_key=True),
+    Column("key", String(140), primary_key=True),
+    Column("record_id", String(100), primary_key=True),
+    Column("field", String(100), primary_key=True),
+    Column("raw", String(200)),
+    Column("seen_run", ID),
+    Index("ix_phone_index_record", "crm", "record_id"),
+)
+
+contacts = Table(
+    "contacts", metadata,
+    Column("id", String(100), primary_key=True),
+    Column("name", String(300)),
+    Column("mobile_phone", String(100)),
+    Column("phone", String(100)),
+    Column("opt_in", Boolean),
+    Column("opt_in_date", UTC_DATETIME),
+    Column("opt_in_ip", String(100)),
+    Column("opt_in_source", String(500)),
+    Column("opt_out_date", UTC_DATETIME),
+    Column("last_inbound", UTC_DATETIME),
+    Column("session_expires", UTC_DATETIME),
+    Column("proof_missing", Boolean),
+    Column("whatsapp_user_id", String(140)),
+    Column("modified_at", UTC_DATETIME, nullable=False, index=True),
+)
+
+runs = Table(
+    "runs", metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("crm", String(300), nullable=False, index=True),
+    Column("mode", String(20), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("node", String(200), nullable=False),
+    Column("started_at", UTC_DATETIME, nullable=False),
+    Column("finished_at", UTC_DATETIME),
+    Column("record_watermark", UTC_DATETIME),
+    Column("event_watermark", ID),
+    Column("counts", JSON),
+    Column("error", Text),
+)
+
+outbox = Table(
+    "outbox", metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("crm", String(300), nullable=False),
+    Column("record_id", String(100), nullable=False),
+    Column("priority", SmallInteger, nullable=False),
+    Column("changes", JSON, nullable=False),  # [{field, old, new, reason}], datetimes as ISO
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("run_id", ID),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("error_code", String(100)),
+    Column("permanent", Boolean, nullable=False, default=False),
+    UniqueConstraint("crm", "record_id", name="uq_outbox_record"),
+    Index("ix_outbox_send_order", "crm", "permanent", "priority", "id"),
+)
+
+locks = Table(
+    "locks", metadata,
+    Column("name", String(300), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("expires_at", UTC_DATETIME, nullable=False),
+)

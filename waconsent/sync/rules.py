@@ -1,0 +1,195 @@
+"""The consent rules of SPEC section 5, as pure functions over plain data.
+
+`decide` takes one record's current consent fields, the events matched to it,
+the set of logical fields the CRM has mapped, and `now`; it returns the field
+changes and notes. No clock, database or HTTP in here: that is what makes the
+rules property-testable (idempotence, order independence, no implied consent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+
+from waconsent.domain import (
+    LAST_INBOUND,
+    OPT_IN,
+    OPT_IN_DATE,
+    OPT_IN_IP,
+    OPT_IN_SOURCE,
+    OPT_OUT_DATE,
+    PROOF_MISSING,
+    SESSION_EXPIRES,
+    WHATSAPP_USER_ID,
+    CrmRecord,
+    Decision,
+    Event,
+    FieldChange,
+    FieldValue,
+    Signal,
+    to_second,
+)
+
+SERVICE_WINDOW = timedelta(hours=24)
+
+
+def _when(value: FieldValue) -> datetime | None:
+    return to_second(value) if isinstance(value, datetime) else None
+
+
+def _stamp(moment: datetime) -> str:
+    return to_second(moment).isoformat().replace("+00:00", "Z")
+
+
+def has_message_evidence(source: str | None) -> bool:
+    """A WhatsApp message id in the source: our own `whatsapp:...:<id>` form or a raw wamid."""
+    if not source:
+        return False
+    if "wamid." in source:
+        return True
+    parts = source.split(":")
+    return parts[0] == "whatsapp" and len(parts) >= 3 and bool(parts[-1].strip())
+
+
+def proof_gaps(fields: Mapping[str, FieldValue]) -> list[str]:
+    """SPEC 5.7: what an opted-in record lacks for complete proof (empty: complete)."""
+    gaps = []
+    if _when(fields.get(OPT_IN_DATE)) is None:
+        gaps.append("opt_in_date")
+    source = fields.get(OPT_IN_SOURCE)
+    source_text = source if isinstance(source, str) and source.strip() else None
+    if source_text is None:
+        gaps.append("opt_in_source")
+    ip = fields.get(OPT_IN_IP)
+    if not (isinstance(ip, str) and ip.strip()) and not has_message_evidence(source_text):
+        gaps.append("opt_in_ip or a WhatsApp message id in opt_in_source")
+    return gaps
+
+
+def _consent_winner(events: Iterable[Event]) -> Event | None:
+    """The newest consent event; at the same second an opt-out beats an opt-in."""
+    candidates = [e for e in events if e.signal in (Signal.OPT_IN, Signal.OPT_OUT)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda e: (to_second(e.occurred_at),
+                                          e.signal is Signal.OPT_OUT, e.key))
+
+
+def _consent_targets(fields: Mapping[str, FieldValue], events: Sequence[Event]
+                     ) -> tuple[dict[str, tuple[FieldValue, str]], list[str]]:
+    """Newest wins (5.5): only events newer than the CRM's last consent change apply."""
+    opt_in_date = _when(fields.get(OPT_IN_DATE))
+    opt_out_date = _when(fields.get(OPT_OUT_DATE))
+    last_change = max((d for d in (opt_in_date, opt_out_date) if d is not None), default=None)
+    fresh = [e for e in events
+             if last_change is None or to_second(e.occurred_at) > last_change]
+    targets: dict[str, tuple[FieldValue, str]] = {}
+    winner = _consent_winner(fresh)
+    if winner is not None:
+        at = to_second(winner.occurred_at)
+        if winner.signal is Signal.OPT_OUT:
+            why = f"opt-out by {winner.evidence} at {_stamp(at)}"
+            targets[OPT_IN] = (False, why)
+            targets[OPT_OUT_DATE] = (at, why)
+        else:
+            why = f"opt-in by {winner.evidence} at {_stamp(at)}"
+            targets[OPT_IN] = (True, why)
+            targets[OPT_IN_DATE] = (at, why)
+            targets[OPT_IN_SOURCE] = (winner.evidence, why)
+    return targets, _stale_conflicts(fields, events, last_change, opt_in_date, opt_out_date)
+
+
+def _stale_conflicts(fields: Mapping[str, FieldValue], events: Sequence[Event],
+                     last_change: datetime | None, opt_in_date: datetime | None,
+                     opt_out_date: datetime | None) -> list[str]:
+    """WhatsApp signals the CRM overrode with a newer change it made itself (the CRM stands)."""
+    if last_change is None:
+        return []
+    opted_in = fields.get(OPT_IN) is True
+    notes = []
+    for event in sorted(events, key=lambda e: (e.occurred_at, e.key)):
+        at = to_second(event.occurred_at)
+        if at > last_change:
+            continue
+        if (event.signal is Signal.OPT_OUT and opted_in and opt_in_date is not None
+                and at < opt_in_date and (opt_out_date is None or opt_out_date < at)):
+            notes.append(f"WhatsApp opt-out ({event.evidence}) at {_stamp(at)} is older than "
+                         f"the CRM's opt-in of {_stamp(opt_in_date)}; the CRM's "
+                         "re-subscription stands")
+        elif (event.signal is Signal.OPT_IN and not opted_in and opt_out_date is not None
+              and at < opt_out_date and (opt_in_date is None or opt_in_date < at)):
+            notes.append(f"WhatsApp opt-in ({event.evidence}) at {_stamp(at)} is older than "
+                         f"the CRM's opt-out of {_stamp(opt_out_date)}; the CRM's opt-out stands")
+    return notes
+
+
+def _session_targets(fields: Mapping[str, FieldValue], events: Sequence[Event]
+                     ) -> dict[str, tuple[FieldValue, str]]:
+    """5.1: the newest user message opens 24 h; a later free-entry-point expiry extends it."""
+    targets: dict[str, tuple[FieldValue, str]] = {}
+    inbound = max((to_second(e.occurred_at) for e in events if e.opens_session), default=None)
+    expiries = [to_second(e.window_expires_at) for e in events if e.window_expires_at]
+    if inbound is not None:
+        current = _when(fields.get(LAST_INBOUND))
+        if current is None or inbound > current:
+            targets[LAST_INBOUND] = (inbound, f"user message at {_stamp(inbound)}")
+        expiries.append(inbound + SERVICE_WINDOW)
+    if expiries:
+        expiry = max(expiries)
+        current_expiry = _when(fields.get(SESSION_EXPIRES))
+        if current_expiry is None or expiry > current_expiry:
+            why = ("free entry point window" if inbound is None or expiry > inbound
+                   + SERVICE_WINDOW else "24-hour customer service window")
+            targets[SESSION_EXPIRES] = (expiry, why)
+    return targets
+
+
+def _user_id_target(fields: Mapping[str, FieldValue], events: Sequence[Event]
+                    ) -> dict[str, tuple[FieldValue, str]]:
+    if fields.get(WHATSAPP_USER_ID):
+        return {}
+    with_id = [e for e in events if e.user_id]
+    if not with_id:
+        return {}
+    newest = max(with_id, key=lambda e: (e.occurred_at, e.key))
+    return {WHATSAPP_USER_ID: (newest.user_id, "business-scoped user id seen on WhatsApp")}
+
+
+def _differs(old: FieldValue, new: FieldValue) -> bool:
+    if isinstance(old, datetime) or isinstance(new, datetime):
+        return _when(old) != _when(new)
+    return old != new
+
+
+def decide(record: CrmRecord, events: Sequence[Event], mapped: Collection[str],
+           now: datetime) -> Decision:
+    """Every rule of SPEC section 5 for one record; `mapped` limits what may be written."""
+    fields = record.fields
+    consent, conflicts = _consent_targets(fields, events)
+    targets = {**consent, **_session_targets(fields, events), **_user_id_target(fields, events)}
+    after = {**fields, **{name: value for name, (value, _) in targets.items()}}
+    proof_missing = after.get(OPT_IN) is True and bool(proof_gaps(after))
+    if (fields.get(PROOF_MISSING) is True) != proof_missing:
+        gaps = ", ".join(proof_gaps(after))
+        targets[PROOF_MISSING] = (proof_missing, f"proof lacks {gaps}" if proof_missing
+                                  else "proof complete or not opted in")
+    changes = tuple(
+        FieldChange(name, fields.get(name), value, why)
+        for name, (value, why) in targets.items()
+        if name in mapped and _differs(fields.get(name), value)
+    )
+    expiry = _when(after.get(SESSION_EXPIRES)) if SESSION_EXPIRES in mapped else None
+    return Decision(
+        record_id=record.record_id,
+        changes=changes,
+        conflicts=tuple(conflicts),
+        proof_missing=proof_missing,
+        session_open=expiry is not None and expiry > now,
+    )
+
+
+def apply(record: CrmRecord, decision: Decision) -> CrmRecord:
+    """The record as it will read after the decision is written (for tests and dry runs)."""
+    fields = dict(record.fields)
+    fields.update({c.field: c.new for c in decision.changes})
+    return CrmRecord(record.record_id, fields, record.phones, record.modified_at, record.name)
