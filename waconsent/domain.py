@@ -86,8 +86,8 @@ class Event:
 
     @property
     def evidence(self) -> str:
-        """The proof string for an opt-in (SPEC 5.4) or a description of the signal."""
-        if self.signal is Signal.OPT_IN and self.keyword:
+        """The proof string: `whatsapp:keyword:<KEYWORD>:<message id>` (SPEC 5.4) or the signal."""
+        if self.keyword and self.message_id:
             return f"whatsapp:keyword:{self.keyword}:{self.message_id}"
         return self.detail or self.signal.value
 
@@ -158,7 +158,7 @@ class Decision:
         fields = {c.field: c.new for c in self.changes}
         if fields.get(OPT_IN) is False or OPT_OUT_DATE in fields:
             return DecisionKind.REVOCATION
-        if fields.get(OPT_IN) is True:
+        if fields.get(OPT_IN) is True or OPT_IN_DATE in fields:
             return DecisionKind.OPT_IN
         return DecisionKind.OTHER
 

@@ -62,7 +62,7 @@ def append(connection: Connection, entries: Sequence[EvidenceEntry], now: dateti
     last_id = connection.execute(
         select(evidence.c.id).where(evidence.c.hash == prev)).scalar_one()
     connection.execute(update(evidence_head).where(evidence_head.c.id == 1).values(
-        last_id=last_id, last_hash=prev, count=head.count + len(rows)))
+        last_id=last_id, last_hash=prev, count=head._mapping["count"] + len(rows)))
     return len(rows)
 
 
@@ -100,10 +100,15 @@ def verify(connection: Connection, batch: int = 5_000) -> list[ChainProblem]:
         if head.last_hash != prev:
             problems.append(ChainProblem(head.last_id or None,
                                          "the newest row was deleted or altered"))
-        if head.count != count:
-            problems.append(ChainProblem(None, f"the head counts {head.count} rows, "
+        if head._mapping["count"] != count:
+            problems.append(ChainProblem(None, f"the head counts {head._mapping['count']} rows, "
                                                f"the table holds {count}"))
     return problems
+
+
+def chain_length(connection: Connection) -> int:
+    head = connection.execute(select(evidence_head).where(evidence_head.c.id == 1)).one()
+    return int(head._mapping["count"])
 
 
 def for_keys(connection: Connection, keys: Sequence[str],

@@ -1,0 +1,509 @@
+"""The `waconsent` command: thin shells over sync and store, mapping errors to exit codes.
+
+Exit codes (SPEC section 3): 0 done; 1 usage or configuration error (also: an input
+file had parts that were skipped); 2 the run finished but some writes failed (they
+stay queued); 3 the run could not proceed (authentication, connection, lock held).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine
+
+from waconsent import __version__, config
+from waconsent.config import LoadedConfig
+from waconsent.domain import CrmRecord, Decision, jsonable
+from waconsent.errors import ConfigError, FatalError, InputError, WaconsentError
+from waconsent.phones import UnparseablePhone, mask, phone_key, user_id_key
+from waconsent.store.engine import open_engine
+
+EXIT_OK, EXIT_USAGE, EXIT_WRITES_FAILED, EXIT_CANNOT_PROCEED = 0, 1, 2, 3
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Failed(click.exceptions.Exit):
+    """Leave with an exit code after the message was printed."""
+
+
+def _fail(message: str, code: int) -> Failed:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    return Failed(code)
+
+
+def guarded(fn: F) -> F:
+    """Map the exception tree to exit codes, once, for every command."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            raise _fail(str(exc), EXIT_USAGE) from None
+        except InputError as exc:
+            raise _fail(str(exc), EXIT_USAGE) from None
+        except FatalError as exc:
+            raise _fail(f"{exc} (nothing queued was lost; run again when resolved)",
+                        EXIT_CANNOT_PROCEED) from None
+        except WaconsentError as exc:
+            raise _fail(str(exc), EXIT_CANNOT_PROCEED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    if sys.stderr.isatty():
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=level, format='{"level":"%(levelname)s","logger":"%(name)s",'
+                                                '"event":"%(message)s"}')
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Configuration file (else $WACONSENT_CONFIG, else ./waconsent.toml).")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to standard error.")
+@click.version_option(__version__, prog_name="waconsent")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+    """Keep WhatsApp consent in the CRM true and provable."""
+    _setup_logging(verbose)
+    ctx.obj = config_path
+
+
+def _config(ctx: click.Context) -> LoadedConfig:
+    root = ctx.find_root()
+    return config.load(root.obj)
+
+
+def _engine(loaded: LoadedConfig) -> Engine:
+    return open_engine(loaded.settings.store.url)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---- init -----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--preset", type=click.Choice(["ledger", "salesforce", "dynamics"]),
+              default="ledger", show_default=True)
+@click.option("--path", "target", type=click.Path(dir_okay=False), default=None,
+              help="Where to write (default: the --config path or ./waconsent.toml).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.pass_context
+@guarded
+def init(ctx: click.Context, preset: str, target: str | None, force: bool) -> None:
+    """Write a commented starter configuration."""
+    path = Path(target or config.loading.resolve_path(ctx.find_root().obj))
+    if path.exists() and not force:
+        raise ConfigError([f"{path} exists; pass --force to overwrite it or --path for "
+                           "another file"])
+    text = resources.files("waconsent.config").joinpath(f"presets/{preset}.toml").read_text(
+        encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    out.print(f"wrote {path} (preset {preset}); edit it, then run `waconsent "
+              f"--config {path} sync --dry-run`")
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+def _payloads(text: str, name: str) -> Iterator[tuple[Any, str | None]]:
+    """(payload, None) per payload, or (None, 'FILE:LINE: reason') for a line that is no JSON.
+
+    The whole text is tried first as one JSON document (an object or an array of
+    objects); failing that, it is read as NDJSON, one payload a line.
+    """
+    if not text.strip():
+        return
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    else:
+        yield from (((item, None) for item in document) if isinstance(document, list)
+                    else [(document, None)])
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line), None
+        except json.JSONDecodeError as exc:
+            yield None, f"{name}:{number}: not JSON ({exc.msg} at column {exc.colno})"
+
+
+@main.command(name="import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.pass_context
+@guarded
+def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
+    """Load archived webhook payloads (JSON, JSON array or NDJSON; - for stdin), deduplicated."""
+    from waconsent.sync.ingest import ingest_payload, keyword_rules
+
+    loaded = _config(ctx)
+    engine = _engine(loaded)
+    keywords = keyword_rules(loaded.settings)
+    anything_skipped = False
+    try:
+        for name in files:
+            try:
+                text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                err.print(f"{name}: cannot read: {exc}")
+                anything_skipped = True
+                continue
+            stored = duplicates = skipped = 0
+            for payload, problem in _payloads(text, name):
+                if problem:
+                    err.print(problem)
+                    skipped += 1
+                    continue
+                result = ingest_payload(engine, payload, keywords, f"import:{name}", _now)
+                stored += result.stored
+                duplicates += result.duplicates
+                for item in result.skipped:
+                    err.print(f"{name}: skipped {item.location}: {item.reason}")
+                skipped += len(result.skipped)
+            anything_skipped |= skipped > 0
+            out.print(f"{name}: {stored} stored, {duplicates} duplicates, {skipped} skipped")
+    finally:
+        engine.dispose()
+    if anything_skipped:
+        raise Failed(EXIT_USAGE)
+
+
+# ---- contacts -------------------------------------------------------------------------------
+
+@main.group()
+def contacts() -> None:
+    """The ledger's own contacts (for companies without a CRM)."""
+
+
+@contacts.command(name="import")
+@click.argument("file", type=click.Path(allow_dash=True))
+@click.pass_context
+@guarded
+def contacts_import(ctx: click.Context, file: str) -> None:
+    """Load contacts from a CSV (header: id, name, mobile_phone, phone, opt_in, ...)."""
+    from waconsent.connectors.ledger import read_contacts_csv, upsert_contacts
+
+    loaded = _config(ctx)
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{file}: cannot read: {exc}") from None
+    rows, report = read_contacts_csv(text, loaded.settings.mapping.default_region, file)
+    engine = _engine(loaded)
+    try:
+        imported = upsert_contacts(engine, rows, _now())
+    finally:
+        engine.dispose()
+    for warning in report.warnings:
+        err.print(f"warning: {warning}")
+    for refused in report.refused:
+        err.print(f"refused: {refused}")
+    out.print(f"{file}: {imported} contacts imported, {len(report.refused)} refused, "
+              f"{len(report.warnings)} warnings")
+    if report.refused:
+        raise Failed(EXIT_USAGE)
+
+
+@contacts.command(name="export")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv",
+              show_default=True)
+@click.pass_context
+@guarded
+def contacts_export(ctx: click.Context, fmt: str) -> None:
+    """Write the ledger's contacts with every consent field to standard output."""
+    from waconsent.connectors.ledger import CSV_COLUMNS, export_rows
+
+    engine = _engine(_config(ctx))
+    try:
+        rows = ({k: jsonable(v) for k, v in row.items()} for row in export_rows(engine))
+        if fmt == "json":
+            click.echo(json.dumps(list(rows), indent=2, ensure_ascii=False))
+        else:
+            writer = csv.DictWriter(sys.stdout, fieldnames=list(CSV_COLUMNS),
+                                    lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: "" if v is None else str(v).lower()
+                                 if isinstance(v, bool) else v for k, v in row.items()})
+    finally:
+        engine.dispose()
+
+
+# ---- sync -----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--full", is_flag=True, help="Read every record, not only what changed.")
+@click.option("--dry-run", is_flag=True, help="Print the field-level diff; write nothing.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the run report as JSON to this file.")
+@click.pass_context
+@guarded
+def sync(ctx: click.Context, full: bool, dry_run: bool, report_path: str | None) -> None:
+    """One reconciliation run: read, match, decide, write back, report."""
+    from waconsent.sync.run import run_once
+
+    loaded = _config(ctx)
+    diff_rows: list[tuple[str, str, str, str, str]] = []
+
+    def on_decision(record: CrmRecord, decision: Decision) -> None:
+        for change in decision.changes:
+            diff_rows.append((record.record_id, change.field, _show(change.old),
+                              _show(change.new), change.reason))
+
+    report = run_once(loaded, full=full, dry_run=dry_run,
+                      on_decision=on_decision if dry_run else None)
+    if dry_run:
+        _print_diff(diff_rows)
+    _print_summary(report)
+    if report_path:
+        Path(report_path).write_text(json.dumps(report.as_dict(), indent=2, default=str),
+                                     encoding="utf-8")
+    if report.writes_failed:
+        raise Failed(EXIT_WRITES_FAILED)
+
+
+def _show(value: Any) -> str:
+    return "∅" if value is None else str(jsonable(value))
+
+
+def _print_diff(rows: list[tuple[str, str, str, str, str]]) -> None:
+    table = Table(title=f"dry run: {len(rows)} field changes would be written (nothing written)")
+    for column in ("record", "field", "old", "new", "why"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _print_summary(report: Any) -> None:
+    table = Table(title=f"sync run {report.run_id or '(dry run)'}: {report.mode}, "
+                        f"{report.status}", show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_column("who")
+    rows = [
+        ("records read", report.records_read, ""),
+        ("events considered", report.events_considered, ""),
+        ("revoked (STOP and equivalents)", report.revocations, ", ".join(report.revoked)),
+        ("opted in on WhatsApp", report.opt_ins, ", ".join(report.opted_in)),
+        ("open 24-hour sessions", report.sessions_open, ", ".join(report.open_sessions)),
+        ("sessions updated", report.sessions_updated, ""),
+        ("opted in but proof missing", report.proof_missing, ", ".join(report.missing_proof)),
+        ("proof flags cleared", report.proof_cleared, ""),
+        ("conflicts (the CRM stands)", len(report.conflicts),
+         "; ".join(c["record"] for c in report.conflicts)),
+        ("numbers with activity but no record", report.unmatched_numbers,
+         ", ".join(report.unmatched)),
+        ("unparseable phone values (skipped)", len(report.phone_problems),
+         ", ".join(f"{p['record_id']}.{p['field']}={p['value']}"
+                   for p in report.phone_problems)),
+        ("number changes reported", len(report.number_changes), ""),
+        ("writes sent / failed", f"{report.writes_sent} / {report.writes_failed}",
+         "; ".join(f"{e['record_id']}: {e['code']}" for e in report.write_errors)),
+        ("API calls", report.api_calls, ""),
+    ]
+    for what, count, who in rows:
+        table.add_row(what, str(count), who)
+    out.print(table)
+    for conflict in report.conflicts:
+        out.print(f"conflict: {conflict['record']}: {conflict['conflict']}")
+
+
+# ---- runs, reports, proof, verify -----------------------------------------------------------
+
+@main.command()
+@click.option("--limit", default=20, show_default=True)
+@click.pass_context
+@guarded
+def runs(ctx: click.Context, limit: int) -> None:
+    """History of sync runs with their counts."""
+    from waconsent.store import runs as run_store
+
+    engine = _engine(_config(ctx))
+    try:
+        with engine.connect() as connection:
+            history = run_store.history(connection, limit)
+    finally:
+        engine.dispose()
+    table = Table(title="sync runs (newest first)")
+    for column in ("id", "started", "mode", "status", "read", "revoked", "opt-ins",
+                   "sent", "failed", "api calls"):
+        table.add_column(column)
+    for row in history:
+        counts = row.counts or {}
+        table.add_row(str(row.id), str(jsonable(row.started_at)), row.mode, row.status,
+                      *(str(counts.get(k, "")) for k in ("records_read", "revocations",
+                                                          "opt_ins", "writes_sent",
+                                                          "writes_failed", "api_calls")))
+    out.print(table)
+
+
+@main.group()
+def report() -> None:
+    """Reports for the admin and the data-protection officer."""
+
+
+@report.command(name="missing-proof")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+@click.pass_context
+@guarded
+def missing_proof(ctx: click.Context, fmt: str) -> None:
+    """Opted-in contacts whose consent proof is incomplete (SPEC 5.7)."""
+    from waconsent.connectors import open_crm
+    from waconsent.sync.rules import proof_gaps
+
+    loaded = _config(ctx)
+    engine = _engine(loaded)
+    found: list[dict[str, Any]] = []
+    try:
+        connector = open_crm(loaded, engine)
+        try:
+            for record in connector.read_all():
+                if record.get("opt_in") is True and (gaps := proof_gaps(record.fields)):
+                    found.append({"id": record.record_id, "name": record.name,
+                                  "opt_in_date": jsonable(record.get("opt_in_date")),
+                                  "opt_in_source": record.get("opt_in_source"),
+                                  "missing": gaps})
+        finally:
+            connector.close()
+    finally:
+        engine.dispose()
+    if fmt == "json":
+        click.echo(json.dumps(found, indent=2, ensure_ascii=False))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["id", "name", "opt_in_date", "opt_in_source", "missing"])
+        for row in found:
+            writer.writerow([row["id"], row["name"] or "", row["opt_in_date"] or "",
+                             row["opt_in_source"] or "", "; ".join(row["missing"])])
+    else:
+        table = Table(title=f"{len(found)} opted-in contacts with incomplete proof")
+        for column in ("id", "name", "opt-in date", "source", "missing"):
+            table.add_column(column)
+        for row in found:
+            table.add_row(row["id"], row["name"] or "", str(row["opt_in_date"] or ""),
+                          row["opt_in_source"] or "", "; ".join(row["missing"]))
+        out.print(table)
+
+
+def proof_keys(text: str, default_region: str) -> list[str]:
+    """A number in any spelling, a wa_id (digits without '+'), or a business-scoped user id."""
+    value = text.strip()
+    candidate = "+" + value if value.isdigit() and not value.startswith("0") else value
+    try:
+        return [phone_key(candidate, default_region)]
+    except UnparseablePhone:
+        if "." in value and " " not in value:
+            return [user_id_key(value) or value]
+        raise ConfigError([f"PHONE: {mask(value)} is neither a phone number nor a WhatsApp "
+                           "user id (such as US.1234...)"]) from None
+
+
+@main.command()
+@click.argument("phone")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@click.pass_context
+@guarded
+def proof(ctx: click.Context, phone: str, fmt: str) -> None:
+    """Every piece of evidence held for one number, oldest first."""
+    loaded = _config(ctx)
+    keys = proof_keys(phone, loaded.settings.mapping.default_region)
+    engine = _engine(loaded)
+    try:
+        with engine.connect() as connection:
+            rows = _proof_rows(connection, keys)
+    finally:
+        engine.dispose()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False, default=str))
+        return
+    shown = keys[0] if keys[0].startswith("uid:") else mask(keys[0])
+    table = Table(title=f"evidence for {shown} ({len(rows)} entries, oldest first)")
+    for column in ("when", "what", "detail", "id"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["at"], row["what"], row["detail"], row["id"])
+    out.print(table)
+
+
+def _proof_rows(connection: Any, keys: list[str]) -> list[dict[str, Any]]:
+    """WhatsApp events for the keys, and the confirmed CRM writes of the records carrying them."""
+    from waconsent.store import events as event_store
+    from waconsent.store import evidence as evidence_store
+    from waconsent.store import phone_index
+
+    entries: list[tuple[datetime, int, dict[str, Any]]] = []
+    for row in event_store.for_proof(connection, keys):
+        detail = row.keyword or row.detail or row.status or row.message_type or ""
+        if row.error_codes:
+            detail = f"{detail} (error {row.error_codes})"
+        entries.append((row.occurred_at, 0, {
+            "at": jsonable(row.occurred_at), "what": f"whatsapp {row.kind}: {row.signal}",
+            "detail": detail, "id": row.message_id or row.key, "source": row.source}))
+    record_ids = sorted(phone_index.records_with_keys(connection, keys))
+    for row in evidence_store.for_keys(connection, keys, record_ids):
+        if row.kind != "write":
+            continue  # consent events are listed above, from the events table
+        body = json.loads(row.body)
+        changes = ", ".join(f"{c['field']}={c['new']}" for c in body.get("changes", []))
+        entries.append((row.created_at, 1, {
+            "at": jsonable(row.created_at), "what": "CRM write confirmed",
+            "detail": changes, "id": row.record_id, "source": body.get("crm")}))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    return [entry for _, _, entry in entries]
+
+
+@main.command(name="verify-ledger")
+@click.pass_context
+@guarded
+def verify_ledger(ctx: click.Context) -> None:
+    """Check the evidence hash chain; exit 1 on any altered or missing row."""
+    from waconsent.store import evidence as evidence_store
+
+    engine = _engine(_config(ctx))
+    try:
+        with engine.connect() as connection:
+            problems = evidence_store.verify(connection)
+            total = evidence_store.chain_length(connection)
+    finally:
+        engine.dispose()
+    if problems:
+        for problem in problems:
+            where = f"row {problem.row_id}" if problem.row_id else "chain"
+            err.print(f"{where}: {problem.problem}")
+        raise Failed(EXIT_USAGE)
+    out.print(f"evidence chain intact: {total} rows verified")
+
+
+@main.command()
+@click.pass_context
+@guarded
+def webhook(ctx: click.Context) -> None:
+    """Serve the WhatsApp webhook alone (handshake + signed deliveries)."""
+    from waconsent.web import serve
+
+    serve(_config(ctx))

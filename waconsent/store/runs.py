@@ -1,0 +1,90 @@
+"""Sync runs, their watermarks, and the one-run-per-CRM lock shared by every node."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from waconsent.errors import RunLockHeld
+from waconsent.store.tables import locks, runs
+
+LOCK_TTL = timedelta(minutes=10)
+
+
+def node_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def acquire_lock(engine: Engine, name: str, holder: str, now: datetime,
+                 ttl: timedelta = LOCK_TTL) -> None:
+    """Take the lease, or raise RunLockHeld; an expired lease (a dead node) is taken over."""
+    with engine.begin() as connection:
+        dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(locks).values(name=name, holder=holder, expires_at=now + ttl)
+        statement = statement.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"holder": holder, "expires_at": now + ttl},
+            where=(locks.c.expires_at < now) | (locks.c.holder == holder),
+        )
+        connection.execute(statement)
+        owner = connection.execute(select(locks.c.holder).where(locks.c.name == name)).scalar()
+    if owner != holder:
+        raise RunLockHeld(name, str(owner))
+
+
+def refresh_lock(engine: Engine, name: str, holder: str, now: datetime,
+                 ttl: timedelta = LOCK_TTL) -> None:
+    with engine.begin() as connection:
+        connection.execute(update(locks).where(locks.c.name == name, locks.c.holder == holder)
+                           .values(expires_at=now + ttl))
+
+
+def release_lock(engine: Engine, name: str, holder: str) -> None:
+    with engine.begin() as connection:
+        connection.execute(delete(locks).where(locks.c.name == name, locks.c.holder == holder))
+
+
+@dataclass(frozen=True, slots=True)
+class Watermarks:
+    records: datetime | None
+    events: int
+
+
+def last_watermarks(connection: Connection, crm: str) -> Watermarks:
+    """From the newest run that finished its write-back (ok or partial)."""
+    row = connection.execute(
+        select(runs.c.record_watermark, runs.c.event_watermark)
+        .where(runs.c.crm == crm, runs.c.status.in_(("ok", "partial")))
+        .order_by(runs.c.id.desc()).limit(1)).first()
+    if row is None:
+        return Watermarks(None, 0)
+    return Watermarks(row.record_watermark, row.event_watermark or 0)
+
+
+def start_run(engine: Engine, crm: str, mode: str, node: str, now: datetime) -> int:
+    with engine.begin() as connection:
+        result = connection.execute(runs.insert().values(
+            crm=crm, mode=mode, status="running", node=node, started_at=now))
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def finish_run(connection: Connection, run_id: int, status: str, now: datetime,
+               counts: Mapping[str, Any], watermarks: Watermarks | None,
+               error: str | None = None) -> None:
+    values: dict[str, Any] = {"status": status, "finished_at": now, "counts": dict(counts),
+                              "error": error}
+    if watermarks is not None:
+        values.update(record_watermark=watermarks.records, event_watermark=watermarks.events)
+    connection.execute(update(runs).where(runs.c.id == run_id).values(**values))
+
+
+def history(connection: Connection, limit: int = 50) -> list[Any]:
+    return list(connection.execute(select(runs).order_by(runs.c.id.desc()).limit(limit)))

@@ -1,0 +1,404 @@
+"""One reconciliation run: read, match, decide, outbox, write back, report.
+
+The order is what makes a revocation impossible to lose:
+
+1. take the per-CRM lock (one run at a time across every node sharing the store);
+2. send what earlier runs left in the outbox, revocations first;
+3. read records (all of them, or those changed since the watermark plus those whose
+   numbers had new WhatsApp activity), chunk by chunk, never the whole org at once;
+4. decide each record with the pure rules and commit the decisions to the outbox;
+5. send the outbox, revocations first; each confirmed write leaves the outbox in the
+   same transaction that appends its evidence;
+6. only then move the watermarks, in the same transaction as the run record.
+
+A run killed anywhere leaves every decided write either confirmed or queued.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from itertools import chain, islice
+from typing import Any
+
+from sqlalchemy import Engine
+
+from waconsent.config import LoadedConfig
+from waconsent.connectors import CrmConnector, open_crm
+from waconsent.domain import (
+    PROOF_MISSING,
+    CrmRecord,
+    Decision,
+    DecisionKind,
+    Event,
+    Signal,
+    WriteRequest,
+    WriteResult,
+    jsonable,
+    to_second,
+)
+from waconsent.errors import FatalError, WaconsentError
+from waconsent.phones import mask, user_id_key
+from waconsent.store import events as event_store
+from waconsent.store import evidence as evidence_store
+from waconsent.store import outbox as outbox_store
+from waconsent.store import phone_index
+from waconsent.store import runs as run_store
+from waconsent.store.engine import open_engine
+from waconsent.sync import matching, rules
+
+log = logging.getLogger("waconsent.sync")
+LIST_LIMIT = 200  # names listed in a report; the counts are always complete
+
+Clock = Callable[[], datetime]
+DecisionSink = Callable[[CrmRecord, Decision], None]
+
+
+@dataclass
+class RunReport:
+    """What a run did; `as_dict` is the JSON report of `sync --report`."""
+
+    run_id: int | None = None
+    mode: str = "incremental"
+    dry_run: bool = False
+    status: str = "running"
+    records_read: int = 0
+    events_considered: int = 0
+    revocations: int = 0
+    opt_ins: int = 0
+    sessions_updated: int = 0
+    sessions_open: int = 0
+    proof_missing: int = 0
+    proof_cleared: int = 0
+    conflicts: list[dict[str, str]] = field(default_factory=list)
+    unmatched_numbers: int = 0
+    unmatched: list[str] = field(default_factory=list)
+    writes_queued: int = 0
+    writes_sent: int = 0
+    writes_failed: int = 0
+    write_errors: list[dict[str, str]] = field(default_factory=list)
+    phone_problems: list[dict[str, str]] = field(default_factory=list)
+    number_changes: list[dict[str, str]] = field(default_factory=list)
+    revoked: list[str] = field(default_factory=list)
+    opted_in: list[str] = field(default_factory=list)
+    missing_proof: list[str] = field(default_factory=list)
+    open_sessions: list[str] = field(default_factory=list)
+    api_calls: int = 0
+    api_usage: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: jsonable(value) for name, value in self.__dict__.items()}
+
+    def note(self, bucket: list[Any], item: Any) -> None:
+        if len(bucket) < LIST_LIMIT:
+            bucket.append(item)
+
+
+@dataclass
+class _Context:
+    config: LoadedConfig
+    engine: Engine
+    connector: CrmConnector
+    clock: Clock
+    report: RunReport
+    crm: str
+    holder: str
+    run_id: int
+    dry_run: bool
+    on_decision: DecisionSink | None
+    mapped: frozenset[str]
+    seen_ids: set[str] = field(default_factory=set)
+    seen_keys: set[str] = field(default_factory=set)
+    newest_modified: datetime | None = None
+
+
+def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
+             connector: CrmConnector | None = None, engine: Engine | None = None,
+             clock: Clock | None = None, on_decision: DecisionSink | None = None) -> RunReport:
+    """The one entry point of the CLI, the scheduler and the webhook's targeted write-back."""
+    clock = clock or (lambda: datetime.now(UTC))
+    settings = config.settings
+    own_engine = engine is None
+    engine = engine or open_engine(settings.store.url)
+    own_connector = connector is None
+    try:
+        connector = connector or open_crm(config, engine)
+        return _run(config, engine, connector, clock, full, dry_run, on_decision)
+    finally:
+        if own_connector and connector is not None:
+            connector.close()
+        if own_engine:
+            engine.dispose()
+
+
+def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: Clock,
+         full: bool, dry_run: bool, on_decision: DecisionSink | None) -> RunReport:
+    settings = config.settings
+    crm = settings.crm_name
+    with engine.connect() as connection:
+        marks = run_store.last_watermarks(connection, crm)
+        event_upto = event_store.newest_id(connection)
+        connection.rollback()
+    full = full or marks.records is None
+    report = RunReport(mode="full" if full else "incremental", dry_run=dry_run)
+    connector.preflight()
+    holder = run_store.node_identity()
+    if not dry_run:
+        run_store.acquire_lock(engine, crm, holder, clock())
+    context = _Context(config, engine, connector, clock, report, crm, holder, 0, dry_run,
+                       on_decision, frozenset(settings.mapped_fields()))
+    try:
+        if not dry_run:
+            context.run_id = report.run_id = run_store.start_run(
+                engine, crm, report.mode, holder, clock())
+            _send_outbox(context)  # what earlier runs left, revocations first
+        records = _records_to_read(context, full, marks, event_upto)
+        for chunk in _chunks(records, settings.sync.read_chunk_size):
+            _process_chunk(context, chunk)
+        _note_unmatched(context, 0 if full else marks.events, event_upto)
+        _note_number_changes(context, 0 if full else marks.events, event_upto)
+        if not dry_run:
+            _send_outbox(context)
+            _record_usage(context)
+            _finish(context, full, marks, event_upto)
+        report.status = "dry-run" if dry_run else report.status
+    except WaconsentError as exc:
+        report.status, report.error = "failed", str(exc)
+        if not dry_run:
+            _finish_failed(context, exc)
+        raise
+    finally:
+        _record_usage(context)
+        if not dry_run:
+            run_store.release_lock(engine, crm, holder)
+    log.info("sync run finished", extra={"run_id": report.run_id, "crm": crm,
+                                         "status": report.status,
+                                         "records_read": report.records_read,
+                                         "writes_sent": report.writes_sent,
+                                         "writes_failed": report.writes_failed})
+    return report
+
+
+def _record_usage(context: _Context) -> None:
+    usage = dict(context.connector.usage())
+    context.report.api_calls = int(usage.pop("api_calls", 0) or 0)
+    context.report.api_usage = usage
+
+
+def _records_to_read(context: _Context, full: bool, marks: run_store.Watermarks,
+                     event_upto: int) -> Iterator[CrmRecord]:
+    """Full: everything. Incremental: changed since the watermark, then records with activity."""
+    if full:
+        yield from context.connector.read_all()
+        return
+    assert marks.records is not None
+    lookback = timedelta(seconds=context.config.settings.sync.lookback_seconds)
+    changed_ids: set[str] = set()
+    for record in context.connector.read_changed_since(marks.records - lookback):
+        changed_ids.add(record.record_id)
+        yield record
+    with context.engine.connect() as connection:
+        keys = set(event_store.keys_after(connection, marks.events, event_upto))
+        wanted = phone_index.record_ids_for_keys(connection, context.crm, keys)
+        connection.rollback()
+    missing = sorted(wanted - changed_ids)
+    if missing:
+        yield from context.connector.read_by_ids(missing)
+
+
+def _chunks(records: Iterable[CrmRecord], size: int) -> Iterator[list[CrmRecord]]:
+    iterator = iter(records)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _process_chunk(context: _Context, chunk: list[CrmRecord]) -> None:
+    settings = context.config.settings
+    report = context.report
+    now = context.clock()
+    fresh = [r for r in chunk if r.record_id not in context.seen_ids]
+    context.seen_ids.update(r.record_id for r in fresh)
+    keyed = [(record, _keys(record, settings.mapping.default_region)) for record in fresh]
+    with context.engine.connect() as connection:
+        found = event_store.for_keys(
+            connection, chain.from_iterable(keys.key_set for _, keys in keyed))
+        connection.rollback()
+    decisions: list[Decision] = []
+    for record, keys in keyed:
+        report.records_read += 1
+        if record.modified_at is not None and (context.newest_modified is None
+                                               or record.modified_at > context.newest_modified):
+            context.newest_modified = record.modified_at
+        for problem in keys.problems:
+            report.note(report.phone_problems, {"record_id": problem.record_id,
+                                                "field": problem.field,
+                                                "value": problem.masked_value,
+                                                "reason": problem.reason})
+        context.seen_keys.update(keys.key_set)
+        events = _events_of(keys, found)
+        report.events_considered += len(events)
+        decision = rules.decide(record, events, context.mapped, now)
+        _count(report, record, decision)
+        if context.on_decision is not None:
+            context.on_decision(record, decision)
+        decisions.append(decision)
+    if context.dry_run:
+        return
+    with context.engine.begin() as connection:
+        phone_index.replace(
+            connection, context.crm, [r.record_id for r, _ in keyed],
+            [(r.record_id, f, k, _raw(r, f)) for r, keys in keyed for f, k in keys.keys],
+            context.run_id)
+        report.writes_queued += outbox_store.enqueue(connection, context.crm, decisions,
+                                                     context.run_id, now)
+    run_store.refresh_lock(context.engine, context.crm, context.holder, context.clock())
+
+
+def _keys(record: CrmRecord, default_region: str) -> matching.RecordKeys:
+    user_id = record.get("whatsapp_user_id")
+    return matching.record_keys(record.record_id, record.phones,
+                                user_id if isinstance(user_id, str) else None, default_region)
+
+
+def _raw(record: CrmRecord, field_name: str) -> str | None:
+    if field_name == "whatsapp_user_id":
+        value = record.get("whatsapp_user_id")
+        return value if isinstance(value, str) else None
+    return record.phones.get(field_name)
+
+
+def _events_of(keys: matching.RecordKeys, found: dict[str, list[Event]]) -> list[Event]:
+    unique: dict[str, Event] = {}
+    for key in keys.key_set:
+        for event in found.get(key, ()):
+            unique[event.key] = event
+    return list(unique.values())
+
+
+def _count(report: RunReport, record: CrmRecord, decision: Decision) -> None:
+    label = _label(record)
+    if decision.kind is DecisionKind.REVOCATION:
+        report.revocations += 1
+        report.note(report.revoked, label)
+    elif decision.kind is DecisionKind.OPT_IN:
+        report.opt_ins += 1
+        report.note(report.opted_in, label)
+    if decision.changed("last_inbound") or decision.changed("session_expires"):
+        report.sessions_updated += 1
+    if decision.session_open:
+        report.sessions_open += 1
+        report.note(report.open_sessions, label)
+    if decision.proof_missing:
+        report.proof_missing += 1
+        report.note(report.missing_proof, label)
+    if record.get(PROOF_MISSING) is True and not decision.proof_missing:
+        report.proof_cleared += 1
+    for conflict in decision.conflicts:
+        report.note(report.conflicts, {"record": label, "conflict": conflict})
+
+
+def _label(record: CrmRecord) -> str:
+    return f"{record.record_id} ({record.name})" if record.name else record.record_id
+
+
+def _note_unmatched(context: _Context, after_id: int, upto_id: int) -> None:
+    if context.dry_run:
+        with context.engine.connect() as connection:
+            keys = set(event_store.keys_after(connection, after_id, upto_id))
+            connection.rollback()
+        indexed_or_seen = context.seen_keys
+        unmatched = sorted(k for k in keys if k not in indexed_or_seen)
+    else:
+        with context.engine.connect() as connection:
+            unmatched = phone_index.unmatched_keys(connection, context.crm, after_id, upto_id)
+            connection.rollback()
+    context.report.unmatched_numbers = len(unmatched)
+    for key in unmatched[:LIST_LIMIT]:
+        context.report.unmatched.append(key if key.startswith("uid:") else mask(key))
+
+
+def _note_number_changes(context: _Context, after_id: int, upto_id: int) -> None:
+    """SPEC 5.9: a user_changed_number is reported for the admin; it moves no consent."""
+    with context.engine.connect() as connection:
+        for event in event_store.in_range(connection, after_id, upto_id,
+                                          Signal.NUMBER_CHANGED):
+            context.report.note(context.report.number_changes, {
+                "from": mask(event.wa_id or ""), "to": mask(event.new_wa_id or ""),
+                "at": jsonable(event.occurred_at),
+                "user_id": user_id_key(event.user_id) or ""})
+        connection.rollback()
+
+
+def _send_outbox(context: _Context) -> None:
+    """Send queued writes in (priority, age) order, one connector batch at a time."""
+    connector = context.connector
+    size = max(1, connector.write_batch_size)
+    cursor = (0, 0)  # (priority, id) of the last row handled, so failed rows are not re-tried
+    while True:
+        with context.engine.connect() as connection:
+            batch = outbox_store.sendable(connection, context.crm, after_id=cursor[1],
+                                          priority=cursor[0], limit=size)
+            connection.rollback()
+        if not batch:
+            return
+        cursor = (batch[-1].priority, batch[-1].outbox_id)
+        requests = [WriteRequest(q.record_id, q.values()) for q in batch]
+        try:
+            results = connector.apply(requests)
+        except FatalError:
+            raise  # the outbox keeps the batch; the next run sends it first
+        _settle(context, batch, results)
+
+
+def _settle(context: _Context, batch: Sequence[outbox_store.QueuedWrite],
+            results: Sequence[WriteResult]) -> None:
+    report = context.report
+    now = context.clock()
+    by_record = {r.record_id: r for r in results}
+    entries = []
+    for queued in batch:
+        result = by_record.get(queued.record_id)
+        if result is not None and result.ok:
+            report.writes_sent += 1
+            entries.append(evidence_store.EvidenceEntry(
+                kind="write", record_id=queued.record_id,
+                body={"crm": context.crm, "record_id": queued.record_id,
+                      "run_id": context.run_id, "changes": list(queued.changes)}))
+        else:
+            report.writes_failed += 1
+            report.note(report.write_errors, {
+                "record_id": queued.record_id,
+                "code": result.code if result else "NO_RESULT",
+                "error": result.error if result else "the CRM returned no result"})
+    with context.engine.begin() as connection:
+        outbox_store.settle(connection, batch, results)
+        evidence_store.append(connection, entries, now)
+
+
+def _finish(context: _Context, full: bool, marks: run_store.Watermarks,
+            event_upto: int) -> None:
+    report = context.report
+    newest = context.newest_modified
+    record_mark = max((m for m in (marks.records, newest) if m is not None), default=None)
+    if record_mark is None:
+        record_mark = to_second(context.clock())
+    report.status = "partial" if report.writes_failed else "ok"
+    counts = {k: v for k, v in report.as_dict().items() if isinstance(v, int)}
+    with context.engine.begin() as connection:
+        if full:
+            phone_index.drop_unseen(connection, context.crm, context.run_id)
+        run_store.finish_run(connection, context.run_id, report.status, context.clock(), counts,
+                             run_store.Watermarks(record_mark, max(marks.events, event_upto)))
+
+
+def _finish_failed(context: _Context, exc: Exception) -> None:
+    if not context.run_id:
+        return
+    report = context.report
+    counts = {k: v for k, v in report.as_dict().items() if isinstance(v, int)}
+    with context.engine.begin() as connection:
+        run_store.finish_run(connection, context.run_id, "failed", context.clock(), counts,
+                             None, error=str(exc))
