@@ -14,7 +14,7 @@ import hmac
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from waconsent.domain import Event, EventKind, ParsedPayload, Signal, SkippedItem, utc_from_unix
@@ -34,8 +34,12 @@ KNOWN_USER_MESSAGE_TYPES = frozenset({
 
 
 def normalize_text(text: str) -> str:
-    """SPEC 5.3: trimmed, case-folded, punctuation stripped (inner spaces folded to one)."""
-    kept = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    """SPEC 5.3: trimmed, case-folded, punctuation stripped (inner spaces folded to one).
+
+    NFKC first, so full-width or compatibility forms of a keyword match too.
+    """
+    folded = unicodedata.normalize("NFKC", text)
+    kept = "".join(ch for ch in folded if not unicodedata.category(ch).startswith("P"))
     return " ".join(kept.casefold().split())
 
 
@@ -333,7 +337,3 @@ def _preference(item: Mapping[str, Any], value: Mapping[str, Any]) -> Event:
         signal=signal,
         detail=f"user_preferences:{preference}",
     )
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

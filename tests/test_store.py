@@ -1,0 +1,157 @@
+"""The ledger store on SQLite and the real PostgreSQL: migrations, dedup, the evidence chain."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, delete, inspect, select, text, update
+
+from tests import payloads as p
+from waconsent.connectors.whatsapp import parse_payload
+from waconsent.errors import RunLockHeld
+from waconsent.store import events as event_store
+from waconsent.store import evidence as evidence_store
+from waconsent.store import runs as run_store
+from waconsent.store.engine import open_engine
+from waconsent.store.tables import evidence
+
+T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+NOW = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
+
+
+def stop_events(count: int = 3) -> tuple:
+    changes = [p.message(f"4915123456{i:03d}", T0 + timedelta(minutes=i), "STOP")
+               for i in range(count)]
+    return parse_payload(p.payload(*changes)).events
+
+
+def test_migrations_create_every_table_from_empty(engine: Engine) -> None:
+    """An empty database is migrated on first use, on SQLite and PostgreSQL."""
+    names = set(inspect(engine).get_table_names())
+    assert {"events", "evidence", "evidence_head", "phone_index", "contacts", "runs", "outbox",
+            "locks", "alembic_version"} <= names
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() \
+            == "0001"
+
+
+def test_reopening_is_a_no_op(store_url: str) -> None:
+    """Opening a migrated store again changes nothing and keeps the data."""
+    first = open_engine(store_url)
+    with first.begin() as connection:
+        event_store.ingest(connection, stop_events(1), "test", NOW)
+    first.dispose()
+    second = open_engine(store_url)
+    with second.connect() as connection:
+        assert event_store.newest_id(connection) == 1
+    second.dispose()
+
+
+def test_sqlite_pragmas(sqlite_url: str) -> None:
+    """SQLite runs in WAL mode with foreign keys on."""
+    engine = open_engine(sqlite_url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
+
+
+def test_ingest_is_idempotent(engine: Engine) -> None:
+    """The same events twice are stored once, with their evidence once."""
+    batch = stop_events(3)
+    with engine.begin() as connection:
+        first = event_store.ingest(connection, batch, "test", NOW)
+    with engine.begin() as connection:
+        second = event_store.ingest(connection, batch, "test", NOW)
+    assert (first.stored, first.duplicates) == (3, 0)
+    assert (second.stored, second.duplicates) == (0, 3)
+    with engine.connect() as connection:
+        assert evidence_store.chain_length(connection) == 3
+
+
+def test_concurrent_identical_ingest_stores_once(engine: Engine) -> None:
+    """Identical batches from several threads at once: one row each, a clean chain."""
+    batch = stop_events(5)
+    errors: list[Exception] = []
+
+    def worker() -> None:
+        try:
+            with engine.begin() as connection:
+                event_store.ingest(connection, batch, "test", NOW)
+        except Exception as exc:  # pragma: no cover - the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with engine.connect() as connection:
+        assert event_store.newest_id(connection) >= 5
+        assert len(list(event_store.in_range(connection, 0, 10**9))) == 5
+        assert evidence_store.verify(connection) == []
+        assert evidence_store.chain_length(connection) == 5
+
+
+def test_events_found_by_canonical_key(engine: Engine) -> None:
+    """Events are found again by the E.164 key of their wa_id and by user id."""
+    batch = parse_payload(p.payload(p.message("4915123456789", T0, "hi", user_id="US.7"))).events
+    with engine.begin() as connection:
+        event_store.ingest(connection, batch, "test", NOW)
+    with engine.connect() as connection:
+        found = event_store.for_keys(connection, ["+4915123456789", "uid:US.7"])
+    assert [e.key for e in found["+4915123456789"]] == [batch[0].key]
+    assert [e.key for e in found["uid:US.7"]] == [batch[0].key]
+    assert found["+4915123456789"][0].occurred_at == T0
+
+
+def test_chain_detects_altered_row(engine: Engine) -> None:
+    """Changing any evidence row's content is detected."""
+    with engine.begin() as connection:
+        event_store.ingest(connection, stop_events(3), "test", NOW)
+        assert evidence_store.verify(connection) == []
+        connection.execute(update(evidence).where(evidence.c.id == 2)
+                           .values(body='{"signal":"opt_in"}'))
+    with engine.connect() as connection:
+        problems = evidence_store.verify(connection)
+    assert [(pr.row_id, "altered" in pr.problem) for pr in problems] == [(2, True)]
+
+
+def test_chain_detects_deleted_middle_row(engine: Engine) -> None:
+    """Deleting a row in the middle breaks its successor's link."""
+    with engine.begin() as connection:
+        event_store.ingest(connection, stop_events(3), "test", NOW)
+        connection.execute(delete(evidence).where(evidence.c.id == 2))
+    with engine.connect() as connection:
+        problems = evidence_store.verify(connection)
+    assert any(pr.row_id == 3 and "deleted" in pr.problem for pr in problems)
+
+
+def test_chain_detects_deleted_newest_row(engine: Engine) -> None:
+    """Deleting the newest row is caught by the chain head."""
+    with engine.begin() as connection:
+        event_store.ingest(connection, stop_events(3), "test", NOW)
+        newest = connection.execute(select(evidence.c.id).order_by(evidence.c.id.desc())).first()
+        assert newest is not None
+        connection.execute(delete(evidence).where(evidence.c.id == newest[0]))
+    with engine.connect() as connection:
+        problems = evidence_store.verify(connection)
+    assert any("newest row" in pr.problem for pr in problems)
+    assert any("counts 3 rows" in pr.problem for pr in problems)
+
+
+def test_run_lock_is_exclusive_and_expires(engine: Engine) -> None:
+    """One holder at a time per CRM; a dead holder's lease is taken over after it expires."""
+    run_store.acquire_lock(engine, "crm-a", "node-1", NOW)
+    with pytest.raises(RunLockHeld, match="node-1"):
+        run_store.acquire_lock(engine, "crm-a", "node-2", NOW + timedelta(minutes=1))
+    run_store.acquire_lock(engine, "crm-b", "node-2", NOW)  # another CRM is independent
+    run_store.acquire_lock(engine, "crm-a", "node-2", NOW + timedelta(minutes=11))
+    run_store.release_lock(engine, "crm-a", "node-1")  # not the holder any more: no effect
+    with pytest.raises(RunLockHeld, match="node-2"):
+        run_store.acquire_lock(engine, "crm-a", "node-3", NOW + timedelta(minutes=12))
+    run_store.release_lock(engine, "crm-a", "node-2")
+    run_store.acquire_lock(engine, "crm-a", "node-3", NOW + timedelta(minutes=12))
