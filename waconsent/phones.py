@@ -63,9 +63,14 @@ def phone_key(raw: str, default_region: str) -> str:
         number = phonenumbers.parse(text, default_region)
     except phonenumbers.NumberParseException as exc:
         raise UnparseablePhone(str(exc)) from None
-    if not phonenumbers.is_possible_number(number):
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    possible = (phonenumbers.is_possible_number_with_reason(number)
+                == phonenumbers.ValidationResult.IS_POSSIBLE)
+    if not possible and canonical(e164) == e164:
+        # a known WhatsApp variant (Mexico's old '1') is kept even though it is no longer
+        # a possible number; anything else this short or long is junk
         raise UnparseablePhone("not a possible number for its region")
-    return canonical(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+    return canonical(e164)
 
 
 def mask(value: str) -> str:

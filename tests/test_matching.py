@@ -1,0 +1,68 @@
+"""Matching numbers and user ids: E.164 from anything typed, wa_id variants of Brazil and Mexico."""
+
+from __future__ import annotations
+
+import pytest
+
+from waconsent.phones import UnparseablePhone, mask, phone_key, wa_id_key
+from waconsent.sync.matching import record_keys
+
+
+@pytest.mark.parametrize("raw", ["0151 23456789", "+49 (0)151-234 567 89", "004915123456789",
+                                 "+4915123456789", "0151/23456789"])
+def test_crm_spellings_normalize_to_one_key(raw: str) -> None:
+    """Everything people type for one German mobile becomes the same E.164 key."""
+    assert phone_key(raw, "DE") == "+4915123456789"
+
+
+def test_wa_id_is_e164_without_plus() -> None:
+    """A wa_id matches the CRM number it stands for."""
+    assert wa_id_key("4915123456789") == phone_key("0151 23456789", "DE")
+
+
+@pytest.mark.parametrize(("wa_id", "crm"), [
+    ("551187654321", "+55 11 98765 4321"),    # Brazil: wa_id without the ninth digit
+    ("5511987654321", "+55 11 8765 4321"),    # and the CRM without it
+    ("5215512345678", "+52 55 1234 5678"),    # Mexico: 521 + 10 digits
+    ("525512345678", "+52 1 55 1234 5678"),   # and the CRM with the 1
+])
+def test_brazil_and_mexico_variants_match(wa_id: str, crm: str) -> None:
+    """The known Brazil and Mexico differences still match."""
+    assert wa_id_key(wa_id) == phone_key(crm, "DE")
+
+
+def test_brazil_landline_is_not_rewritten() -> None:
+    """Only mobiles gain the ninth digit; a landline (starting 2-5) is left alone."""
+    assert wa_id_key("551134567890") == "+551134567890"
+
+
+def test_wa_id_called_invalid_by_phonenumbers_is_kept() -> None:
+    """A wa_id is never rejected for being 'invalid'; only non-digits match nothing."""
+    assert wa_id_key("99912345678") == "+99912345678"
+    assert wa_id_key("<WHATSAPP_USER_PHONE_NUMBER>") is None
+
+
+@pytest.mark.parametrize("junk", ["n/a", "call me", "123", ""])
+def test_junk_is_unparseable(junk: str) -> None:
+    """Junk in a phone field raises UnparseablePhone."""
+    with pytest.raises(UnparseablePhone):
+        phone_key(junk, "DE")
+
+
+def test_record_keys_report_problems_masked() -> None:
+    """A record's junk phone is reported masked; its good phone and user id still count."""
+    keys = record_keys("R1", {"MobilePhone": "0151 23456789", "Phone": "ask Tom"},
+                       "US.5", "DE")
+    assert keys.key_set == {"+4915123456789", "uid:US.5"}
+    assert keys.problems[0].field == "Phone" and "ask" not in keys.problems[0].masked_value
+
+
+def test_injection_shaped_phone_is_just_junk() -> None:
+    """A value shaped like a query injection is an unparseable phone, nothing more."""
+    with pytest.raises(UnparseablePhone):
+        phone_key("0151' OR Name != '", "DE")
+
+
+def test_mask_keeps_last_three() -> None:
+    """Masked numbers keep only their last three characters."""
+    assert mask("+4915123456789") == "***********789"
