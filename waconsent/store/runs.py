@@ -36,8 +36,29 @@ def acquire_lock(engine: Engine, name: str, holder: str, now: datetime,
         )
         connection.execute(statement)
         owner = connection.execute(select(locks.c.holder).where(locks.c.name == name)).scalar()
+    if owner != holder and owner is not None and _holder_is_dead(str(owner)):
+        with engine.begin() as connection:  # a crashed run on this very host: take over now
+            connection.execute(update(locks).where(locks.c.name == name, locks.c.holder == owner)
+                               .values(holder=holder, expires_at=now + ttl))
+            owner = connection.execute(select(locks.c.holder).where(locks.c.name == name)
+                                       ).scalar()
     if owner != holder:
         raise RunLockHeld(name, str(owner))
+
+
+def _holder_is_dead(holder: str) -> bool:
+    """True only when the holder ran on this host and its process is gone."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def refresh_lock(engine: Engine, name: str, holder: str, now: datetime,

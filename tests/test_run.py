@@ -1,0 +1,294 @@
+"""The sync run end to end on the built-in ledger, on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from tests import payloads as p
+from waconsent import config
+from waconsent.config import LoadedConfig, Secrets
+from waconsent.connectors.ledger import LedgerCrm, upsert_contacts
+from waconsent.domain import WriteRequest, WriteResult
+from waconsent.errors import RunLockHeld
+from waconsent.phones import mask
+from waconsent.store import evidence as evidence_store
+from waconsent.store import outbox as outbox_store
+from waconsent.store import runs as run_store
+from waconsent.store.tables import contacts, evidence
+from waconsent.sync.ingest import ingest_payload, keyword_rules
+from waconsent.sync.run import run_once
+
+T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def loaded(url: str, **sync: Any) -> LoadedConfig:
+    raw: dict[str, Any] = {"store": {"url": url}, "crm": {"kind": "ledger"}}
+    if sync:
+        raw["sync"] = sync
+    return LoadedConfig(config.parse(raw), Secrets(), None)
+
+
+def opted_in(record_id: str, mobile: str, **extra: Any) -> dict[str, Any]:
+    return {"id": record_id, "name": record_id, "mobile_phone": mobile, "opt_in": True,
+            "opt_in_date": T0 - timedelta(days=30), "opt_in_ip": "203.0.113.1",
+            "opt_in_source": "web-form", **extra}
+
+
+def deliver(engine: Engine, cfg: LoadedConfig, *changes: dict[str, Any]) -> None:
+    ingest_payload(engine, p.payload(*changes), keyword_rules(cfg.settings), "test",
+                   lambda: NOW)
+
+
+def contact(engine: Engine, record_id: str) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(select(contacts).where(contacts.c.id == record_id)).one()
+
+
+def clock() -> datetime:
+    return NOW
+
+
+def test_stop_reaches_every_record_with_the_number(engine: Engine, store_url: str) -> None:
+    """A STOP revokes every record carrying the number in any phone field and spelling."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789"),
+                             {**opted_in("B", ""), "phone": "+49 151 234 567 89"},
+                             opted_in("C", "0170 1112233")], NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, "Stop!"))
+    report = run_once(cfg, engine=engine, clock=clock)
+    assert report.revocations == 2 and report.writes_sent == 2 and report.writes_failed == 0
+    for record_id in ("A", "B"):
+        row = contact(engine, record_id)
+        assert row.opt_in is False and row.opt_out_date == T0
+    assert contact(engine, "C").opt_in is True
+
+
+def test_second_run_with_nothing_new_writes_nothing(engine: Engine, store_url: str) -> None:
+    """Idempotence end to end: the next sync sends zero writes."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789"), {"id": "B", "mobile_phone": "0170 1"},
+                             {"id": "D", "mobile_phone": "+43 664 1234567", "opt_in": True}],
+                    NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, "STOP"),
+            p.message("436641234567", T0, "hi"))
+    first = run_once(cfg, engine=engine, clock=clock)
+    assert first.writes_sent == 2
+    second = run_once(cfg, engine=engine, clock=clock)
+    assert (second.mode, second.writes_sent, second.writes_queued) == ("incremental", 0, 0)
+    full = run_once(cfg, full=True, engine=engine, clock=clock)
+    assert full.writes_sent == 0
+
+
+def test_incremental_run_reads_changed_and_active_records(engine: Engine,
+                                                          store_url: str) -> None:
+    """Incremental: records changed since the watermark plus those whose numbers had activity."""
+    cfg = loaded(store_url, lookback_seconds=0)
+    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(50)],
+                    T0 - timedelta(days=3))
+    upsert_contacts(engine, [opted_in("Z", "0170 1112233")], T0 - timedelta(days=2))
+    run_once(cfg, engine=engine, clock=clock)
+    deliver(engine, cfg, p.message("4915123450007", T0, "STOP"))
+    report = run_once(cfg, engine=engine, clock=clock)
+    assert report.mode == "incremental"
+    # Z sits on the watermark (>= re-reads the boundary, harmlessly); R7 had activity
+    assert report.records_read == 2 and report.revocations == 1 and report.writes_sent == 1
+    assert contact(engine, "R7").opt_in is False
+
+
+def test_dry_run_writes_nothing_anywhere(engine: Engine, store_url: str) -> None:
+    """--dry-run shows the field-level diff and leaves CRM, outbox, runs and evidence alone."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, "STOP"))
+    seen: list[tuple[str, str, Any]] = []
+    with engine.connect() as connection:
+        chain_before = evidence_store.chain_length(connection)
+    report = run_once(cfg, dry_run=True, engine=engine, clock=clock,
+                      on_decision=lambda r, d: seen.extend(
+                          (r.record_id, c.field, c.new) for c in d.changes))
+    assert ("A", "opt_in", False) in seen and report.revocations == 1
+    assert contact(engine, "A").opt_in is True
+    with engine.connect() as connection:
+        assert outbox_store.count(connection, cfg.settings.crm_name) == 0
+        assert run_store.history(connection) == []
+        assert evidence_store.chain_length(connection) == chain_before
+
+
+def test_unparseable_phone_is_reported_not_fatal(engine: Engine, store_url: str) -> None:
+    """A junk phone value is reported masked with record and field; the run goes on."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [{"id": "J", "mobile_phone": "n/a Tom"},
+                             opted_in("A", "0151 23456789")], NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, "STOP"))
+    report = run_once(cfg, engine=engine, clock=clock)
+    assert report.phone_problems == [{"record_id": "J", "field": "mobile_phone",
+                                      "value": "****Tom", "reason": report.phone_problems[0][
+                                          "reason"]}]
+    assert report.revocations == 1
+
+
+def test_unmatched_numbers_are_counted_never_created(engine: Engine, store_url: str) -> None:
+    """Activity from a number without a record is listed (masked) and no record is invented."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
+    deliver(engine, cfg, p.message("4917099999999", T0, "START"),
+            p.message("4915123456789", T0, "hi", user_id="US.1"))
+    report = run_once(cfg, engine=engine, clock=clock)
+    assert report.unmatched_numbers == 1 and report.unmatched == [mask("+4917099999999")]
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(contacts)).scalar() == 1
+
+
+def test_number_change_is_reported_and_moves_nothing(engine: Engine, store_url: str) -> None:
+    """user_changed_number is reported for the admin and changes no consent."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, None, type_="system",
+                                   system={"type": "user_changed_number",
+                                           "wa_id": "4915199999999", "body": "x"}))
+    report = run_once(cfg, engine=engine, clock=clock)
+    assert report.number_changes[0]["to"] == "**********999"
+    assert report.writes_sent == 0 and contact(engine, "A").opt_in is True
+
+
+def test_conflict_is_reported_and_crm_stands(engine: Engine, store_url: str) -> None:
+    """A CRM re-subscription newer than a STOP stands; the report names the conflict."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789", opt_in_date=T0 + timedelta(days=1))],
+                    NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, "STOP"))
+    report = run_once(cfg, engine=engine, clock=clock)
+    assert len(report.conflicts) == 1 and contact(engine, "A").opt_in is True
+
+
+def test_failed_write_stays_queued_and_revocations_go_first(engine: Engine,
+                                                           store_url: str) -> None:
+    """A failed write stays in the outbox; the next run sends revocations before others."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789"), {"id": "B",
+                                                               "mobile_phone": "0170 1112233"}],
+                    NOW)
+    deliver(engine, cfg, p.message("4917011122 33".replace(" ", ""), T0, "START"),
+            p.message("4915123456789", T0, "STOP"))
+
+    class Flaky(LedgerCrm):
+        calls: list[list[str]] = []
+
+        def apply(self, writes: Any) -> list[WriteResult]:
+            self.calls.append([w.record_id for w in writes])
+            if len(self.calls) == 1:
+                return [WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK")
+                        for w in writes]
+            return super().apply(writes)
+
+    flaky = Flaky(engine)
+    first = run_once(cfg, engine=engine, clock=clock, connector=flaky)
+    assert first.writes_failed == 2 and first.status == "partial"
+    with engine.connect() as connection:
+        assert outbox_store.count(connection, cfg.settings.crm_name) == 2
+    second = run_once(cfg, engine=engine, clock=clock, connector=flaky)
+    assert flaky.calls[0] == ["A", "B"] and flaky.calls[1] == ["A", "B"]  # revocation first
+    assert second.writes_sent == 2
+    assert contact(engine, "A").opt_in is False and contact(engine, "B").opt_in is True
+
+
+def test_one_run_at_a_time(engine: Engine, store_url: str) -> None:
+    """A second run while the lock is held by a live node fails with RunLockHeld."""
+    cfg = loaded(store_url)
+    run_store.acquire_lock(engine, cfg.settings.crm_name, "other-host:1:x", NOW)
+    with pytest.raises(RunLockHeld):
+        run_once(cfg, engine=engine, clock=clock)
+
+
+CRASHING_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from datetime import datetime, UTC
+    from waconsent import config
+    from waconsent.config import LoadedConfig, Secrets
+    from waconsent.connectors.ledger import LedgerCrm
+    from waconsent.store.engine import open_engine
+    from waconsent.sync.run import run_once
+
+    url, kill_at = sys.argv[1], int(sys.argv[2])
+    cfg = LoadedConfig(config.parse({"store": {"url": url}, "crm": {"kind": "ledger"}}),
+                       Secrets(), None)
+    engine = open_engine(url)
+
+    class Dying(LedgerCrm):
+        write_batch_size = 3
+        calls = 0
+        def apply(self, writes):
+            Dying.calls += 1
+            if Dying.calls == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().apply(writes)
+
+    run_once(cfg, engine=engine, connector=Dying(engine))
+""")
+
+
+def crash(url: str, kill_at: int) -> int:
+    result = subprocess.run([sys.executable, "-c", CRASHING_RUN, url, str(kill_at)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    return result.returncode
+
+
+def test_sigkill_never_loses_a_revocation(engine: Engine, store_url: str) -> None:
+    """Killed after the outbox is written, then halfway through sending: nothing is lost."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(10)], NOW)
+    deliver(engine, cfg, *[p.message(f"4915123450{i:03d}", T0, "STOP") for i in range(10)])
+    assert crash(store_url, kill_at=1) == -9  # dies before the first write is sent
+    with engine.connect() as connection:
+        assert outbox_store.count(connection, cfg.settings.crm_name) == 10
+    assert all(contact(engine, f"R{i}").opt_in is True for i in range(10))
+    assert crash(store_url, kill_at=2) == -9  # dies after one batch of three was confirmed
+    with engine.connect() as connection:
+        assert outbox_store.count(connection, cfg.settings.crm_name) == 7
+    report = run_once(cfg, engine=engine)
+    assert report.writes_sent == 7
+    assert all(contact(engine, f"R{i}").opt_in is False for i in range(10))
+    with engine.connect() as connection:
+        writes = connection.execute(select(evidence.c.record_id).where(
+            evidence.c.kind == "write")).scalars().all()
+        assert sorted(writes) == sorted(f"R{i}" for i in range(10))  # each exactly once
+        assert evidence_store.verify(connection) == []
+        assert outbox_store.count(connection, cfg.settings.crm_name) == 0
+
+
+def test_report_json_has_the_documented_keys(engine: Engine, store_url: str) -> None:
+    """The JSON report carries every count the README documents."""
+    cfg = loaded(store_url)
+    report = run_once(cfg, engine=engine, clock=clock).as_dict()
+    for key in ("records_read", "events_considered", "revocations", "opt_ins",
+                "sessions_updated", "proof_missing", "proof_cleared", "conflicts",
+                "unmatched_numbers", "writes_sent", "writes_failed", "api_calls"):
+        assert key in report
+    json.dumps(report)
+
+
+def test_writes_request_only_changed_fields(engine: Engine, store_url: str) -> None:
+    """The connector receives only the fields that change."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, "STOP"))
+    sent: list[WriteRequest] = []
+
+    class Recording(LedgerCrm):
+        def apply(self, writes: Any) -> list[WriteResult]:
+            sent.extend(writes)
+            return super().apply(writes)
+
+    run_once(cfg, engine=engine, clock=clock, connector=Recording(engine))
+    assert set(sent[0].values) == {"opt_in", "opt_out_date", "last_inbound", "session_expires"}
