@@ -289,12 +289,10 @@ def _show(value: Any) -> str:
 
 
 def _print_diff(rows: list[tuple[str, str, str, str, str]]) -> None:
-    table = Table(title=f"dry run: {len(rows)} field changes would be written (nothing written)")
-    for column in ("record", "field", "old", "new", "why"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
+    """One plain line per field change, so the diff can be grepped and never wraps."""
+    click.echo(f"dry run: {len(rows)} field changes would be written (nothing written)")
+    for record_id, field_name, old, new, why in rows:
+        click.echo(f"  {record_id}  {field_name}: {old} -> {new}  ({why})")
 
 
 def _print_summary(report: Any) -> None:
