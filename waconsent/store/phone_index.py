@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, and_, delete, func, or_, select
+from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from waconsent.store.tables import events, phone_index
 
@@ -27,6 +27,28 @@ def replace(connection: Connection, crm: str, record_ids: Sequence[str],
               for record_id, field, key, raw in dict.fromkeys(rows)]
     if values:
         connection.execute(phone_index.insert(), values)
+
+
+def known_keys(connection: Connection, crm: str, record_ids: Sequence[str]
+               ) -> dict[str, dict[str, tuple[str, str]]]:
+    """record_id -> field -> (raw, key): what earlier runs parsed, so nothing is parsed twice."""
+    found: dict[str, dict[str, tuple[str, str]]] = {}
+    for start in range(0, len(record_ids), _CHUNK):
+        rows = connection.execute(select(
+            phone_index.c.record_id, phone_index.c.field, phone_index.c.raw, phone_index.c.key
+        ).where(phone_index.c.crm == crm,
+                phone_index.c.record_id.in_(record_ids[start:start + _CHUNK])))
+        for record_id, field, raw, key in rows:
+            found.setdefault(record_id, {})[field] = (raw, key)
+    return found
+
+
+def mark_seen(connection: Connection, crm: str, record_ids: Sequence[str], run_id: int) -> None:
+    """Records whose keys did not change keep their rows; a full run still sees them."""
+    for start in range(0, len(record_ids), _CHUNK):
+        connection.execute(update(phone_index).where(
+            phone_index.c.crm == crm,
+            phone_index.c.record_id.in_(record_ids[start:start + _CHUNK])).values(seen_run=run_id))
 
 
 def record_ids_for_keys(connection: Connection, crm: str, keys: Iterable[str]) -> set[str]:

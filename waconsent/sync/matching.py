@@ -31,11 +31,17 @@ class RecordKeys:
 
 
 def record_keys(record_id: str, phones: Mapping[str, str | None], user_id: str | None,
-                default_region: str) -> RecordKeys:
+                default_region: str,
+                known: Mapping[str, tuple[str, str]] | None = None) -> RecordKeys:
+    """The record's keys; `known` (field -> (raw, key) from the phone index) skips re-parsing."""
     keys: list[tuple[str, str]] = []
     problems: list[PhoneProblem] = []
     for field, raw in phones.items():
         if raw is None or not str(raw).strip():
+            continue
+        remembered = known.get(field) if known else None
+        if remembered is not None and remembered[0] == raw:
+            keys.append((field, remembered[1]))
             continue
         try:
             keys.append((field, phone_key(str(raw), default_region)))

@@ -221,8 +221,11 @@ def _process_chunk(context: _Context, chunk: list[CrmRecord]) -> None:
     now = context.clock()
     fresh = [r for r in chunk if r.record_id not in context.seen_ids]
     context.seen_ids.update(r.record_id for r in fresh)
-    keyed = [(record, _keys(record, settings.mapping.default_region)) for record in fresh]
+    fresh_ids = [r.record_id for r in fresh]
     with context.engine.connect() as connection:
+        known = phone_index.known_keys(connection, context.crm, fresh_ids)
+        keyed = [(record, _keys(record, settings.mapping.default_region,
+                                known.get(record.record_id))) for record in fresh]
         found = event_store.for_keys(
             connection, chain.from_iterable(keys.key_set for _, keys in keyed))
         connection.rollback()
@@ -247,20 +250,34 @@ def _process_chunk(context: _Context, chunk: list[CrmRecord]) -> None:
         decisions.append(decision)
     if context.dry_run:
         return
+    changed = [(record, keys) for record, keys in keyed
+               if _index_rows(record, keys) != _known_rows(known.get(record.record_id, {}))]
+    unchanged = sorted(set(fresh_ids) - {record.record_id for record, _ in changed})
     with context.engine.begin() as connection:
         phone_index.replace(
-            connection, context.crm, [r.record_id for r, _ in keyed],
-            [(r.record_id, f, k, _raw(r, f)) for r, keys in keyed for f, k in keys.keys],
+            connection, context.crm, [r.record_id for r, _ in changed],
+            [(r.record_id, f, k, _raw(r, f)) for r, keys in changed for f, k in keys.keys],
             context.run_id)
+        phone_index.mark_seen(connection, context.crm, unchanged, context.run_id)
         report.writes_queued += outbox_store.enqueue(connection, context.crm, decisions,
                                                      context.run_id, now)
     run_store.refresh_lock(context.engine, context.crm, context.holder, context.clock())
 
 
-def _keys(record: CrmRecord, default_region: str) -> matching.RecordKeys:
+def _keys(record: CrmRecord, default_region: str,
+          known: dict[str, tuple[str, str]] | None) -> matching.RecordKeys:
     user_id = record.get("whatsapp_user_id")
     return matching.record_keys(record.record_id, record.phones,
-                                user_id if isinstance(user_id, str) else None, default_region)
+                                user_id if isinstance(user_id, str) else None, default_region,
+                                known)
+
+
+def _index_rows(record: CrmRecord, keys: matching.RecordKeys) -> set[tuple[str, str, str]]:
+    return {(field, key, (_raw(record, field) or "")[:200]) for field, key in keys.keys}
+
+
+def _known_rows(known: dict[str, tuple[str, str]]) -> set[tuple[str, str, str]]:
+    return {(field, key, raw) for field, (raw, key) in known.items()}
 
 
 def _raw(record: CrmRecord, field_name: str) -> str | None:
