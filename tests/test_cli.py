@@ -116,7 +116,7 @@ def test_demo_flow_sync_proof_runs_verify(cfg: Path) -> None:
     assert report["revocations"] == 8 and report["opt_ins"] >= 2
     assert report["writes_failed"] == 0 and len(report["conflicts"]) == 1
     proof = json.loads(run(cfg, "proof", "0160 1234567", "--format", "json").output)
-    assert [row["what"] for row in proof][0] == "whatsapp message: opt_out"
+    assert proof[0]["what"] == "whatsapp message: opt_out"
     assert {row["id"] for row in proof if row["what"] == "CRM write confirmed"} == {"C015",
                                                                                    "C016"}
     assert "evidence chain intact" in run(cfg, "verify-ledger").output
@@ -133,7 +133,8 @@ def test_dry_run_prints_diff(cfg: Path) -> None:
     run(cfg, "import", str(ROOT / "examples/webhooks.ndjson"))
     result = CliRunner().invoke(main, ["--config", str(cfg), "sync", "--dry-run"],
                                 terminal_width=250, catch_exceptions=False)
-    assert "nothing written" in result.output and "opt-out by whatsapp:keyword:STOP" in result.output
+    assert "nothing written" in result.output
+    assert "opt-out by whatsapp:keyword:STOP" in result.output
     assert "(dry run)" in result.output
     assert "CRM write" not in run(cfg, "proof", "0160 1234567").output
 

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -183,7 +183,7 @@ def test_failed_write_stays_queued_and_revocations_go_first(engine: Engine,
             p.message("4915123456789", T0, "STOP"))
 
     class Flaky(LedgerCrm):
-        calls: list[list[str]] = []
+        calls: ClassVar[list[list[str]]] = []
 
         def apply(self, writes: Any) -> list[WriteResult]:
             self.calls.append([w.record_id for w in writes])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,7 +32,8 @@ def one(change: dict[str, Any]) -> Any:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("  Stop!  ", "stop"), ("S.T.O.P", "stop"), ("ＳＴＯＰ", "stop"), ("Stop   promotions", "stop promotions"),
+    ("  Stop!  ", "stop"), ("S.T.O.P", "stop"), ("ＳＴＯＰ", "stop"),
+    ("Stop   promotions", "stop promotions"),
 ])
 def test_normalize_text(text: str, expected: str) -> None:
     """Keywords are trimmed, case-folded and stripped of punctuation."""

@@ -54,6 +54,7 @@ class DynamicsConfig(Section):
     api_version: str = "9.2"
     max_concurrency: int = Field(default=4, ge=1, le=52)
     change_tracking: bool = False
+    batch_size: int = Field(default=1000, ge=1, le=1000)  # operations per $batch
 
 
 class MappingFields(Section):

@@ -87,7 +87,7 @@ def modified_since(since: datetime) -> str:
 
 
 def ids_filter(key: str, ids: Sequence[str]) -> str:
-    """`key eq <guid> or key eq <guid> ...`; GUIDs are unquoted literals, so each is parsed first."""
+    """`key eq <guid> or key eq <guid> ...`; GUIDs are unquoted literals, so each is parsed."""
     name = identifier(key, "primary id attribute")
     canonical = [guid(value) for value in ids]
     if not canonical or any(value is None for value in canonical):

@@ -1,0 +1,624 @@
+"""Salesforce as a CRM: simple-salesforce for login and REST, Bulk API 2.0 for big volumes.
+
+API calls are a product feature here, so each operation has a fixed cost:
+
+| operation                      | calls                                                    |
+| ------------------------------ | -------------------------------------------------------- |
+| preflight / describe_fields    | 1 describe (cached for the connector's life)             |
+| read_all, read_changed_since   | 1 per 2,000 records; above `bulk_query_threshold` (the   |
+|                                | first page's totalSize) a Bulk 2.0 query job instead:    |
+|                                | create + polls + 1 per 50,000 rows                       |
+| read_by_ids                    | 1 per ~500 ids (each query under the URL length limit)   |
+| apply                          | 1 sObject Collections PATCH per 200 records (+1 per lock |
+|                                | retry, carrying only the locked records)                 |
+| apply_bulk (>= threshold)      | create + upload + close + polls + 2 result reads per job |
+
+Every request goes through `_call`, which classifies failures by status and
+`errorCode` (never message text): 5xx, UNABLE_TO_LOCK_ROW and connection errors
+are retried by the shared RetryPolicy; INVALID_SESSION_ID renews the session once
+(not possible with auth `access_token`); REQUEST_LIMIT_EXCEEDED with the daily
+allowance used up raises ApiLimitExhausted. `Sforce-Limit-Info` is read from every
+answer and reported by `usage()`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from datetime import UTC, date, datetime
+from functools import partial
+from itertools import chain
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import requests
+from simple_salesforce.api import Salesforce
+from simple_salesforce.exceptions import SalesforceError
+
+from waconsent import domain
+from waconsent.config.schema import MappingConfig, SalesforceConfig
+from waconsent.connectors.http import Outcome, RetryPolicy, classify, retry_after_seconds
+from waconsent.connectors.salesforce_auth import Authenticator, authenticator
+from waconsent.connectors.salesforce_bulk import NULL, Bulk2, IngestOutcome, rest
+from waconsent.connectors.salesforce_soql import (
+    api_name,
+    is_record_id,
+    select_all,
+    select_by_ids,
+    select_changed_since,
+    select_changed_since_unordered,
+    select_fields,
+)
+from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
+from waconsent.errors import (
+    ApiLimitExhausted,
+    AuthenticationError,
+    ConfigError,
+    ConnectionFailed,
+    RateLimited,
+    RetryableError,
+)
+
+if TYPE_CHECKING:
+    from waconsent.config import LoadedConfig
+
+T = TypeVar("T")
+
+QUERY_PAGE_SIZE = 2_000  # Salesforce's maximum REST query page
+COLLECTION_LIMIT = 200  # sObject Collections: records per call
+BULK_JOB_LIMIT = 100_000  # rows per ingest job (keeps one upload far below 100 MB)
+_QUERY_OPTIONS = {"Sforce-Query-Options": f"batchSize={QUERY_PAGE_SIZE}"}
+
+#: errorCode -> what to do, ahead of the status table of `http.classify`.
+CODE_OUTCOMES: Mapping[str, Outcome] = {
+    "INVALID_SESSION_ID": Outcome.RENEW_SESSION,
+    "UNABLE_TO_LOCK_ROW": Outcome.RETRY,
+    "SERVER_UNAVAILABLE": Outcome.RETRY,
+    "REQUEST_RUNNING_TOO_LONG": Outcome.RETRY,
+}
+#: The org's allowance is used up (when Sforce-Limit-Info does not say otherwise).
+LIMIT_CODES = frozenset({"REQUEST_LIMIT_EXCEEDED"})
+#: A request-level 400/404 with these codes means the mapping names something missing.
+CONFIG_CODES = frozenset({"INVALID_FIELD", "INVALID_TYPE", "NOT_FOUND", "MALFORMED_QUERY",
+                          "INVALID_QUERY_FILTER_OPERATOR"})
+
+#: Per-record errors retried for that record alone.
+TRANSIENT_RECORD_CODES = frozenset({"UNABLE_TO_LOCK_ROW"})
+#: Per-record errors that retrying will not heal: the outbox reports them once.
+PERMANENT_RECORD_CODES = frozenset({
+    "INVALID_FIELD", "INVALID_TYPE_ON_FIELD_IN_RECORD", "STRING_TOO_LONG",
+    "FIELD_INTEGRITY_EXCEPTION", "ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY",
+    "MALFORMED_ID", "INVALID_ID_FIELD", "INVALID_FIELD_FOR_INSERT_UPDATE",
+    "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+    "REQUIRED_FIELD_MISSING", "INSUFFICIENT_ACCESS_OR_READONLY",
+    "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY", "NOT_FOUND", "INVALID_TYPE",
+    "NUMBER_OUTSIDE_VALID_RANGE", "INVALID_EMAIL_ADDRESS", "DUPLICATE_VALUE",
+})
+
+_PICKLIST_TYPES = frozenset({"picklist", "multipicklist"})
+_TEXT_TYPES = frozenset({"string", "textarea", "phone", "email", "url", "encryptedstring"})
+#: MessagingEndUser.MessagingConsentStatus: values that also mean "opted in" when read.
+_ALSO_OPTED_IN = frozenset({"DoublyOptedIn"})
+_LIMIT_INFO = re.compile(r"(?:^|[;,\s])api-usage=(\d+)/(\d+)")
+
+
+class _Refused(Exception):
+    """A value that cannot be written as it is; reported for its record, never sent."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class _RowsLocked(RetryableError):
+    """Some records of a batch were locked; the policy retries just those."""
+
+
+# ---- values ---------------------------------------------------------------------------------
+
+def format_datetime(moment: datetime) -> str:
+    """Salesforce's dateTime format, to the second: 2026-01-31T09:30:00.000+0000."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: every datetime must be timezone-aware UTC")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
+
+
+def parse_datetime(value: object) -> datetime | None:
+    """A Salesforce dateTime (or date) as aware UTC to the second; junk or empty -> None."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return domain.to_second(moment)
+
+
+def _error_of(content: object) -> tuple[str, str]:
+    """(errorCode, message) from a simple-salesforce exception's `.content`."""
+    if isinstance(content, bytes | str):
+        try:
+            content = json.loads(content)
+        except ValueError:
+            return "", ""
+    if isinstance(content, list) and content and isinstance(content[0], Mapping):
+        content = content[0]
+    if isinstance(content, Mapping):
+        return (str(content.get("errorCode") or content.get("error") or ""),
+                str(content.get("message") or content.get("error_description") or ""))
+    return "", ""
+
+
+def _limit_info(headers: Mapping[str, str]) -> tuple[int, int] | None:
+    match = _LIMIT_INFO.search(headers.get("Sforce-Limit-Info", ""))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _query_more(sf: Salesforce, *, link: str) -> Any:
+    return sf.query_more(link, identifier_is_url=True, headers=_QUERY_OPTIONS)
+
+
+def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# ---- the connector --------------------------------------------------------------------------
+
+class SalesforceConnector:
+    """CrmConnector over one Salesforce object (Contact, Lead, MessagingEndUser, ...)."""
+
+    write_batch_size = COLLECTION_LIMIT
+
+    def __init__(self, settings: SalesforceConfig, mapping: MappingConfig, auth: Authenticator,
+                 *, policy: RetryPolicy | None = None, session: requests.Session | None = None,
+                 bulk_timeout: float = 3600.0, bulk_page_size: int = 50_000) -> None:
+        if not mapping.object:
+            raise ConfigError(["mapping.object: required for crm.kind = 'salesforce' "
+                               "(for example 'Contact')"])
+        self._settings = settings
+        self._mapping = mapping
+        self._auth = auth
+        self._object = api_name(mapping.object, "mapping.object")
+        self._mapped = mapping.fields.mapped()  # logical -> CRM field name
+        self._phone_fields = tuple(api_name(f, "mapping.phone_fields")
+                                   for f in mapping.phone_fields)
+        self._fields = select_fields(self._phone_fields, self._mapped.values())
+        self._picklist_values = (mapping.values.opted_in, mapping.values.opted_out)
+        self._policy = policy or RetryPolicy()
+        self._owns_session = session is None
+        self._session = session or requests.Session()
+        self._session.hooks["response"].append(self._observe)
+        self._client: Salesforce | None = None
+        self._described: dict[str, FieldDescription] | None = None
+        self._calls = 0
+        self._usage: tuple[int, int] | None = None
+        self._last_headers: Mapping[str, str] = {}
+        self._bulk = Bulk2(self._call, self._policy.sleep, timeout=bulk_timeout,
+                           page_size=bulk_page_size)
+
+    @classmethod
+    def from_config(cls, config: LoadedConfig, *, policy: RetryPolicy | None = None,
+                    session: requests.Session | None = None) -> SalesforceConnector:
+        """Checks the configuration and secrets; logs in lazily, on the first request."""
+        settings = config.settings
+        return cls(settings.salesforce, settings.mapping,
+                   authenticator(settings.salesforce, config.secrets),
+                   policy=policy, session=session)
+
+    # ---- the one call path ------------------------------------------------------------------
+
+    def _observe(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        """Response hook: count API calls and read Sforce-Limit-Info (logins are not API calls)."""
+        if "/services/data/" not in response.url:
+            return
+        self._calls += 1
+        self._last_headers = response.headers
+        usage = _limit_info(response.headers)
+        if usage is not None:
+            self._usage = usage
+
+    def _sf(self) -> Salesforce:
+        if self._client is None:
+            session = self._policy.run(lambda: self._auth.login(self._session),
+                                       f"Salesforce {self._auth.mode} login")
+            self._client = Salesforce(session_id=session.token,
+                                      instance_url=session.instance_url,
+                                      version=self._settings.api_version,
+                                      session=self._session, object_pairs_hook=dict)
+        return self._client
+
+    def _call(self, fn: Callable[[Salesforce], T], what: str) -> T:
+        """Run `fn` with a logged-in client under the retry policy, renewing the session once."""
+
+        def attempt() -> T:
+            renewed = False
+            while True:
+                client = self._sf()
+                try:
+                    return fn(client)
+                except SalesforceError as exc:
+                    self._raise_for(exc, what)  # returns only for INVALID_SESSION_ID
+                    if renewed or not self._auth.can_renew:
+                        raise self._auth.expired() from None
+                    self._client = None
+                    renewed = True
+
+        return self._policy.run(attempt, what)
+
+    def _raise_for(self, exc: SalesforceError, what: str) -> None:
+        """Turn a refused request into the project's errors; return to renew the session."""
+        status = int(exc.status)
+        code, message = _error_of(exc.content)
+        if code in LIMIT_CODES:
+            usage = _limit_info(self._last_headers)
+            if usage is not None and usage[0] < usage[1]:
+                # The daily allowance is not used up: a concurrency limit, which clears.
+                raise RateLimited(f"{what}: Salesforce refused a concurrent request ({code}, "
+                                  f"api-usage {usage[0]}/{usage[1]})", status=status,
+                                  retry_after=retry_after_seconds(self._last_headers))
+            shown = f"api-usage {usage[0]}/{usage[1]}" if usage else "no usage figures sent"
+            raise ApiLimitExhausted(
+                f"Salesforce's API request limit for this org (the daily 'API Requests, Last "
+                f"24 Hours' allowance) is used up ({code}, {shown}) during {what}; the run "
+                "stops here and queued writes stay in the outbox for the next run")
+        outcome = CODE_OUTCOMES.get(code) or classify(status)
+        if outcome is Outcome.RENEW_SESSION:
+            return
+        if outcome is Outcome.RETRY:
+            raise RetryableError(f"Salesforce answered {status} {code}".strip(), status=status,
+                                 retry_after=retry_after_seconds(self._last_headers))
+        if status in (401, 403):
+            raise AuthenticationError(f"{what}: Salesforce refused the request ({status} "
+                                      f"{code}: {message}); check the integration user's "
+                                      "permissions on " + self._object)
+        if status in (400, 404) and code in CONFIG_CODES:
+            raise ConfigError([f"{what} on {self._object}: Salesforce answered {code}: "
+                               f"{message}"])
+        raise ConnectionFailed(f"{what}: Salesforce answered {status} {code}: {message}")
+
+    # ---- metadata ---------------------------------------------------------------------------
+
+    def _describe(self) -> dict[str, FieldDescription]:
+        if self._described is None:
+            try:
+                answer: Mapping[str, Any] = self._call(
+                    lambda sf: rest(sf, f"sobjects/{self._object}/describe"),
+                    f"describe {self._object}")
+            except ConfigError:
+                raise ConfigError([f"mapping.object: Salesforce has no object {self._object!r} "
+                                   "that this user can see (check the API name, such as "
+                                   "'Contact', 'Lead' or 'MessagingEndUser')"]) from None
+            described: dict[str, FieldDescription] = {}
+            for item in answer.get("fields", []):
+                described[item["name"]] = FieldDescription(
+                    name=item["name"], type=item.get("type", ""),
+                    updateable=bool(item.get("updateable", False)),
+                    length=item.get("length") or None,
+                    picklist_values=tuple(p["value"] for p in item.get("picklistValues") or []
+                                          if p.get("active", True)))
+            self._described = described
+        return self._described
+
+    def describe_fields(self) -> Mapping[str, FieldDescription]:
+        return dict(self._describe())
+
+    def preflight(self) -> None:
+        """One describe call; a ConfigError names every mapped or phone field the object lacks."""
+        fields = self._describe()
+        by_lower = {name.lower(): name for name in fields}
+        problems: list[str] = []
+
+        def check(key: str, name: str) -> FieldDescription | None:
+            if name in fields:
+                return fields[name]
+            if name.lower() in by_lower:
+                problems.append(f"{key}: write {name!r} as {by_lower[name.lower()]!r}, "
+                                f"Salesforce's spelling on {self._object}")
+                return None
+            near = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.75)
+            hint = f" (did you mean {by_lower[near[0]]!r}?)" if near else ""
+            problems.append(f"{key}: object {self._object} has no field {name!r}{hint}")
+            return None
+
+        for phone in self._phone_fields:
+            check("mapping.phone_fields", phone)
+        for logical, name in self._mapped.items():
+            described = check(f"mapping.fields.{logical}", name)
+            if described is None:
+                continue
+            if not described.updateable:
+                problems.append(f"mapping.fields.{logical}: {self._object}.{name} is not "
+                                "updateable for this user (a formula field, or field-level "
+                                "security)")
+            if logical == domain.OPT_IN and described.type in _PICKLIST_TYPES:
+                problems.extend(self._picklist_problems(name, described))
+        if problems:
+            raise ConfigError(problems, source=f"Salesforce object {self._object}")
+
+    def _picklist_problems(self, name: str, described: FieldDescription) -> list[str]:
+        problems = []
+        for key, value in zip(("opted_in", "opted_out"), self._picklist_values, strict=True):
+            if value is None:
+                problems.append(f"mapping.values.{key}: {self._object}.{name} is a picklist; "
+                                f"name the value that means {key.replace('_', ' ')} (one of "
+                                f"{', '.join(described.picklist_values)})")
+            elif str(value) not in described.picklist_values:
+                problems.append(f"mapping.values.{key}: {value!r} is not a value of "
+                                f"{self._object}.{name} (expected one of "
+                                f"{', '.join(described.picklist_values)})")
+        return problems
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    def _pages(self, soql: str) -> Generator[Mapping[str, Any], None, None]:
+        """Query pages, following nextRecordsUrl; stops if a link repeats (cannot spin).
+
+        This is simple-salesforce's `query_all_iter` loop with each page fetched under the
+        retry policy: a 503 on page 7 repeats page 7, not the whole read.
+        """
+        page: Mapping[str, Any] = self._call(
+            lambda sf: sf.query(soql, headers=_QUERY_OPTIONS), "query")
+        yield page
+        seen: set[str] = set()
+        while not page.get("done", True):
+            link = str(page.get("nextRecordsUrl") or "")
+            if not link or link in seen:
+                raise ConnectionFailed(f"Salesforce query on {self._object}: the next-page link "
+                                       f"{link!r} is missing or repeated; stopped instead of "
+                                       "looping")
+            seen.add(link)
+            page = self._call(partial(_query_more, link=link), "query page")
+            yield page
+
+    def _read(self, soql: str, bulk_soql: str) -> Iterator[CrmRecord]:
+        pages = self._pages(soql)
+        first = next(pages)
+        if not first.get("done", True) and \
+                int(first.get("totalSize", 0)) > self._settings.bulk_query_threshold:
+            # The first page told the size (no separate COUNT() call): leave its cursor
+            # and let one Bulk API 2.0 job carry the rest.
+            pages.close()
+            types = {name: d.type for name, d in self._describe().items()}
+            for row in self._bulk.query(bulk_soql):
+                yield self._record(row, types)
+            return
+        for page in chain([first], pages):
+            for raw in page.get("records", []):
+                yield self._record(raw, None)
+
+    def read_all(self) -> Iterator[CrmRecord]:
+        return self._read(select_all(self._object, self._fields),
+                          select_all(self._object, self._fields))
+
+    def read_changed_since(self, since: datetime) -> Iterator[CrmRecord]:
+        return self._read(select_changed_since(self._object, self._fields, since),
+                          select_changed_since_unordered(self._object, self._fields, since))
+
+    def read_by_ids(self, record_ids: Sequence[str]) -> Iterator[CrmRecord]:
+        # A string that cannot be an id is simply absent: Salesforce would refuse the whole
+        # query over one malformed id literal (INVALID_QUERY_FILTER_OPERATOR).
+        wanted = [i for i in dict.fromkeys(record_ids) if is_record_id(i)]
+        for soql in select_by_ids(self._object, self._fields, wanted):
+            for page in self._pages(soql):
+                for raw in page.get("records", []):
+                    yield self._record(raw, None)
+
+    def _record(self, raw: Mapping[str, Any], csv_types: Mapping[str, str] | None) -> CrmRecord:
+        """A query row (JSON, or Bulk CSV strings when `csv_types` is given) as a CrmRecord."""
+        fields = {logical: self._from_crm(logical, raw.get(name),
+                                          csv_types.get(name) if csv_types else None)
+                  for logical, name in self._mapped.items()}
+        phones = {name: (str(raw[name]) if raw.get(name) not in (None, "") else None)
+                  for name in self._phone_fields}
+        return CrmRecord(record_id=str(raw["Id"]), fields=fields, phones=phones,
+                         modified_at=parse_datetime(raw.get("SystemModstamp")))
+
+    def _from_crm(self, logical: str, value: object, csv_type: str | None) -> FieldValue:
+        if value is None or value == "":
+            return None
+        if logical in domain.BOOLEAN_FIELDS:
+            if isinstance(value, bool):
+                return value
+            text = str(value)
+            if logical == domain.OPT_IN and (csv_type in _PICKLIST_TYPES or (
+                    csv_type is None and self._picklist_values[0] is not None)):
+                return self._opt_in_from_picklist(text)
+            lowered = text.strip().lower()
+            return True if lowered == "true" else False if lowered == "false" else None
+        if logical in domain.DATETIME_FIELDS:
+            return parse_datetime(value)
+        return str(value)
+
+    def _opt_in_from_picklist(self, text: str) -> bool | None:
+        opted_in, opted_out = self._picklist_values
+        if opted_in is not None and text == str(opted_in):
+            return True
+        if opted_out is not None and text == str(opted_out):
+            return False
+        if self._mapped.get(domain.OPT_IN) == "MessagingConsentStatus" and \
+                text in _ALSO_OPTED_IN:
+            return True
+        return None  # another value (ImplicitlyOptedIn, ...) is no explicit opt-in
+
+    # ---- writes -----------------------------------------------------------------------------
+
+    def _to_crm(self, logical: str, value: FieldValue,
+                fields: Mapping[str, FieldDescription]) -> tuple[str, str | bool | None]:
+        name = self._mapped.get(logical)
+        if name is None:
+            raise _Refused("INVALID_FIELD", f"{logical} is not mapped in [mapping.fields]")
+        described = fields.get(name)
+        kind = described.type if described else ""
+        if logical == domain.OPT_IN and kind in _PICKLIST_TYPES:
+            chosen = self._picklist_values[0 if value else 1] if value is not None else None
+            if value is not None and chosen is None:
+                raise _Refused("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                               f"{name} is a picklist and [mapping.values] names no value for "
+                               f"{'opted in' if value else 'opted out'}")
+            return name, None if chosen is None else str(chosen)
+        if kind == "boolean":
+            if value is not None and not isinstance(value, bool):
+                raise _Refused("INVALID_TYPE_ON_FIELD_IN_RECORD",
+                               f"{name} is a checkbox; {logical} is not true or false")
+            return name, bool(value)  # a checkbox cannot be null
+        if value is None:
+            return name, None
+        if isinstance(value, datetime):
+            return name, (value.astimezone(UTC).date().isoformat() if kind == "date"
+                          else format_datetime(value))
+        if isinstance(value, bool):
+            return name, value if kind not in _TEXT_TYPES else str(value).lower()
+        text = str(value)
+        if described is not None and described.length and kind in _TEXT_TYPES | _PICKLIST_TYPES \
+                and len(text) > described.length:
+            raise _Refused("STRING_TOO_LONG",
+                           f"{logical} is {len(text)} characters but {self._object}.{name} holds "
+                           f"{described.length}; not truncated (lengthen the field)")
+        return name, text
+
+    def _payloads(self, writes: Sequence[WriteRequest], results: list[WriteResult | None]
+                  ) -> list[tuple[int, dict[str, str | bool | None]]]:
+        """CRM field values per write; refused ones get their result now and are not sent."""
+        fields = self._describe()
+        payloads = []
+        for index, write in enumerate(writes):
+            try:
+                payload = dict(self._to_crm(logical, value, fields)
+                               for logical, value in write.values.items())
+            except _Refused as refused:
+                results[index] = WriteResult(write.record_id, False, refused.message,
+                                             refused.code, permanent=True)
+                continue
+            if payload:
+                payloads.append((index, payload))
+            else:
+                results[index] = WriteResult(write.record_id, True)
+        return payloads
+
+    def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        """sObject Collections PATCH, 200 records a call, allOrNone false; one result per write."""
+        results: list[WriteResult | None] = [None] * len(writes)
+        payloads = self._payloads(writes, results)
+        for chunk in _batched(payloads, COLLECTION_LIMIT):
+            self._send_collection(writes, chunk, results)
+        return [r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
+                for r, w in zip(results, writes, strict=True)]
+
+    def _send_collection(self, writes: Sequence[WriteRequest],
+                         chunk: Sequence[tuple[int, dict[str, str | bool | None]]],
+                         results: list[WriteResult | None]) -> None:
+        pending = list(chunk)
+
+        def attempt() -> None:
+            nonlocal pending
+            body = {"allOrNone": False, "records": [
+                {"attributes": {"type": self._object}, "id": writes[index].record_id,
+                 **payload} for index, payload in pending]}
+            answer = self._call(lambda sf: rest(sf, "composite/sobjects", method="PATCH",
+                                                      json=body), "sObject Collections update")
+            if not isinstance(answer, list) or len(answer) != len(pending):
+                raise ConnectionFailed(f"sObject Collections update on {self._object}: expected "
+                                       f"{len(pending)} results, got "
+                                       f"{len(answer) if isinstance(answer, list) else answer!r}")
+            locked = []
+            # Results come in request order; a failed record's result has no id.
+            for (index, payload), result in zip(pending, answer, strict=True):
+                record_id = writes[index].record_id
+                if result.get("success"):
+                    results[index] = WriteResult(record_id, True)
+                    continue
+                errors = result.get("errors") or [{}]
+                code = str(errors[0].get("statusCode") or "UNKNOWN_ERROR")
+                message = "; ".join(str(e.get("message", "")) for e in errors) or code
+                results[index] = WriteResult(record_id, False, message, code,
+                                             permanent=code in PERMANENT_RECORD_CODES)
+                if code in TRANSIENT_RECORD_CODES:
+                    locked.append((index, payload))
+            pending = locked
+            if pending:
+                raise _RowsLocked(f"{len(pending)} record(s) locked (UNABLE_TO_LOCK_ROW)")
+
+        try:
+            self._policy.run(attempt, f"sObject Collections update on {self._object}")
+        except ConnectionFailed as exc:
+            if not isinstance(exc.__cause__, _RowsLocked):
+                raise
+            # Still locked after the policy's attempts: their results say so, not permanent.
+
+    def apply_bulk(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        """Any number of writes; from `bulk_write_threshold` on, Bulk API 2.0 update jobs.
+
+        Below the threshold this is `apply` in batches of 200. Results are one per write,
+        in order. Records the job reports locked are retried through sObject Collections;
+        records a failed or aborted job never processed come back ok=False, not permanent.
+        """
+        if len(writes) < self._settings.bulk_write_threshold:
+            return [result for batch in _batched(writes, COLLECTION_LIMIT)
+                    for result in self.apply(batch)]
+        results: list[WriteResult | None] = [None] * len(writes)
+        payloads = self._payloads(writes, results)
+        order = {name: None for name in self._mapped.values()}
+        for chunk in _batched(payloads, BULK_JOB_LIMIT):
+            used = [n for n in order if any(n in payload for _, payload in chunk)]
+            rows = [{"Id": writes[index].record_id,
+                     **{n: self._csv_cell(payload[n]) if n in payload else "" for n in used}}
+                    for index, payload in chunk]
+            outcome = self._bulk.update(self._object, ["Id", *used], rows)
+            self._take_outcome(outcome, writes, chunk, results)
+        retry = [index for index, result in enumerate(results)
+                 if result is not None and result.code in TRANSIENT_RECORD_CODES]
+        for batch in _batched(retry, COLLECTION_LIMIT):
+            for index, result in zip(batch, self.apply([writes[i] for i in batch]), strict=True):
+                results[index] = result
+        return [r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
+                for r, w in zip(results, writes, strict=True)]
+
+    @staticmethod
+    def _csv_cell(value: str | bool | None) -> str:
+        if value is None:
+            return NULL
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value
+
+    def _take_outcome(self, outcome: IngestOutcome, writes: Sequence[WriteRequest],
+                      chunk: Sequence[tuple[int, Mapping[str, object]]],
+                      results: list[WriteResult | None]) -> None:
+        for index, _ in chunk:
+            record_id = writes[index].record_id
+            if record_id in outcome.failed:
+                code, message = outcome.failed[record_id]
+                results[index] = WriteResult(record_id, False, message, code,
+                                             permanent=code in PERMANENT_RECORD_CODES)
+            elif record_id in outcome.succeeded:
+                results[index] = WriteResult(record_id, True)
+            else:
+                detail = f": {outcome.error_message}" if outcome.error_message else ""
+                results[index] = WriteResult(
+                    record_id, False, f"not processed by Bulk API 2.0 job {outcome.job_id} "
+                    f"({outcome.state}{detail})", "UNPROCESSED")
+
+    # ---- the rest ---------------------------------------------------------------------------
+
+    def usage(self) -> Mapping[str, int | str | None]:
+        used, limit = self._usage if self._usage else (None, None)
+        return {"api_calls": self._calls, "api_usage_used": used, "api_usage_max": limit}
+
+    def close(self) -> None:
+        self._session.hooks["response"] = [hook for hook in self._session.hooks["response"]
+                                           if hook != self._observe]
+        if self._owns_session:
+            self._session.close()
+        self._client = None
+
+
+__all__ = ["SalesforceConnector", "format_datetime", "parse_datetime"]
