@@ -37,11 +37,12 @@ class Clock:
         return self.now
 
 
-def loaded(store_url: str) -> LoadedConfig:
+def loaded(store_url: str, **salesforce: Any) -> LoadedConfig:
     raw: dict[str, Any] = {
         "store": {"url": store_url},
         "crm": {"kind": "salesforce"},
-        "salesforce": {"auth": "password", "username": USER, "instance_url": INSTANCE},
+        "salesforce": {"auth": "password", "username": USER, "instance_url": INSTANCE,
+                       **salesforce},
         "mapping": {"object": "Contact", "phone_fields": ["MobilePhone", "Phone"],
                     "fields": {"opt_in": "WhatsApp_Opt_In__c",
                                "opt_in_date": "WhatsApp_Opt_In_Date__c",
@@ -156,3 +157,18 @@ def test_daily_limit_mid_run_then_the_next_run_finishes_and_loses_nothing(
 
     quiet = run_once(cfg, connector=connector(cfg), engine=engine, clock=lambda: NOW)
     assert quiet.writes_sent == 0 and quiet.revocations == 0
+
+
+def test_large_backlog_goes_through_one_bulk_job(
+        engine: Engine, store_url: str, fake: FakeSalesforce, org_clock: Clock) -> None:
+    """At or above bulk_write_threshold the run hands the backlog to a Bulk API 2.0 job."""
+    cfg = loaded(store_url, bulk_write_threshold=400)
+    ids = populate(fake, org_clock)
+    deliver_stops(engine, cfg)
+    report = run_once(cfg, connector=connector(cfg), engine=engine, clock=lambda: NOW)
+    assert (report.writes_sent, report.writes_failed) == (STOPS, 0)
+    assert fake.collection_calls == 0
+    assert fake.count("POST", "/jobs/ingest") == 1
+    assert revoked(fake, ids) == list(range(0, CONTACTS, 10))
+    with engine.connect() as connection:
+        assert outbox_store.count(connection, cfg.settings.crm_name) == 0

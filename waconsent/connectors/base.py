@@ -48,3 +48,14 @@ class CrmConnector(Protocol):
 
     def close(self) -> None:
         """Release sessions and pools."""
+
+
+@runtime_checkable
+class BulkWriter(Protocol):
+    """A CRM with a bulk path for large write sets (Salesforce Bulk API 2.0)."""
+
+    #: from this many queued writes on, the run hands them to `apply_bulk` in one go
+    bulk_write_threshold: int
+
+    def apply_bulk(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        """Any number of writes; one result per request, same order."""

@@ -198,6 +198,7 @@ class SalesforceConnector:
         self._session = session or requests.Session()
         self._session.hooks["response"].append(self._observe)
         self._client: Salesforce | None = None
+        self.bulk_write_threshold = settings.bulk_write_threshold
         self._described: dict[str, FieldDescription] | None = None
         self._calls = 0
         self._usage: tuple[int, int] | None = None

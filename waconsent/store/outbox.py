@@ -85,22 +85,22 @@ def sendable(connection: Connection, crm: str, after_id: int = 0, priority: int 
             for r in rows]
 
 
-def settle(connection: Connection, batch: Sequence[QueuedWrite],
-           results: Sequence[WriteResult]) -> None:
+def settle(connection: Connection, outcomes: Sequence[tuple[QueuedWrite, WriteResult]]) -> None:
     """Confirmed rows leave the outbox; failed rows stay with their error and attempt count."""
-    by_record = {r.record_id: r for r in results}
-    confirmed = [q.outbox_id for q in batch if by_record.get(q.record_id, _MISSING).ok]
-    if confirmed:
-        connection.execute(delete(outbox).where(outbox.c.id.in_(confirmed)))
-    for queued in batch:
-        result = by_record.get(queued.record_id, _MISSING)
+    confirmed = [queued.outbox_id for queued, result in outcomes if result.ok]
+    for start in range(0, len(confirmed), _CHUNK):
+        connection.execute(delete(outbox).where(outbox.c.id.in_(confirmed[start:start + _CHUNK])))
+    for queued, result in outcomes:
         if not result.ok:
             connection.execute(update(outbox).where(outbox.c.id == queued.outbox_id).values(
                 attempts=queued.attempts + 1, last_error=result.error[:2000],
                 error_code=result.code[:100] or None, permanent=result.permanent))
 
 
-_MISSING = WriteResult("", False, "the CRM returned no result for this record", "NO_RESULT")
+def count_sendable(connection: Connection, crm: str) -> int:
+    return int(connection.execute(
+        select(func.count()).select_from(outbox)
+        .where(outbox.c.crm == crm, outbox.c.permanent.is_(False))).scalar_one())
 
 
 def pending(connection: Connection, crm: str) -> Iterator[Any]:

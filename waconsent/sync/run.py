@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 
 from waconsent.config import LoadedConfig
 from waconsent.connectors import CrmConnector, open_crm
+from waconsent.connectors.base import BulkWriter
 from waconsent.domain import (
     PROOF_MISSING,
     CrmRecord,
@@ -39,7 +40,7 @@ from waconsent.domain import (
     jsonable,
     to_second,
 )
-from waconsent.errors import FatalError, WaconsentError
+from waconsent.errors import WaconsentError
 from waconsent.phones import mask, user_id_key
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
@@ -349,10 +350,20 @@ def _note_number_changes(context: _Context, after_id: int, upto_id: int) -> None
         connection.rollback()
 
 
+BULK_CHUNK = 100_000  # outbox rows handed to one bulk call; memory stays bounded
+
+
 def _send_outbox(context: _Context) -> None:
-    """Send queued writes in (priority, age) order, one connector batch at a time."""
+    """Send queued writes in (priority, age) order; big backlogs go the connector's bulk way."""
     connector = context.connector
     size = max(1, connector.write_batch_size)
+    send = connector.apply
+    if isinstance(connector, BulkWriter):
+        with context.engine.connect() as connection:
+            backlog = outbox_store.count_sendable(connection, context.crm)
+            connection.rollback()
+        if backlog >= connector.bulk_write_threshold:
+            size, send = max(size, min(backlog, BULK_CHUNK)), connector.apply_bulk
     cursor = (0, 0)  # (priority, id) of the last row handled, so failed rows are not re-tried
     while True:
         with context.engine.connect() as connection:
@@ -362,23 +373,29 @@ def _send_outbox(context: _Context) -> None:
         if not batch:
             return
         cursor = (batch[-1].priority, batch[-1].outbox_id)
-        requests = [WriteRequest(q.record_id, q.values()) for q in batch]
-        try:
-            results = connector.apply(requests)
-        except FatalError:
-            raise  # the outbox keeps the batch; the next run sends it first
-        _settle(context, batch, results)
+        results = send([WriteRequest(q.record_id, q.values()) for q in batch])
+        _settle(context, _pair(batch, results))
 
 
-def _settle(context: _Context, batch: Sequence[outbox_store.QueuedWrite],
-            results: Sequence[WriteResult]) -> None:
+def _pair(batch: Sequence[outbox_store.QueuedWrite], results: Sequence[WriteResult]
+          ) -> list[tuple[outbox_store.QueuedWrite, WriteResult]]:
+    """Results come one per request in order; a short or mismatched answer is a failure."""
+    pairs = []
+    for index, queued in enumerate(batch):
+        result = results[index] if index < len(results) else None
+        if result is None or result.record_id != queued.record_id:
+            result = WriteResult(queued.record_id, False, "the CRM returned no result for "
+                                 "this record", "NO_RESULT")
+        pairs.append((queued, result))
+    return pairs
+
+
+def _settle(context: _Context,
+            outcomes: Sequence[tuple[outbox_store.QueuedWrite, WriteResult]]) -> None:
     report = context.report
-    now = context.clock()
-    by_record = {r.record_id: r for r in results}
     entries = []
-    for queued in batch:
-        result = by_record.get(queued.record_id)
-        if result is not None and result.ok:
+    for queued, result in outcomes:
+        if result.ok:
             report.writes_sent += 1
             entries.append(evidence_store.EvidenceEntry(
                 kind="write", record_id=queued.record_id,
@@ -386,13 +403,11 @@ def _settle(context: _Context, batch: Sequence[outbox_store.QueuedWrite],
                       "run_id": context.run_id, "changes": list(queued.changes)}))
         else:
             report.writes_failed += 1
-            report.note(report.write_errors, {
-                "record_id": queued.record_id,
-                "code": result.code if result else "NO_RESULT",
-                "error": result.error if result else "the CRM returned no result"})
+            report.note(report.write_errors, {"record_id": queued.record_id,
+                                              "code": result.code, "error": result.error})
     with context.engine.begin() as connection:
-        outbox_store.settle(connection, batch, results)
-        evidence_store.append(connection, entries, now)
+        outbox_store.settle(connection, outcomes)
+        evidence_store.append(connection, entries, context.clock())
 
 
 def _finish(context: _Context, full: bool, marks: run_store.Watermarks,
