@@ -34,7 +34,30 @@ def test_migrations_create_every_table_from_empty(engine: Engine) -> None:
             "locks", "alembic_version"} <= names
     with engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() \
-            == "0001"
+            == "0002"
+
+
+def test_upgrade_from_first_revision_keeps_data(store_url: str) -> None:
+    """A store at revision 0001 upgrades in place on first use and keeps its rows."""
+    from alembic import command
+
+    from waconsent.store.engine import _alembic_config
+
+    bare = open_engine(store_url, run_migrations=False)
+    config = _alembic_config()
+    with bare.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    with bare.begin() as connection:
+        event_store.ingest(connection, stop_events(2), "test", NOW)
+    bare.dispose()
+    upgraded = open_engine(store_url)
+    indexes = {ix["name"] for ix in inspect(upgraded).get_indexes("contacts")}
+    assert "ix_contacts_modified_id" in indexes and "ix_contacts_modified_at" not in indexes
+    with upgraded.connect() as connection:
+        assert event_store.newest_id(connection) == 2
+        assert evidence_store.verify(connection) == []
+    upgraded.dispose()
 
 
 def test_reopening_is_a_no_op(store_url: str) -> None:

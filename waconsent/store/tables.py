@@ -123,7 +123,8 @@ contacts = Table(
     Column("session_expires", UTC_DATETIME),
     Column("proof_missing", Boolean),
     Column("whatsapp_user_id", String(140)),
-    Column("modified_at", UTC_DATETIME, nullable=False, index=True),
+    Column("modified_at", UTC_DATETIME, nullable=False),
+    Index("ix_contacts_modified_id", "modified_at", "id"),
 )
 
 runs = Table(
