@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+from datetime import UTC, datetime
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from waconsent.domain import CrmRecord, Event, EventKind, Signal
 from waconsent.phones import UnparseablePhone, mask, phone_key, wa_id_key
-from waconsent.sync.matching import record_keys
+from waconsent.sync.matching import event_keys, record_keys
+from waconsent.sync.rules import decide
 
 
 @pytest.mark.parametrize("raw", ["0151 23456789", "+49 (0)151-234 567 89", "004915123456789",
@@ -66,3 +72,37 @@ def test_injection_shaped_phone_is_just_junk() -> None:
 def test_mask_keeps_last_three() -> None:
     """Masked numbers keep only their last three characters."""
     assert mask("+4915123456789") == "***********789"
+
+
+# ---- property: a revocation reaches every record carrying the number -------------------------
+
+SPELLINGS = ("0151 {a} {b}", "+49 151 {a}{b}", "0049151{a}{b}", "+49 (0)151-{a}-{b}",
+             "0151/{a}{b}", "+49151{a}{b}")
+NUMBER_A, NUMBER_B = ("2345", "6789"), ("9876", "5432")
+
+
+def spelled(number: tuple[str, str], style: int) -> str:
+    return SPELLINGS[style % len(SPELLINGS)].format(a=number[0], b=number[1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.sampled_from(["m", "p"])),
+                min_size=1, max_size=12))
+def test_revocation_reaches_every_record_with_the_number(
+        shapes: list[tuple[bool, int, str]]) -> None:
+    """Whatever the spelling or phone field, every record with the STOP's number is revoked,
+    and no record without it is touched."""
+    stop = Event(key="msg:wamid.S", kind=EventKind.MESSAGE,
+                 occurred_at=datetime(2026, 11, 27, tzinfo=UTC), wa_id="4915123456789",
+                 message_id="wamid.S", signal=Signal.OPT_OUT, keyword="STOP", opens_session=True)
+    stop_keys = set(event_keys(stop))
+    for index, (carries, style, field) in enumerate(shapes):
+        number = spelled(NUMBER_A if carries else NUMBER_B, style)
+        phones = {"MobilePhone": number if field == "m" else None,
+                  "Phone": number if field == "p" else "0170 1112233"}
+        keys = record_keys(f"R{index}", phones, None, "DE")
+        matched = [stop] if keys.key_set & stop_keys else []
+        record = CrmRecord(f"R{index}", {"opt_in": True}, phones)
+        changes = {c.field: c.new for c in decide(record, matched, {"opt_in", "opt_out_date"},
+                                                  datetime(2026, 11, 28, tzinfo=UTC)).changes}
+        assert (changes.get("opt_in") is False) is carries
