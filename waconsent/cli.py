@@ -500,6 +500,46 @@ def verify_ledger(ctx: click.Context) -> None:
 @main.command()
 @click.pass_context
 @guarded
+def check(ctx: click.Context) -> None:
+    """Validate the config, connect, and check every mapped field against the CRM's metadata."""
+    from waconsent.config.check import check_mapping
+    from waconsent.connectors import open_crm
+
+    loaded = _config(ctx)
+    settings = loaded.settings
+    out.print(f"configuration {loaded.path}: valid")
+    engine = _engine(loaded)
+    try:
+        out.print(f"store {engine.url.render_as_string(hide_password=True)}: reachable, migrated")
+        connector = open_crm(loaded, engine)
+        try:
+            described = connector.describe_fields()
+        finally:
+            connector.close()
+    finally:
+        engine.dispose()
+    phones = () if settings.crm.kind == "ledger" else settings.mapping.phone_fields
+    checks = check_mapping(settings.mapped_fields(), phones, described)
+    table = Table(title=f"{settings.crm.kind}: {len(described)} fields described")
+    for column in ("logical", "CRM field", "type", "verdict"):
+        table.add_column(column)
+    for item in checks:
+        table.add_row(item.logical, item.crm_field, item.crm_type or "",
+                      "ok" if item.ok else f"[red]{item.problem}[/]")
+    out.print(table)
+    for name in ("WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"):
+        if loaded.secrets.get(name) is None:
+            out.print(f"note: {name} is not set; `waconsent webhook` will refuse to start")
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise ConfigError([f"mapping {c.logical} -> {c.crm_field}: {c.problem}"
+                           for c in failed], source=str(loaded.path))
+    out.print("all mapped fields exist, fit their types and are updateable")
+
+
+@main.command()
+@click.pass_context
+@guarded
 def webhook(ctx: click.Context) -> None:
     """Serve the WhatsApp webhook alone (handshake + signed deliveries)."""
     from waconsent.web import serve
