@@ -28,12 +28,13 @@ _CHUNK = 500
 
 
 def _row_to_record(row: Any) -> CrmRecord:
+    values = row._mapping
     return CrmRecord(
-        record_id=row.id,
-        fields={name: getattr(row, name) for name in domain.LOGICAL_FIELDS},
-        phones={name: getattr(row, name) for name in PHONE_FIELDS},
-        modified_at=row.modified_at,
-        name=row.name,
+        record_id=values["id"],
+        fields={name: values[name] for name in domain.LOGICAL_FIELDS},
+        phones={name: values[name] for name in PHONE_FIELDS},
+        modified_at=values["modified_at"],
+        name=values["name"],
     )
 
 

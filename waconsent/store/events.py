@@ -82,13 +82,17 @@ def _evidence_body(event: Event, source: str) -> dict[str, Any]:
             "new_wa_id": event.new_wa_id, "source": source}
 
 
+_KINDS = {kind.value: kind for kind in EventKind}
+_SIGNALS = {signal.value: signal for signal in Signal}
+
+
 def to_event(row: Row[Any]) -> Event:
     return Event(
-        key=row.key, kind=EventKind(row.kind), occurred_at=row.occurred_at,
+        key=row.key, kind=_KINDS[row.kind], occurred_at=row.occurred_at,
         wa_id=row.wa_id, user_id=row.user_id, message_id=row.message_id,
         message_type=row.message_type, status=row.status,
         error_codes=tuple(int(c) for c in row.error_codes.split(",")) if row.error_codes else (),
-        signal=Signal(row.signal), keyword=row.keyword, opens_session=row.opens_session,
+        signal=_SIGNALS[row.signal], keyword=row.keyword, opens_session=row.opens_session,
         window_expires_at=row.window_expires_at, referral_source_id=row.referral_source_id,
         new_wa_id=row.new_wa_id, detail=row.detail,
     )

@@ -25,9 +25,7 @@ class RecordKeys:
     keys: tuple[tuple[str, str], ...]
     problems: tuple[PhoneProblem, ...] = ()
 
-    @property
-    def key_set(self) -> frozenset[str]:
-        return frozenset(key for _, key in self.keys)
+    key_set: frozenset[str] = frozenset()
 
 
 def record_keys(record_id: str, phones: Mapping[str, str | None], user_id: str | None,
@@ -50,7 +48,8 @@ def record_keys(record_id: str, phones: Mapping[str, str | None], user_id: str |
     uid = user_id_key(user_id)
     if uid:
         keys.append(("whatsapp_user_id", uid))
-    return RecordKeys(record_id, tuple(dict.fromkeys(keys)), tuple(problems))
+    unique = tuple(dict.fromkeys(keys))
+    return RecordKeys(record_id, unique, tuple(problems), frozenset(key for _, key in unique))
 
 
 def event_keys(event: Event) -> tuple[str, ...]:

@@ -165,8 +165,12 @@ def decide(record: CrmRecord, events: Sequence[Event], mapped: Collection[str],
            now: datetime) -> Decision:
     """Every rule of SPEC section 5 for one record; `mapped` limits what may be written."""
     fields = record.fields
-    consent, conflicts = _consent_targets(fields, events)
-    targets = {**consent, **_session_targets(fields, events), **_user_id_target(fields, events)}
+    targets: dict[str, tuple[FieldValue, str]] = {}
+    conflicts: list[str] = []
+    if events:  # most records of an org have no WhatsApp activity: only proof applies
+        consent, conflicts = _consent_targets(fields, events)
+        targets = {**consent, **_session_targets(fields, events),
+                   **_user_id_target(fields, events)}
     after = {**fields, **{name: value for name, (value, _) in targets.items()}}
     proof_missing = after.get(OPT_IN) is True and bool(proof_gaps(after))
     if (fields.get(PROOF_MISSING) is True) != proof_missing:

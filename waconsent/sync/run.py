@@ -111,8 +111,7 @@ class _Context:
     dry_run: bool
     on_decision: DecisionSink | None
     mapped: frozenset[str]
-    seen_ids: set[str] = field(default_factory=set)
-    seen_keys: set[str] = field(default_factory=set)
+    seen_keys: set[str] = field(default_factory=set)  # dry runs only (they write no index)
     newest_modified: datetime | None = None
 
 
@@ -220,8 +219,7 @@ def _process_chunk(context: _Context, chunk: list[CrmRecord]) -> None:
     settings = context.config.settings
     report = context.report
     now = context.clock()
-    fresh = [r for r in chunk if r.record_id not in context.seen_ids]
-    context.seen_ids.update(r.record_id for r in fresh)
+    fresh = list({r.record_id: r for r in chunk}.values())
     fresh_ids = [r.record_id for r in fresh]
     with context.engine.connect() as connection:
         known = phone_index.known_keys(connection, context.crm, fresh_ids)
@@ -241,7 +239,8 @@ def _process_chunk(context: _Context, chunk: list[CrmRecord]) -> None:
                                                 "field": problem.field,
                                                 "value": problem.masked_value,
                                                 "reason": problem.reason})
-        context.seen_keys.update(keys.key_set)
+        if context.dry_run:
+            context.seen_keys.update(keys.key_set)
         events = _events_of(keys, found)
         report.events_considered += len(events)
         decision = rules.decide(record, events, context.mapped, now)
