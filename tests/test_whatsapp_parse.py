@@ -272,3 +272,12 @@ def test_conformance_known_meanings() -> None:
     assert failed.error_codes == (131049,) and failed.signal is Signal.NONE
     plain = parse_payload(by_name["meta-docs-examples/text_message.json"]).events[0]
     assert plain.signal is Signal.NONE and plain.opens_session
+
+
+def test_oversized_identifiers_and_nul_bytes() -> None:
+    """An item with an absurdly long id is skipped by location; NUL bytes are stripped."""
+    long_id = p.message("4915123456789", T0, "STOP", message_id="wamid." + "x" * 300)
+    nul = p.message("4915123456789\x00", T0, "STOP")
+    parsed = parse_payload(p.payload(long_id, nul), KEYWORDS)
+    assert [e.wa_id for e in parsed.events] == ["4915123456789"]
+    assert parsed.skipped[0].reason == "message_id longer than 200 characters"

@@ -82,7 +82,8 @@ def _setup_logging(verbose: bool) -> None:
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """Keep WhatsApp consent in the CRM true and provable."""
-    _setup_logging(verbose)
+    if ctx.invoked_subcommand != "webhook":  # the receiver sets up its own JSON logging
+        _setup_logging(verbose)
     ctx.obj = config_path
 
 

@@ -28,11 +28,13 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import signal
 import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -117,8 +119,9 @@ class _Receiver:
                 and hmac.compare_digest(token, self.verify_token)):
             log_event("webhook.verified")
             return PlainTextResponse(challenge)
-        log_event("webhook.verification_refused", logging.WARNING,
-                  mode=params.get("hub.mode"), token_given="hub.verify_token" in params)
+        log_event("webhook.verification_refused", logging.WARNING,  # no values: any text
+                  subscribe=params.get("hub.mode") == "subscribe",
+                  token_given="hub.verify_token" in params, challenge_given=challenge is not None)
         return PlainTextResponse("verification refused", status_code=403)
 
     async def deliver(self, request: Request) -> Response:
@@ -143,11 +146,13 @@ class _Receiver:
     async def _read_body(self, request: Request) -> bytes | Response:
         """The raw bytes, or a refusal as soon as they are known to be too many."""
         declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
+        if declared is not None:  # uvicorn has already refused a malformed one
+            try:
+                length = int(declared)
+            except ValueError:
                 return PlainTextResponse("bad Content-Length", status_code=400)
-            if int(declared) > self.max_body:
-                return self._too_large(int(declared))
+            if length > self.max_body:
+                return self._too_large(length)
         body = bytearray()
         try:
             async for chunk in request.stream():
@@ -308,11 +313,11 @@ def uvicorn_config(app: ASGIApp, config: LoadedConfig) -> uvicorn.Config:
         lifespan="off",
         timeout_keep_alive=30,     # Meta reuses connections between deliveries
         timeout_graceful_shutdown=10,
-        log_config=None,           # leave logging set-up to the caller (see _ensure_logging)
+        log_config=None,           # leave logging set-up to the caller (see ensure_logging)
     )
 
 
-def _ensure_logging() -> None:
+def ensure_logging() -> None:
     """Print INFO events to stderr when nobody (the CLI, a test) configured logging."""
     root = logging.getLogger()
     package = logging.getLogger("waconsent")
@@ -328,25 +333,50 @@ def _ensure_logging() -> None:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The listening socket; FatalError (exit 3) when the address is taken or not ours."""
+    """The listening socket; FatalError (exit 3) when the address is taken or not ours.
+
+    Bound here rather than by uvicorn so that a taken port is a waconsent error, not
+    uvicorn's `sys.exit(1)`. The protocol is named (IPPROTO_TCP) and TCP_NODELAY set on the
+    listener, which accepted connections inherit: asyncio only disables Nagle on sockets
+    whose `proto` says TCP, and with Nagle on, keep-alive deliveries wait ~40 ms for the
+    client's delayed ACK (`socket.create_server` leaves `proto` 0).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
     except OSError as exc:
+        sock.close()
         raise FatalError(f"cannot listen on {host}:{port} ([webhook] host/port): "
                          f"{exc.strerror or exc}") from None
+    return sock
+
+
+class _Stopped(Exception):
+    """SIGTERM, turned into an exception so that serve() returns like it does for Ctrl-C."""
+
+
+def _stop(_signum: int, _frame: FrameType | None) -> None:
+    raise _Stopped
 
 
 def serve(config: LoadedConfig) -> None:
-    """Run the receiver on `[webhook] host:port` until stopped (SIGINT or SIGTERM).
+    """Run the receiver on `[webhook] host:port` until stopped by SIGINT or SIGTERM.
 
     Raises ConfigError without the two WhatsApp secrets, FatalError when the address
-    is taken or the store cannot be opened; returns after a graceful stop.
+    is taken or the store cannot be opened. On either signal uvicorn finishes the requests
+    in flight (10 s at most) and this returns: uvicorn re-raises the signal once it has
+    stopped, and the handler installed here turns SIGTERM into a return instead of death.
     """
     webhook_secrets(config)  # refuse before opening anything
-    _ensure_logging()
+    ensure_logging()
     webhook = config.settings.webhook
     sock = listen(webhook.host, webhook.port)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if in_main_thread else None
     engine: Engine | None = None
     try:
         engine = open_engine(config.settings.store.url)
@@ -355,9 +385,11 @@ def serve(config: LoadedConfig) -> None:
                   path=webhook.path, store=engine.dialect.name,
                   max_body_bytes=webhook.max_body_bytes)
         uvicorn.Server(uvicorn_config(app, config)).run(sockets=[sock])
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped):
         pass
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         sock.close()
         if engine is not None:
             engine.dispose()

@@ -134,10 +134,10 @@ def _parse_item(location: str, item: Any, value: Mapping[str, Any],
         raise _Skip("item is not an object")
     section = location.rsplit(".", 1)[1].split("[", 1)[0]
     if section == "messages":
-        return _message(item, value, keywords)
+        return _within_limits(_message(item, value, keywords))
     if section == "statuses":
-        return _status(item, value)
-    return _preference(item, value)
+        return _within_limits(_status(item, value))
+    return _within_limits(_preference(item, value))
 
 
 def _time(item: Mapping[str, Any]) -> datetime:
@@ -156,8 +156,23 @@ def _time(item: Mapping[str, Any]) -> datetime:
 def _str(value: Any) -> str | None:
     if value is None or isinstance(value, (Mapping, list)):
         return None
-    text = str(value).strip()
+    text = str(value).replace("\x00", "").strip()
     return text or None
+
+
+# Longest plausible value of each identifier Meta sends (with room to spare); longer is
+# garbage, and the item is skipped rather than failing the whole delivery in the store.
+FIELD_LIMITS = {"wa_id": 64, "user_id": 128, "message_id": 200, "message_type": 64,
+                "status": 32, "keyword": 100, "referral_source_id": 200, "new_wa_id": 64,
+                "detail": 200, "key": 300}
+
+
+def _within_limits(event: Event) -> Event:
+    for name, limit in FIELD_LIMITS.items():
+        value = getattr(event, name)
+        if isinstance(value, str) and len(value) > limit:
+            raise _Skip(f"{name} longer than {limit} characters")
+    return event
 
 
 def _user_id_for(wa_id: str | None, value: Mapping[str, Any]) -> str | None:

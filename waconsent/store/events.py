@@ -54,7 +54,8 @@ def ingest(connection: Connection, batch: Sequence[Event], source: str,
     Deduplication is the unique constraint's job, so concurrent identical
     deliveries store one row however they interleave.
     """
-    unique = list({event.key: event for event in batch}.values())
+    # key order: two deliveries with overlapping keys lock rows in the same order (no deadlock)
+    unique = sorted({event.key: event for event in batch}.values(), key=lambda e: e.key)
     stored_keys: set[str] = set()
     for start in range(0, len(unique), _CHUNK):
         chunk = unique[start:start + _CHUNK]
