@@ -82,7 +82,7 @@ def _setup_logging(verbose: bool) -> None:
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """Keep WhatsApp consent in the CRM true and provable."""
-    if ctx.invoked_subcommand != "webhook":  # the receiver sets up its own JSON logging
+    if ctx.invoked_subcommand not in ("webhook", "serve"):  # the receiver logs JSON itself
         _setup_logging(verbose)
     ctx.obj = config_path
 
@@ -546,3 +546,14 @@ def webhook(ctx: click.Context) -> None:
     from waconsent.web import serve
 
     serve(_config(ctx))
+
+
+@main.command()
+@click.pass_context
+@guarded
+def serve(ctx: click.Context) -> None:
+    """Webhook receiver plus scheduler (nightly full, incremental every N minutes); a
+    revocation arriving by webhook is written back to every record of its number at once."""
+    from waconsent.service import serve as serve_all
+
+    serve_all(_config(ctx))

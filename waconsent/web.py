@@ -363,13 +363,15 @@ def _stop(_signum: int, _frame: FrameType | None) -> None:
     raise _Stopped
 
 
-def serve(config: LoadedConfig) -> None:
+def serve(config: LoadedConfig, *, engine: Engine | None = None,
+          on_ingest: OnIngest | None = None) -> None:
     """Run the receiver on `[webhook] host:port` until stopped by SIGINT or SIGTERM.
 
     Raises ConfigError without the two WhatsApp secrets, FatalError when the address
     is taken or the store cannot be opened. On either signal uvicorn finishes the requests
     in flight (10 s at most) and this returns: uvicorn re-raises the signal once it has
     stopped, and the handler installed here turns SIGTERM into a return instead of death.
+    `waconsent serve` passes its own engine (it keeps it) and an `on_ingest` hook.
     """
     webhook_secrets(config)  # refuse before opening anything
     ensure_logging()
@@ -377,10 +379,10 @@ def serve(config: LoadedConfig) -> None:
     sock = listen(webhook.host, webhook.port)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if in_main_thread else None
-    engine: Engine | None = None
+    own_engine = engine is None
     try:
-        engine = open_engine(config.settings.store.url)
-        app = create_app(config, engine)
+        engine = engine or open_engine(config.settings.store.url)
+        app = create_app(config, engine, on_ingest=on_ingest)
         log_event("webhook.starting", host=webhook.host, port=sock.getsockname()[1],
                   path=webhook.path, store=engine.dialect.name,
                   max_body_bytes=webhook.max_body_bytes)
@@ -391,6 +393,6 @@ def serve(config: LoadedConfig) -> None:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
         sock.close()
-        if engine is not None:
+        if own_engine and engine is not None:
             engine.dispose()
         log_event("webhook.stopped")

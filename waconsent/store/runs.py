@@ -80,10 +80,14 @@ class Watermarks:
 
 
 def last_watermarks(connection: Connection, crm: str) -> Watermarks:
-    """From the newest run that finished its write-back (ok or partial)."""
+    """From the newest full or incremental run that finished its write-back (ok or partial).
+
+    Targeted runs (a webhook revocation's immediate write-back) carry no watermarks.
+    """
     row = connection.execute(
         select(runs.c.record_watermark, runs.c.event_watermark)
-        .where(runs.c.crm == crm, runs.c.status.in_(("ok", "partial")))
+        .where(runs.c.crm == crm, runs.c.status.in_(("ok", "partial")),
+               runs.c.record_watermark.is_not(None))
         .order_by(runs.c.id.desc()).limit(1)).first()
     if row is None:
         return Watermarks(None, 0)

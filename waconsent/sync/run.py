@@ -17,7 +17,7 @@ A run killed anywhere leaves every decided write either confirmed or queued.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import chain, islice
@@ -117,8 +117,14 @@ class _Context:
 
 def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
              connector: CrmConnector | None = None, engine: Engine | None = None,
-             clock: Clock | None = None, on_decision: DecisionSink | None = None) -> RunReport:
-    """The one entry point of the CLI, the scheduler and the webhook's targeted write-back."""
+             clock: Clock | None = None, on_decision: DecisionSink | None = None,
+             only_keys: Collection[str] | None = None) -> RunReport:
+    """The one entry point of the CLI, the scheduler and the webhook's targeted write-back.
+
+    `only_keys` makes a *targeted* run: only the records the phone index knows for those
+    match keys are read, decided and written; watermarks do not move, so the next
+    scheduled run still sees everything it would have seen.
+    """
     clock = clock or (lambda: datetime.now(UTC))
     settings = config.settings
     own_engine = engine is None
@@ -126,7 +132,7 @@ def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
     own_connector = connector is None
     try:
         connector = connector or open_crm(config, engine)
-        return _run(config, engine, connector, clock, full, dry_run, on_decision)
+        return _run(config, engine, connector, clock, full, dry_run, on_decision, only_keys)
     finally:
         if own_connector and connector is not None:
             connector.close()
@@ -135,15 +141,18 @@ def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
 
 
 def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: Clock,
-         full: bool, dry_run: bool, on_decision: DecisionSink | None) -> RunReport:
+         full: bool, dry_run: bool, on_decision: DecisionSink | None,
+         only_keys: Collection[str] | None) -> RunReport:
     settings = config.settings
     crm = settings.crm_name
     with engine.connect() as connection:
         marks = run_store.last_watermarks(connection, crm)
         event_upto = event_store.newest_id(connection)
         connection.rollback()
-    full = full or marks.records is None
-    report = RunReport(mode="full" if full else "incremental", dry_run=dry_run)
+    targeted = only_keys is not None
+    full = not targeted and (full or marks.records is None)
+    mode = "targeted" if targeted else "full" if full else "incremental"
+    report = RunReport(mode=mode, dry_run=dry_run)
     connector.preflight()
     holder = run_store.node_identity()
     if not dry_run:
@@ -155,15 +164,17 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
             context.run_id = report.run_id = run_store.start_run(
                 engine, crm, report.mode, holder, clock())
             _send_outbox(context)  # what earlier runs left, revocations first
-        records = _records_to_read(context, full, marks, event_upto)
+        records = (_records_for_keys(context, only_keys) if only_keys is not None
+                   else _records_to_read(context, full, marks, event_upto))
         for chunk in _chunks(records, settings.sync.read_chunk_size):
             _process_chunk(context, chunk)
-        _note_unmatched(context, 0 if full else marks.events, event_upto)
-        _note_number_changes(context, 0 if full else marks.events, event_upto)
+        if not targeted:
+            _note_unmatched(context, 0 if full else marks.events, event_upto)
+            _note_number_changes(context, 0 if full else marks.events, event_upto)
         if not dry_run:
             _send_outbox(context)
             _record_usage(context)
-            _finish(context, full, marks, event_upto)
+            _finish(context, full, None if targeted else marks, event_upto)
         report.status = "dry-run" if dry_run else report.status
     except WaconsentError as exc:
         report.status, report.error = "failed", str(exc)
@@ -174,11 +185,10 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
         _record_usage(context)
         if not dry_run:
             run_store.release_lock(engine, crm, holder)
-    log.info("sync run finished", extra={"run_id": report.run_id, "crm": crm,
-                                         "status": report.status,
-                                         "records_read": report.records_read,
-                                         "writes_sent": report.writes_sent,
-                                         "writes_failed": report.writes_failed})
+    log.info("sync run %s finished: crm=%s mode=%s status=%s records_read=%d revocations=%d "
+             "opt_ins=%d writes_sent=%d writes_failed=%d api_calls=%d", report.run_id, crm,
+             report.mode, report.status, report.records_read, report.revocations,
+             report.opt_ins, report.writes_sent, report.writes_failed, report.api_calls)
     return report
 
 
@@ -186,6 +196,14 @@ def _record_usage(context: _Context) -> None:
     usage = dict(context.connector.usage())
     context.report.api_calls = int(usage.pop("api_calls", 0) or 0)
     context.report.api_usage = usage
+
+
+def _records_for_keys(context: _Context, keys: Collection[str]) -> Iterator[CrmRecord]:
+    with context.engine.connect() as connection:
+        wanted = phone_index.record_ids_for_keys(connection, context.crm, keys)
+        connection.rollback()
+    if wanted:
+        yield from context.connector.read_by_ids(sorted(wanted))
 
 
 def _records_to_read(context: _Context, full: bool, marks: run_store.Watermarks,
@@ -409,20 +427,23 @@ def _settle(context: _Context,
         evidence_store.append(connection, entries, context.clock())
 
 
-def _finish(context: _Context, full: bool, marks: run_store.Watermarks,
+def _finish(context: _Context, full: bool, marks: run_store.Watermarks | None,
             event_upto: int) -> None:
+    """Close the run record; `marks` None (a targeted run) leaves the watermarks where they are."""
     report = context.report
-    newest = context.newest_modified
-    record_mark = max((m for m in (marks.records, newest) if m is not None), default=None)
-    if record_mark is None:
-        record_mark = to_second(context.clock())
     report.status = "partial" if report.writes_failed else "ok"
     counts = {k: v for k, v in report.as_dict().items() if isinstance(v, int)}
+    new_marks = None
+    if marks is not None:
+        newest = context.newest_modified
+        record_mark = max((m for m in (marks.records, newest) if m is not None), default=None)
+        new_marks = run_store.Watermarks(record_mark or to_second(context.clock()),
+                                         max(marks.events, event_upto))
     with context.engine.begin() as connection:
         if full:
             phone_index.drop_unseen(connection, context.crm, context.run_id)
         run_store.finish_run(connection, context.run_id, report.status, context.clock(), counts,
-                             run_store.Watermarks(record_mark, max(marks.events, event_upto)))
+                             new_marks)
 
 
 def _finish_failed(context: _Context, exc: Exception) -> None:

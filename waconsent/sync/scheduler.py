@@ -1,0 +1,130 @@
+"""When runs happen: APScheduler wiring for the scheduled runs, and the revocation dispatcher.
+
+The scheduled jobs and the dispatcher only call the run functions they are given;
+none holds logic of its own. The store's run lock keeps one run per CRM at a time,
+so a job that finds the lock held simply skips (scheduled) or retries (revocation).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Collection
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from waconsent.config.schema import ScheduleConfig
+from waconsent.domain import Event, Signal
+from waconsent.errors import RunLockHeld, WaconsentError
+from waconsent.phones import user_id_key, wa_id_key
+
+log = logging.getLogger("waconsent.scheduler")
+
+
+def _guarded(name: str, job: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            job()
+        except RunLockHeld as exc:
+            log.info("%s skipped: %s", name, exc)
+        except WaconsentError as exc:  # the outbox keeps what was decided; next run resumes
+            log.error("%s failed: %s", name, exc)
+    return run
+
+
+def build_scheduler(schedule: ScheduleConfig, full_run: Callable[[], Any],
+                    incremental_run: Callable[[], Any]) -> BackgroundScheduler:
+    """Nightly full run on the cron expression, incremental every N minutes, never overlapping."""
+    scheduler = BackgroundScheduler(timezone=schedule.timezone)
+    common: dict[str, Any] = {"max_instances": 1, "coalesce": True, "misfire_grace_time": 3600}
+    scheduler.add_job(_guarded("nightly full sync", full_run),
+                      CronTrigger.from_crontab(schedule.nightly, timezone=schedule.timezone),
+                      id="nightly-full", **common)
+    scheduler.add_job(_guarded("incremental sync", incremental_run),
+                      IntervalTrigger(minutes=schedule.incremental_minutes,
+                                      timezone=schedule.timezone),
+                      id="incremental", **common)
+    return scheduler
+
+
+def revocation_keys(events: Collection[Event]) -> set[str]:
+    """The match keys of the opt-outs among freshly stored events."""
+    keys: set[str] = set()
+    for event in events:
+        if event.signal is Signal.OPT_OUT:
+            keys.update(k for k in (wa_id_key(event.wa_id), user_id_key(event.user_id)) if k)
+    return keys
+
+
+class RevocationDispatcher:
+    """Starts a targeted write-back within seconds of a revocation arriving by webhook.
+
+    Keys are gathered for `debounce` seconds so a burst of STOPs becomes one run. When
+    another run holds the lock, the keys are tried again every `retry_after` seconds, up
+    to `attempts` times; past that the next scheduled run handles them (the events are
+    stored, so nothing is lost either way).
+    """
+
+    def __init__(self, run: Callable[[set[str]], Any], *, debounce: float = 0.5,
+                 retry_after: float = 5.0, attempts: int = 60) -> None:
+        self._run = run
+        self._debounce = debounce
+        self._retry_after = retry_after
+        self._attempts = attempts
+        self._queue: queue.Queue[set[str] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="revocations", daemon=True)
+
+    def submit_events(self, events: Collection[Event]) -> None:
+        keys = revocation_keys(events)
+        if keys:
+            self._queue.put(keys)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _drain(self, first: set[str]) -> tuple[set[str], bool]:
+        keys, stopping = set(first), False
+        while True:
+            try:
+                more = self._queue.get(timeout=self._debounce)
+            except queue.Empty:
+                return keys, stopping
+            if more is None:
+                return keys, True
+            keys |= more
+
+    def _work(self) -> None:
+        pending: set[str] = set()
+        failures = 0
+        while True:
+            try:
+                item = self._queue.get(timeout=self._retry_after if pending else None)
+            except queue.Empty:
+                item = set()
+            if item is None:
+                return
+            keys, stopping = self._drain(item | pending)
+            pending = set()
+            try:
+                self._run(keys)
+                failures = 0
+            except RunLockHeld:
+                failures += 1
+                if failures < self._attempts:
+                    pending = keys
+                else:
+                    log.warning("revocation write-back gave up waiting for the run lock; "
+                                "the next scheduled run will send it")
+                    failures = 0
+            except WaconsentError as exc:
+                log.error("revocation write-back failed (queued for the next run): %s", exc)
+            if stopping:
+                return
