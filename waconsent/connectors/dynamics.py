@@ -634,14 +634,7 @@ def _new_session(concurrency: int) -> requests.Session:
 
 def _error_of(response: requests.Response) -> tuple[str, str]:
     """Dataverse's `error.code` and `error.message`; empty strings when the body has none."""
-    try:
-        payload = response.json()
-    except ValueError:
-        return "", ""
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if not isinstance(error, dict):
-        return "", ""
-    return str(error.get("code") or ""), str(error.get("message") or "")
+    return batch.dataverse_error(response.text)
 
 
 def _raise_for(response: requests.Response, kind: str, entity_set: str) -> None:

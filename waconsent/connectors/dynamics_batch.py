@@ -43,14 +43,19 @@ class OperationResult:
 
     def error(self) -> tuple[str, str]:
         """Dataverse's error `code` and `message`, when the body carries them."""
-        try:
-            payload = json.loads(self.body) if self.body else {}
-        except ValueError:
-            return "", ""
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if not isinstance(error, dict):
-            return "", ""
-        return str(error.get("code") or ""), str(error.get("message") or "")
+        return dataverse_error(self.body)
+
+
+def dataverse_error(body: str) -> tuple[str, str]:
+    """`error.code` and `error.message` of a Dataverse error body; empty strings when absent."""
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError:
+        return "", ""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        return "", ""
+    return str(error.get("code") or ""), str(error.get("message") or "")
 
 
 def build(operations: Sequence[Operation], boundary: str | None = None) -> tuple[str, bytes]:
