@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent import domain
@@ -91,24 +91,36 @@ class LedgerCrm:
             yield from (_row_to_record(row) for row in rows)
 
     def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
-        results = []
+        """One transaction; writes that set the same fields go as one executemany."""
         now = self._clock()
+        results: dict[int, WriteResult] = {}
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for index, write in enumerate(writes):
+            unknown = set(write.values) - set(domain.LOGICAL_FIELDS)
+            if unknown:
+                results[index] = WriteResult(write.record_id, False,
+                                             f"unknown field(s) {sorted(unknown)}",
+                                             "INVALID_FIELD", permanent=True)
+            else:
+                groups.setdefault(tuple(sorted(write.values)), []).append(index)
         with self._engine.begin() as connection:
-            for write in writes:
-                unknown = set(write.values) - set(domain.LOGICAL_FIELDS)
-                if unknown:
-                    results.append(WriteResult(write.record_id, False,
-                                               f"unknown field(s) {sorted(unknown)}",
-                                               "INVALID_FIELD", permanent=True))
-                    continue
-                changed = connection.execute(
-                    update(contacts).where(contacts.c.id == write.record_id)
-                    .values(**write.values, modified_at=now)).rowcount
-                results.append(WriteResult(write.record_id, True) if changed else
-                               WriteResult(write.record_id, False, "no such contact",
-                                           "NOT_FOUND", permanent=True))
+            existing = set(connection.execute(select(contacts.c.id).where(
+                contacts.c.id.in_([w.record_id for w in writes]))).scalars())
+            for names, indexes in groups.items():
+                present = [i for i in indexes if writes[i].record_id in existing]
+                for i in indexes:
+                    results[i] = (WriteResult(writes[i].record_id, True) if i in present else
+                                  WriteResult(writes[i].record_id, False, "no such contact",
+                                              "NOT_FOUND", permanent=True))
+                if present:
+                    statement = (update(contacts).where(contacts.c.id == bindparam("_id"))
+                                 .values({**{n: bindparam(n) for n in names},
+                                          "modified_at": bindparam("_now")}))
+                    connection.execute(statement, [
+                        {**writes[i].values, "_id": writes[i].record_id, "_now": now}
+                        for i in present])
         self._calls += 1
-        return results
+        return [results[i] for i in range(len(writes))]
 
     def describe_fields(self) -> Mapping[str, FieldDescription]:
         kinds = {name: ("datetime" if name in domain.DATETIME_FIELDS else
