@@ -99,6 +99,13 @@ def to_event(row: Row[Any]) -> Event:
     )
 
 
+# What an Event needs; the bookkeeping columns (source, received_at) stay in the database.
+_EVENT_COLUMNS = [events.c[name] for name in (
+    "id", "key", "kind", "occurred_at", "wa_id", "user_id", "phone_key", "uid_key",
+    "message_id", "message_type", "status", "error_codes", "signal", "keyword",
+    "opens_session", "window_expires_at", "referral_source_id", "new_wa_id", "detail")]
+
+
 def for_keys(connection: Connection, keys: Iterable[str]) -> dict[str, list[Event]]:
     """Events by match key (phone key or user-id key); an event may sit under both."""
     wanted = sorted(set(keys))
@@ -111,7 +118,8 @@ def for_keys(connection: Connection, keys: Iterable[str]) -> dict[str, list[Even
             conditions.append(events.c.phone_key.in_(phone[start:start + _CHUNK]))
         if uids[start:start + _CHUNK]:
             conditions.append(events.c.uid_key.in_(uids[start:start + _CHUNK]))
-        rows = connection.execute(select(events).where(or_(*conditions)).order_by(events.c.id))
+        rows = connection.execute(
+            select(*_EVENT_COLUMNS).where(or_(*conditions)).order_by(events.c.id))
         phone_set, uid_set = set(phone), set(uids)
         for row in rows:
             event = to_event(row)

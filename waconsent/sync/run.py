@@ -315,10 +315,11 @@ def _events_of(keys: matching.RecordKeys, found: dict[str, list[Event]]) -> list
 
 def _count(report: RunReport, record: CrmRecord, decision: Decision) -> None:
     label = _label(record)
-    if decision.kind is DecisionKind.REVOCATION:
+    kind = decision.kind if decision.changes else DecisionKind.OTHER
+    if kind is DecisionKind.REVOCATION:
         report.revocations += 1
         report.note(report.revoked, label)
-    elif decision.kind is DecisionKind.OPT_IN:
+    elif kind is DecisionKind.OPT_IN:
         report.opt_ins += 1
         report.note(report.opted_in, label)
     if decision.changed("last_inbound") or decision.changed("session_expires"):
