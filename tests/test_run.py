@@ -292,3 +292,30 @@ def test_writes_request_only_changed_fields(engine: Engine, store_url: str) -> N
 
     run_once(cfg, engine=engine, clock=clock, connector=Recording(engine))
     assert set(sent[0].values) == {"opt_in", "opt_out_date", "last_inbound", "session_expires"}
+
+
+def test_read_failure_mid_run_fails_cleanly(engine: Engine, store_url: str) -> None:
+    """A CRM read that fails after some pages ends the run as failed, keeps what was queued,
+    moves no watermark and releases the lock."""
+    from waconsent.errors import ConnectionFailed
+
+    cfg = loaded(store_url, read_chunk_size=2)
+    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(6)], NOW)
+    deliver(engine, cfg, p.message("4915123450000", T0, "STOP"))
+
+    class Breaking(LedgerCrm):
+        def read_all(self) -> Any:
+            for index, record in enumerate(super().read_all()):
+                if index == 4:
+                    raise ConnectionFailed("CRM went away")
+                yield record
+
+    with pytest.raises(ConnectionFailed, match="went away"):
+        run_once(cfg, engine=engine, clock=clock, connector=Breaking(engine, read_chunk_size=2))
+    with engine.connect() as connection:
+        history = run_store.history(connection)
+        assert [(r.mode, r.status) for r in history] == [("full", "failed")]
+        assert run_store.last_watermarks(connection, cfg.settings.crm_name).records is None
+        assert outbox_store.count(connection, cfg.settings.crm_name) == 1  # R0's revocation
+    again = run_once(cfg, engine=engine, clock=clock)  # the lock was released
+    assert again.writes_sent == 1 and contact(engine, "R0").opt_in is False

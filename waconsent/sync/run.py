@@ -17,6 +17,8 @@ A run killed anywhere leaves every decided write either confirmed or queued.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -166,7 +168,7 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
             _send_outbox(context)  # what earlier runs left, revocations first
         records = (_records_for_keys(context, only_keys) if only_keys is not None
                    else _records_to_read(context, full, marks, event_upto))
-        for chunk in _chunks(records, settings.sync.read_chunk_size):
+        for chunk in _read_ahead(_chunks(records, settings.sync.read_chunk_size)):
             _process_chunk(context, chunk)
         if not targeted:
             _note_unmatched(context, 0 if full else marks.events, event_upto)
@@ -231,6 +233,49 @@ def _chunks(records: Iterable[CrmRecord], size: int) -> Iterator[list[CrmRecord]
     iterator = iter(records)
     while chunk := list(islice(iterator, size)):
         yield chunk
+
+
+_DONE = object()
+
+
+def _read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2) -> Iterator[list[CrmRecord]]:
+    """Fetch the next chunks in a thread while this one is decided.
+
+    Reading waits on the CRM (network) or SQLite (which releases the GIL), deciding is
+    Python: overlapping them is most of a sync's speed-up. At most `depth` chunks wait,
+    so memory stays bounded; a reader error is raised here, in the run's thread.
+    """
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not offer(chunk):
+                    return
+            offer(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            offer(exc)
+
+    reader = threading.Thread(target=produce, name="crm-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := handoff.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=30)
 
 
 def _process_chunk(context: _Context, chunk: list[CrmRecord]) -> None:
