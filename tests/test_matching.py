@@ -15,7 +15,8 @@ from waconsent.sync.rules import decide
 
 
 @pytest.mark.parametrize("raw", ["0151 23456789", "+49 (0)151-234 567 89", "004915123456789",
-                                 "+4915123456789", "0151/23456789"])
+                                 "+4915123456789", "0151/23456789", "+49 0151 23456789",
+                                 "+49015123456789"])
 def test_crm_spellings_normalize_to_one_key(raw: str) -> None:
     """Everything people type for one German mobile becomes the same E.164 key."""
     assert phone_key(raw, "DE") == "+4915123456789"

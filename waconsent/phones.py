@@ -4,8 +4,8 @@ A CRM number is whatever somebody typed; a `wa_id` is E.164 digits without the
 plus. Both become one *match key*, so that the same line matches whatever the
 spelling, including WhatsApp's known Brazil (mobile "9") and Mexico ("521")
 differences. A `wa_id` is never refused because phonenumbers calls it invalid.
-Parsing costs ~20 us, so results are cached by the raw string and strings that
-are already E.164 skip the parser.
+Parsing costs ~20 us, so results are cached by the raw string (and the store's phone
+index remembers them between runs).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from functools import lru_cache
 import phonenumbers
 
 USER_ID_PREFIX = "uid:"
-_E164 = re.compile(r"\+[1-9]\d{6,14}")
 _DIGITS = re.compile(r"[1-9]\d{6,14}")
 _BRAZIL_OLD_MOBILE = re.compile(r"\+55(\d{2})([6-9]\d{7})")
 _MEXICO_MOBILE = re.compile(r"\+521(\d{10})")
@@ -56,9 +55,9 @@ class UnparseablePhone(ValueError):
 @lru_cache(maxsize=200_000)
 def phone_key(raw: str, default_region: str) -> str:
     """Canonical key of a CRM phone value; raises UnparseablePhone for junk like 'n/a'."""
+    # Even a string that looks like E.164 goes through the parser: "+4901512345678" (a
+    # trunk 0 typed after the country code) is +491512345678 to WhatsApp.
     text = raw.strip()
-    if _E164.fullmatch(text):  # already E.164: the common case, no parse needed
-        return canonical(text)
     try:
         number = phonenumbers.parse(text, default_region)
     except phonenumbers.NumberParseException as exc:
