@@ -204,10 +204,25 @@ def test_proof_flag_set_and_cleared() -> None:
 
 
 def test_message_evidence_recognised() -> None:
-    """Our own source format and raw wamids count as WhatsApp message evidence."""
+    """Our own source format and raw wamids count as WhatsApp message evidence; free text
+    that merely starts with whatsapp: does not."""
     assert has_message_evidence("whatsapp:keyword:START:ABGGFlA5Fpa")
     assert has_message_evidence("chat wamid.HBgL")
     assert not has_message_evidence("web-form")
+    assert not has_message_evidence("whatsapp:landing-page:summer")
+    assert not has_message_evidence("whatsapp:keyword:START:")
+
+
+def test_stop_at_the_second_of_a_recorded_opt_in_still_revokes() -> None:
+    """A STOP in the same second as an opt-in an earlier run wrote applies, as it would have
+    had both arrived in one run; and it is not applied twice."""
+    started = start(1)
+    rec = record(opt_in=False)
+    after_start = apply(rec, decide(rec, [started], ALL, NOW))
+    late_stop = stop(1)
+    after_stop = apply(after_start, decide(after_start, [started, late_stop], ALL, NOW))
+    assert after_stop.fields["opt_in"] is False and after_stop.fields["opt_out_date"] == at(1)
+    assert decide(after_stop, [started, late_stop], ALL, NOW).changes == ()
 
 
 def test_unmapped_fields_are_not_written() -> None:

@@ -42,13 +42,15 @@ def _stamp(moment: datetime) -> str:
 
 
 def has_message_evidence(source: str | None) -> bool:
-    """A WhatsApp message id in the source: our own `whatsapp:...:<id>` form or a raw wamid."""
+    """A WhatsApp message id in the source: a raw `wamid.` id, or exactly our own
+    `whatsapp:keyword:<KEYWORD>:<message id>` form (a free-text `whatsapp:...` is not)."""
     if not source:
         return False
     if "wamid." in source:
         return True
     parts = source.split(":")
-    return parts[0] == "whatsapp" and len(parts) >= 3 and bool(parts[-1].strip())
+    return (len(parts) == 4 and parts[:2] == ["whatsapp", "keyword"] and bool(parts[2].strip())
+            and bool(parts[3].strip()))
 
 
 def proof_gaps(fields: Mapping[str, FieldValue]) -> list[str]:
@@ -75,14 +77,27 @@ def _consent_winner(events: Iterable[Event]) -> Event | None:
                                           e.signal is Signal.OPT_OUT, e.key))
 
 
+def _is_fresh(event: Event, opt_in_date: datetime | None, opt_out_date: datetime | None) -> bool:
+    """Newest wins (5.5): newer than the CRM's last consent change, to the second.
+
+    At the same second an opt-out beats an opt-in (as within one run), so a STOP at the
+    second of a recorded opt-in still applies; nothing repeats a change already recorded.
+    """
+    at = to_second(event.occurred_at)
+    if event.signal is Signal.OPT_OUT:
+        return ((opt_out_date is None or at > opt_out_date)
+                and (opt_in_date is None or at >= opt_in_date))
+    return ((opt_in_date is None or at > opt_in_date)
+            and (opt_out_date is None or at > opt_out_date))
+
+
 def _consent_targets(fields: Mapping[str, FieldValue], events: Sequence[Event]
                      ) -> tuple[dict[str, tuple[FieldValue, str]], list[str]]:
-    """Newest wins (5.5): only events newer than the CRM's last consent change apply."""
+    """Only events newer than the CRM's own last consent change apply; the newest wins."""
     opt_in_date = _when(fields.get(OPT_IN_DATE))
     opt_out_date = _when(fields.get(OPT_OUT_DATE))
-    last_change = max((d for d in (opt_in_date, opt_out_date) if d is not None), default=None)
-    fresh = [e for e in events
-             if last_change is None or to_second(e.occurred_at) > last_change]
+    signals = [e for e in events if e.signal in (Signal.OPT_IN, Signal.OPT_OUT)]
+    fresh = [e for e in signals if _is_fresh(e, opt_in_date, opt_out_date)]
     targets: dict[str, tuple[FieldValue, str]] = {}
     winner = _consent_winner(fresh)
     if winner is not None:
@@ -96,21 +111,21 @@ def _consent_targets(fields: Mapping[str, FieldValue], events: Sequence[Event]
             targets[OPT_IN] = (True, why)
             targets[OPT_IN_DATE] = (at, why)
             targets[OPT_IN_SOURCE] = (winner.evidence, why)
-    return targets, _stale_conflicts(fields, events, last_change, opt_in_date, opt_out_date)
+    stale = [e for e in signals if not _is_fresh(e, opt_in_date, opt_out_date)]
+    return targets, _stale_conflicts(fields, stale, opt_in_date, opt_out_date)
 
 
-def _stale_conflicts(fields: Mapping[str, FieldValue], events: Sequence[Event],
-                     last_change: datetime | None, opt_in_date: datetime | None,
-                     opt_out_date: datetime | None) -> list[str]:
-    """WhatsApp signals the CRM overrode with a newer change it made itself (the CRM stands)."""
-    if last_change is None:
-        return []
+def _stale_conflicts(fields: Mapping[str, FieldValue], stale: Sequence[Event],
+                     opt_in_date: datetime | None, opt_out_date: datetime | None) -> list[str]:
+    """WhatsApp signals the CRM overrode with a newer change it made itself (the CRM stands).
+
+    A signal the CRM already recorded (its date is the recorded one) is history, not a
+    conflict.
+    """
     opted_in = fields.get(OPT_IN) is True
     notes = []
-    for event in sorted(events, key=lambda e: (e.occurred_at, e.key)):
+    for event in sorted(stale, key=lambda e: (e.occurred_at, e.key)):
         at = to_second(event.occurred_at)
-        if at > last_change:
-            continue
         if (event.signal is Signal.OPT_OUT and opted_in and opt_in_date is not None
                 and at < opt_in_date and (opt_out_date is None or opt_out_date < at)):
             notes.append(f"WhatsApp opt-out ({event.evidence}) at {_stamp(at)} is older than "
