@@ -18,12 +18,12 @@ from waconsent import config
 from waconsent.config import LoadedConfig, Secrets
 from waconsent.connectors.ledger import LedgerCrm, upsert_contacts
 from waconsent.domain import WriteRequest, WriteResult
-from waconsent.errors import RunLockHeld
+from waconsent.errors import ConnectionFailed, RunLockHeld
 from waconsent.phones import mask
 from waconsent.store import evidence as evidence_store
 from waconsent.store import outbox as outbox_store
 from waconsent.store import runs as run_store
-from waconsent.store.tables import contacts, evidence
+from waconsent.store.tables import contacts, evidence, locks
 from waconsent.sync.ingest import ingest_payload, keyword_rules
 from waconsent.sync.run import run_once
 
@@ -297,8 +297,6 @@ def test_writes_request_only_changed_fields(engine: Engine, store_url: str) -> N
 def test_read_failure_mid_run_fails_cleanly(engine: Engine, store_url: str) -> None:
     """A CRM read that fails after some pages ends the run as failed, keeps what was queued,
     moves no watermark and releases the lock."""
-    from waconsent.errors import ConnectionFailed
-
     cfg = loaded(store_url, read_chunk_size=2)
     upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(6)], NOW)
     deliver(engine, cfg, p.message("4915123450000", T0, "STOP"))
@@ -319,3 +317,99 @@ def test_read_failure_mid_run_fails_cleanly(engine: Engine, store_url: str) -> N
         assert outbox_store.count(connection, cfg.settings.crm_name) == 1  # R0's revocation
     again = run_once(cfg, engine=engine, clock=clock)  # the lock was released
     assert again.writes_sent == 1 and contact(engine, "R0").opt_in is False
+
+
+def test_queued_write_is_never_sent_over_a_newer_crm_change(engine: Engine,
+                                                            store_url: str) -> None:
+    """A queued opt-in that failed is dropped, not sent, once an agent records an opt-out in
+    the CRM afterwards; the CRM's newer change stands."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [{"id": "A", "mobile_phone": "0151 23456789", "opt_in": False}],
+                    NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, "START"))
+
+    class Failing(LedgerCrm):
+        def apply(self, writes: Any) -> list[WriteResult]:
+            return [WriteResult(w.record_id, False, "locked", "UNABLE_TO_LOCK_ROW")
+                    for w in writes]
+
+    assert run_once(cfg, engine=engine, clock=clock, connector=Failing(engine)).writes_failed == 1
+    upsert_contacts(engine, [{"id": "A", "opt_in": False,
+                              "opt_out_date": T0 + timedelta(hours=2)}], NOW)  # the agent
+    report = run_once(cfg, engine=engine, clock=clock)
+    assert report.writes_superseded == 1 and report.superseded == ["A"]
+    row = contact(engine, "A")
+    assert row.opt_in is False and row.opt_out_date == T0 + timedelta(hours=2)
+    with engine.connect() as connection:
+        assert outbox_store.count(connection, cfg.settings.crm_name) == 0
+
+
+def test_write_the_crm_already_holds_is_confirmed_without_sending(engine: Engine,
+                                                                  store_url: str) -> None:
+    """A run killed between the CRM's answer and the commit: the next run sees the values in
+    the CRM, confirms the row without sending it again, and records its evidence once."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, "STOP"))
+    sent: list[str] = []
+
+    class ApplyButForget(LedgerCrm):
+        def apply(self, writes: Any) -> list[WriteResult]:
+            super().apply(writes)
+            raise ConnectionFailed("the answer was lost")
+
+    class Recording(LedgerCrm):
+        def apply(self, writes: Any) -> list[WriteResult]:
+            sent.extend(w.record_id for w in writes)
+            return super().apply(writes)
+
+    with pytest.raises(ConnectionFailed):
+        run_once(cfg, engine=engine, clock=clock, connector=ApplyButForget(engine))
+    assert contact(engine, "A").opt_in is False  # the CRM got it
+    report = run_once(cfg, engine=engine, clock=clock, connector=Recording(engine))
+    assert sent == [] and report.writes_sent == 1
+    with engine.connect() as connection:
+        writes = connection.execute(select(evidence.c.record_id).where(
+            evidence.c.kind == "write")).scalars().all()
+        assert writes == ["A"] and outbox_store.count(connection, cfg.settings.crm_name) == 0
+
+
+def test_permanent_failure_is_reported_once_not_retried_every_run(engine: Engine,
+                                                                  store_url: str) -> None:
+    """A write the CRM refuses for good stays in the outbox, marked, and is not resent while
+    the decision is the same."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
+    deliver(engine, cfg, p.message("4915123456789", T0, "STOP"))
+    attempts: list[str] = []
+
+    class Refusing(LedgerCrm):
+        def apply(self, writes: Any) -> list[WriteResult]:
+            attempts.extend(w.record_id for w in writes)
+            return [WriteResult(w.record_id, False, "bad field", "INVALID_FIELD",
+                                permanent=True) for w in writes]
+
+    first = run_once(cfg, engine=engine, clock=clock, connector=Refusing(engine))
+    second = run_once(cfg, full=True, engine=engine, clock=clock, connector=Refusing(engine))
+    assert first.writes_failed == 1 and second.writes_failed == 0 and attempts == ["A"]
+    with engine.connect() as connection:
+        assert outbox_store.count(connection, cfg.settings.crm_name) == 1
+
+
+def test_lost_lease_stops_the_run(engine: Engine, store_url: str) -> None:
+    """A run whose lock was taken over (its lease expired) stops instead of writing on."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(4)], NOW)
+    deliver(engine, cfg, *[p.message(f"4915123450{i:03d}", T0, "STOP") for i in range(4)])
+
+    class Slow(LedgerCrm):
+        write_batch_size = 2
+
+        def apply(self, writes: Any) -> list[WriteResult]:
+            with engine.begin() as connection:  # another node takes the expired lease
+                connection.execute(locks.update().values(holder="other-host:1:x"))
+            return super().apply(writes)
+
+    with pytest.raises(RunLockHeld, match="other-host"):
+        run_once(cfg, engine=engine, clock=clock, connector=Slow(engine))
+    assert sum(contact(engine, f"R{i}").opt_in is False for i in range(4)) == 2

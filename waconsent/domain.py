@@ -50,6 +50,8 @@ LOGICAL_FIELDS: tuple[str, ...] = (
 )
 DATETIME_FIELDS = frozenset({OPT_IN_DATE, OPT_OUT_DATE, LAST_INBOUND, SESSION_EXPIRES})
 BOOLEAN_FIELDS = frozenset({OPT_IN, PROOF_MISSING})
+# What a consent decision depends on: a queued write is stale once any of these changed.
+CONSENT_BASIS: tuple[str, ...] = (OPT_IN, OPT_IN_DATE, OPT_OUT_DATE)
 # Without these the rules cannot decide or record a revocation.
 REQUIRED_FIELDS: tuple[str, ...] = (OPT_IN, OPT_IN_DATE, OPT_OUT_DATE)
 
@@ -152,6 +154,8 @@ class Decision:
     conflicts: tuple[str, ...] = ()
     proof_missing: bool = False
     session_open: bool = False
+    #: the record's consent values the decision was made on (its precondition when sent)
+    basis: tuple[tuple[str, FieldValue], ...] = ()
 
     @property
     def kind(self) -> DecisionKind:

@@ -7,6 +7,7 @@ record never has two competing writes in flight.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,19 @@ class QueuedWrite:
     priority: int
     changes: tuple[Mapping[str, Any], ...]
     attempts: int
+    basis: Mapping[str, Any] | None = None
+
+    def state_of(self, current: Mapping[str, FieldValue]) -> str:
+        """'pending' while the CRM still holds the decided-on values, 'applied' once it holds
+        the new ones, 'superseded' when someone changed the record since."""
+        now_values = [jsonable(current.get(c["field"])) for c in self.changes]
+        if now_values == [c["new"] for c in self.changes]:
+            return "applied"
+        basis_holds = all(jsonable(current.get(name)) == value
+                          for name, value in (self.basis or {}).items())
+        if basis_holds and now_values == [c["old"] for c in self.changes]:
+            return "pending"
+        return "superseded"
 
     def values(self) -> dict[str, FieldValue]:
         """Logical field -> value to write, datetimes restored from their ISO form."""
@@ -45,43 +59,64 @@ def _serialize(decision: Decision) -> list[dict[str, Any]]:
              "reason": c.reason} for c in decision.changes]
 
 
+def _targets(changes: Sequence[Mapping[str, Any]]) -> set[tuple[str, Any]]:
+    return {(c["field"], json.dumps(c["new"], sort_keys=True)) for c in changes}
+
+
 def enqueue(connection: Connection, crm: str, decisions: Sequence[Decision], run_id: int | None,
             now: datetime) -> int:
-    """Queue the decisions that change something; merge with rows already queued."""
+    """Queue the decisions that change something; returns how many were queued.
+
+    A newer decision for a record replaces its queued row: it was made from the CRM's
+    current values, so its `old` values are the precondition the send checks. The same
+    write that already failed for good (an unknown field, a bad type) is not queued again,
+    so it is reported once instead of being retried every run.
+    """
     pending = [d for d in decisions if d.changes]
+    queued = 0
     for start in range(0, len(pending), _CHUNK):
         chunk = pending[start:start + _CHUNK]
         existing = {row.record_id: row for row in connection.execute(
             select(outbox).where(outbox.c.crm == crm,
                                  outbox.c.record_id.in_([d.record_id for d in chunk])))}
+        replace: list[int] = []
         inserts = []
         for decision in chunk:
+            changes = _serialize(decision)
             row = existing.get(decision.record_id)
-            if row is None:
-                inserts.append({"crm": crm, "record_id": decision.record_id,
-                                "priority": int(decision.kind), "changes": _serialize(decision),
-                                "created_at": now, "run_id": run_id, "attempts": 0,
-                                "permanent": False})
+            if row is not None and row.permanent and _targets(row.changes) == _targets(changes):
                 continue
-            merged = {c["field"]: c for c in row.changes}
-            merged.update({c["field"]: c for c in _serialize(decision)})
-            connection.execute(update(outbox).where(outbox.c.id == row.id).values(
-                changes=list(merged.values()), priority=min(row.priority, int(decision.kind)),
-                run_id=run_id, permanent=False))
+            if row is not None:
+                replace.append(row.id)
+            inserts.append({"crm": crm, "record_id": decision.record_id,
+                            "priority": int(decision.kind), "changes": changes,
+                            "basis": {name: jsonable(value) for name, value in decision.basis},
+                            "created_at": now, "run_id": run_id, "attempts": 0,
+                            "permanent": False})
+        if replace:
+            connection.execute(delete(outbox).where(outbox.c.id.in_(replace)))
         if inserts:
             connection.execute(outbox.insert(), inserts)
-    return len(pending)
+        queued += len(inserts)
+    return queued
+
+
+def drop(connection: Connection, outbox_ids: Sequence[int]) -> None:
+    if outbox_ids:
+        connection.execute(delete(outbox).where(outbox.c.id.in_(outbox_ids)))
 
 
 def sendable(connection: Connection, crm: str, after_id: int = 0, priority: int = 0,
-             limit: int = 200) -> list[QueuedWrite]:
+             limit: int = 200, record_ids: Sequence[str] | None = None) -> list[QueuedWrite]:
     """The next batch in send order (priority, then age); permanent failures are not resent."""
-    rows = connection.execute(
-        select(outbox).where(outbox.c.crm == crm, outbox.c.permanent.is_(False),
-                             (outbox.c.priority > priority)
-                             | ((outbox.c.priority == priority) & (outbox.c.id > after_id)))
-        .order_by(outbox.c.priority, outbox.c.id).limit(limit))
-    return [QueuedWrite(r.id, r.record_id, r.priority, tuple(r.changes), r.attempts)
+    query = select(outbox).where(
+        outbox.c.crm == crm, outbox.c.permanent.is_(False),
+        (outbox.c.priority > priority) | ((outbox.c.priority == priority)
+                                          & (outbox.c.id > after_id)))
+    if record_ids is not None:
+        query = query.where(outbox.c.record_id.in_(record_ids))
+    rows = connection.execute(query.order_by(outbox.c.priority, outbox.c.id).limit(limit))
+    return [QueuedWrite(r.id, r.record_id, r.priority, tuple(r.changes), r.attempts, r.basis)
             for r in rows]
 
 

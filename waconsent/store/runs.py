@@ -63,9 +63,15 @@ def _holder_is_dead(holder: str) -> bool:
 
 def refresh_lock(engine: Engine, name: str, holder: str, now: datetime,
                  ttl: timedelta = LOCK_TTL) -> None:
+    """Extend the lease; raise RunLockHeld if it was lost (it expired and another node took it)."""
     with engine.begin() as connection:
-        connection.execute(update(locks).where(locks.c.name == name, locks.c.holder == holder)
-                           .values(expires_at=now + ttl))
+        renewed = connection.execute(
+            update(locks).where(locks.c.name == name, locks.c.holder == holder)
+            .values(expires_at=now + ttl)).rowcount
+        owner = None if renewed else connection.execute(
+            select(locks.c.holder).where(locks.c.name == name)).scalar()
+    if not renewed:
+        raise RunLockHeld(name, str(owner or "nobody: the lease expired"))
 
 
 def release_lock(engine: Engine, name: str, holder: str) -> None:

@@ -149,6 +149,7 @@ outbox = Table(
     Column("record_id", String(100), nullable=False),
     Column("priority", SmallInteger, nullable=False),
     Column("changes", JSON, nullable=False),  # [{field, old, new, reason}], datetimes as ISO
+    Column("basis", JSON),  # {field: value} of the consent fields the decision was made on
     Column("created_at", UTC_DATETIME, nullable=False),
     Column("run_id", ID),
     Column("attempts", Integer, nullable=False, default=0),
@@ -157,6 +158,7 @@ outbox = Table(
     Column("permanent", Boolean, nullable=False, default=False),
     UniqueConstraint("crm", "record_id", name="uq_outbox_record"),
     Index("ix_outbox_send_order", "crm", "permanent", "priority", "id"),
+    sqlite_autoincrement=True,  # ids are never reused (see migration 0003)
 )
 
 locks = Table(

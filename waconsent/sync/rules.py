@@ -12,6 +12,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from waconsent.domain import (
+    CONSENT_BASIS,
     LAST_INBOUND,
     OPT_IN,
     OPT_IN_DATE,
@@ -204,6 +205,7 @@ def decide(record: CrmRecord, events: Sequence[Event], mapped: Collection[str],
         conflicts=tuple(conflicts),
         proof_missing=proof_missing,
         session_open=expiry is not None and expiry > now,
+        basis=tuple((name, fields.get(name)) for name in CONSENT_BASIS if name in mapped),
     )
 
 

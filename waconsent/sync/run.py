@@ -42,7 +42,6 @@ from waconsent.domain import (
     jsonable,
     to_second,
 )
-from waconsent.errors import WaconsentError
 from waconsent.phones import mask, user_id_key
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
@@ -81,7 +80,9 @@ class RunReport:
     writes_queued: int = 0
     writes_sent: int = 0
     writes_failed: int = 0
+    writes_superseded: int = 0
     write_errors: list[dict[str, str]] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)
     phone_problems: list[dict[str, str]] = field(default_factory=list)
     number_changes: list[dict[str, str]] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
@@ -114,6 +115,8 @@ class _Context:
     on_decision: DecisionSink | None
     mapped: frozenset[str]
     seen_keys: set[str] = field(default_factory=set)  # dry runs only (they write no index)
+    tried: set[int] = field(default_factory=set)  # outbox rows sent (or checked) this run
+    decided: set[str] = field(default_factory=set)  # targeted runs: the records they read
     newest_modified: datetime | None = None
 
 
@@ -165,8 +168,11 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
         if not dry_run:
             context.run_id = report.run_id = run_store.start_run(
                 engine, crm, report.mode, holder, clock())
-            _send_outbox(context)  # what earlier runs left, revocations first
-        records = (_records_for_keys(context, only_keys) if only_keys is not None
+            # what earlier runs left, revocations first (a targeted run: its records only)
+            _send_outbox(context, leftovers=True, record_ids=_targeted_ids(context, only_keys))
+        if dry_run and targeted:
+            _targeted_ids(context, only_keys)
+        records = (_records_for_keys(context) if only_keys is not None
                    else _records_to_read(context, full, marks, event_upto))
         for chunk in _read_ahead(_chunks(records, settings.sync.read_chunk_size)):
             _process_chunk(context, chunk)
@@ -174,11 +180,11 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
             _note_unmatched(context, 0 if full else marks.events, event_upto)
             _note_number_changes(context, 0 if full else marks.events, event_upto)
         if not dry_run:
-            _send_outbox(context)
+            _send_outbox(context, record_ids=context.decided if targeted else None)
             _record_usage(context)
             _finish(context, full, None if targeted else marks, event_upto)
         report.status = "dry-run" if dry_run else report.status
-    except WaconsentError as exc:
+    except Exception as exc:  # any failure: the run record says so, the outbox keeps its rows
         report.status, report.error = "failed", str(exc)
         if not dry_run:
             _finish_failed(context, exc)
@@ -200,12 +206,18 @@ def _record_usage(context: _Context) -> None:
     context.report.api_usage = usage
 
 
-def _records_for_keys(context: _Context, keys: Collection[str]) -> Iterator[CrmRecord]:
+def _targeted_ids(context: _Context, keys: Collection[str] | None) -> set[str] | None:
+    if keys is None:
+        return None
     with context.engine.connect() as connection:
-        wanted = phone_index.record_ids_for_keys(connection, context.crm, keys)
+        context.decided = phone_index.record_ids_for_keys(connection, context.crm, keys)
         connection.rollback()
-    if wanted:
-        yield from context.connector.read_by_ids(sorted(wanted))
+    return context.decided
+
+
+def _records_for_keys(context: _Context) -> Iterator[CrmRecord]:
+    if context.decided:
+        yield from context.connector.read_by_ids(sorted(context.decided))
 
 
 def _records_to_read(context: _Context, full: bool, marks: run_store.Watermarks,
@@ -416,28 +428,64 @@ def _note_number_changes(context: _Context, after_id: int, upto_id: int) -> None
 BULK_CHUNK = 100_000  # outbox rows handed to one bulk call; memory stays bounded
 
 
-def _send_outbox(context: _Context) -> None:
-    """Send queued writes in (priority, age) order; big backlogs go the connector's bulk way."""
+def _send_outbox(context: _Context, *, leftovers: bool = False,
+                 record_ids: Collection[str] | None = None) -> None:
+    """Send queued writes in (priority, age) order; big backlogs go the connector's bulk way.
+
+    `leftovers`: rows earlier runs left behind are checked against the CRM first. A row
+    whose fields still hold the values it was decided on is sent; one the CRM already
+    holds is confirmed without sending (a run killed between the CRM's answer and the
+    commit); one someone changed since is dropped, never sent over the newer values, and
+    this run decides the record afresh. `record_ids` limits a targeted run to its records.
+    """
     connector = context.connector
     size = max(1, connector.write_batch_size)
     send = connector.apply
-    if isinstance(connector, BulkWriter):
+    if isinstance(connector, BulkWriter) and record_ids is None:
         with context.engine.connect() as connection:
             backlog = outbox_store.count_sendable(connection, context.crm)
             connection.rollback()
         if backlog >= connector.bulk_write_threshold:
             size, send = max(size, min(backlog, BULK_CHUNK)), connector.apply_bulk
+    only = sorted(record_ids) if record_ids is not None else None
     cursor = (0, 0)  # (priority, id) of the last row handled, so failed rows are not re-tried
     while True:
         with context.engine.connect() as connection:
-            batch = outbox_store.sendable(connection, context.crm, after_id=cursor[1],
-                                          priority=cursor[0], limit=size)
+            batch = [q for q in outbox_store.sendable(
+                connection, context.crm, after_id=cursor[1], priority=cursor[0], limit=size,
+                record_ids=only) if q.outbox_id not in context.tried]
             connection.rollback()
         if not batch:
             return
         cursor = (batch[-1].priority, batch[-1].outbox_id)
-        results = send([WriteRequest(q.record_id, q.values()) for q in batch])
-        _settle(context, _pair(batch, results))
+        context.tried.update(q.outbox_id for q in batch)
+        to_send = _check_leftovers(context, batch) if leftovers else batch
+        if to_send:
+            results = send([WriteRequest(q.record_id, q.values()) for q in to_send])
+            _settle(context, _pair(to_send, results))
+        run_store.refresh_lock(context.engine, context.crm, context.holder, context.clock())
+
+
+def _check_leftovers(context: _Context, batch: Sequence[outbox_store.QueuedWrite]
+                     ) -> list[outbox_store.QueuedWrite]:
+    current = {r.record_id: r.fields
+               for r in context.connector.read_by_ids([q.record_id for q in batch])}
+    to_send: list[outbox_store.QueuedWrite] = []
+    applied: list[outbox_store.QueuedWrite] = []
+    superseded: list[outbox_store.QueuedWrite] = []
+    for queued in batch:
+        fields = current.get(queued.record_id)
+        state = "pending" if fields is None else queued.state_of(fields)  # gone: the CRM says
+        {"pending": to_send, "applied": applied, "superseded": superseded}[state].append(queued)
+    if applied:
+        _settle(context, [(q, WriteResult(q.record_id, True)) for q in applied])
+    if superseded:
+        context.report.writes_superseded += len(superseded)
+        for queued in superseded:
+            context.report.note(context.report.superseded, queued.record_id)
+        with context.engine.begin() as connection:
+            outbox_store.drop(connection, [q.outbox_id for q in superseded])
+    return to_send
 
 
 def _pair(batch: Sequence[outbox_store.QueuedWrite], results: Sequence[WriteResult]
