@@ -413,3 +413,30 @@ def test_lost_lease_stops_the_run(engine: Engine, store_url: str) -> None:
     with pytest.raises(RunLockHeld, match="other-host"):
         run_once(cfg, engine=engine, clock=clock, connector=Slow(engine))
     assert sum(contact(engine, f"R{i}").opt_in is False for i in range(4)) == 2
+
+
+def test_event_committed_late_below_the_watermark_is_not_missed(engine: Engine,
+                                                                store_url: str) -> None:
+    """A delivery whose row id lies below the last run's event watermark (it committed after
+    the run read the newest id, as PostgreSQL allows) is still picked up incrementally."""
+    from sqlalchemy import insert
+
+    from waconsent.connectors.whatsapp import parse_payload
+    from waconsent.store import events as event_store
+    from waconsent.store.tables import events
+
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789"), opted_in("B", "0170 1112233")],
+                    NOW - timedelta(days=1))
+    upsert_contacts(engine, [opted_in("C", "0170 9998877")], NOW - timedelta(hours=1))
+    early, late = (parse_payload(p.payload(p.message(wa, T0, "STOP"))).events[0]
+                   for wa in ("491701112299", "4915123456789"))
+    with engine.begin() as connection:
+        connection.execute(insert(events).values(id=1000, **event_store._row(early, "t", NOW)))
+    run_once(cfg, engine=engine, clock=clock)  # watermark: event id 1000
+    with engine.begin() as connection:  # the late commit: id 500, received just now
+        connection.execute(insert(events).values(id=500, **event_store._row(late, "t", NOW)))
+    report = run_once(cfg, engine=engine, clock=lambda: NOW + timedelta(seconds=30))
+    assert report.mode == "incremental" and report.revocations == 1
+    assert report.records_read == 2  # C on the watermark, A found through its late event
+    assert contact(engine, "A").opt_in is False

@@ -134,10 +134,19 @@ def newest_id(connection: Connection) -> int:
     return int(connection.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one())
 
 
-def keys_after(connection: Connection, after_id: int, up_to_id: int) -> Iterator[str]:
-    """Match keys of events stored in (after_id, up_to_id]: whose records need a look."""
+def keys_after(connection: Connection, after_id: int, up_to_id: int,
+               received_since: datetime | None = None) -> Iterator[str]:
+    """Match keys of events stored in (after_id, up_to_id]: whose records need a look.
+
+    `received_since` widens the window to rows received since then whatever their id: on
+    PostgreSQL ids are handed out at insert but rows appear at commit, so a delivery that
+    committed late can sit below the last run's id watermark.
+    """
+    newer = events.c.id > after_id
+    if received_since is not None:
+        newer = or_(newer, events.c.received_at >= received_since)
     query = (select(events.c.phone_key, events.c.uid_key)
-             .where(events.c.id > after_id, events.c.id <= up_to_id).distinct())
+             .where(newer, events.c.id <= up_to_id).distinct())
     for phone_key, uid_key in connection.execute(query):
         if phone_key:
             yield phone_key

@@ -83,6 +83,7 @@ def release_lock(engine: Engine, name: str, holder: str) -> None:
 class Watermarks:
     records: datetime | None
     events: int
+    run_started: datetime | None = None  # when the run that set them began
 
 
 def last_watermarks(connection: Connection, crm: str) -> Watermarks:
@@ -91,13 +92,13 @@ def last_watermarks(connection: Connection, crm: str) -> Watermarks:
     Targeted runs (a webhook revocation's immediate write-back) carry no watermarks.
     """
     row = connection.execute(
-        select(runs.c.record_watermark, runs.c.event_watermark)
+        select(runs.c.record_watermark, runs.c.event_watermark, runs.c.started_at)
         .where(runs.c.crm == crm, runs.c.status.in_(("ok", "partial")),
                runs.c.record_watermark.is_not(None))
         .order_by(runs.c.id.desc()).limit(1)).first()
     if row is None:
         return Watermarks(None, 0)
-    return Watermarks(row.record_watermark, row.event_watermark or 0)
+    return Watermarks(row.record_watermark, row.event_watermark or 0, row.started_at)
 
 
 def start_run(engine: Engine, crm: str, mode: str, node: str, now: datetime) -> int:

@@ -233,7 +233,8 @@ def _records_to_read(context: _Context, full: bool, marks: run_store.Watermarks,
         changed_ids.add(record.record_id)
         yield record
     with context.engine.connect() as connection:
-        keys = set(event_store.keys_after(connection, marks.events, event_upto))
+        since = marks.run_started - lookback if marks.run_started else None
+        keys = set(event_store.keys_after(connection, marks.events, event_upto, since))
         wanted = phone_index.record_ids_for_keys(connection, context.crm, keys)
         connection.rollback()
     missing = sorted(wanted - changed_ids)
