@@ -152,3 +152,31 @@ def test_serve_writes_a_revocation_back_within_seconds(tmp_path: Path) -> None:
         engine.dispose()
     assert process.returncode == 0, err[-2000:]
     assert "serve.scheduler_started" in err
+
+
+def test_dispatcher_survives_unexpected_errors_and_a_steady_trickle() -> None:
+    """A database error does not kill the worker, and STOPs arriving every 0.1 s still get a
+    write-back within max_wait instead of waiting for a pause."""
+    from sqlalchemy.exc import OperationalError
+
+    from waconsent.connectors.whatsapp import parse_payload
+
+    calls: list[tuple[float, set[str]]] = []
+    started = time.monotonic()
+
+    def run(keys: set[str]) -> None:
+        calls.append((time.monotonic() - started, keys))
+        if len(calls) == 1:
+            raise OperationalError("UPDATE", {}, Exception("database is locked"))
+
+    dispatcher = RevocationDispatcher(run, debounce=0.2, max_wait=0.5, retry_after=0.05)
+    dispatcher.start()
+    for n in range(20):  # 2 s of STOPs, 0.1 s apart: never a quiet 0.2 s
+        dispatcher.submit_events(parse_payload(p.payload(
+            p.message(f"49151234567{n:02d}", T0, "STOP"))).events)
+        time.sleep(0.1)
+    dispatcher.stop()
+    assert dispatcher.alive is False
+    assert calls[0][0] < 1.0  # the first write-back did not wait for the trickle to end
+    assert len(calls) >= 3
+    assert set().union(*(keys for _, keys in calls[1:])) >= calls[0][1]  # retried after error

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -70,9 +71,10 @@ class RevocationDispatcher:
     """
 
     def __init__(self, run: Callable[[set[str]], Any], *, debounce: float = 0.5,
-                 retry_after: float = 5.0, attempts: int = 60) -> None:
+                 max_wait: float = 2.0, retry_after: float = 5.0, attempts: int = 60) -> None:
         self._run = run
         self._debounce = debounce
+        self._max_wait = max_wait
         self._retry_after = retry_after
         self._attempts = attempts
         self._queue: queue.Queue[set[str] | None] = queue.Queue()
@@ -90,16 +92,23 @@ class RevocationDispatcher:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _drain(self, first: set[str]) -> tuple[set[str], bool]:
-        keys, stopping = set(first), False
-        while True:
+        """Gather keys until `debounce` passes quietly, but never longer than `max_wait`:
+        a steady trickle of STOPs must not postpone the write-back indefinitely."""
+        keys, deadline = set(first), time.monotonic() + self._max_wait
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                more = self._queue.get(timeout=self._debounce)
+                more = self._queue.get(timeout=min(self._debounce, left))
             except queue.Empty:
-                return keys, stopping
+                break
             if more is None:
                 return keys, True
             keys |= more
+        return keys, False
 
     def _work(self) -> None:
         pending: set[str] = set()
@@ -116,15 +125,16 @@ class RevocationDispatcher:
             try:
                 self._run(keys)
                 failures = 0
-            except RunLockHeld:
+            except Exception as exc:  # the worker must outlive any failure of one run
                 failures += 1
                 if failures < self._attempts:
                     pending = keys
+                    level = logging.INFO if isinstance(exc, RunLockHeld) else logging.ERROR
+                    log.log(level, "revocation write-back deferred (%s); retrying in %ss",
+                            exc, self._retry_after)
                 else:
-                    log.warning("revocation write-back gave up waiting for the run lock; "
-                                "the next scheduled run will send it")
+                    log.warning("revocation write-back gave up after %d tries; the next "
+                                "scheduled run will send it", failures)
                     failures = 0
-            except WaconsentError as exc:
-                log.error("revocation write-back failed (queued for the next run): %s", exc)
             if stopping:
                 return
