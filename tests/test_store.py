@@ -14,7 +14,7 @@ from waconsent.errors import RunLockHeld
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
 from waconsent.store import runs as run_store
-from waconsent.store.engine import open_engine
+from waconsent.store.engine import open_engine, reading
 from waconsent.store.tables import evidence
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -178,3 +178,28 @@ def test_run_lock_is_exclusive_and_expires(engine: Engine) -> None:
         run_store.acquire_lock(engine, "crm-a", "node-3", NOW + timedelta(minutes=12))
     run_store.release_lock(engine, "crm-a", "node-2")
     run_store.acquire_lock(engine, "crm-a", "node-3", NOW + timedelta(minutes=12))
+
+
+def test_verify_ignores_rows_appended_after_it_read_the_head(engine: Engine) -> None:
+    """Rows committed while verify walks the chain are outside its snapshot, not tampering."""
+    with engine.begin() as connection:
+        event_store.ingest(connection, stop_events(3), "test", NOW)
+    with reading(engine) as connection:
+        real_execute = connection.execute
+        appended = []
+
+        def execute_then_append(statement, *args, **kwargs):  # type: ignore[no-untyped-def]
+            result = real_execute(statement, *args, **kwargs)
+            if not appended:  # right after the head was read, another node appends
+                appended.append(True)
+                with engine.begin() as other:
+                    more = parse_payload(p.payload(
+                        p.message("4915199999999", T0, "STOP"))).events
+                    event_store.ingest(other, more, "test", NOW)
+            return result
+
+        connection.execute = execute_then_append  # type: ignore[method-assign]
+        assert evidence_store.verify(connection) == []
+    with engine.connect() as connection:
+        assert evidence_store.verify(connection) == []
+        assert evidence_store.chain_length(connection) == 4

@@ -27,7 +27,7 @@ from waconsent.config import LoadedConfig
 from waconsent.domain import CrmRecord, Decision, jsonable
 from waconsent.errors import ConfigError, FatalError, InputError, WaconsentError
 from waconsent.phones import UnparseablePhone, mask, phone_key, user_id_key
-from waconsent.store.engine import open_engine
+from waconsent.store.engine import open_engine, reading
 
 EXIT_OK, EXIT_USAGE, EXIT_WRITES_FAILED, EXIT_CANNOT_PROCEED = 0, 1, 2, 3
 out = Console(highlight=False, soft_wrap=True)
@@ -342,7 +342,7 @@ def runs(ctx: click.Context, limit: int) -> None:
 
     engine = _engine(_config(ctx))
     try:
-        with engine.connect() as connection:
+        with reading(engine) as connection:
             history = run_store.history(connection, limit)
     finally:
         engine.dispose()
@@ -433,7 +433,7 @@ def proof(ctx: click.Context, phone: str, fmt: str) -> None:
     keys = proof_keys(phone, loaded.settings.mapping.default_region)
     engine = _engine(loaded)
     try:
-        with engine.connect() as connection:
+        with reading(engine) as connection:
             rows = _proof_rows(connection, keys)
     finally:
         engine.dispose()
@@ -485,7 +485,7 @@ def verify_ledger(ctx: click.Context) -> None:
 
     engine = _engine(_config(ctx))
     try:
-        with engine.connect() as connection:
+        with reading(engine) as connection:
             problems = evidence_store.verify(connection)
             total = evidence_store.chain_length(connection)
     finally:

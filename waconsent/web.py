@@ -52,7 +52,7 @@ from waconsent.connectors.whatsapp import SIGNATURE_HEADER, KeywordRules, verify
 from waconsent.domain import CONSENT_SIGNALS, Signal
 from waconsent.errors import ConfigError, FatalError
 from waconsent.phones import mask
-from waconsent.store.engine import open_engine
+from waconsent.store.engine import open_engine, reading
 from waconsent.sync.ingest import IngestReport, ingest_payload, keyword_rules
 
 logger = logging.getLogger("waconsent.web")
@@ -233,7 +233,7 @@ class _Receiver:
                              "dialect": self.engine.dialect.name})
 
     def _ping(self) -> None:
-        with self.engine.connect() as connection:
+        with reading(self.engine) as connection:
             connection.execute(text("SELECT 1"))
 
 

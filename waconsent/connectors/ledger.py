@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from waconsent import domain
 from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
 from waconsent.phones import UnparseablePhone, mask, phone_key
+from waconsent.store.engine import reading
 from waconsent.store.tables import contacts
 
 PHONE_FIELDS = ("mobile_phone", "phone")
@@ -67,7 +68,7 @@ class LedgerCrm:
                 from sqlalchemy import tuple_
 
                 page_query = page_query.where(tuple_(*order) > tuple_(*last))
-            with self._engine.connect() as connection:
+            with reading(self._engine) as connection:
                 rows = connection.execute(page_query.order_by(*order).limit(self._chunk)).all()
                 connection.rollback()
             self._calls += 1
@@ -88,7 +89,7 @@ class LedgerCrm:
     def read_by_ids(self, record_ids: Sequence[str]) -> Iterator[CrmRecord]:
         ids = list(dict.fromkeys(record_ids))
         for start in range(0, len(ids), _CHUNK):
-            with self._engine.connect() as connection:
+            with reading(self._engine) as connection:
                 rows = connection.execute(
                     select(contacts).where(contacts.c.id.in_(ids[start:start + _CHUNK]))).all()
                 connection.rollback()
@@ -236,6 +237,6 @@ def upsert_contacts(engine: Engine, rows: Iterable[Mapping[str, FieldValue]],
 
 
 def export_rows(engine: Engine) -> Iterator[dict[str, Any]]:
-    with engine.connect() as connection:
+    with reading(engine) as connection:
         for row in connection.execute(select(contacts).order_by(contacts.c.id)):
             yield {column: getattr(row, column) for column in CSV_COLUMNS}

@@ -1,7 +1,8 @@
 """Opening the ledger: engine set-up per database, and migrations that run on first use.
 
-SQLite gets WAL, foreign keys, a busy timeout and `BEGIN IMMEDIATE` transactions
-(so two writers queue up instead of failing a read-to-write upgrade). PostgreSQL
+SQLite gets WAL, foreign keys, a busy timeout and `BEGIN IMMEDIATE` write transactions
+(so two writers queue up instead of failing a read-to-write upgrade); connections from
+`reading()` begin deferred, so readers never block the writer. PostgreSQL
 migrations run under an advisory lock so that nodes starting together migrate once.
 """
 
@@ -15,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -38,7 +39,19 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+READ_ONLY = "waconsent_read_only"
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reads. On SQLite its transactions are deferred, so a long read (a
+    sync's pages, `verify-ledger`, an export) never holds the write lock that webhook
+    deliveries wait for; WAL lets readers and the one writer work side by side. Writes use
+    `engine.begin()`, which takes the write lock up front (`BEGIN IMMEDIATE`)."""
+    return engine.connect().execution_options(**{READ_ONLY: True})
 
 
 def _alembic_config() -> Config:
@@ -54,7 +67,7 @@ def _head_revision() -> str | None:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision; a no-op when it is already there."""
-    with engine.connect() as probe:
+    with reading(engine) as probe:
         current = MigrationContext.configure(probe).get_current_revision()
         probe.rollback()
     if current == _head_revision():

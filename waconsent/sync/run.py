@@ -48,7 +48,7 @@ from waconsent.store import evidence as evidence_store
 from waconsent.store import outbox as outbox_store
 from waconsent.store import phone_index
 from waconsent.store import runs as run_store
-from waconsent.store.engine import open_engine
+from waconsent.store.engine import open_engine, reading
 from waconsent.sync import matching, rules
 
 log = logging.getLogger("waconsent.sync")
@@ -150,7 +150,7 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
          only_keys: Collection[str] | None) -> RunReport:
     settings = config.settings
     crm = settings.crm_name
-    with engine.connect() as connection:
+    with reading(engine) as connection:
         marks = run_store.last_watermarks(connection, crm)
         event_upto = event_store.newest_id(connection)
         connection.rollback()
@@ -209,7 +209,7 @@ def _record_usage(context: _Context) -> None:
 def _targeted_ids(context: _Context, keys: Collection[str] | None) -> set[str] | None:
     if keys is None:
         return None
-    with context.engine.connect() as connection:
+    with reading(context.engine) as connection:
         context.decided = phone_index.record_ids_for_keys(connection, context.crm, keys)
         connection.rollback()
     return context.decided
@@ -232,7 +232,7 @@ def _records_to_read(context: _Context, full: bool, marks: run_store.Watermarks,
     for record in context.connector.read_changed_since(marks.records - lookback):
         changed_ids.add(record.record_id)
         yield record
-    with context.engine.connect() as connection:
+    with reading(context.engine) as connection:
         since = marks.run_started - lookback if marks.run_started else None
         keys = set(event_store.keys_after(connection, marks.events, event_upto, since))
         wanted = phone_index.record_ids_for_keys(connection, context.crm, keys)
@@ -297,7 +297,7 @@ def _process_chunk(context: _Context, chunk: list[CrmRecord]) -> None:
     now = context.clock()
     fresh = list({r.record_id: r for r in chunk}.values())
     fresh_ids = [r.record_id for r in fresh]
-    with context.engine.connect() as connection:
+    with reading(context.engine) as connection:
         known = phone_index.known_keys(connection, context.crm, fresh_ids)
         keyed = [(record, _keys(record, settings.mapping.default_region,
                                 known.get(record.record_id))) for record in fresh]
@@ -400,13 +400,13 @@ def _label(record: CrmRecord) -> str:
 
 def _note_unmatched(context: _Context, after_id: int, upto_id: int) -> None:
     if context.dry_run:
-        with context.engine.connect() as connection:
+        with reading(context.engine) as connection:
             keys = set(event_store.keys_after(connection, after_id, upto_id))
             connection.rollback()
         indexed_or_seen = context.seen_keys
         unmatched = sorted(k for k in keys if k not in indexed_or_seen)
     else:
-        with context.engine.connect() as connection:
+        with reading(context.engine) as connection:
             unmatched = phone_index.unmatched_keys(connection, context.crm, after_id, upto_id)
             connection.rollback()
     context.report.unmatched_numbers = len(unmatched)
@@ -416,7 +416,7 @@ def _note_unmatched(context: _Context, after_id: int, upto_id: int) -> None:
 
 def _note_number_changes(context: _Context, after_id: int, upto_id: int) -> None:
     """SPEC 5.9: a user_changed_number is reported for the admin; it moves no consent."""
-    with context.engine.connect() as connection:
+    with reading(context.engine) as connection:
         for event in event_store.in_range(connection, after_id, upto_id,
                                           Signal.NUMBER_CHANGED):
             context.report.note(context.report.number_changes, {
@@ -443,7 +443,7 @@ def _send_outbox(context: _Context, *, leftovers: bool = False,
     size = max(1, connector.write_batch_size)
     send = connector.apply
     if isinstance(connector, BulkWriter) and record_ids is None:
-        with context.engine.connect() as connection:
+        with reading(context.engine) as connection:
             backlog = outbox_store.count_sendable(connection, context.crm)
             connection.rollback()
         if backlog >= connector.bulk_write_threshold:
@@ -451,7 +451,7 @@ def _send_outbox(context: _Context, *, leftovers: bool = False,
     only = sorted(record_ids) if record_ids is not None else None
     cursor = (0, 0)  # (priority, id) of the last row handled, so failed rows are not re-tried
     while True:
-        with context.engine.connect() as connection:
+        with reading(context.engine) as connection:
             batch = [q for q in outbox_store.sendable(
                 connection, context.crm, after_id=cursor[1], priority=cursor[0], limit=size,
                 record_ids=only) if q.outbox_id not in context.tried]
