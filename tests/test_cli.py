@@ -201,3 +201,20 @@ def test_check_mapping_names_bad_fields_and_suggests() -> None:
     assert "type string cannot hold opt_out_date" in str(verdicts["WhatsApp_Opt_Out_Date__c"])
     assert verdicts["Source__c"] == "not updateable by the integration user"
     assert verdicts["Fax"] == "no such field on the object"
+
+
+def test_contacts_import_line_numbers_bom_and_lengths(cfg: Path, tmp_path: Path) -> None:
+    """Line numbers stay right after a quoted newline, a BOM on stdin is ignored, and an
+    over-long value is refused by line instead of failing the whole import."""
+    text = ("\ufeffid,name,mobile_phone,opt_in\n"
+            'A,"Anna\nMarie",0151 23456789,true\n'
+            "B,Ben,0151 2,maybe\n"
+            f"C,{'x' * 400},0151 3,true\n"
+            "D,Dora,0151 4,false\n")
+    result = run(cfg, "contacts", "import", "-", stdin=text)
+    assert result.exit_code == 1
+    assert "-:4: opt_in: expected true or false" in result.output
+    assert "-:5: too long: name (400 characters, at most 300)" in result.output
+    exported = json.loads(run(cfg, "contacts", "export", "--format", "json").output)
+    assert [row["id"] for row in exported] == ["A", "D"]
+    assert exported[0]["name"] == "Anna\nMarie"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Engine, String, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent import domain
@@ -25,6 +25,9 @@ from waconsent.store.tables import contacts
 
 PHONE_FIELDS = ("mobile_phone", "phone")
 CSV_COLUMNS: tuple[str, ...] = ("id", "name", *PHONE_FIELDS, *domain.LOGICAL_FIELDS)
+# The contacts table's string lengths: longer values are refused by line, never cut.
+COLUMN_LIMITS: dict[str, int] = {column.name: column.type.length for column in contacts.columns
+                                  if isinstance(column.type, String) and column.type.length}
 _CHUNK = 500
 
 
@@ -186,7 +189,7 @@ def read_contacts_csv(text: str, default_region: str, source: str = "<csv>"
                       ) -> tuple[list[dict[str, FieldValue]], ContactsImport]:
     """Rows to import plus the report; bad rows are refused by line, the rest kept."""
     report = ContactsImport()
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff")))
     header = [h.strip() for h in reader.fieldnames or []]
     if "id" not in header:
         report.refused.append(f"{source}:1: the header has no 'id' column "
@@ -196,7 +199,8 @@ def read_contacts_csv(text: str, default_region: str, source: str = "<csv>"
     if unknown:
         report.warnings.append(f"{source}:1: unknown column(s) ignored: {', '.join(unknown)}")
     rows: list[dict[str, FieldValue]] = []
-    for line_number, raw in enumerate(reader, start=2):
+    for raw in reader:
+        line_number = reader.line_num  # the row's last line; right even after quoted newlines
         values = {k.strip(): (v or "") for k, v in raw.items() if k and k.strip() in CSV_COLUMNS}
         if not values.get("id", "").strip():
             report.refused.append(f"{source}:{line_number}: no id")
@@ -205,6 +209,12 @@ def read_contacts_csv(text: str, default_region: str, source: str = "<csv>"
             row = {column: _csv_value(column, text) for column, text in values.items()}
         except ValueError as exc:
             report.refused.append(f"{source}:{line_number}: {exc}")
+            continue
+        too_long = [f"{column} ({len(value)} characters, at most {COLUMN_LIMITS[column]})"
+                    for column, value in row.items()
+                    if isinstance(value, str) and len(value) > COLUMN_LIMITS.get(column, 10**6)]
+        if too_long:
+            report.refused.append(f"{source}:{line_number}: too long: {', '.join(too_long)}")
             continue
         for phone_field in PHONE_FIELDS:
             phone = row.get(phone_field)
