@@ -218,3 +218,17 @@ def test_contacts_import_line_numbers_bom_and_lengths(cfg: Path, tmp_path: Path)
     exported = json.loads(run(cfg, "contacts", "export", "--format", "json").output)
     assert [row["id"] for row in exported] == ["A", "D"]
     assert exported[0]["name"] == "Anna\nMarie"
+
+
+def test_proof_includes_events_known_only_by_user_id(cfg: Path, tmp_path: Path) -> None:
+    """proof for a number also lists that person's events that carried only their user id."""
+    with_both = p.message("4915123456789", T0, "hello", user_id="US.42")
+    only_uid = p.message("4915123456789", T0.replace(hour=10), "STOP", user_id="US.42")
+    del only_uid["value"]["messages"][0]["from"]
+    only_uid["value"]["contacts"] = [{"user_id": "US.42"}]
+    archive = tmp_path / "a.json"
+    archive.write_text(json.dumps([p.payload(with_both), p.payload(only_uid)]))
+    run(cfg, "import", str(archive))
+    rows = json.loads(run(cfg, "proof", "+49 151 23456789", "--format", "json").output)
+    assert [row["what"] for row in rows] == ["whatsapp message: none",
+                                             "whatsapp message: opt_out"]

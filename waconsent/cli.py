@@ -456,7 +456,12 @@ def _proof_rows(connection: Any, keys: list[str]) -> list[dict[str, Any]]:
     from waconsent.store import phone_index
 
     entries: list[tuple[datetime, int, dict[str, Any]]] = []
-    for row in event_store.for_proof(connection, keys):
+    rows = event_store.for_proof(connection, keys)
+    user_keys = {row.uid_key for row in rows if row.uid_key} - set(keys)
+    if user_keys:  # the same person's events that carried only their business-scoped user id
+        keys = [*keys, *sorted(user_keys)]
+        rows = event_store.for_proof(connection, keys)
+    for row in rows:
         detail = row.keyword or row.detail or row.status or row.message_type or ""
         if row.error_codes:
             detail = f"{detail} (error {row.error_codes})"
