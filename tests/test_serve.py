@@ -180,3 +180,19 @@ def test_dispatcher_survives_unexpected_errors_and_a_steady_trickle() -> None:
     assert calls[0][0] < 1.0  # the first write-back did not wait for the trickle to end
     assert len(calls) >= 3
     assert set().union(*(keys for _, keys in calls[1:])) >= calls[0][1]  # retried after error
+
+
+def test_nightly_run_retries_when_an_incremental_run_holds_the_lock() -> None:
+    """A nightly full run that meets the lock is rescheduled five minutes later, not lost."""
+    schedule = parse({}).schedule
+
+    def locked() -> None:
+        raise RunLockHeld("ledger", "incremental run")
+
+    scheduler = build_scheduler(schedule, locked, lambda: None)
+    nightly = {job.id: job for job in scheduler.get_jobs()}["nightly-full"]
+    before = datetime.now(UTC)
+    nightly.func()
+    retry = {job.id: job for job in scheduler.get_jobs()}["nightly-full-retry"]
+    fire = retry.trigger.get_next_fire_time(None, before)
+    assert timedelta(minutes=4) < fire - before < timedelta(minutes=6)

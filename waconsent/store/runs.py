@@ -19,8 +19,16 @@ from waconsent.store.tables import locks, runs
 LOCK_TTL = timedelta(minutes=10)
 
 
+def _pid_namespace() -> str:
+    """Tells containers that share a hostname apart (their PIDs are not comparable)."""
+    try:
+        return os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return "-"
+
+
 def node_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}:{uuid.uuid4().hex[:8]}"
 
 
 def acquire_lock(engine: Engine, name: str, holder: str, now: datetime,
@@ -47,10 +55,12 @@ def acquire_lock(engine: Engine, name: str, holder: str, now: datetime,
 
 
 def _holder_is_dead(holder: str) -> bool:
-    """True only when the holder ran on this host and its process is gone."""
-    host, _, rest = holder.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    """True only when the holder ran on this host, in this PID namespace, and is gone."""
+    parts = holder.split(":")
+    if len(parts) != 4 or parts[0] != socket.gethostname() or parts[2] != _pid_namespace():
+        return False
+    pid_text = parts[1]
+    if not pid_text.isdigit():
         return False
     try:
         os.kill(int(pid_text), 0)

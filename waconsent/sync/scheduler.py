@@ -12,37 +12,63 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Collection
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from waconsent.config.schema import ScheduleConfig
 from waconsent.domain import Event, Signal
-from waconsent.errors import RunLockHeld, WaconsentError
+from waconsent.errors import RunLockHeld
 from waconsent.phones import user_id_key, wa_id_key
 
 log = logging.getLogger("waconsent.scheduler")
 
 
-def _guarded(name: str, job: Callable[[], Any]) -> Callable[[], None]:
+NIGHTLY_RETRY = timedelta(minutes=5)
+NIGHTLY_RETRIES = 24  # two hours of an incremental run in the way, then tomorrow
+
+
+def _guarded(name: str, job: Callable[[], Any],
+             on_lock_held: Callable[[], None] | None = None) -> Callable[[], None]:
     def run() -> None:
         try:
             job()
         except RunLockHeld as exc:
-            log.info("%s skipped: %s", name, exc)
-        except WaconsentError as exc:  # the outbox keeps what was decided; next run resumes
+            log.info("%s: the run lock is held (%s)", name, exc)
+            if on_lock_held is not None:
+                on_lock_held()
+        except Exception as exc:  # the outbox keeps what was decided; the next run resumes
             log.error("%s failed: %s", name, exc)
     return run
 
 
 def build_scheduler(schedule: ScheduleConfig, full_run: Callable[[], Any],
                     incremental_run: Callable[[], Any]) -> BackgroundScheduler:
-    """Nightly full run on the cron expression, incremental every N minutes, never overlapping."""
+    """Nightly full run on the cron expression, incremental every N minutes, never overlapping.
+
+    A nightly run that finds an incremental run holding the lock is tried again every five
+    minutes (for two hours), instead of being lost for the day.
+    """
     scheduler = BackgroundScheduler(timezone=schedule.timezone)
     common: dict[str, Any] = {"max_instances": 1, "coalesce": True, "misfire_grace_time": 3600}
-    scheduler.add_job(_guarded("nightly full sync", full_run),
+    retries = [0]
+
+    def retry_nightly() -> None:
+        if retries[0] < NIGHTLY_RETRIES:
+            retries[0] += 1
+            scheduler.add_job(nightly, DateTrigger(datetime.now(UTC) + NIGHTLY_RETRY),
+                              id="nightly-full-retry", replace_existing=True)
+
+    def full_then_reset() -> None:
+        full_run()
+        retries[0] = 0
+
+    nightly = _guarded("nightly full sync", full_then_reset, retry_nightly)
+    scheduler.add_job(nightly,
                       CronTrigger.from_crontab(schedule.nightly, timezone=schedule.timezone),
                       id="nightly-full", **common)
     scheduler.add_job(_guarded("incremental sync", incremental_run),
