@@ -321,6 +321,8 @@ def _print_summary(report: Any) -> None:
         ("number changes reported", len(report.number_changes), ""),
         ("writes sent / failed", f"{report.writes_sent} / {report.writes_failed}",
          "; ".join(f"{e['record_id']}: {e['code']}" for e in report.write_errors)),
+        ("queued writes dropped (record changed since)", report.writes_superseded,
+         ", ".join(report.superseded)),
         ("API calls", report.api_calls, ""),
     ]
     for what, count, who in rows:
