@@ -169,3 +169,29 @@ def test_dry_run_reads_but_sends_no_batch(
     assert report.revocations == 3 and report.writes_sent == 0
     assert fake.calls["batch"] == 0 and fake.calls["query"] == 3
     assert all(r["new_whatsappoptin"] is True for r in fake.records.values())
+
+
+def test_change_tracking_delta_link_survives_between_processes(
+        fake: FakeDataverse, engine: Engine, store_url: str) -> None:
+    """With change tracking on, the delta link is stored with the run, so the next `sync`
+    (a new process, a new connector) follows it instead of filtering on modifiedon."""
+    cfg = config_for(store_url)
+    raw_dynamics = cfg.settings.dynamics.model_copy(update={"change_tracking": True})
+    cfg = LoadedConfig(cfg.settings.model_copy(update={"dynamics": raw_dynamics}),
+                       cfg.secrets, None)
+    run(cfg, engine)  # full, tracked: the run stores the delta link
+    with engine.connect() as connection:
+        from waconsent.store import runs as run_store
+
+        stored = run_store.last_watermarks(connection, cfg.settings.crm_name).connector_state
+    assert stored is not None and "$deltatoken=" in stored
+    stop_messages(engine, cfg, range(5, 6))
+    fake.touch("00000000-0000-4000-8000-000000000007", NOW)
+    filters_before = len(fake.filters)
+    report, connector = run(cfg, engine)  # a fresh connector, as in a new process
+    assert report.mode == "incremental"
+    assert any(url == stored for _, url in fake.requests)
+    new_filters = [c.attribute for f in fake.filters[filters_before:] for c in f]
+    assert "modifiedon" not in new_filters  # the delta link replaced the modifiedon filter
+    assert report.revocations == 1
+    assert connector.delta_link is not None and connector.delta_link != stored

@@ -59,3 +59,11 @@ class BulkWriter(Protocol):
 
     def apply_bulk(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
         """Any number of writes; one result per request, same order."""
+
+
+@runtime_checkable
+class CursorConnector(Protocol):
+    """A CRM that keeps a cursor of its own between incremental reads (Dataverse's delta
+    link). The run stores it with the watermarks and hands it back to the next run."""
+
+    cursor_state: str | None

@@ -460,6 +460,16 @@ class DynamicsConnector:
             return odata.parse_datetime(raw) if isinstance(raw, str) and raw else None
         return str(raw)
 
+    @property
+    def cursor_state(self) -> str | None:
+        """The delta link, which the run stores with its watermarks (CursorConnector)."""
+        return self.delta_link if self._change_tracking else None
+
+    @cursor_state.setter
+    def cursor_state(self, state: str | None) -> None:
+        if self._change_tracking and self.delta_link is None:
+            self.delta_link = state
+
     def read_all(self) -> Iterator[CrmRecord]:
         return self._records(self._rows(self._query_url(), track_changes=self._change_tracking))
 

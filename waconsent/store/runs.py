@@ -94,6 +94,7 @@ class Watermarks:
     records: datetime | None
     events: int
     run_started: datetime | None = None  # when the run that set them began
+    connector_state: str | None = None  # the connector's own cursor (a delta link)
 
 
 def last_watermarks(connection: Connection, crm: str) -> Watermarks:
@@ -102,13 +103,15 @@ def last_watermarks(connection: Connection, crm: str) -> Watermarks:
     Targeted runs (a webhook revocation's immediate write-back) carry no watermarks.
     """
     row = connection.execute(
-        select(runs.c.record_watermark, runs.c.event_watermark, runs.c.started_at)
+        select(runs.c.record_watermark, runs.c.event_watermark, runs.c.started_at,
+               runs.c.connector_state)
         .where(runs.c.crm == crm, runs.c.status.in_(("ok", "partial")),
                runs.c.record_watermark.is_not(None))
         .order_by(runs.c.id.desc()).limit(1)).first()
     if row is None:
         return Watermarks(None, 0)
-    return Watermarks(row.record_watermark, row.event_watermark or 0, row.started_at)
+    return Watermarks(row.record_watermark, row.event_watermark or 0, row.started_at,
+                      row.connector_state)
 
 
 def start_run(engine: Engine, crm: str, mode: str, node: str, now: datetime) -> int:
@@ -124,7 +127,8 @@ def finish_run(connection: Connection, run_id: int, status: str, now: datetime,
     values: dict[str, Any] = {"status": status, "finished_at": now, "counts": dict(counts),
                               "error": error}
     if watermarks is not None:
-        values.update(record_watermark=watermarks.records, event_watermark=watermarks.events)
+        values.update(record_watermark=watermarks.records, event_watermark=watermarks.events,
+                      connector_state=watermarks.connector_state)
     connection.execute(update(runs).where(runs.c.id == run_id).values(**values))
 
 

@@ -138,6 +138,7 @@ runs = Table(
     Column("finished_at", UTC_DATETIME),
     Column("record_watermark", UTC_DATETIME),
     Column("event_watermark", ID),
+    Column("connector_state", Text),  # e.g. Dataverse's delta link, for the next run
     Column("counts", JSON),
     Column("error", Text),
 )

@@ -29,7 +29,7 @@ from sqlalchemy import Engine
 
 from waconsent.config import LoadedConfig
 from waconsent.connectors import CrmConnector, open_crm
-from waconsent.connectors.base import BulkWriter
+from waconsent.connectors.base import BulkWriter, CursorConnector
 from waconsent.domain import (
     PROOF_MISSING,
     CrmRecord,
@@ -159,6 +159,8 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
     mode = "targeted" if targeted else "full" if full else "incremental"
     report = RunReport(mode=mode, dry_run=dry_run)
     connector.preflight()
+    if isinstance(connector, CursorConnector) and not targeted:
+        connector.cursor_state = marks.connector_state
     holder = run_store.node_identity()
     if not dry_run:
         run_store.acquire_lock(engine, crm, holder, clock())
@@ -532,8 +534,11 @@ def _finish(context: _Context, full: bool, marks: run_store.Watermarks | None,
     if marks is not None:
         newest = context.newest_modified
         record_mark = max((m for m in (marks.records, newest) if m is not None), default=None)
-        new_marks = run_store.Watermarks(record_mark or to_second(context.clock()),
-                                         max(marks.events, event_upto))
+        cursor = context.connector
+        new_marks = run_store.Watermarks(
+            record_mark or to_second(context.clock()), max(marks.events, event_upto),
+            connector_state=cursor.cursor_state if isinstance(cursor, CursorConnector)
+            else None)
     with context.engine.begin() as connection:
         if full:
             phone_index.drop_unseen(connection, context.crm, context.run_id)
