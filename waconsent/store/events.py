@@ -87,23 +87,28 @@ _KINDS = {kind.value: kind for kind in EventKind}
 _SIGNALS = {signal.value: signal for signal in Signal}
 
 
-def to_event(row: Row[Any]) -> Event:
-    return Event(
-        key=row.key, kind=_KINDS[row.kind], occurred_at=row.occurred_at,
-        wa_id=row.wa_id, user_id=row.user_id, message_id=row.message_id,
-        message_type=row.message_type, status=row.status,
-        error_codes=tuple(int(c) for c in row.error_codes.split(",")) if row.error_codes else (),
-        signal=_SIGNALS[row.signal], keyword=row.keyword, opens_session=row.opens_session,
-        window_expires_at=row.window_expires_at, referral_source_id=row.referral_source_id,
-        new_wa_id=row.new_wa_id, detail=row.detail,
-    )
-
-
-# What an Event needs; the bookkeeping columns (source, received_at) stay in the database.
+# What an Event needs, in this order; the bookkeeping columns (source, received_at) stay
+# in the database.
 _EVENT_COLUMNS = [events.c[name] for name in (
-    "id", "key", "kind", "occurred_at", "wa_id", "user_id", "phone_key", "uid_key",
+    "key", "kind", "occurred_at", "wa_id", "user_id", "phone_key", "uid_key",
     "message_id", "message_type", "status", "error_codes", "signal", "keyword",
     "opens_session", "window_expires_at", "referral_source_id", "new_wa_id", "detail")]
+
+
+def to_event(row: Row[Any]) -> Event:
+    """A row of `select(*_EVENT_COLUMNS)`, unpacked by position: this runs once per event
+    per sync, and attribute access by name costs more than the rest of it."""
+    (key, kind, occurred_at, wa_id, user_id, _phone_key, _uid_key, message_id, message_type,
+     status, error_codes, signal, keyword, opens_session, window_expires_at,
+     referral_source_id, new_wa_id, detail) = tuple(row)
+    return Event(
+        key=key, kind=_KINDS[kind], occurred_at=occurred_at, wa_id=wa_id, user_id=user_id,
+        message_id=message_id, message_type=message_type, status=status,
+        error_codes=tuple(int(c) for c in error_codes.split(",")) if error_codes else (),
+        signal=_SIGNALS[signal], keyword=keyword, opens_session=opens_session,
+        window_expires_at=window_expires_at, referral_source_id=referral_source_id,
+        new_wa_id=new_wa_id, detail=detail,
+    )
 
 
 def for_keys(connection: Connection, keys: Iterable[str]) -> dict[str, list[Event]]:
@@ -112,6 +117,7 @@ def for_keys(connection: Connection, keys: Iterable[str]) -> dict[str, list[Even
     found: dict[str, list[Event]] = defaultdict(list)
     phone = [k for k in wanted if not k.startswith("uid:")]
     uids = [k for k in wanted if k.startswith("uid:")]
+    phone_set, uid_set = set(phone), set(uids)
     for start in range(0, max(len(phone), len(uids)), _CHUNK):
         conditions = []
         if phone[start:start + _CHUNK]:
@@ -119,14 +125,14 @@ def for_keys(connection: Connection, keys: Iterable[str]) -> dict[str, list[Even
         if uids[start:start + _CHUNK]:
             conditions.append(events.c.uid_key.in_(uids[start:start + _CHUNK]))
         rows = connection.execute(
-            select(*_EVENT_COLUMNS).where(or_(*conditions)).order_by(events.c.id))
-        phone_set, uid_set = set(phone), set(uids)
+            select(*_EVENT_COLUMNS).where(or_(*conditions)).order_by(events.c.id)).all()
         for row in rows:
             event = to_event(row)
-            if row.phone_key in phone_set:
-                found[row.phone_key].append(event)
-            if row.uid_key in uid_set:
-                found[row.uid_key].append(event)
+            phone_key, uid_key = row[5], row[6]
+            if phone_key in phone_set:
+                found[phone_key].append(event)
+            if uid_key in uid_set:
+                found[uid_key].append(event)
     return found
 
 
@@ -156,7 +162,7 @@ def keys_after(connection: Connection, after_id: int, up_to_id: int,
 
 def in_range(connection: Connection, after_id: int, up_to_id: int,
              signal: Signal | None = None) -> Iterator[Event]:
-    query = select(events).where(events.c.id > after_id, events.c.id <= up_to_id)
+    query = select(*_EVENT_COLUMNS).where(events.c.id > after_id, events.c.id <= up_to_id)
     if signal is not None:
         query = query.where(events.c.signal == signal.value)
     for row in connection.execute(query.order_by(events.c.id)):

@@ -37,7 +37,7 @@ def known_keys(connection: Connection, crm: str, record_ids: Sequence[str]
         rows = connection.execute(select(
             phone_index.c.record_id, phone_index.c.field, phone_index.c.raw, phone_index.c.key
         ).where(phone_index.c.crm == crm,
-                phone_index.c.record_id.in_(record_ids[start:start + _CHUNK])))
+                phone_index.c.record_id.in_(record_ids[start:start + _CHUNK]))).all()
         for record_id, field, raw, key in rows:
             found.setdefault(record_id, {})[field] = (raw, key)
     return found
