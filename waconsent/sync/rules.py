@@ -187,12 +187,13 @@ def decide(record: CrmRecord, events: Sequence[Event], mapped: Collection[str],
         consent, conflicts = _consent_targets(fields, events)
         targets = {**consent, **_session_targets(fields, events),
                    **_user_id_target(fields, events)}
-    after = {**fields, **{name: value for name, (value, _) in targets.items()}}
-    proof_missing = after.get(OPT_IN) is True and bool(proof_gaps(after))
+    after = ({**fields, **{name: value for name, (value, _) in targets.items()}} if targets
+             else fields)
+    gaps = proof_gaps(after) if after.get(OPT_IN) is True else []
+    proof_missing = bool(gaps)
     if (fields.get(PROOF_MISSING) is True) != proof_missing:
-        gaps = ", ".join(proof_gaps(after))
-        targets[PROOF_MISSING] = (proof_missing, f"proof lacks {gaps}" if proof_missing
-                                  else "proof complete or not opted in")
+        targets[PROOF_MISSING] = (proof_missing, f"proof lacks {', '.join(gaps)}"
+                                  if proof_missing else "proof complete or not opted in")
     changes = tuple(
         FieldChange(name, fields.get(name), value, why)
         for name, (value, why) in targets.items()

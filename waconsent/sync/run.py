@@ -374,26 +374,26 @@ def _events_of(keys: matching.RecordKeys, found: dict[str, list[Event]]) -> list
 
 
 def _count(report: RunReport, record: CrmRecord, decision: Decision) -> None:
-    label = _label(record)
-    kind = decision.kind if decision.changes else DecisionKind.OTHER
-    if kind is DecisionKind.REVOCATION:
-        report.revocations += 1
-        report.note(report.revoked, label)
-    elif kind is DecisionKind.OPT_IN:
-        report.opt_ins += 1
-        report.note(report.opted_in, label)
-    if decision.changed("last_inbound") or decision.changed("session_expires"):
-        report.sessions_updated += 1
+    if decision.changes:
+        kind = decision.kind
+        if kind is DecisionKind.REVOCATION:
+            report.revocations += 1
+            report.note(report.revoked, _label(record))
+        elif kind is DecisionKind.OPT_IN:
+            report.opt_ins += 1
+            report.note(report.opted_in, _label(record))
+        if decision.changed("last_inbound") or decision.changed("session_expires"):
+            report.sessions_updated += 1
     if decision.session_open:
         report.sessions_open += 1
-        report.note(report.open_sessions, label)
+        report.note(report.open_sessions, _label(record))
     if decision.proof_missing:
         report.proof_missing += 1
-        report.note(report.missing_proof, label)
-    if record.get(PROOF_MISSING) is True and not decision.proof_missing:
+        report.note(report.missing_proof, _label(record))
+    elif record.get(PROOF_MISSING) is True:
         report.proof_cleared += 1
     for conflict in decision.conflicts:
-        report.note(report.conflicts, {"record": label, "conflict": conflict})
+        report.note(report.conflicts, {"record": _label(record), "conflict": conflict})
 
 
 def _label(record: CrmRecord) -> str:
