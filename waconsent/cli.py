@@ -431,12 +431,14 @@ def proof_keys(text: str, default_region: str) -> list[str]:
 @guarded
 def proof(ctx: click.Context, phone: str, fmt: str) -> None:
     """Every piece of evidence held for one number, oldest first."""
+    from waconsent.store import proof as proof_store
+
     loaded = _config(ctx)
     keys = proof_keys(phone, loaded.settings.mapping.default_region)
     engine = _engine(loaded)
     try:
         with reading(engine) as connection:
-            rows = _proof_rows(connection, keys)
+            rows = proof_store.evidence_for(connection, keys)
     finally:
         engine.dispose()
     if fmt == "json":
@@ -449,38 +451,6 @@ def proof(ctx: click.Context, phone: str, fmt: str) -> None:
     for row in rows:
         table.add_row(row["at"], row["what"], row["detail"], row["id"])
     out.print(table)
-
-
-def _proof_rows(connection: Any, keys: list[str]) -> list[dict[str, Any]]:
-    """WhatsApp events for the keys, and the confirmed CRM writes of the records carrying them."""
-    from waconsent.store import events as event_store
-    from waconsent.store import evidence as evidence_store
-    from waconsent.store import phone_index
-
-    entries: list[tuple[datetime, int, dict[str, Any]]] = []
-    rows = event_store.for_proof(connection, keys)
-    user_keys = {row.uid_key for row in rows if row.uid_key} - set(keys)
-    if user_keys:  # the same person's events that carried only their business-scoped user id
-        keys = [*keys, *sorted(user_keys)]
-        rows = event_store.for_proof(connection, keys)
-    for row in rows:
-        detail = row.keyword or row.detail or row.status or row.message_type or ""
-        if row.error_codes:
-            detail = f"{detail} (error {row.error_codes})"
-        entries.append((row.occurred_at, 0, {
-            "at": jsonable(row.occurred_at), "what": f"whatsapp {row.kind}: {row.signal}",
-            "detail": detail, "id": row.message_id or row.key, "source": row.source}))
-    record_ids = sorted(phone_index.records_with_keys(connection, keys))
-    for row in evidence_store.for_keys(connection, keys, record_ids):
-        if row.kind != "write":
-            continue  # consent events are listed above, from the events table
-        body = json.loads(row.body)
-        changes = ", ".join(f"{c['field']}={c['new']}" for c in body.get("changes", []))
-        entries.append((row.created_at, 1, {
-            "at": jsonable(row.created_at), "what": "CRM write confirmed",
-            "detail": changes, "id": row.record_id, "source": body.get("crm")}))
-    entries.sort(key=lambda e: (e[0], e[1]))
-    return [entry for _, _, entry in entries]
 
 
 @main.command(name="verify-ledger")
