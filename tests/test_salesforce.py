@@ -12,7 +12,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.fakes.salesforce import INSTANCE, MAX_URI, FakeSalesforce, Literal, parse_soql
+from tests.fakes.salesforce import (
+    INSTANCE,
+    MAX_URI,
+    Clock,
+    FakeSalesforce,
+    Literal,
+    parse_soql,
+)
 from waconsent.config import LoadedConfig, Secrets, parse
 from waconsent.connectors.http import RetryPolicy
 from waconsent.connectors.salesforce import SalesforceConnector, format_datetime, parse_datetime
@@ -41,18 +48,6 @@ FIELDS = {
 }
 PRESETS = Path(__file__).resolve().parents[1] / "waconsent" / "config" / "presets"
 
-
-class Clock:
-    """The fake org's clock: moves only when a test says so."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 def make_config(salesforce: dict[str, Any] | None = None, mapping: dict[str, Any] | None = None,

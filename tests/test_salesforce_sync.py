@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Engine
 
 from tests import payloads as p
-from tests.fakes.salesforce import INSTANCE, FakeSalesforce
+from tests.fakes.salesforce import INSTANCE, Clock, FakeSalesforce
 from waconsent import config
 from waconsent.config import LoadedConfig, Secrets
 from waconsent.connectors.http import RetryPolicy
@@ -28,13 +28,6 @@ STOP_AT = datetime(2026, 11, 27, 18, 0, tzinfo=UTC)
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 CONTACTS, STOPS = 4500, 450
 
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def loaded(store_url: str, **salesforce: Any) -> LoadedConfig:

@@ -140,12 +140,6 @@ class DecisionKind(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Conflict:
-    record_id: str
-    description: str
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
     """What the rules decided for one record; empty `changes` means nothing to write."""
 

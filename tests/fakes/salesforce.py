@@ -34,7 +34,7 @@ import xml.dom.minidom
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -220,21 +220,15 @@ class Query:
 
     @property
     def literals(self) -> list[Literal]:
+        """Every literal of the WHERE clause, in order."""
         found: list[Literal] = []
-
-        def walk(node: Any) -> None:
-            if node is None:
-                return
-            if node[0] in ("and", "or"):
-                for child in node[1]:
-                    walk(child)
-            elif node[0] == "not":
-                walk(node[1])
-            elif node[0] == "cmp":
-                found.append(node[3])
-            elif node[0] in ("in", "like"):
-                found.extend(node[2] if node[0] == "in" else [node[2]])
-        walk(self.where)
+        for leaf in self.conditions:
+            if leaf[0] == "cmp":
+                found.append(leaf[3])
+            elif leaf[0] == "in":
+                found.extend(leaf[2])
+            elif leaf[0] == "like":
+                found.append(leaf[2])
         return found
 
     @property
@@ -1046,3 +1040,16 @@ def _base36(number: int) -> str:
         out = digits[rest] + out
         if number == 0:
             return out
+
+
+class Clock:
+    """The fake org's clock: moves only when a test says so."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)

@@ -158,7 +158,6 @@ class ScheduleConfig(Section):
 
 class SyncConfig(Section):
     lookback_seconds: int = Field(default=120, ge=0)
-    write_batch_size: int = Field(default=200, ge=1)
     read_chunk_size: int = Field(default=2_000, ge=1)
 
 

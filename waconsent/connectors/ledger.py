@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, String, bindparam, select, update
+from sqlalchemy import Engine, String, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent import domain
@@ -68,8 +68,6 @@ class LedgerCrm:
         while True:
             page_query = query
             if last is not None:
-                from sqlalchemy import tuple_
-
                 page_query = page_query.where(tuple_(*order) > tuple_(*last))
             with reading(self._engine) as connection:
                 rows = connection.execute(page_query.order_by(*order).limit(self._chunk)).all()

@@ -21,7 +21,6 @@ from waconsent.domain import Event, EventKind, ParsedPayload, Signal, SkippedIte
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 STOP_MARKETING_ERROR = 131050
-RE_ENGAGEMENT_ERROR = 131047
 FREE_ENTRY_POINT_ORIGINS = frozenset({"referral_conversion"})
 FREE_ENTRY_POINT_PRICING = frozenset({"free_entry_point"})
 # Meta's marketing opt-out quick reply, as its payload arrives when not localized.

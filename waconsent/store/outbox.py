@@ -8,7 +8,7 @@ record never has two competing writes in flight.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -136,11 +136,6 @@ def count_sendable(connection: Connection, crm: str) -> int:
     return int(connection.execute(
         select(func.count()).select_from(outbox)
         .where(outbox.c.crm == crm, outbox.c.permanent.is_(False))).scalar_one())
-
-
-def pending(connection: Connection, crm: str) -> Iterator[Any]:
-    yield from connection.execute(
-        select(outbox).where(outbox.c.crm == crm).order_by(outbox.c.priority, outbox.c.id))
 
 
 def count(connection: Connection, crm: str) -> int:

@@ -68,11 +68,6 @@ def records_with_keys(connection: Connection, keys: Sequence[str]) -> set[str]:
         phone_index.c.key.in_(keys))).scalars())
 
 
-def keys_of_records(connection: Connection, crm: str, record_ids: Sequence[str]) -> set[str]:
-    return set(connection.execute(select(phone_index.c.key).where(
-        phone_index.c.crm == crm, phone_index.c.record_id.in_(record_ids))).scalars())
-
-
 def drop_unseen(connection: Connection, crm: str, run_id: int) -> int:
     """After a full read: rows of records that no longer exist (or lost the number) go."""
     return int(connection.execute(delete(phone_index).where(

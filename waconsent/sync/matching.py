@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from waconsent.domain import Event
@@ -55,7 +55,3 @@ def record_keys(record_id: str, phones: Mapping[str, str | None], user_id: str |
 def event_keys(event: Event) -> tuple[str, ...]:
     """The keys an event can be found by: its number and its business-scoped user id."""
     return tuple(k for k in (wa_id_key(event.wa_id), user_id_key(event.user_id)) if k)
-
-
-def keys_of_events(events: Iterable[Event]) -> set[str]:
-    return {key for event in events for key in event_keys(event)}
