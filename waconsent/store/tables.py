@@ -46,6 +46,20 @@ class UtcDateTime(TypeDecorator[datetime]):
             return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
         return value.astimezone(UTC)  # type: ignore[no-any-return]
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        """On SQLite, parse the stored text and attach UTC in one step: a full sync reads a
+        few datetimes per contact and per event, and the generic two-stage path (SQLAlchemy's
+        parser, then `process_result_value`) was a tenth of its time."""
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+
+        def process(value: str | None) -> datetime | None:
+            if value is None:
+                return None
+            moment = datetime.fromisoformat(value)
+            return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+        return process
+
 
 metadata = MetaData()
 ID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
