@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from waconsent.domain import CrmRecord, Event, EventKind, Signal
+from waconsent.domain import Activity, CrmRecord, Event, EventKind, Signal
 from waconsent.phones import UnparseablePhone, mask, phone_key, wa_id_key
 from waconsent.sync.matching import event_keys, record_keys
 from waconsent.sync.rules import decide
@@ -104,6 +104,7 @@ def test_revocation_reaches_every_record_with_the_number(
         keys = record_keys(f"R{index}", phones, None, "DE")
         matched = [stop] if keys.key_set & stop_keys else []
         record = CrmRecord(f"R{index}", {"opt_in": True}, phones)
-        changes = {c.field: c.new for c in decide(record, matched, {"opt_in", "opt_out_date"},
-                                                  datetime(2026, 11, 28, tzinfo=UTC)).changes}
+        decision = decide(record, Activity.of(matched), {"opt_in", "opt_out_date"},
+                          datetime(2026, 11, 28, tzinfo=UTC))
+        changes = {c.field: c.new for c in decision.changes}
         assert (changes.get("opt_in") is False) is carries

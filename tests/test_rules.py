@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from waconsent.domain import (
     LOGICAL_FIELDS,
+    Activity,
     CrmRecord,
+    Decision,
     Event,
     EventKind,
     FieldValue,
@@ -73,8 +75,13 @@ OPTED_IN = {"opt_in": True, "opt_in_date": at(-100), "opt_in_ip": "203.0.113.1",
             "opt_in_source": "web-form"}
 
 
+def decide_events(rec: CrmRecord, events: list[Event], mapped: frozenset[str],
+                  now: datetime) -> Decision:
+    return decide(rec, Activity.of(events), mapped, now)
+
+
 def changes(rec: CrmRecord, events: list[Event], mapped: frozenset[str] = ALL) -> dict:
-    return {c.field: c.new for c in decide(rec, events, mapped, NOW).changes}
+    return {c.field: c.new for c in decide_events(rec, events, mapped, NOW).changes}
 
 
 # ---- the table -------------------------------------------------------------------------------
@@ -110,14 +117,14 @@ def test_start_grants_with_message_proof() -> None:
 ])
 def test_conflicting_signals(events, expected: bool) -> None:  # type: ignore[no-untyped-def]
     """The newest consent signal decides; resume restores nothing; ties go to the opt-out."""
-    result = apply(record(opt_in=False), decide(record(opt_in=False), events(), ALL, NOW))
+    result = apply(record(opt_in=False), decide_events(record(opt_in=False), events(), ALL, NOW))
     assert result.fields["opt_in"] is expected
 
 
 def test_crm_resubscription_after_stop_stands_and_is_reported() -> None:
     """A CRM opt-in newer than a WhatsApp STOP stands, and the conflict is named."""
     rec = record(opt_in=True, opt_in_date=at(5), opt_in_ip="1.2.3.4", opt_in_source="form")
-    decision = decide(rec, [stop(1)], ALL, NOW)
+    decision = decide_events(rec, [stop(1)], ALL, NOW)
     assert "opt_in" not in {c.field for c in decision.changes}
     assert len(decision.conflicts) == 1 and "re-subscription stands" in decision.conflicts[0]
 
@@ -126,7 +133,7 @@ def test_recorded_stop_then_resubscription_is_no_conflict() -> None:
     """A STOP already written before the CRM re-subscription is history, not a conflict."""
     rec = record(opt_in=True, opt_in_date=at(5), opt_out_date=at(1), opt_in_ip="1.2.3.4",
                  opt_in_source="form")
-    assert decide(rec, [stop(1)], ALL, NOW).conflicts == ()
+    assert decide_events(rec, [stop(1)], ALL, NOW).conflicts == ()
 
 
 def test_event_older_than_crm_change_is_ignored() -> None:
@@ -176,8 +183,8 @@ def test_session_open_flag_uses_now() -> None:
     recent = NOW - timedelta(hours=2)
     event = Event(key="msg:x", kind=EventKind.MESSAGE, occurred_at=recent, wa_id=WA,
                   opens_session=True)
-    assert decide(record(), [event], ALL, NOW).session_open
-    assert not decide(record(), [msg(1)], ALL, NOW).session_open
+    assert decide_events(record(), [event], ALL, NOW).session_open
+    assert not decide_events(record(), [msg(1)], ALL, NOW).session_open
 
 
 @pytest.mark.parametrize(("fields", "gaps"), [
@@ -218,11 +225,11 @@ def test_stop_at_the_second_of_a_recorded_opt_in_still_revokes() -> None:
     had both arrived in one run; and it is not applied twice."""
     started = start(1)
     rec = record(opt_in=False)
-    after_start = apply(rec, decide(rec, [started], ALL, NOW))
+    after_start = apply(rec, decide_events(rec, [started], ALL, NOW))
     late_stop = stop(1)
-    after_stop = apply(after_start, decide(after_start, [started, late_stop], ALL, NOW))
+    after_stop = apply(after_start, decide_events(after_start, [started, late_stop], ALL, NOW))
     assert after_stop.fields["opt_in"] is False and after_stop.fields["opt_out_date"] == at(1)
-    assert decide(after_stop, [started, late_stop], ALL, NOW).changes == ()
+    assert decide_events(after_stop, [started, late_stop], ALL, NOW).changes == ()
 
 
 def test_unmapped_fields_are_not_written() -> None:
@@ -260,8 +267,8 @@ record_strategy = st.builds(
 @given(record_strategy, st.lists(event_strategy, max_size=8))
 def test_second_decision_changes_nothing(rec: CrmRecord, events: list[Event]) -> None:
     """Idempotence: deciding again over the applied result writes nothing."""
-    after = apply(rec, decide(rec, events, ALL, NOW))
-    assert decide(after, events, ALL, NOW).changes == ()
+    after = apply(rec, decide_events(rec, events, ALL, NOW))
+    assert decide_events(after, events, ALL, NOW).changes == ()
 
 
 @settings(max_examples=300, deadline=None)
@@ -270,14 +277,14 @@ def test_event_order_does_not_matter(rec: CrmRecord, events: list[Event], rnd) -
     """The order events arrive in does not change the decision."""
     shuffled = list(events)
     rnd.shuffle(shuffled)
-    assert decide(rec, events, ALL, NOW) == decide(rec, shuffled, ALL, NOW)
+    assert decide_events(rec, events, ALL, NOW) == decide_events(rec, shuffled, ALL, NOW)
 
 
 @settings(max_examples=300, deadline=None)
 @given(record_strategy, st.lists(hours.map(msg), max_size=8))
 def test_plain_messages_never_grant(rec: CrmRecord, events: list[Event]) -> None:
     """No implied consent: plain messages never set opt_in or its proof."""
-    touched = {c.field for c in decide(rec, events, ALL, NOW).changes}
+    touched = {c.field for c in decide_events(rec, events, ALL, NOW).changes}
     assert not touched & {"opt_in", "opt_in_date", "opt_in_source", "opt_in_ip", "opt_out_date"}
 
 
@@ -286,5 +293,17 @@ def test_plain_messages_never_grant(rec: CrmRecord, events: list[Event]) -> None
 def test_opt_out_newer_than_everything_revokes(rec: CrmRecord, events: list[Event]) -> None:
     """An opt-out newer than every opt-in and every CRM change always revokes."""
     final = stop(60)
-    after = apply(rec, decide(rec, [*events, final], ALL, NOW))
+    after = apply(rec, decide_events(rec, [*events, final], ALL, NOW))
     assert after.fields["opt_in"] is False and after.fields["opt_out_date"] == at(60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(event_strategy, max_size=8), st.lists(event_strategy, max_size=8))
+def test_activity_of_parts_merges_to_the_activity_of_all(first: list[Event],
+                                                         second: list[Event]) -> None:
+    """A record matched by several keys: merging each key's activity equals reducing all of
+    its events at once (what lets the store aggregate per number)."""
+    second = [event for event in second if event.key not in {e.key for e in first}]
+    merged = Activity.merged([Activity.of(first), Activity.of(second)])
+    assert merged == Activity.of([*first, *second])
+    assert merged.events == len({event.key for event in [*first, *second]})

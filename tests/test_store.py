@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -10,12 +11,14 @@ from sqlalchemy import Engine, delete, inspect, select, text, update
 
 from tests import payloads as p
 from waconsent.connectors.whatsapp import parse_payload
+from waconsent.domain import NO_ACTIVITY, Activity, Event, EventKind, Signal
 from waconsent.errors import RunLockHeld
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
 from waconsent.store import runs as run_store
 from waconsent.store.engine import open_engine, reading
 from waconsent.store.tables import evidence
+from waconsent.sync.matching import event_keys
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 NOW = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
@@ -119,16 +122,56 @@ def test_concurrent_identical_ingest_stores_once(engine: Engine) -> None:
         assert evidence_store.chain_length(connection) == 5
 
 
-def test_events_found_by_canonical_key(engine: Engine) -> None:
-    """Events are found again by the E.164 key of their wa_id and by user id."""
+def test_activity_found_by_canonical_key_and_user_id(engine: Engine) -> None:
+    """A record's events are found by the E.164 key of their wa_id and by user id, and an
+    event under both counts once."""
     batch = parse_payload(p.payload(p.message("4915123456789", T0, "hi", user_id="US.7"))).events
     with engine.begin() as connection:
         event_store.ingest(connection, batch, "test", NOW)
     with engine.connect() as connection:
-        found = event_store.for_keys(connection, ["+4915123456789", "uid:US.7"])
-    assert [e.key for e in found["+4915123456789"]] == [batch[0].key]
-    assert [e.key for e in found["uid:US.7"]] == [batch[0].key]
-    assert found["+4915123456789"][0].occurred_at == T0
+        found = event_store.activity_of(connection, {
+            "both": {"+4915123456789", "uid:US.7"}, "number": {"+4915123456789"},
+            "user": {"uid:US.7"}, "none": {"+4915100000000"}})
+    assert set(found) == {"both", "number", "user"}
+    assert found["both"].events == 1 and found["both"].last_inbound == T0
+    assert found["both"].newest_user_id == (T0, "US.7")
+
+
+def _random_events(rnd: random.Random, count: int) -> list[Event]:
+    """Events over three numbers and two user ids, every kind the rules look at, with
+    shared seconds so the tie-breaks are exercised."""
+    numbers, users = ["4915100000001", "4915100000002", "5215512345678"], [None, "US.1", "US.2"]
+    made = []
+    for index in range(count):
+        signal = rnd.choice([Signal.NONE, Signal.NONE, Signal.OPT_IN, Signal.OPT_OUT,
+                             Signal.RESUME])
+        made.append(Event(
+            key=f"k{index:03d}", kind=rnd.choice(list(EventKind)),
+            occurred_at=T0 + timedelta(seconds=rnd.randrange(5), microseconds=rnd.randrange(3)),
+            wa_id=rnd.choice(numbers), user_id=rnd.choice(users), message_id=f"wamid.{index}",
+            signal=signal, keyword="STOP" if signal is Signal.OPT_OUT else None,
+            opens_session=rnd.random() < 0.5,
+            window_expires_at=(T0 + timedelta(hours=rnd.randrange(1, 72))
+                               if rnd.random() < 0.3 else None)))
+    return made
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_activity_aggregates_equal_the_rules_reduction(engine: Engine, seed: int) -> None:
+    """The store's SQL aggregates answer exactly `Activity.of` over the matching events,
+    for any set of keys (number only, user id only, both, several numbers)."""
+    rnd = random.Random(seed)
+    made = _random_events(rnd, 40)
+    with engine.begin() as connection:
+        event_store.ingest(connection, made, "test", NOW)
+    key_sets = {"a": {"+4915100000001"}, "ab": {"+4915100000001", "+4915100000002"},
+                "u1": {"uid:US.1"}, "a-u2": {"+4915100000001", "uid:US.2"},
+                "mx": {"+5215512345678", "uid:US.1", "uid:US.2"}}
+    with engine.connect() as connection:
+        found = event_store.activity_of(connection, key_sets)
+    for record_id, keys in key_sets.items():
+        expected = Activity.of(e for e in made if set(event_keys(e)) & keys)
+        assert found.get(record_id, NO_ACTIVITY) == expected, record_id
 
 
 def test_chain_detects_altered_row(engine: Engine) -> None:

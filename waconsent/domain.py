@@ -7,7 +7,7 @@ functions over values. All datetimes are timezone-aware UTC.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -92,6 +92,71 @@ class Event:
         if self.keyword and self.message_id:
             return f"whatsapp:keyword:{self.keyword}:{self.message_id}"
         return self.detail or self.signal.value
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What the rules need of the events matched to a record, and no more.
+
+    Every consent signal (opt-in, opt-out) is kept whole: each can win or be reported as a
+    conflict. Of everything else only three facts matter: the newest user message (the
+    24-hour window), the latest free-entry-point expiry, and the newest business-scoped user
+    id. A store can compute this per number with SQL aggregates, so a full run costs one row
+    per number however long its chat history has grown.
+    """
+
+    consent: tuple[Event, ...] = ()
+    last_inbound: datetime | None = None
+    window_expires: datetime | None = None
+    #: (when, user id) of the newest event carrying a user id; at one time, the greatest id
+    newest_user_id: tuple[datetime, str] | None = None
+    events: int = 0  # how many events stand behind it (the report's events_considered)
+
+    @classmethod
+    def of(cls, events: Iterable[Event]) -> Activity:
+        """The reduction itself; a store's aggregate query must answer exactly this.
+        An event is its key: one delivered twice counts once."""
+        unique = {event.key: event for event in events}
+        consent: list[Event] = []
+        last_inbound = window_expires = None
+        newest_user_id: tuple[datetime, str] | None = None
+        for event in unique.values():
+            if event.signal in CONSENT_SIGNALS:
+                consent.append(event)
+            if event.opens_session and (last_inbound is None or event.occurred_at > last_inbound):
+                last_inbound = event.occurred_at
+            expires = event.window_expires_at
+            if expires is not None and (window_expires is None or expires > window_expires):
+                window_expires = expires
+            if event.user_id and (newest_user_id is None
+                                  or (event.occurred_at, event.user_id) > newest_user_id):
+                newest_user_id = (event.occurred_at, event.user_id)
+        return cls(tuple(sorted(consent, key=lambda e: e.key)), last_inbound, window_expires,
+                   newest_user_id, len(unique))
+
+    @classmethod
+    def merged(cls, parts: Sequence[Activity]) -> Activity:
+        """The activity of disjoint sets of events (a record matched by several keys)."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return NO_ACTIVITY
+        consent = {event.key: event for part in parts for event in part.consent}
+        return cls(tuple(consent[key] for key in sorted(consent)),
+                   _newest(p.last_inbound for p in parts),
+                   _newest(p.window_expires for p in parts),
+                   max((p.newest_user_id for p in parts if p.newest_user_id), default=None),
+                   sum(p.events for p in parts))
+
+    def __bool__(self) -> bool:
+        return self.events > 0
+
+
+def _newest(moments: Iterable[datetime | None]) -> datetime | None:
+    return max((m for m in moments if m is not None), default=None)
+
+
+NO_ACTIVITY = Activity()
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,10 @@ class CrmConnector(Protocol):
 
     #: how many records one write call carries (Salesforce collections: 200)
     write_batch_size: int
+    #: whether the run should fetch the next page in a thread while it decides this one:
+    #: worth it when reads wait on the network; a local SQLite read is faster in line
+    #: (its rows hand the interpreter lock back and forth with the deciding thread)
+    read_ahead: bool
 
     def preflight(self) -> None:
         """Check the mapping against the CRM before anything is read or written.

@@ -110,6 +110,8 @@ def _int_value(value: str | int | None) -> int | None:
 class DynamicsConnector:
     """CrmConnector for one Dataverse entity set (usually `contacts`)."""
 
+    read_ahead = True
+
     def __init__(self, *, org_url: str, entity_set: str, fields: Mapping[str, str],
                  phone_fields: Sequence[str], tokens: TokenProvider,
                  opted_in: str | int | None = None, opted_out: str | int | None = None,

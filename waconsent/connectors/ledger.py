@@ -51,6 +51,7 @@ class LedgerCrm:
     """CrmConnector over the contacts table; every call is one SQL statement."""
 
     write_batch_size = 500
+    read_ahead = False  # the store itself: reading in line beats a thread (see the protocol)
 
     def __init__(self, engine: Engine, read_chunk_size: int = 2_000,
                  clock: Any = None) -> None:

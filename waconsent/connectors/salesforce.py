@@ -177,6 +177,7 @@ class SalesforceConnector:
     """CrmConnector over one Salesforce object (Contact, Lead, MessagingEndUser, ...)."""
 
     write_batch_size = COLLECTION_LIMIT
+    read_ahead = True
 
     def __init__(self, settings: SalesforceConfig, mapping: MappingConfig, auth: Authenticator,
                  *, policy: RetryPolicy | None = None, session: requests.Session | None = None,

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Row, case, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from waconsent.domain import Event, EventKind, Signal
-from waconsent.phones import user_id_key, wa_id_key
+from waconsent.domain import CONSENT_SIGNALS, Activity, Event, EventKind, Signal
+from waconsent.phones import USER_ID_PREFIX, user_id_key, wa_id_key
 from waconsent.store import evidence as evidence_store
 from waconsent.store.tables import events
 
@@ -111,29 +112,72 @@ def to_event(row: Row[Any]) -> Event:
     )
 
 
-def for_keys(connection: Connection, keys: Iterable[str]) -> dict[str, list[Event]]:
-    """Events by match key (phone key or user-id key); an event may sit under both."""
-    wanted = sorted(set(keys))
-    found: dict[str, list[Event]] = defaultdict(list)
-    phone = [k for k in wanted if not k.startswith("uid:")]
-    uids = [k for k in wanted if k.startswith("uid:")]
-    phone_set, uid_set = set(phone), set(uids)
-    for start in range(0, max(len(phone), len(uids)), _CHUNK):
-        conditions = []
-        if phone[start:start + _CHUNK]:
-            conditions.append(events.c.phone_key.in_(phone[start:start + _CHUNK]))
-        if uids[start:start + _CHUNK]:
-            conditions.append(events.c.uid_key.in_(uids[start:start + _CHUNK]))
-        rows = connection.execute(
-            select(*_EVENT_COLUMNS).where(or_(*conditions)).order_by(events.c.id)).all()
-        for row in rows:
-            event = to_event(row)
-            phone_key, uid_key = row[5], row[6]
-            if phone_key in phone_set:
-                found[phone_key].append(event)
-            if uid_key in uid_set:
-                found[uid_key].append(event)
+Group = tuple[str | None, str | None]  # (phone key, user-id key) shared by a set of events
+
+
+def activity_of(connection: Connection, keys_by_record: Mapping[str, Collection[str]]
+                ) -> dict[str, Activity]:
+    """Each record's `Activity`, from the events under any of its match keys; records
+    without events are left out.
+
+    Events are grouped by their (phone key, user-id key) pair. The pairs partition the
+    events, so a record's activity is the merge of the pairs carrying any of its keys, and
+    an event under both its number and its user id counts once. Aggregates do the reducing,
+    so a number with years of chat history still costs one row.
+    """
+    groups = _activity_by_group(connection, chain.from_iterable(keys_by_record.values()))
+    by_key: dict[str, list[Group]] = defaultdict(list)
+    for group in groups:
+        for key in group:
+            if key is not None:
+                by_key[key].append(group)
+    found: dict[str, Activity] = {}
+    for record_id, keys in keys_by_record.items():
+        matched = {group for key in keys for group in by_key.get(key, ())}
+        if matched:
+            found[record_id] = Activity.merged([groups[group] for group in matched])
     return found
+
+
+def _activity_by_group(connection: Connection, keys: Iterable[str]) -> dict[Group, Activity]:
+    wanted = sorted(set(keys))
+    phone = [k for k in wanted if not k.startswith(USER_ID_PREFIX)]
+    uids = [k for k in wanted if k.startswith(USER_ID_PREFIX)]
+    facts: dict[Group, tuple[int, datetime | None, datetime | None, tuple[datetime, str] | None]]
+    facts = {}
+    consent: dict[Group, dict[str, Event]] = defaultdict(dict)
+    for start in range(0, max(len(phone), len(uids)), _CHUNK):
+        matches = _under_keys(phone[start:start + _CHUNK], uids[start:start + _CHUNK])
+        for phone_key, uid_key, count, inbound, window, uid_at, user_id in connection.execute(
+                _ACTIVITY.where(matches)):
+            facts[(phone_key, uid_key)] = (
+                count, inbound, window, (uid_at, user_id) if uid_at and user_id else None)
+        for row in connection.execute(_CONSENT.where(matches)):
+            event = to_event(row)
+            consent[(row[5], row[6])][event.key] = event
+    return {group: Activity(tuple(consent[group][key] for key in sorted(consent[group])),
+                            inbound, window, newest_user_id, count)
+            for group, (count, inbound, window, newest_user_id) in facts.items()}
+
+
+_ACTIVITY = select(
+    events.c.phone_key, events.c.uid_key, func.count(),
+    func.max(case((events.c.opens_session, events.c.occurred_at))),
+    func.max(events.c.window_expires_at),
+    func.max(case((events.c.uid_key.is_not(None), events.c.occurred_at))),
+    func.max(events.c.user_id),
+).group_by(events.c.phone_key, events.c.uid_key)
+_CONSENT = select(*_EVENT_COLUMNS).where(
+    events.c.signal.in_(sorted(signal.value for signal in CONSENT_SIGNALS)))
+
+
+def _under_keys(phone: Sequence[str], uids: Sequence[str]) -> ColumnElement[bool]:
+    conditions = []
+    if phone:
+        conditions.append(events.c.phone_key.in_(phone))
+    if uids:
+        conditions.append(events.c.uid_key.in_(uids))
+    return or_(*conditions)
 
 
 def newest_id(connection: Connection) -> int:

@@ -1,9 +1,11 @@
 """The consent rules of SPEC section 5, as pure functions over plain data.
 
-`decide` takes one record's current consent fields, the events matched to it,
-the set of logical fields the CRM has mapped, and `now`; it returns the field
-changes and notes. No clock, database or HTTP in here: that is what makes the
-rules property-testable (idempotence, order independence, no implied consent).
+`decide` takes one record's current consent fields, the activity of the events
+matched to it (`Activity`: every consent signal, the newest user message, the
+latest window expiry, the newest user id), the set of logical fields the CRM has
+mapped, and `now`; it returns the field changes and notes. No clock, database or
+HTTP in here: that is what makes the rules property-testable (idempotence, order
+independence, no implied consent).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from waconsent.domain import (
     PROOF_MISSING,
     SESSION_EXPIRES,
     WHATSAPP_USER_ID,
+    Activity,
     CrmRecord,
     Decision,
     Event,
@@ -139,12 +142,12 @@ def _stale_conflicts(fields: Mapping[str, FieldValue], stale: Sequence[Event],
     return notes
 
 
-def _session_targets(fields: Mapping[str, FieldValue], events: Sequence[Event]
+def _session_targets(fields: Mapping[str, FieldValue], activity: Activity
                      ) -> dict[str, tuple[FieldValue, str]]:
     """5.1: the newest user message opens 24 h; a later free-entry-point expiry extends it."""
     targets: dict[str, tuple[FieldValue, str]] = {}
-    inbound = max((to_second(e.occurred_at) for e in events if e.opens_session), default=None)
-    expiries = [to_second(e.window_expires_at) for e in events if e.window_expires_at]
+    inbound = _when(activity.last_inbound)
+    expiries = [to_second(activity.window_expires)] if activity.window_expires else []
     if inbound is not None:
         current = _when(fields.get(LAST_INBOUND))
         if current is None or inbound > current:
@@ -160,15 +163,12 @@ def _session_targets(fields: Mapping[str, FieldValue], events: Sequence[Event]
     return targets
 
 
-def _user_id_target(fields: Mapping[str, FieldValue], events: Sequence[Event]
+def _user_id_target(fields: Mapping[str, FieldValue], activity: Activity
                     ) -> dict[str, tuple[FieldValue, str]]:
-    if fields.get(WHATSAPP_USER_ID):
+    if fields.get(WHATSAPP_USER_ID) or activity.newest_user_id is None:
         return {}
-    with_id = [e for e in events if e.user_id]
-    if not with_id:
-        return {}
-    newest = max(with_id, key=lambda e: (e.occurred_at, e.key))
-    return {WHATSAPP_USER_ID: (newest.user_id, "business-scoped user id seen on WhatsApp")}
+    return {WHATSAPP_USER_ID: (activity.newest_user_id[1],
+                               "business-scoped user id seen on WhatsApp")}
 
 
 def _differs(old: FieldValue, new: FieldValue) -> bool:
@@ -177,16 +177,20 @@ def _differs(old: FieldValue, new: FieldValue) -> bool:
     return old != new
 
 
-def decide(record: CrmRecord, events: Sequence[Event], mapped: Collection[str],
+def decide(record: CrmRecord, activity: Activity, mapped: Collection[str],
            now: datetime) -> Decision:
-    """Every rule of SPEC section 5 for one record; `mapped` limits what may be written."""
+    """Every rule of SPEC section 5 for one record; `mapped` limits what may be written.
+
+    `activity` is `Activity.of(events)` for the events matched to the record (a store may
+    compute it in SQL); the rules need nothing else of them.
+    """
     fields = record.fields
     targets: dict[str, tuple[FieldValue, str]] = {}
     conflicts: list[str] = []
-    if events:  # most records of an org have no WhatsApp activity: only proof applies
-        consent, conflicts = _consent_targets(fields, events)
-        targets = {**consent, **_session_targets(fields, events),
-                   **_user_id_target(fields, events)}
+    if activity:  # most records of an org have no WhatsApp activity: only proof applies
+        consent, conflicts = _consent_targets(fields, activity.consent)
+        targets = {**consent, **_session_targets(fields, activity),
+                   **_user_id_target(fields, activity)}
     after = ({**fields, **{name: value for name, (value, _) in targets.items()}} if targets
              else fields)
     gaps = proof_gaps(after) if after.get(OPT_IN) is True else []
