@@ -8,6 +8,8 @@ migrations run under an advisory lock so that nodes starting together migrate on
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,20 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Connection,
+    Engine,
+    String,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -109,3 +124,14 @@ def _ensure_sqlite_folder(url: str) -> None:
     path = url.split("///", 1)[1] if "///" in url else ""
     if path and path != ":memory:" and not path.startswith("file:"):
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def among(connection: Connection, column: ColumnElement[Any], values: Sequence[str]
+          ) -> ColumnElement[bool]:
+    """`column IN (values)` with the values bound as one parameter: a JSON array on SQLite,
+    an array on PostgreSQL. A plain IN list is re-rendered with a placeholder per value on
+    every execution, which cost a full sync more than the lookups themselves."""
+    if connection.dialect.name == "sqlite":
+        listed = func.json_each(bindparam(None, json.dumps(list(values)), type_=String))
+        return column.in_(select(listed.table_valued("value").c.value))
+    return column == any_(bindparam(None, list(values), type_=ARRAY(String)))

@@ -15,11 +15,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from waconsent.domain import CONSENT_SIGNALS, Activity, Event, EventKind, Signal
 from waconsent.phones import USER_ID_PREFIX, user_id_key, wa_id_key
 from waconsent.store import evidence as evidence_store
+from waconsent.store.engine import among
 from waconsent.store.tables import events
 
 EVIDENCE_SIGNALS = frozenset({Signal.OPT_IN, Signal.OPT_OUT, Signal.RESUME,
                               Signal.NUMBER_CHANGED})
 _CHUNK = 500
+_KEYS_PER_QUERY = 2_000  # bound as one array (see `store.engine.among`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,19 +142,22 @@ def activity_of(connection: Connection, keys_by_record: Mapping[str, Collection[
 
 
 def _activity_by_group(connection: Connection, keys: Iterable[str]) -> dict[Group, Activity]:
-    wanted = sorted(set(keys))
-    phone = [k for k in wanted if not k.startswith(USER_ID_PREFIX)]
-    uids = [k for k in wanted if k.startswith(USER_ID_PREFIX)]
+    """One aggregate row per group; the consent events themselves are read only for the
+    groups that have any (most numbers never sent STOP or START)."""
+    wanted = set(keys)
     facts: dict[Group, tuple[int, datetime | None, datetime | None, tuple[datetime, str] | None]]
     facts = {}
-    consent: dict[Group, dict[str, Event]] = defaultdict(dict)
-    for start in range(0, max(len(phone), len(uids)), _CHUNK):
-        matches = _under_keys(phone[start:start + _CHUNK], uids[start:start + _CHUNK])
-        for phone_key, uid_key, count, inbound, window, uid_at, user_id in connection.execute(
-                _ACTIVITY.where(matches)):
+    with_consent: set[str] = set()
+    for matches in _under_keys(connection, wanted):
+        for (phone_key, uid_key, count, consent_count, inbound, window, uid_at,
+             user_id) in connection.execute(_ACTIVITY.where(matches)).all():
             facts[(phone_key, uid_key)] = (
                 count, inbound, window, (uid_at, user_id) if uid_at and user_id else None)
-        for row in connection.execute(_CONSENT.where(matches)):
+            if consent_count:
+                with_consent.add(phone_key if phone_key in wanted else uid_key)
+    consent: dict[Group, dict[str, Event]] = defaultdict(dict)
+    for matches in _under_keys(connection, with_consent):
+        for row in connection.execute(_CONSENT.where(matches)).all():
             event = to_event(row)
             consent[(row[5], row[6])][event.key] = event
     return {group: Activity(tuple(consent[group][key] for key in sorted(consent[group])),
@@ -160,24 +165,34 @@ def _activity_by_group(connection: Connection, keys: Iterable[str]) -> dict[Grou
             for group, (count, inbound, window, newest_user_id) in facts.items()}
 
 
+_CONSENT_VALUES = sorted(signal.value for signal in CONSENT_SIGNALS)
 _ACTIVITY = select(
     events.c.phone_key, events.c.uid_key, func.count(),
+    func.count(case((events.c.signal.in_(_CONSENT_VALUES), 1))),
     func.max(case((events.c.opens_session, events.c.occurred_at))),
     func.max(events.c.window_expires_at),
     func.max(case((events.c.uid_key.is_not(None), events.c.occurred_at))),
     func.max(events.c.user_id),
 ).group_by(events.c.phone_key, events.c.uid_key)
-_CONSENT = select(*_EVENT_COLUMNS).where(
-    events.c.signal.in_(sorted(signal.value for signal in CONSENT_SIGNALS)))
+_CONSENT = select(*_EVENT_COLUMNS).where(events.c.signal.in_(_CONSENT_VALUES))
 
 
-def _under_keys(phone: Sequence[str], uids: Sequence[str]) -> ColumnElement[bool]:
-    conditions = []
-    if phone:
-        conditions.append(events.c.phone_key.in_(phone))
-    if uids:
-        conditions.append(events.c.uid_key.in_(uids))
-    return or_(*conditions)
+def _under_keys(connection: Connection, keys: Collection[str | None]
+                ) -> Iterator[ColumnElement[bool]]:
+    """Conditions matching the events under the keys (phone keys and user-id keys), a
+    bounded number of keys at a time."""
+    ordered = sorted(k for k in keys if k)
+    phone = [k for k in ordered if not k.startswith(USER_ID_PREFIX)]
+    uids = [k for k in ordered if k.startswith(USER_ID_PREFIX)]
+    for start in range(0, max(len(phone), len(uids)), _KEYS_PER_QUERY):
+        conditions = []
+        if phone[start:start + _KEYS_PER_QUERY]:
+            conditions.append(among(connection, events.c.phone_key,
+                                    phone[start:start + _KEYS_PER_QUERY]))
+        if uids[start:start + _KEYS_PER_QUERY]:
+            conditions.append(among(connection, events.c.uid_key,
+                                    uids[start:start + _KEYS_PER_QUERY]))
+        yield or_(*conditions)
 
 
 def newest_id(connection: Connection) -> int:

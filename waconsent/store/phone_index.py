@@ -10,9 +10,10 @@ from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
+from waconsent.store.engine import among
 from waconsent.store.tables import events, phone_index
 
-_CHUNK = 500
+_CHUNK = 2_000  # ids per statement (bound as one array, see `among`)
 
 
 def replace(connection: Connection, crm: str, record_ids: Sequence[str],
@@ -21,7 +22,7 @@ def replace(connection: Connection, crm: str, record_ids: Sequence[str],
     for start in range(0, len(record_ids), _CHUNK):
         connection.execute(delete(phone_index).where(
             phone_index.c.crm == crm,
-            phone_index.c.record_id.in_(record_ids[start:start + _CHUNK])))
+            among(connection, phone_index.c.record_id, record_ids[start:start + _CHUNK])))
     values = [{"crm": crm, "record_id": record_id, "field": field, "key": key,
                "raw": (raw or "")[:200], "seen_run": run_id}
               for record_id, field, key, raw in dict.fromkeys(rows)]
@@ -36,8 +37,8 @@ def known_keys(connection: Connection, crm: str, record_ids: Sequence[str]
     for start in range(0, len(record_ids), _CHUNK):
         rows = connection.execute(select(
             phone_index.c.record_id, phone_index.c.field, phone_index.c.raw, phone_index.c.key
-        ).where(phone_index.c.crm == crm,
-                phone_index.c.record_id.in_(record_ids[start:start + _CHUNK]))).all()
+        ).where(phone_index.c.crm == crm, among(
+            connection, phone_index.c.record_id, record_ids[start:start + _CHUNK]))).all()
         for record_id, field, raw, key in rows:
             found.setdefault(record_id, {})[field] = (raw, key)
     return found
@@ -48,7 +49,8 @@ def mark_seen(connection: Connection, crm: str, record_ids: Sequence[str], run_i
     for start in range(0, len(record_ids), _CHUNK):
         connection.execute(update(phone_index).where(
             phone_index.c.crm == crm,
-            phone_index.c.record_id.in_(record_ids[start:start + _CHUNK])).values(seen_run=run_id))
+            among(connection, phone_index.c.record_id, record_ids[start:start + _CHUNK])
+        ).values(seen_run=run_id))
 
 
 def record_ids_for_keys(connection: Connection, crm: str, keys: Iterable[str]) -> set[str]:
@@ -58,7 +60,7 @@ def record_ids_for_keys(connection: Connection, crm: str, keys: Iterable[str]) -
         found.update(connection.execute(
             select(phone_index.c.record_id).where(
                 phone_index.c.crm == crm,
-                phone_index.c.key.in_(wanted[start:start + _CHUNK]))).scalars())
+                among(connection, phone_index.c.key, wanted[start:start + _CHUNK]))).scalars())
     return found
 
 
