@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import Engine, delete, inspect, select, text, update
+from sqlalchemy.dialects.sqlite import DATETIME
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite as sqlite_dialect
 
 from tests import payloads as p
 from waconsent.connectors.whatsapp import parse_payload
@@ -17,7 +19,7 @@ from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
 from waconsent.store import runs as run_store
 from waconsent.store.engine import open_engine, reading
-from waconsent.store.tables import evidence
+from waconsent.store.tables import UtcDateTime, evidence
 from waconsent.sync.matching import event_keys
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -246,3 +248,23 @@ def test_verify_ignores_rows_appended_after_it_read_the_head(engine: Engine) -> 
     with engine.connect() as connection:
         assert evidence_store.verify(connection) == []
         assert evidence_store.chain_length(connection) == 4
+
+
+@pytest.mark.parametrize("moment", [
+    datetime(2026, 11, 1, tzinfo=UTC),                                     # no microseconds
+    datetime(5, 1, 2, 3, 4, 5, 6, tzinfo=UTC),                             # a short year
+    datetime(2026, 3, 1, 1, 2, 3, 999999, tzinfo=timezone(timedelta(hours=2))),  # an offset
+])
+def test_sqlite_datetimes_are_stored_in_sqlalchemy_format_and_read_back(moment: datetime) -> None:
+    """The ledger's one-step SQLite conversion writes exactly SQLAlchemy's text (so stored
+    values keep comparing in time order against anything else SQLAlchemy wrote) and reads
+    back the same instant, aware UTC."""
+    dialect = sqlite_dialect()
+    ours = UtcDateTime()
+    stored = ours.bind_processor(dialect)(moment)
+    assert stored == DATETIME().bind_processor(dialect)(
+        moment.astimezone(UTC).replace(tzinfo=None))
+    back = ours.result_processor(dialect, None)(stored)
+    assert back == moment and back.tzinfo is UTC
+    with pytest.raises(ValueError, match="naive"):
+        ours.bind_processor(dialect)(moment.replace(tzinfo=None))

@@ -46,6 +46,17 @@ class UtcDateTime(TypeDecorator[datetime]):
             return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
         return value.astimezone(UTC)  # type: ignore[no-any-return]
 
+    def bind_processor(self, dialect: Dialect) -> Any:
+        """On SQLite, one step to the stored text (SQLAlchemy's own format, microseconds
+        always written, so stored values compare in time order as text)."""
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def process(value: datetime | None) -> str | None:
+            moment = self.process_bind_param(value, dialect)
+            return None if moment is None else moment.isoformat(" ", "microseconds")
+        return process
+
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
         """On SQLite, parse the stored text and attach UTC in one step: a full sync reads a
         few datetimes per contact and per event, and the generic two-stage path (SQLAlchemy's
