@@ -9,8 +9,11 @@ events spread over a fifth of the numbers, one in twenty a STOP), then measures 
 separate child processes, so each peak RSS is that step's own:
 
 * baseline: streaming every contact through the ledger connector (the I/O floor);
-* first full sync (parses every number, decides, queues and writes back);
-* second full sync (steady state: nothing new, zero writes).
+* first full sync: onboarding, once per ledger (parses every number into the phone
+  index, decides, queues and writes back a third of the records);
+* nightly full sync: what the schedule runs every night, after a day's new events
+  (1% of the archive, one in twenty a STOP) arrived;
+* idle full sync: nothing new since, so zero writes (idempotence at scale).
 
 Reported: seconds, contacts/s, peak RSS, and the ratio of each sync to the baseline.
 """
@@ -36,10 +39,12 @@ from waconsent.store.tables import contacts, events
 FORMATS = ("0151 {a}{b}", "+49 151 {a} {b}", "0049151{a}{b}", "+49151{a}{b}", "0151/{a}{b}")
 
 
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+
+
 def build(url: str, n_contacts: int, n_events: int, seed: int = 1) -> None:
-    rnd = random.Random(seed)
     engine = open_engine(url)
-    now = datetime(2026, 11, 1, tzinfo=UTC)
+    now = NOW
     with engine.begin() as connection:
         batch = []
         for i in range(n_contacts):
@@ -56,6 +61,15 @@ def build(url: str, n_contacts: int, n_events: int, seed: int = 1) -> None:
                 batch = []
         if batch:
             connection.execute(insert(contacts), batch)
+    engine.dispose()
+    add_events(url, n_contacts, n_events, "B", NOW, seed)
+
+
+def add_events(url: str, n_contacts: int, n_events: int, prefix: str, start: datetime,
+               seed: int) -> None:
+    """Messages from a fifth of the numbers, one in twenty a STOP, a second apart."""
+    rnd = random.Random(seed)
+    engine = open_engine(url)
     active = max(1, n_contacts // 5)
     with engine.begin() as connection:
         batch = []
@@ -64,12 +78,12 @@ def build(url: str, n_contacts: int, n_events: int, seed: int = 1) -> None:
             wa_id = f"49151{i // 10000:04d}{i % 10000:04d}"
             stop = j % 20 == 0
             batch.append({
-                "key": f"msg:wamid.B{j:09d}", "kind": "message",
-                "occurred_at": now + timedelta(seconds=j), "wa_id": wa_id,
-                "phone_key": wa_id_key(wa_id), "message_id": f"wamid.B{j:09d}",
+                "key": f"msg:wamid.{prefix}{j:09d}", "kind": "message",
+                "occurred_at": start + timedelta(seconds=j), "wa_id": wa_id,
+                "phone_key": wa_id_key(wa_id), "message_id": f"wamid.{prefix}{j:09d}",
                 "message_type": "text", "signal": "opt_out" if stop else "none",
                 "keyword": "STOP" if stop else None, "opens_session": True,
-                "source": "benchmark", "received_at": now})
+                "source": "benchmark", "received_at": start})
             if len(batch) == 20_000:
                 connection.execute(insert(events), batch)
                 batch = []
@@ -124,7 +138,10 @@ def main() -> None:
         print(f"built {args.contacts:,} contacts and {args.events:,} events in "
               f"{time.perf_counter() - started:.1f} s")
         baseline = measure(url, "baseline")
-        rows = [baseline, measure(url, "first"), measure(url, "second")]
+        rows = [baseline, measure(url, "first")]
+        add_events(url, args.contacts, max(1, args.events // 100), "N",
+                   NOW + timedelta(seconds=args.events + 86_400), seed=2)
+        rows += [measure(url, "nightly"), measure(url, "idle")]
     for row in rows:
         rate = row["records"] / row["seconds"]
         print(f"{row['step']:>8}: {row['records']:,} contacts in {row['seconds']:.1f} s = "
