@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from waconsent import domain
 from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
 from waconsent.phones import UnparseablePhone, mask, phone_key
-from waconsent.store.engine import reading
+from waconsent.store.engine import among, reading
 from waconsent.store.tables import contacts
 
 PHONE_FIELDS = ("mobile_phone", "phone")
@@ -93,7 +93,8 @@ class LedgerCrm:
         for start in range(0, len(ids), _CHUNK):
             with reading(self._engine) as connection:
                 rows = connection.execute(
-                    select(contacts).where(contacts.c.id.in_(ids[start:start + _CHUNK]))).all()
+                    select(contacts).where(
+                        among(connection, contacts.c.id, ids[start:start + _CHUNK]))).all()
                 connection.rollback()
             self._calls += 1
             yield from (_row_to_record(row) for row in rows)
@@ -113,7 +114,7 @@ class LedgerCrm:
                 groups.setdefault(tuple(sorted(write.values)), []).append(index)
         with self._engine.begin() as connection:
             existing = set(connection.execute(select(contacts.c.id).where(
-                contacts.c.id.in_([w.record_id for w in writes]))).scalars())
+                among(connection, contacts.c.id, [w.record_id for w in writes]))).scalars())
             for names, indexes in groups.items():
                 present = [i for i in indexes if writes[i].record_id in existing]
                 for i in indexes:

@@ -126,12 +126,13 @@ def _ensure_sqlite_folder(url: str) -> None:
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def among(connection: Connection, column: ColumnElement[Any], values: Sequence[str]
-          ) -> ColumnElement[bool]:
+def among(connection: Connection, column: ColumnElement[Any],
+          values: Sequence[str] | Sequence[int]) -> ColumnElement[bool]:
     """`column IN (values)` with the values bound as one parameter: a JSON array on SQLite,
     an array on PostgreSQL. A plain IN list is re-rendered with a placeholder per value on
-    every execution, which cost a full sync more than the lookups themselves."""
+    every execution, which cost a full sync more than the lookups themselves. Every query
+    over a list of ids or keys uses this; fixed sets of constants stay plain `in_`."""
     if connection.dialect.name == "sqlite":
         listed = func.json_each(bindparam(None, json.dumps(list(values)), type_=String))
         return column.in_(select(listed.table_valued("value").c.value))
-    return column == any_(bindparam(None, list(values), type_=ARRAY(String)))
+    return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))

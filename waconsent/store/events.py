@@ -230,5 +230,6 @@ def in_range(connection: Connection, after_id: int, up_to_id: int,
 
 def for_proof(connection: Connection, keys: Sequence[str]) -> list[Any]:
     return list(connection.execute(
-        select(events).where(or_(events.c.phone_key.in_(keys), events.c.uid_key.in_(keys)))
+        select(events).where(or_(among(connection, events.c.phone_key, keys),
+                                 among(connection, events.c.uid_key, keys)))
         .order_by(events.c.occurred_at, events.c.id)))

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, or_, select, update
 
 from waconsent.domain import jsonable
+from waconsent.store.engine import among
 from waconsent.store.tables import evidence, evidence_head
 
 GENESIS = "0" * 64
@@ -114,8 +115,9 @@ def chain_length(connection: Connection) -> int:
 def for_keys(connection: Connection, keys: Sequence[str],
              record_ids: Sequence[str] = ()) -> Iterator[Any]:
     """Evidence rows about the given match keys or records, oldest first."""
-    conditions = [evidence.c.phone_key.in_(keys), evidence.c.uid_key.in_(keys)]
+    conditions = [among(connection, evidence.c.phone_key, keys),
+                  among(connection, evidence.c.uid_key, keys)]
     if record_ids:
-        conditions.append(evidence.c.record_id.in_(record_ids))
+        conditions.append(among(connection, evidence.c.record_id, record_ids))
     yield from connection.execute(
         select(evidence).where(or_(*conditions)).order_by(evidence.c.id))

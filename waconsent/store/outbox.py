@@ -17,6 +17,7 @@ from sqlalchemy import Connection, delete, func, select, update
 
 from waconsent import domain
 from waconsent.domain import Decision, FieldValue, WriteResult, jsonable
+from waconsent.store.engine import among
 from waconsent.store.tables import outbox
 
 _CHUNK = 500
@@ -77,8 +78,8 @@ def enqueue(connection: Connection, crm: str, decisions: Sequence[Decision], run
     for start in range(0, len(pending), _CHUNK):
         chunk = pending[start:start + _CHUNK]
         existing = {row.record_id: row for row in connection.execute(
-            select(outbox).where(outbox.c.crm == crm,
-                                 outbox.c.record_id.in_([d.record_id for d in chunk])))}
+            select(outbox).where(outbox.c.crm == crm, among(
+                connection, outbox.c.record_id, [d.record_id for d in chunk])))}
         replace: list[int] = []
         inserts = []
         for decision in chunk:
@@ -94,7 +95,7 @@ def enqueue(connection: Connection, crm: str, decisions: Sequence[Decision], run
                             "created_at": now, "run_id": run_id, "attempts": 0,
                             "permanent": False})
         if replace:
-            connection.execute(delete(outbox).where(outbox.c.id.in_(replace)))
+            connection.execute(delete(outbox).where(among(connection, outbox.c.id, replace)))
         if inserts:
             connection.execute(outbox.insert(), inserts)
         queued += len(inserts)
@@ -103,7 +104,7 @@ def enqueue(connection: Connection, crm: str, decisions: Sequence[Decision], run
 
 def drop(connection: Connection, outbox_ids: Sequence[int]) -> None:
     if outbox_ids:
-        connection.execute(delete(outbox).where(outbox.c.id.in_(outbox_ids)))
+        connection.execute(delete(outbox).where(among(connection, outbox.c.id, outbox_ids)))
 
 
 def sendable(connection: Connection, crm: str, after_id: int = 0, priority: int = 0,
@@ -114,8 +115,9 @@ def sendable(connection: Connection, crm: str, after_id: int = 0, priority: int 
         (outbox.c.priority > priority) | ((outbox.c.priority == priority)
                                           & (outbox.c.id > after_id)))
     if record_ids is not None:
-        query = query.where(outbox.c.record_id.in_(record_ids))
-    rows = connection.execute(query.order_by(outbox.c.priority, outbox.c.id).limit(limit))
+        query = query.where(among(connection, outbox.c.record_id, record_ids))
+    rows = connection.execute(
+        query.order_by(outbox.c.priority, outbox.c.id).limit(limit)).all()
     return [QueuedWrite(r.id, r.record_id, r.priority, tuple(r.changes), r.attempts, r.basis)
             for r in rows]
 
@@ -124,7 +126,8 @@ def settle(connection: Connection, outcomes: Sequence[tuple[QueuedWrite, WriteRe
     """Confirmed rows leave the outbox; failed rows stay with their error and attempt count."""
     confirmed = [queued.outbox_id for queued, result in outcomes if result.ok]
     for start in range(0, len(confirmed), _CHUNK):
-        connection.execute(delete(outbox).where(outbox.c.id.in_(confirmed[start:start + _CHUNK])))
+        connection.execute(delete(outbox).where(
+            among(connection, outbox.c.id, confirmed[start:start + _CHUNK])))
     for queued, result in outcomes:
         if not result.ok:
             connection.execute(update(outbox).where(outbox.c.id == queued.outbox_id).values(

@@ -67,7 +67,7 @@ def record_ids_for_keys(connection: Connection, crm: str, keys: Iterable[str]) -
 def records_with_keys(connection: Connection, keys: Sequence[str]) -> set[str]:
     """Record ids carrying any of the keys, in any CRM (for `waconsent proof`)."""
     return set(connection.execute(select(phone_index.c.record_id).where(
-        phone_index.c.key.in_(keys))).scalars())
+        among(connection, phone_index.c.key, keys))).scalars())
 
 
 def drop_unseen(connection: Connection, crm: str, run_id: int) -> int:
