@@ -306,4 +306,4 @@ def test_activity_of_parts_merges_to_the_activity_of_all(first: list[Event],
     second = [event for event in second if event.key not in {e.key for e in first}]
     merged = Activity.merged([Activity.of(first), Activity.of(second)])
     assert merged == Activity.of([*first, *second])
-    assert merged.events == len({event.key for event in [*first, *second]})
+    assert merged.event_count == len({event.key for event in [*first, *second]})

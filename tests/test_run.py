@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -440,3 +441,26 @@ def test_event_committed_late_below_the_watermark_is_not_missed(engine: Engine,
     assert report.mode == "incremental" and report.revocations == 1
     assert report.records_read == 2  # C on the watermark, A found through its late event
     assert contact(engine, "A").opt_in is False
+
+
+def test_collector_freeze_spans_overlapping_runs(engine: Engine, store_url: str) -> None:
+    """A run keeps the garbage collector off pre-existing objects; with two runs in one
+    process (as under `serve`), the first to end must not unfreeze the other's, and the
+    last to end unfreezes everything."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789"), opted_in("B", "0170 1112233")],
+                    NOW)
+    assert gc.get_freeze_count() == 0
+    seen: list[tuple[str, bool]] = []
+
+    def inner(_record: Any, _decision: Any) -> None:
+        seen.append(("inner", gc.get_freeze_count() > 0))
+
+    def outer(_record: Any, _decision: Any) -> None:
+        seen.append(("outer", gc.get_freeze_count() > 0))
+        if len(seen) == 1:
+            run_once(cfg, dry_run=True, engine=engine, clock=clock, on_decision=inner)
+
+    run_once(cfg, full=True, engine=engine, clock=clock, on_decision=outer)
+    assert seen == [("outer", True), ("inner", True), ("inner", True), ("outer", True)]
+    assert gc.get_freeze_count() == 0

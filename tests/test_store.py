@@ -18,8 +18,9 @@ from waconsent.errors import RunLockHeld
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
 from waconsent.store import runs as run_store
-from waconsent.store.engine import open_engine, reading
-from waconsent.store.tables import UtcDateTime, evidence
+from waconsent.store.engine import among, open_engine, reading
+from waconsent.store.tables import UtcDateTime, evidence, phone_index
+from waconsent.store.tables import events as events_table
 from waconsent.sync.matching import event_keys
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -135,7 +136,7 @@ def test_activity_found_by_canonical_key_and_user_id(engine: Engine) -> None:
             "both": {"+4915123456789", "uid:US.7"}, "number": {"+4915123456789"},
             "user": {"uid:US.7"}, "none": {"+4915100000000"}})
     assert set(found) == {"both", "number", "user"}
-    assert found["both"].events == 1 and found["both"].last_inbound == T0
+    assert found["both"].event_count == 1 and found["both"].last_inbound == T0
     assert found["both"].newest_user_id == (T0, "US.7")
 
 
@@ -158,10 +159,14 @@ def _random_events(rnd: random.Random, count: int) -> list[Event]:
     return made
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_activity_aggregates_equal_the_rules_reduction(engine: Engine, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "keys_per_query"), [(s, 2_000) for s in range(4)] + [(9, 1)])
+def test_activity_aggregates_equal_the_rules_reduction(engine: Engine, seed: int,
+                                                       keys_per_query: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The store's SQL aggregates answer exactly `Activity.of` over the matching events,
-    for any set of keys (number only, user id only, both, several numbers)."""
+    for any set of keys (number only, user id only, both, several numbers), also when the
+    keys are spread over several queries and one group comes back from two of them."""
+    monkeypatch.setattr(event_store, "_KEYS_PER_QUERY", keys_per_query)
     rnd = random.Random(seed)
     made = _random_events(rnd, 40)
     with engine.begin() as connection:
@@ -268,3 +273,29 @@ def test_sqlite_datetimes_are_stored_in_sqlalchemy_format_and_read_back(moment: 
     assert back == moment and back.tzinfo is UTC
     with pytest.raises(ValueError, match="naive"):
         ours.bind_processor(dialect)(moment.replace(tzinfo=None))
+
+
+def test_among_matches_whole_values_only(engine: Engine) -> None:
+    """The one-parameter list lookup: exact matches only (an over-long value never matches
+    its prefix, as a cast to the column's varchar(n) would make it), nothing for an empty
+    list, and integer ids as well as strings."""
+    long_id = "R" * 100
+    with engine.begin() as connection:
+        connection.execute(phone_index.insert(), [
+            {"crm": "ledger", "key": "+491511", "record_id": long_id, "field": "phone"},
+            {"crm": "ledger", "key": "+491512", "record_id": "R2", "field": "phone"}])
+
+    def record_ids(values: list[str]) -> set[str]:
+        with engine.connect() as connection:
+            return set(connection.execute(select(phone_index.c.record_id).where(
+                among(connection, phone_index.c.record_id, values))).scalars())
+
+    assert record_ids([long_id, "R2"]) == {long_id, "R2"}
+    assert record_ids([long_id + "-other"]) == set()
+    assert record_ids([]) == set()
+    with engine.begin() as connection:
+        event_store.ingest(connection, stop_events(3), "test", NOW)
+    with engine.connect() as connection:
+        ids = connection.execute(select(events_table.c.id).where(
+            among(connection, events_table.c.id, [1, 3, 99]))).scalars().all()
+    assert sorted(ids) == [1, 3]

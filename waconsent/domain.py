@@ -107,10 +107,10 @@ class Activity:
 
     consent: tuple[Event, ...] = ()
     last_inbound: datetime | None = None
-    window_expires: datetime | None = None
+    window_expires_at: datetime | None = None
     #: (when, user id) of the newest event carrying a user id; at one time, the greatest id
     newest_user_id: tuple[datetime, str] | None = None
-    events: int = 0  # how many events stand behind it (the report's events_considered)
+    event_count: int = 0  # how many events stand behind it (the report's events_considered)
 
     @classmethod
     def of(cls, events: Iterable[Event]) -> Activity:
@@ -118,7 +118,7 @@ class Activity:
         An event is its key: one delivered twice counts once."""
         unique = {event.key: event for event in events}
         consent: list[Event] = []
-        last_inbound = window_expires = None
+        last_inbound = window_expires_at = None
         newest_user_id: tuple[datetime, str] | None = None
         for event in unique.values():
             if event.signal in CONSENT_SIGNALS:
@@ -126,12 +126,12 @@ class Activity:
             if event.opens_session and (last_inbound is None or event.occurred_at > last_inbound):
                 last_inbound = event.occurred_at
             expires = event.window_expires_at
-            if expires is not None and (window_expires is None or expires > window_expires):
-                window_expires = expires
+            if expires is not None and (window_expires_at is None or expires > window_expires_at):
+                window_expires_at = expires
             if event.user_id and (newest_user_id is None
                                   or (event.occurred_at, event.user_id) > newest_user_id):
                 newest_user_id = (event.occurred_at, event.user_id)
-        return cls(tuple(sorted(consent, key=lambda e: e.key)), last_inbound, window_expires,
+        return cls(tuple(sorted(consent, key=lambda e: e.key)), last_inbound, window_expires_at,
                    newest_user_id, len(unique))
 
     @classmethod
@@ -144,12 +144,12 @@ class Activity:
         consent = {event.key: event for part in parts for event in part.consent}
         return cls(tuple(consent[key] for key in sorted(consent)),
                    _newest(p.last_inbound for p in parts),
-                   _newest(p.window_expires for p in parts),
+                   _newest(p.window_expires_at for p in parts),
                    max((p.newest_user_id for p in parts if p.newest_user_id), default=None),
-                   sum(p.events for p in parts))
+                   sum(p.event_count for p in parts))
 
     def __bool__(self) -> bool:
-        return self.events > 0
+        return self.event_count > 0
 
 
 def _newest(moments: Iterable[datetime | None]) -> datetime | None:

@@ -128,11 +128,16 @@ def _ensure_sqlite_folder(url: str) -> None:
 
 def among(connection: Connection, column: ColumnElement[Any],
           values: Sequence[str] | Sequence[int]) -> ColumnElement[bool]:
-    """`column IN (values)` with the values bound as one parameter: a JSON array on SQLite,
-    an array on PostgreSQL. A plain IN list is re-rendered with a placeholder per value on
-    every execution, which cost a full sync more than the lookups themselves. Every query
-    over a list of ids or keys uses this; fixed sets of constants stay plain `in_`."""
+    """`column IN (values)` with the values bound as one parameter: a JSON array on SQLite
+    (`json_each`, built into SQLite since 3.38), an array on PostgreSQL.
+
+    SQLAlchemy re-renders a plain IN list with a placeholder per value on every execution,
+    and for the lookups of a full sync that rendering cost more than the lookups; one
+    parameter keeps the compiled statement cached. Strings are bound as unbounded text: a
+    cast to the column's `varchar(n)` would cut an over-long value and match its prefix.
+    """
     if connection.dialect.name == "sqlite":
         listed = func.json_each(bindparam(None, json.dumps(list(values)), type_=String))
         return column.in_(select(listed.table_valued("value").c.value))
-    return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    item = String() if isinstance(column.type, String) else column.type
+    return column == any_(bindparam(None, list(values), type_=ARRAY(item)))

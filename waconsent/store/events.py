@@ -145,8 +145,8 @@ def _activity_by_group(connection: Connection, keys: Iterable[str]) -> dict[Grou
     """One aggregate row per group; the consent events themselves are read only for the
     groups that have any (most numbers never sent STOP or START)."""
     wanted = set(keys)
-    facts: dict[Group, tuple[int, datetime | None, datetime | None, tuple[datetime, str] | None]]
-    facts = {}
+    facts: dict[Group, tuple[int, datetime | None, datetime | None,
+                             tuple[datetime, str] | None]] = {}
     with_consent: set[str] = set()
     for matches in _under_keys(connection, wanted):
         for (phone_key, uid_key, count, consent_count, inbound, window, uid_at,
@@ -160,9 +160,13 @@ def _activity_by_group(connection: Connection, keys: Iterable[str]) -> dict[Grou
         for row in connection.execute(_CONSENT.where(matches)).all():
             event = to_event(row)
             consent[(row[5], row[6])][event.key] = event
-    return {group: Activity(tuple(consent[group][key] for key in sorted(consent[group])),
-                            inbound, window, newest_user_id, count)
+    return {group: Activity(_in_key_order(consent.get(group, {})), inbound, window,
+                            newest_user_id, count)
             for group, (count, inbound, window, newest_user_id) in facts.items()}
+
+
+def _in_key_order(by_key: Mapping[str, Event]) -> tuple[Event, ...]:
+    return tuple(by_key[key] for key in sorted(by_key))
 
 
 _CONSENT_VALUES = sorted(signal.value for signal in CONSENT_SIGNALS)

@@ -147,7 +147,8 @@ def _session_targets(fields: Mapping[str, FieldValue], activity: Activity
     """5.1: the newest user message opens 24 h; a later free-entry-point expiry extends it."""
     targets: dict[str, tuple[FieldValue, str]] = {}
     inbound = _when(activity.last_inbound)
-    expiries = [to_second(activity.window_expires)] if activity.window_expires else []
+    expiry_at = activity.window_expires_at
+    expiries = [to_second(expiry_at)] if expiry_at else []
     if inbound is not None:
         current = _when(fields.get(LAST_INBOUND))
         if current is None or inbound > current:

@@ -149,20 +149,32 @@ def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
             engine.dispose()
 
 
+_FROZEN = threading.Lock()
+_runs_frozen = 0  # runs in progress in this process (`serve` may run two at once)
+
+
 @contextmanager
 def _long_lived_objects_frozen() -> Iterator[None]:
     """Keep the cyclic garbage collector off what existed before the run.
 
     A full run allocates millions of short-lived objects; each of the collector's full
     passes also walked the ~80,000 that imports, config and connection pools left behind,
-    and without the freeze a steady-state full sync took a fifth longer. Frozen objects are
-    skipped, not leaked: they return to the collector when the run ends.
+    and without the freeze a steady-state full sync took a fifth longer. The freeze is
+    process-wide, so the first run in progress freezes and the last one to end unfreezes;
+    frozen objects are skipped, not leaked, and return to the collector then.
     """
-    gc.freeze()
+    global _runs_frozen
+    with _FROZEN:
+        if _runs_frozen == 0:
+            gc.freeze()
+        _runs_frozen += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        with _FROZEN:
+            _runs_frozen -= 1
+            if _runs_frozen == 0:
+                gc.unfreeze()
 
 
 def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: Clock,
@@ -275,16 +287,17 @@ _DONE = object()
 
 
 @dataclass(frozen=True, slots=True)
-class _Chunk:
+class _Prepared:
     """A chunk of records with what the ledger knows of them: their match keys (parsed
-    now, or remembered by the phone index), the index rows, and each record's activity."""
+    now, or remembered by the phone index), the index rows, and each record's activity.
+    Gathered by reads alone, so the chunk's writes happen in one short transaction."""
 
     keyed: list[tuple[CrmRecord, matching.RecordKeys]]
     known: dict[str, dict[str, tuple[str, str]]]
     activity: dict[str, Activity]  # by record id; records without events are left out
 
 
-def _prepare(context: _Context, chunk: list[CrmRecord]) -> _Chunk:
+def _prepare(context: _Context, chunk: list[CrmRecord]) -> _Prepared:
     """Everything a chunk needs read from the ledger (only reads; the writes follow in
     `_process_chunk`)."""
     region = context.config.settings.mapping.default_region
@@ -296,7 +309,7 @@ def _prepare(context: _Context, chunk: list[CrmRecord]) -> _Chunk:
         activity = event_store.activity_of(
             connection, {record.record_id: keys.key_set for record, keys in keyed})
         connection.rollback()
-    return _Chunk(keyed, known, activity)
+    return _Prepared(keyed, known, activity)
 
 
 def _read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2
@@ -340,7 +353,7 @@ def _read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2
         reader.join(timeout=30)
 
 
-def _process_chunk(context: _Context, chunk: _Chunk) -> None:
+def _process_chunk(context: _Context, chunk: _Prepared) -> None:
     report = context.report
     now = context.clock()
     keyed, known = chunk.keyed, chunk.known
@@ -358,7 +371,7 @@ def _process_chunk(context: _Context, chunk: _Chunk) -> None:
         if context.dry_run:
             context.seen_keys.update(keys.key_set)
         activity = chunk.activity.get(record.record_id, NO_ACTIVITY)
-        report.events_considered += activity.events
+        report.events_considered += activity.event_count
         decision = rules.decide(record, activity, context.mapped, now)
         _count(report, record, decision)
         if context.on_decision is not None:
