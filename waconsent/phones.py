@@ -4,8 +4,9 @@ A CRM number is whatever somebody typed; a `wa_id` is E.164 digits without the
 plus. Both become one *match key*, so that the same line matches whatever the
 spelling, including WhatsApp's known Brazil (mobile "9") and Mexico ("521")
 differences. A `wa_id` is never refused because phonenumbers calls it invalid.
-Parsing costs ~20 us, so results are cached by the raw string (and the store's phone
-index remembers them between runs).
+Parsing costs ~20 us, so recent results are cached by the raw string, and the store's
+phone index remembers them between runs. The cache is small on purpose: at 200,000
+entries it was most of a million-contact onboarding run's memory, for almost no hits.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class UnparseablePhone(ValueError):
     """A CRM phone value that is no possible number (kept raw for the report)."""
 
 
-@lru_cache(maxsize=200_000)
+@lru_cache(maxsize=10_000)
 def phone_key(raw: str, default_region: str) -> str:
     """Canonical key of a CRM phone value; raises UnparseablePhone for junk like 'n/a'."""
     # Even a string that looks like E.164 goes through the parser: "+4901512345678" (a
