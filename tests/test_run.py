@@ -464,3 +464,32 @@ def test_collector_freeze_spans_overlapping_runs(engine: Engine, store_url: str)
     run_once(cfg, full=True, engine=engine, clock=clock, on_decision=outer)
     assert seen == [("outer", True), ("inner", True), ("inner", True), ("outer", True)]
     assert gc.get_freeze_count() == 0
+
+
+def test_failed_leftovers_do_not_hold_back_new_writes(engine: Engine, store_url: str) -> None:
+    """Queued writes that fail again fill whole send batches; the run still goes past them
+    and sends what it decided itself (here a new STOP), instead of stopping at a batch that
+    holds only rows it already tried."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in(name, f"0151 2345678{n}") for n, name in enumerate("ABCD")],
+                    NOW - timedelta(days=1))
+    upsert_contacts(engine, [opted_in("E", "0170 1112233")], NOW)  # the records watermark
+    ingest_payload(engine, p.payload(*[p.message(f"491512345678{n}", T0, "STOP")
+                                       for n in range(3)]),
+                   keyword_rules(cfg.settings), "test", lambda: NOW - timedelta(hours=2))
+
+    class Locked(LedgerCrm):
+        write_batch_size = 2
+
+        def apply(self, writes: Any) -> list[WriteResult]:
+            if any(w.record_id in "ABC" for w in writes):
+                return [WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK")
+                        for w in writes]
+            return super().apply(writes)
+
+    first = run_once(cfg, engine=engine, clock=clock, connector=Locked(engine))
+    assert first.writes_failed == 3
+    deliver(engine, cfg, p.message("4915123456783", T0 + timedelta(hours=1), "STOP"))
+    second = run_once(cfg, engine=engine, clock=clock, connector=Locked(engine))
+    assert second.mode == "incremental" and second.writes_failed == 3
+    assert second.writes_sent == 1 and contact(engine, "D").opt_in is False

@@ -118,7 +118,9 @@ class _Context:
     on_decision: DecisionSink | None
     mapped: frozenset[str]
     seen_keys: set[str] = field(default_factory=set)  # dry runs only (they write no index)
-    tried: set[int] = field(default_factory=set)  # outbox rows sent (or checked) this run
+    #: outbox rows whose send failed in this run: they stay queued for the next run, and
+    #: only they are remembered (a sent row leaves the outbox), so memory follows failures
+    failed: set[int] = field(default_factory=set)
     decided: set[str] = field(default_factory=set)  # targeted runs: the records they read
     newest_modified: datetime | None = None
 
@@ -495,18 +497,20 @@ def _send_outbox(context: _Context, *, leftovers: bool = False,
         if backlog >= connector.bulk_write_threshold:
             size, send = max(size, min(backlog, BULK_CHUNK)), connector.apply_bulk
     only = sorted(record_ids) if record_ids is not None else None
-    cursor = (0, 0)  # (priority, id) of the last row handled, so failed rows are not re-tried
+    cursor = (0, 0)  # (priority, id) of the last row read, so the pass moves on
     while True:
         with reading(context.engine) as connection:
-            batch = [q for q in outbox_store.sendable(
+            page = outbox_store.sendable(
                 connection, context.crm, after_id=cursor[1], priority=cursor[0], limit=size,
-                record_ids=only) if q.outbox_id not in context.tried]
+                record_ids=only)
             connection.rollback()
-        if not batch:
+        if not page:
             return
-        cursor = (batch[-1].priority, batch[-1].outbox_id)
-        context.tried.update(q.outbox_id for q in batch)
-        to_send = _check_leftovers(context, batch) if leftovers else batch
+        cursor = (page[-1].priority, page[-1].outbox_id)
+        # rows that already failed in this run wait for the next; a page of only those
+        # must not end the pass, or the writes behind them would wait too
+        batch = [q for q in page if q.outbox_id not in context.failed]
+        to_send = _check_leftovers(context, batch) if leftovers and batch else batch
         if to_send:
             results = send([WriteRequest(q.record_id, q.values()) for q in to_send])
             _settle(context, _pair(to_send, results))
@@ -561,6 +565,7 @@ def _settle(context: _Context,
                       "run_id": context.run_id, "changes": list(queued.changes)}))
         else:
             report.writes_failed += 1
+            context.failed.add(queued.outbox_id)
             report.note(report.write_errors, {"record_id": queued.record_id,
                                               "code": result.code, "error": result.error})
     with context.engine.begin() as connection:
