@@ -6,7 +6,8 @@ spelling, including WhatsApp's known Brazil (mobile "9") and Mexico ("521")
 differences. A `wa_id` is never refused because phonenumbers calls it invalid.
 Parsing costs ~20 us, so recent results are cached by the raw string, and the store's
 phone index remembers them between runs. The cache is small on purpose: at 200,000
-entries it was most of a million-contact onboarding run's memory, for almost no hits.
+entries it was most of what a million-contact onboarding run needed beyond streaming the
+contacts, for almost no hits.
 """
 
 from __future__ import annotations
