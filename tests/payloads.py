@@ -60,6 +60,40 @@ def preference(wa_id: str, at: datetime, value: str) -> dict[str, Any]:
                               "timestamp": int(at.timestamp())}]}}
 
 
+def system(sender: str | None, at: datetime, **system_fields: Any) -> dict[str, Any]:
+    """A `system` message as Meta documents it: no contacts array; `from` may be absent."""
+    item: dict[str, Any] = {"id": new_id(), "timestamp": unix(at), "type": "system",
+                            "system": {"body": "User A changed", **system_fields}}
+    if sender is not None:
+        item["from"] = sender
+    return {"field": "messages", "value": {"messaging_product": "whatsapp", "metadata": METADATA,
+                                           "messages": [item]}}
+
+
+def user_id_update(wa_id: str | None, at: datetime, previous: str | None,
+                   current: str) -> dict[str, Any]:
+    """The `user_id_update` field as Meta documented it from May to August 2026."""
+    item: dict[str, Any] = {"detail": "User id for User A has been updated.",
+                            "user_id": {"previous": previous, "current": current},
+                            "timestamp": unix(at)}
+    contact: dict[str, Any] = {"profile": {"name": "User A"}}
+    if wa_id is not None:
+        item["wa_id"] = contact["wa_id"] = wa_id
+    return {"field": "user_id_update", "value": {
+        "messaging_product": "whatsapp", "metadata": METADATA, "contacts": [contact],
+        "user_id_update": [item]}}
+
+
+def user_preference(user_id: str, at: datetime, value: str) -> dict[str, Any]:
+    """A `user_preferences` item that names the user only by business-scoped user id."""
+    return {"field": "user_preferences", "value": {
+        "messaging_product": "whatsapp", "metadata": METADATA,
+        "contacts": [{"user_id": user_id, "profile": {"name": "User A"}}],
+        "user_preferences": [{"user_id": user_id, "category": "marketing_messages",
+                              "detail": f"User requested to {value} marketing",
+                              "value": value, "timestamp": int(at.timestamp())}]}}
+
+
 def payload(*changes: dict[str, Any], entries: int = 1) -> dict[str, Any]:
     """Spread the changes over `entries` entries, as Meta may batch them."""
     buckets: list[list[dict[str, Any]]] = [[] for _ in range(entries)]

@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests import payloads as p
 from tests.conftest import SHARED_FIXTURES
@@ -69,16 +71,66 @@ def test_stop_promotions_button(payload: str, text: str) -> None:
     assert event.signal is Signal.OPT_OUT
 
 
+def interactive(kind: str, reply_id: str, title: str) -> dict[str, Any]:
+    return p.message("4915123456789", T0, None, type_="interactive",
+                     interactive={"type": kind, kind: {"id": reply_id, "title": title}})
+
+
 def test_interactive_replies_match_keywords() -> None:
-    """Interactive button and list replies are matched on id and title."""
-    reply = p.message("4915123456789", T0, None, type_="interactive",
-                      interactive={"type": "button_reply",
-                                   "button_reply": {"id": "opt-in", "title": "Start"}})
-    assert one(reply).signal is Signal.OPT_IN
-    listed = p.message("4915123456789", T0, None, type_="interactive",
-                       interactive={"type": "list_reply",
-                                    "list_reply": {"id": "x", "title": "Unsubscribe"}})
-    assert one(listed).signal is Signal.OPT_OUT
+    """Interactive button and list replies are matched on their visible title."""
+    assert one(interactive("button_reply", "opt-in", "Start")).signal is Signal.OPT_IN
+    assert one(interactive("list_reply", "x", "Unsubscribe")).signal is Signal.OPT_OUT
+
+
+@pytest.mark.parametrize("change", [
+    interactive("button_reply", "START", "Get started"),
+    interactive("list_reply", "start", "Start a return"),
+    p.button("4915123456789", T0, "START", "Start return"),
+], ids=["button id", "list row id", "quick reply payload"])
+def test_business_chosen_id_or_payload_never_opts_in(change: dict[str, Any]) -> None:
+    """A button id or payload is the business's word, not the user's: no opt-in."""
+    event = one(change)
+    assert event.signal is Signal.NONE and event.keyword is None and event.opens_session
+
+
+def test_declared_opt_in_payload_opts_in() -> None:
+    """A payload listed in opt_in_button_payloads opts in, with the payload as its keyword."""
+    rules = KeywordRules.build(["START"], ["STOP"], ["Stop promotions"], ["JOIN_WA_NEWS"])
+    button = p.button("4915123456789", T0, "JOIN_WA_NEWS", "Yes, please")
+    event = parse_payload(p.payload(button), rules).events[0]
+    assert (event.signal, event.keyword) == (Signal.OPT_IN, "JOIN_WA_NEWS")
+    assert event.evidence == f"whatsapp:keyword:JOIN_WA_NEWS:{event.message_id}"
+    other = parse_payload(p.payload(p.button("4915123456789", T0, "join_wa_news", "Yes")),
+                          rules).events[0]
+    assert other.signal is Signal.NONE  # payloads are compared exactly
+
+
+@pytest.mark.parametrize("change", [
+    interactive("button_reply", "STOP", "Thanks"),
+    interactive("list_reply", "unsubscribe", "Manage my options"),
+    p.button("4915123456789", T0, "STOPP", "Weiter"),
+], ids=["button id", "list row id", "quick reply payload"])
+def test_opt_out_is_read_from_ids_and_payloads_too(change: dict[str, Any]) -> None:
+    """Opt-outs stay generous: an id or payload that is an opt-out keyword revokes."""
+    assert one(change).signal is Signal.OPT_OUT
+
+
+_words = st.sampled_from(["START", "start", "Anmelden", "JOIN", "STOP", "stopp", "Hi", ""])
+_any_text = st.one_of(_words, st.text(max_size=12))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["button", "button_reply", "list_reply"]), _any_text, _any_text)
+def test_no_business_chosen_value_ever_opts_in(kind: str, chosen: str, visible: str) -> None:
+    """Whatever id or payload the business chose, only the visible text can opt in."""
+    change = (p.message("4915123456789", T0, None, type_="button",
+                        button={"payload": chosen, "text": visible}) if kind == "button"
+              else interactive(kind, chosen, visible))
+    events = parse_payload(p.payload(change), KEYWORDS).events
+    visible_opts_in = normalize_text(visible) in KEYWORDS.opt_in
+    for event in events:
+        if event.signal is Signal.OPT_IN:
+            assert visible_opts_in
 
 
 @pytest.mark.parametrize("type_", ["image", "video", "audio", "document", "sticker", "location",

@@ -19,6 +19,7 @@ class EventKind(enum.StrEnum):
     MESSAGE = "message"
     STATUS = "status"
     PREFERENCE = "preference"
+    ID_CHANGE = "id_change"  # the `user_id_update` webhook field
 
 
 class Signal(enum.StrEnum):
@@ -29,6 +30,7 @@ class Signal(enum.StrEnum):
     OPT_OUT = "opt_out"
     RESUME = "resume"
     NUMBER_CHANGED = "number_changed"
+    USER_ID_CHANGED = "user_id_changed"
 
 
 CONSENT_SIGNALS = frozenset({Signal.OPT_IN, Signal.OPT_OUT})
@@ -85,6 +87,18 @@ class Event:
     referral_source_id: str | None = None
     new_wa_id: str | None = None
     detail: str | None = None
+    #: a changed business-scoped user id: `user_id` is the previous one (when known), this
+    #: the new one (user_changed_user_id, user_id_update, user_changed_number)
+    new_user_id: str | None = None
+
+    @property
+    def match_user_id(self) -> str | None:
+        """The user id the event is found by: its sender's; for an announced change whose
+        previous id Meta did not name, the new one. (A number change keeps only its old id,
+        so it never joins the old number to the new id.)"""
+        if self.user_id is None and self.signal is Signal.USER_ID_CHANGED:
+            return self.new_user_id
+        return self.user_id
 
     @property
     def evidence(self) -> str:
@@ -111,6 +125,9 @@ class Activity:
     #: (when, user id) of the newest event carrying a user id; at one time, the greatest id
     newest_user_id: tuple[datetime, str] | None = None
     event_count: int = 0  # how many events stand behind it (the report's events_considered)
+    #: announced changes of the business-scoped user id: (when, previous id, new id); the
+    #: previous id is None where Meta did not name it
+    user_id_changes: tuple[UserIdChange, ...] = ()
 
     @classmethod
     def of(cls, events: Iterable[Event]) -> Activity:
@@ -118,11 +135,15 @@ class Activity:
         An event is its key: one delivered twice counts once."""
         unique = {event.key: event for event in events}
         consent: list[Event] = []
+        changes: list[UserIdChange] = []
         last_inbound = window_expires_at = None
         newest_user_id: tuple[datetime, str] | None = None
         for event in unique.values():
             if event.signal in CONSENT_SIGNALS:
                 consent.append(event)
+            change = UserIdChange.of(event)
+            if change is not None:
+                changes.append(change)
             if event.opens_session and (last_inbound is None or event.occurred_at > last_inbound):
                 last_inbound = event.occurred_at
             expires = event.window_expires_at
@@ -132,7 +153,7 @@ class Activity:
                                   or (event.occurred_at, event.user_id) > newest_user_id):
                 newest_user_id = (event.occurred_at, event.user_id)
         return cls(tuple(sorted(consent, key=lambda e: e.key)), last_inbound, window_expires_at,
-                   newest_user_id, len(unique))
+                   newest_user_id, len(unique), UserIdChange.in_order(changes))
 
     @classmethod
     def merged(cls, parts: Sequence[Activity]) -> Activity:
@@ -146,10 +167,33 @@ class Activity:
                    _newest(p.last_inbound for p in parts),
                    _newest(p.window_expires_at for p in parts),
                    max((p.newest_user_id for p in parts if p.newest_user_id), default=None),
-                   sum(p.event_count for p in parts))
+                   sum(p.event_count for p in parts),
+                   UserIdChange.in_order(c for part in parts for c in part.user_id_changes))
 
     def __bool__(self) -> bool:
         return self.event_count > 0
+
+
+@dataclass(frozen=True, slots=True)
+class UserIdChange:
+    """Meta announced that a user's business-scoped user id changed (previous None:
+    Meta did not name the previous id). A number change regenerates the id too, but it is
+    no `UserIdChange`: a number change moves no consent, so it links nothing."""
+
+    at: datetime
+    previous: str | None
+    new: str
+
+    @classmethod
+    def of(cls, event: Event) -> UserIdChange | None:
+        if event.signal is not Signal.USER_ID_CHANGED or not event.new_user_id:
+            return None
+        return cls(event.occurred_at, event.user_id, event.new_user_id)
+
+    @staticmethod
+    def in_order(changes: Iterable[UserIdChange]) -> tuple[UserIdChange, ...]:
+        """Oldest first, without duplicates (the same change can reach a record twice)."""
+        return tuple(sorted(set(changes), key=lambda c: (c.at, c.previous or "", c.new)))
 
 
 def _newest(moments: Iterable[datetime | None]) -> datetime | None:

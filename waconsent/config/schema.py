@@ -108,6 +108,9 @@ class WhatsappConfig(Section):
     opt_in_keywords: tuple[str, ...] = ("START",)
     opt_out_keywords: tuple[str, ...] = ("STOP", "UNSUBSCRIBE")
     stop_button_labels: tuple[str, ...] = ("Stop promotions",)
+    #: button ids / quick-reply payloads that the business's own opt-in message uses; a
+    #: payload is chosen by the business, so it grants consent only when listed here
+    opt_in_button_payloads: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _disjoint(self) -> WhatsappConfig:
@@ -116,7 +119,22 @@ class WhatsappConfig(Section):
         if both:
             raise ValueError(
                 f"a keyword cannot both opt in and opt out: {', '.join(sorted(both))}")
+        stops = set(_normalized_words(self.opt_in_button_payloads)) & set(
+            _normalized_words((*self.opt_out_keywords, *self.stop_button_labels)))
+        if stops:
+            raise ValueError("opt_in_button_payloads: a payload that reads as an opt-out "
+                             f"keyword or a Stop promotions label would be an opt-out: "
+                             f"{', '.join(sorted(stops))}")
         return self
+
+    @field_validator("opt_in_button_payloads")
+    @classmethod
+    def _payload_shape(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            if not value.strip() or ":" in value or len(value) > 100:
+                raise ValueError("expected button ids / payloads of 1 to 100 characters "
+                                 f"without ':' (they become part of opt_in_source), got {value!r}")
+        return tuple(value.strip() for value in values)
 
 
 class WebhookConfig(Section):

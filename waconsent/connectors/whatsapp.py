@@ -25,6 +25,10 @@ FREE_ENTRY_POINT_ORIGINS = frozenset({"referral_conversion"})
 FREE_ENTRY_POINT_PRICING = frozenset({"free_entry_point"})
 # Meta's marketing opt-out quick reply, as its payload arrives when not localized.
 STOP_BUTTON_PAYLOADS = frozenset({"stop promotions"})
+# The webhook fields that can carry consent or identity; account, template and call
+# updates carry neither. `user_id_update` was documented by Meta until August 2026 (then
+# replaced by the `user_changed_user_id` system message); deliveries of it are still read.
+CONSENT_FIELDS = frozenset({"messages", "user_preferences", "user_id_update"})
 KNOWN_USER_MESSAGE_TYPES = frozenset({
     "text", "button", "interactive", "image", "video", "audio", "document", "sticker",
     "location", "contacts", "reaction", "order", "system", "unsupported", "request_welcome",
@@ -44,19 +48,25 @@ def normalize_text(text: str) -> str:
 
 @dataclass(frozen=True)
 class KeywordRules:
-    """The configured keywords, pre-normalized; maps normalized text back to the keyword."""
+    """The configured keywords, pre-normalized; maps normalized text back to the keyword.
+
+    `opt_in_payloads` are button ids / payloads (chosen by the business, never seen by the
+    user) that the business declared as opt-ins; they are compared exactly, not normalized.
+    """
 
     opt_in: Mapping[str, str]
     opt_out: Mapping[str, str]
     stop_labels: frozenset[str]
+    opt_in_payloads: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, opt_in: Iterable[str], opt_out: Iterable[str],
-              stop_labels: Iterable[str]) -> KeywordRules:
+              stop_labels: Iterable[str], opt_in_payloads: Iterable[str] = ()) -> KeywordRules:
         return cls(
             opt_in={normalize_text(k): k.strip().upper() for k in opt_in},
             opt_out={normalize_text(k): k.strip().upper() for k in opt_out},
             stop_labels=frozenset(normalize_text(s) for s in stop_labels) | STOP_BUTTON_PAYLOADS,
+            opt_in_payloads=frozenset(p.strip() for p in opt_in_payloads if p.strip()),
         )
 
 
@@ -98,7 +108,7 @@ def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS) -> Pa
                 skipped.append(SkippedItem(where, "change without a value object"))
                 continue
             field = change.get("field")
-            if field not in ("messages", "user_preferences"):
+            if field not in CONSENT_FIELDS:
                 ignored += 1  # account, template and call updates carry no consent
                 continue
             for location, item in _items(change["value"], where):
@@ -116,7 +126,7 @@ def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS) -> Pa
 
 
 def _items(value: Mapping[str, Any], where: str) -> Iterator[tuple[str, Any]]:
-    for key in ("messages", "statuses", "user_preferences"):
+    for key in ("messages", "statuses", "user_preferences", "user_id_update"):
         items = value.get(key)
         if items is None:
             continue
@@ -136,6 +146,8 @@ def _parse_item(location: str, item: Any, value: Mapping[str, Any],
         return _within_limits(_message(item, value, keywords))
     if section == "statuses":
         return _within_limits(_status(item, value))
+    if section == "user_id_update":
+        return _within_limits(_user_id_update(item))
     return _within_limits(_preference(item, value))
 
 
@@ -163,7 +175,7 @@ def _str(value: Any) -> str | None:
 # garbage, and the item is skipped rather than failing the whole delivery in the store.
 FIELD_LIMITS = {"wa_id": 64, "user_id": 128, "message_id": 200, "message_type": 64,
                 "status": 32, "keyword": 100, "referral_source_id": 200, "new_wa_id": 64,
-                "detail": 200, "key": 300}
+                "detail": 200, "key": 300, "new_user_id": 128}
 
 
 def _within_limits(event: Event) -> Event:
@@ -193,18 +205,15 @@ def _message(item: Mapping[str, Any], value: Mapping[str, Any],
     message_id = _str(item.get("id"))
     if message_id is None:
         raise _Skip("message without an id")
+    raw_type = _str(item.get("type")) or "unknown"
+    if raw_type == "system":
+        return _system_message(item, message_id)
     wa_id = _str(item.get("from"))
     user_id = _str(item.get("from_user_id")) or _user_id_for(wa_id, value)
     if wa_id is None and user_id is None:
         raise _Skip("message without a sender (no from, no from_user_id)")
     occurred_at = _time(item)
-    raw_type = _str(item.get("type")) or "unknown"
-    message_type = raw_type if raw_type in KNOWN_USER_MESSAGE_TYPES else f"other:{raw_type}"
-    signal, keyword, detail, new_wa_id = Signal.NONE, None, None, None
-    if raw_type == "system":
-        signal, detail, new_wa_id = _system(item.get("system"))
-    else:
-        signal, keyword = _classify(item, raw_type, keywords)
+    signal, keyword = _classify(item, raw_type, keywords)
     referral = item.get("referral")
     return Event(
         key=f"msg:{message_id}",
@@ -213,68 +222,111 @@ def _message(item: Mapping[str, Any], value: Mapping[str, Any],
         wa_id=wa_id,
         user_id=user_id,
         message_id=message_id,
-        message_type=message_type,
+        message_type=raw_type if raw_type in KNOWN_USER_MESSAGE_TYPES else f"other:{raw_type}",
         signal=signal,
         keyword=keyword,
-        opens_session=raw_type != "system",
+        opens_session=True,
         referral_source_id=_str(referral.get("source_id")) if isinstance(referral, Mapping)
         else None,
-        new_wa_id=new_wa_id,
-        detail=detail,
     )
 
 
-def _system(system: Any) -> tuple[Signal, str | None, str | None]:
-    if not isinstance(system, Mapping):
-        return Signal.NONE, "system", None
+def _system_message(item: Mapping[str, Any], message_id: str) -> Event:
+    """A `system` message: never a user message (no window); it may announce a changed
+    number, a changed business-scoped user id, or a marketing preference.
+
+    Meta documents `user_changed_number` with the old number in `from` and the new one in
+    `system.wa_id` (`new_wa_id` before Graph API v12), and `user_changed_user_id` with the
+    new id in `system.user_id` and the previous one in `system.previous_user_id` (since
+    August 2026); either may come without a number. A `user_changed_user_id` whose `wa_id`
+    differs from `from` is read as what it is, a number change: the documentation before
+    August 2026 announced number changes under that type.
+    """
+    raw = item.get("system")
+    system: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     kind = _str(system.get("type")) or "system"
-    if kind == "user_changed_number":
-        return Signal.NUMBER_CHANGED, kind, _str(system.get("wa_id"))
-    if kind == "user_preference_changed":
+    sender = _str(item.get("from"))
+    announced = _str(system.get("wa_id")) or _str(system.get("new_wa_id"))
+    new_user_id = _str(system.get("user_id"))
+    sender_user_id = _str(item.get("from_user_id"))
+    previous_user_id = _str(system.get("previous_user_id")) or (
+        sender_user_id if sender_user_id != new_user_id else None)
+    wa_id, user_id, new_wa_id, new_id = sender, sender_user_id, None, None
+    signal, detail = Signal.NONE, kind
+    if kind == "user_changed_number" or (kind == "user_changed_user_id" and announced
+                                         and sender and announced != sender):
+        signal, detail = Signal.NUMBER_CHANGED, "user_changed_number"
+        user_id, new_wa_id, new_id = previous_user_id, announced, new_user_id
+    elif kind == "user_changed_user_id" and new_user_id:
+        signal = Signal.USER_ID_CHANGED
+        wa_id, user_id, new_id = announced or sender, previous_user_id, new_user_id
+    elif kind == "user_preference_changed":
         marketing = (_str(system.get("marketing")) or "").lower()
-        if marketing == "stop":
-            return Signal.OPT_OUT, "user_preference_changed:stop", None
-        if marketing == "resume":
-            return Signal.RESUME, "user_preference_changed:resume", None
-    return Signal.NONE, kind, None
+        signal = {"stop": Signal.OPT_OUT, "resume": Signal.RESUME}.get(marketing, Signal.NONE)
+        detail = f"{kind}:{marketing}" if signal is not Signal.NONE else kind
+    if not (wa_id or user_id or new_id):
+        raise _Skip("system message without a sender (no from, no user id)")
+    return Event(key=f"msg:{message_id}", kind=EventKind.MESSAGE, occurred_at=_time(item),
+                 wa_id=wa_id, user_id=user_id, message_id=message_id, message_type="system",
+                 signal=signal, new_wa_id=new_wa_id, new_user_id=new_id, detail=detail)
 
 
-def _reply_texts(item: Mapping[str, Any], raw_type: str) -> tuple[list[str], list[str]]:
-    """(typed texts, button payloads/labels) that could carry a keyword."""
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """What one user message could say about consent.
+
+    `said` is what the user typed or the visible title / text of what they tapped; `chosen`
+    is the button id or payload the business chose when it sent the message. Only `said`
+    can opt in (unless a payload is declared in `whatsapp.opt_in_button_payloads`); both
+    can opt out, because a missed STOP is the worse error.
+    """
+
+    said: tuple[str, ...] = ()
+    chosen: tuple[str, ...] = ()
+
+
+def _texts(*values: Any) -> tuple[str, ...]:
+    return tuple(text for text in (_str(v) for v in values) if text)
+
+
+def _reply(item: Mapping[str, Any], raw_type: str) -> _Reply:
+    part = item.get(raw_type)
+    if not isinstance(part, Mapping):
+        return _Reply()
     if raw_type == "text":
-        text = item.get("text")
-        body = _str(text.get("body")) if isinstance(text, Mapping) else None
-        return ([body] if body else []), []
-    if raw_type == "button":
-        button = item.get("button")
-        if not isinstance(button, Mapping):
-            return [], []
-        return [], [t for t in (_str(button.get("payload")), _str(button.get("text"))) if t]
+        return _Reply(said=_texts(part.get("body")))
+    if raw_type == "button":  # a template quick reply: `text` is its label, `payload` ours
+        return _Reply(said=_texts(part.get("text")), chosen=_texts(part.get("payload")))
     if raw_type == "interactive":
-        interactive = item.get("interactive")
-        if not isinstance(interactive, Mapping):
-            return [], []
-        reply = interactive.get("button_reply") or interactive.get("list_reply")
-        if not isinstance(reply, Mapping):
-            return [], []
-        return [], [t for t in (_str(reply.get("id")), _str(reply.get("title"))) if t]
-    return [], []
+        tapped = part.get("button_reply") or part.get("list_reply")
+        if isinstance(tapped, Mapping):
+            return _Reply(said=_texts(tapped.get("title")), chosen=_texts(tapped.get("id")))
+    return _Reply()
 
 
 def _classify(item: Mapping[str, Any], raw_type: str,
               keywords: KeywordRules) -> tuple[Signal, str | None]:
-    """Opt-out wins over opt-in when one reply somehow carries both."""
-    typed, buttons = _reply_texts(item, raw_type)
-    candidates = [normalize_text(t) for t in (*typed, *buttons)]
-    for text in candidates:
+    """Opt-out wins over opt-in when one reply somehow carries both.
+
+    Opt-outs are read generously (typed text, visible title, id, payload, any Stop
+    promotions label); opt-ins only from what the user said, or from a payload the
+    business declared as an opt-in (GDPR Art. 7(1): consent must be demonstrable, and a
+    button id proves only what the business put there).
+    """
+    reply = _reply(item, raw_type)
+    said = [normalize_text(t) for t in reply.said]
+    everything = [*said, *(normalize_text(t) for t in reply.chosen)]
+    for text in everything:
         if text in keywords.opt_out:
             return Signal.OPT_OUT, keywords.opt_out[text]
-    for text in (normalize_text(b) for b in buttons):
-        if text in keywords.stop_labels:
-            return Signal.OPT_OUT, "STOP_PROMOTIONS"
-    for text in candidates:
+    if raw_type != "text" and any(text in keywords.stop_labels for text in everything):
+        return Signal.OPT_OUT, "STOP_PROMOTIONS"
+    for text in said:
         if text in keywords.opt_in:
             return Signal.OPT_IN, keywords.opt_in[text]
+    for payload in reply.chosen:
+        if payload in keywords.opt_in_payloads:
+            return Signal.OPT_IN, payload
     return Signal.NONE, None
 
 
@@ -350,4 +402,28 @@ def _preference(item: Mapping[str, Any], value: Mapping[str, Any]) -> Event:
         user_id=user_id,
         signal=signal,
         detail=f"user_preferences:{preference}",
+    )
+
+
+def _user_id_update(item: Mapping[str, Any]) -> Event:
+    """A `user_id_update` item, `user_id: {previous, current}` (Meta's documentation from
+    May to August 2026; the same change now arrives as a `user_changed_user_id` system
+    message, and both are read)."""
+    ids = item.get("user_id")
+    if not isinstance(ids, Mapping):
+        raise _Skip("user_id_update without a user_id object")
+    previous, current = _str(ids.get("previous")), _str(ids.get("current"))
+    if current is None:
+        raise _Skip("user_id_update without user_id.current")
+    occurred_at = _time(item)
+    wa_id = _str(item.get("wa_id"))
+    return Event(
+        key=f"uidupd:{previous or wa_id or '-'}:{current}:{int(occurred_at.timestamp())}",
+        kind=EventKind.ID_CHANGE,
+        occurred_at=occurred_at,
+        wa_id=wa_id,
+        user_id=previous,
+        new_user_id=current,
+        signal=Signal.USER_ID_CHANGED,
+        detail="user_id_update",
     )

@@ -18,7 +18,7 @@ from waconsent.store import events as event_store
 def keyword_rules(settings: Settings) -> KeywordRules:
     whatsapp = settings.whatsapp
     return KeywordRules.build(whatsapp.opt_in_keywords, whatsapp.opt_out_keywords,
-                              whatsapp.stop_button_labels)
+                              whatsapp.stop_button_labels, whatsapp.opt_in_button_payloads)
 
 
 @dataclass(frozen=True, slots=True)
