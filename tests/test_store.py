@@ -7,7 +7,7 @@ import threading
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Engine, delete, inspect, select, text, update
+from sqlalchemy import Engine, MetaData, Table, delete, inspect, select, text, update
 from sqlalchemy.dialects.sqlite import DATETIME
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite as sqlite_dialect
 
@@ -17,6 +17,7 @@ from waconsent.domain import NO_ACTIVITY, Activity, Event, EventKind, Signal
 from waconsent.errors import RunLockHeld
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
+from waconsent.store import identity
 from waconsent.store import runs as run_store
 from waconsent.store.engine import among, open_engine, reading
 from waconsent.store.tables import UtcDateTime, evidence, phone_index
@@ -40,7 +41,7 @@ def test_migrations_create_every_table_from_empty(engine: Engine) -> None:
             "locks", "alembic_version"} <= names
     with engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() \
-            == "0004"
+            == "0005"
 
 
 def test_upgrade_from_first_revision_keeps_data(store_url: str) -> None:
@@ -54,8 +55,13 @@ def test_upgrade_from_first_revision_keeps_data(store_url: str) -> None:
     with bare.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "0001")
-    with bare.begin() as connection:
-        event_store.ingest(connection, stop_events(2), "test", NOW)
+    with bare.begin() as connection:  # what the code of revision 0001 stored
+        old_events = Table("events", MetaData(), autoload_with=connection)
+        rows = [event_store._row(event, "test", NOW) for event in stop_events(2)]
+        connection.execute(old_events.insert(), [
+            {k: v for k, v in row.items() if k in old_events.c} for row in rows])
+        evidence_store.append(connection, [evidence_store.EvidenceEntry(
+            "event", {"event_key": row["key"]}) for row in rows], NOW)
     bare.dispose()
     upgraded = open_engine(store_url)
     indexes = {ix["name"] for ix in inspect(upgraded).get_indexes("contacts")}
@@ -147,7 +153,7 @@ def _random_events(rnd: random.Random, count: int) -> list[Event]:
     made = []
     for index in range(count):
         signal = rnd.choice([Signal.NONE, Signal.NONE, Signal.OPT_IN, Signal.OPT_OUT,
-                             Signal.RESUME])
+                             Signal.RESUME, Signal.USER_ID_CHANGED])
         made.append(Event(
             key=f"k{index:03d}", kind=rnd.choice(list(EventKind)),
             occurred_at=T0 + timedelta(seconds=rnd.randrange(5), microseconds=rnd.randrange(3)),
@@ -155,8 +161,23 @@ def _random_events(rnd: random.Random, count: int) -> list[Event]:
             signal=signal, keyword="STOP" if signal is Signal.OPT_OUT else None,
             opens_session=rnd.random() < 0.5,
             window_expires_at=(T0 + timedelta(hours=rnd.randrange(1, 72))
-                               if rnd.random() < 0.3 else None)))
+                               if rnd.random() < 0.3 else None),
+            new_user_id=(rnd.choice(["US.2", "US.3"]) if signal is Signal.USER_ID_CHANGED
+                         else None)))
     return made
+
+
+def linked(keys: set[str], made: list[Event]) -> set[str]:
+    """The reference closure: keys joined by an event carrying a number and a user id, or
+    by an announced user-id change, followed to the end."""
+    edges = [tuple(event_keys(e)) for e in made if len(event_keys(e)) == 2]
+    edges += [pair for e in made for pair in identity.links_of(e)]
+    found = set(keys)
+    while grown := {b for a, b in edges if a in found} | {a for a, b in edges if b in found}:
+        if grown <= found:
+            return found
+        found |= grown
+    return found
 
 
 @pytest.mark.parametrize(("seed", "keys_per_query"), [(s, 2_000) for s in range(4)] + [(9, 1)])
@@ -177,7 +198,8 @@ def test_activity_aggregates_equal_the_rules_reduction(engine: Engine, seed: int
     with engine.connect() as connection:
         found = event_store.activity_of(connection, key_sets)
     for record_id, keys in key_sets.items():
-        expected = Activity.of(e for e in made if set(event_keys(e)) & keys)
+        reach = linked(keys, made)
+        expected = Activity.of(e for e in made if set(event_keys(e)) & reach)
         assert found.get(record_id, NO_ACTIVITY) == expected, record_id
 
 

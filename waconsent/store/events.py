@@ -12,14 +12,17 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Row, case, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from waconsent.domain import CONSENT_SIGNALS, Activity, Event, EventKind, Signal
+from waconsent.domain import CONSENT_SIGNALS, Activity, Event, EventKind, Signal, UserIdChange
 from waconsent.phones import USER_ID_PREFIX, user_id_key, wa_id_key
 from waconsent.store import evidence as evidence_store
+from waconsent.store import identity
 from waconsent.store.engine import among
 from waconsent.store.tables import events
 
 EVIDENCE_SIGNALS = frozenset({Signal.OPT_IN, Signal.OPT_OUT, Signal.RESUME,
-                              Signal.NUMBER_CHANGED})
+                              Signal.NUMBER_CHANGED, Signal.USER_ID_CHANGED})
+# Events the rules read whole (the rest only as aggregates): consent, and user-id changes.
+_WHOLE_SIGNALS = sorted(signal.value for signal in (*CONSENT_SIGNALS, Signal.USER_ID_CHANGED))
 _CHUNK = 500
 _KEYS_PER_QUERY = 2_000  # bound as one array (see `store.engine.among`)
 
@@ -33,8 +36,8 @@ class IngestCounts:
 def _row(event: Event, source: str, now: datetime) -> dict[str, Any]:
     return {
         "key": event.key, "kind": event.kind.value, "occurred_at": event.occurred_at,
-        "wa_id": event.wa_id, "user_id": event.user_id,
-        "phone_key": wa_id_key(event.wa_id), "uid_key": user_id_key(event.user_id),
+        "wa_id": event.wa_id, "user_id": event.user_id, "new_user_id": event.new_user_id,
+        "phone_key": wa_id_key(event.wa_id), "uid_key": user_id_key(event.match_user_id),
         "message_id": event.message_id, "message_type": event.message_type,
         "status": event.status,
         "error_codes": ",".join(str(c) for c in event.error_codes) or None,
@@ -70,12 +73,14 @@ def ingest(connection: Connection, batch: Sequence[Event], source: str,
             kind="event",
             body=_evidence_body(event, source),
             phone_key=wa_id_key(event.wa_id),
-            uid_key=user_id_key(event.user_id),
+            uid_key=user_id_key(event.match_user_id),
         )
         for event in unique
         if event.key in stored_keys and event.signal in EVIDENCE_SIGNALS
     ]
     evidence_store.append(connection, entries, now)
+    identity.record(connection, [e for e in unique if e.key in stored_keys
+                                 and e.signal is Signal.USER_ID_CHANGED])
     return IngestCounts(stored=len(stored_keys), duplicates=len(batch) - len(stored_keys))
 
 
@@ -83,7 +88,7 @@ def _evidence_body(event: Event, source: str) -> dict[str, Any]:
     return {"event_key": event.key, "signal": event.signal.value,
             "occurred_at": event.occurred_at, "keyword": event.keyword,
             "message_id": event.message_id, "evidence": event.evidence,
-            "new_wa_id": event.new_wa_id, "source": source}
+            "new_wa_id": event.new_wa_id, "new_user_id": event.new_user_id, "source": source}
 
 
 _KINDS = {kind.value: kind for kind in EventKind}
@@ -95,7 +100,8 @@ _SIGNALS = {signal.value: signal for signal in Signal}
 _EVENT_COLUMNS = [events.c[name] for name in (
     "key", "kind", "occurred_at", "wa_id", "user_id", "phone_key", "uid_key",
     "message_id", "message_type", "status", "error_codes", "signal", "keyword",
-    "opens_session", "window_expires_at", "referral_source_id", "new_wa_id", "detail")]
+    "opens_session", "window_expires_at", "referral_source_id", "new_wa_id", "detail",
+    "new_user_id")]
 
 
 def to_event(row: Row[Any]) -> Event:
@@ -103,14 +109,14 @@ def to_event(row: Row[Any]) -> Event:
     per sync, and attribute access by name costs more than the rest of it."""
     (key, kind, occurred_at, wa_id, user_id, _phone_key, _uid_key, message_id, message_type,
      status, error_codes, signal, keyword, opens_session, window_expires_at,
-     referral_source_id, new_wa_id, detail) = tuple(row)
+     referral_source_id, new_wa_id, detail, new_user_id) = tuple(row)
     return Event(
         key=key, kind=_KINDS[kind], occurred_at=occurred_at, wa_id=wa_id, user_id=user_id,
         message_id=message_id, message_type=message_type, status=status,
         error_codes=tuple(int(c) for c in error_codes.split(",")) if error_codes else (),
         signal=_SIGNALS[signal], keyword=keyword, opens_session=opens_session,
         window_expires_at=window_expires_at, referral_source_id=referral_source_id,
-        new_wa_id=new_wa_id, detail=detail,
+        new_wa_id=new_wa_id, detail=detail, new_user_id=new_user_id,
     )
 
 
@@ -119,15 +125,25 @@ Group = tuple[str | None, str | None]  # (phone key, user-id key) shared by a se
 
 def activity_of(connection: Connection, keys_by_record: Mapping[str, Collection[str]]
                 ) -> dict[str, Activity]:
-    """Each record's `Activity`, from the events under any of its match keys; records
-    without events are left out.
+    """Each record's `Activity`, from the events under any of its match keys or any key
+    linked to them (`store.identity`); records without events are left out.
 
     Events are grouped by their (phone key, user-id key) pair. The pairs partition the
     events, so a record's activity is the merge of the pairs carrying any of its keys, and
     an event under both its number and its user id counts once. Aggregates do the reducing,
-    so a number with years of chat history still costs one row.
+    so a number with years of chat history still costs one row. The groups read for a
+    record's own keys also show which user ids its numbers had; those are followed in the
+    same run, so a STOP that carries only the user id applies at once.
     """
-    groups = _activity_by_group(connection, chain.from_iterable(keys_by_record.values()))
+    groups: dict[Group, Activity] = {}
+
+    def pairs_of(new_keys: set[str]) -> list[identity.Pair]:
+        found = _activity_by_group(connection, new_keys)
+        groups.update(found)
+        return [(phone, uid) for phone, uid in found if phone is not None and uid is not None]
+
+    people = identity.connect(connection, set(chain.from_iterable(keys_by_record.values())),
+                              pairs_of)
     by_key: dict[str, list[Group]] = defaultdict(list)
     for group in groups:
         for key in group:
@@ -135,50 +151,54 @@ def activity_of(connection: Connection, keys_by_record: Mapping[str, Collection[
                 by_key[key].append(group)
     found: dict[str, Activity] = {}
     for record_id, keys in keys_by_record.items():
-        matched = {group for key in keys for group in by_key.get(key, ())}
+        matched = {group for key in people.expand(keys) for group in by_key.get(key, ())}
         if matched:
             found[record_id] = Activity.merged([groups[group] for group in matched])
     return found
 
 
 def _activity_by_group(connection: Connection, keys: Iterable[str]) -> dict[Group, Activity]:
-    """One aggregate row per group; the consent events themselves are read only for the
-    groups that have any (most numbers never sent STOP or START)."""
+    """One aggregate row per group; consent events and user-id changes themselves are read
+    only for the groups that have any (most numbers never sent STOP or START)."""
     wanted = set(keys)
     facts: dict[Group, tuple[int, datetime | None, datetime | None,
                              tuple[datetime, str] | None]] = {}
-    with_consent: set[str] = set()
+    with_whole: set[str] = set()
     for matches in _under_keys(connection, wanted):
-        for (phone_key, uid_key, count, consent_count, inbound, window, uid_at,
+        for (phone_key, uid_key, count, whole_count, inbound, window, uid_at,
              user_id) in connection.execute(_ACTIVITY.where(matches)).all():
             facts[(phone_key, uid_key)] = (
                 count, inbound, window, (uid_at, user_id) if uid_at and user_id else None)
-            if consent_count:
-                with_consent.add(phone_key if phone_key in wanted else uid_key)
-    consent: dict[Group, dict[str, Event]] = defaultdict(dict)
-    for matches in _under_keys(connection, with_consent):
-        for row in connection.execute(_CONSENT.where(matches)).all():
+            if whole_count:
+                with_whole.add(phone_key if phone_key in wanted else uid_key)
+    whole: dict[Group, dict[str, Event]] = defaultdict(dict)
+    for matches in _under_keys(connection, with_whole):
+        for row in connection.execute(_WHOLE.where(matches)).all():
             event = to_event(row)
-            consent[(row[5], row[6])][event.key] = event
-    return {group: Activity(_in_key_order(consent.get(group, {})), inbound, window,
-                            newest_user_id, count)
-            for group, (count, inbound, window, newest_user_id) in facts.items()}
+            whole[(row[5], row[6])][event.key] = event
+    activities = {}
+    for group, (count, inbound, window, newest_user_id) in facts.items():
+        read = _in_key_order(whole.get(group, {}))
+        activities[group] = Activity(
+            tuple(e for e in read if e.signal in CONSENT_SIGNALS), inbound, window,
+            newest_user_id, count,
+            UserIdChange.in_order(c for c in map(UserIdChange.of, read) if c is not None))
+    return activities
 
 
 def _in_key_order(by_key: Mapping[str, Event]) -> tuple[Event, ...]:
     return tuple(by_key[key] for key in sorted(by_key))
 
 
-_CONSENT_VALUES = sorted(signal.value for signal in CONSENT_SIGNALS)
 _ACTIVITY = select(
     events.c.phone_key, events.c.uid_key, func.count(),
-    func.count(case((events.c.signal.in_(_CONSENT_VALUES), 1))),
+    func.count(case((events.c.signal.in_(_WHOLE_SIGNALS), 1))),
     func.max(case((events.c.opens_session, events.c.occurred_at))),
     func.max(events.c.window_expires_at),
-    func.max(case((events.c.uid_key.is_not(None), events.c.occurred_at))),
+    func.max(case((events.c.user_id.is_not(None), events.c.occurred_at))),
     func.max(events.c.user_id),
 ).group_by(events.c.phone_key, events.c.uid_key)
-_CONSENT = select(*_EVENT_COLUMNS).where(events.c.signal.in_(_CONSENT_VALUES))
+_WHOLE = select(*_EVENT_COLUMNS).where(events.c.signal.in_(_WHOLE_SIGNALS))
 
 
 def _under_keys(connection: Connection, keys: Collection[str | None]

@@ -53,21 +53,39 @@ def mark_seen(connection: Connection, crm: str, record_ids: Sequence[str], run_i
         ).values(seen_run=run_id))
 
 
-def record_ids_for_keys(connection: Connection, crm: str, keys: Iterable[str]) -> set[str]:
+def records_by_key(connection: Connection, crm: str, keys: Iterable[str]
+                   ) -> dict[str, set[str]]:
+    """key -> ids of the records carrying it; keys no record carries are left out."""
     wanted = sorted(set(keys))
-    found: set[str] = set()
+    found: dict[str, set[str]] = {}
     for start in range(0, len(wanted), _CHUNK):
-        found.update(connection.execute(
-            select(phone_index.c.record_id).where(
-                phone_index.c.crm == crm,
-                among(connection, phone_index.c.key, wanted[start:start + _CHUNK]))).scalars())
+        for key, record_id in connection.execute(
+                select(phone_index.c.key, phone_index.c.record_id).where(
+                    phone_index.c.crm == crm,
+                    among(connection, phone_index.c.key, wanted[start:start + _CHUNK]))):
+            found.setdefault(key, set()).add(record_id)
     return found
+
+
+def record_ids_for_keys(connection: Connection, crm: str, keys: Iterable[str]) -> set[str]:
+    return set().union(*records_by_key(connection, crm, keys).values())
 
 
 def records_with_keys(connection: Connection, keys: Sequence[str]) -> set[str]:
     """Record ids carrying any of the keys, in any CRM (for `waconsent proof`)."""
     return set(connection.execute(select(phone_index.c.record_id).where(
         among(connection, phone_index.c.key, keys))).scalars())
+
+
+def user_id_keys_of(connection: Connection, record_ids: Sequence[str]) -> set[str]:
+    """The business-scoped user ids (as keys) the CRM holds for these records, in any CRM."""
+    found: set[str] = set()
+    for start in range(0, len(record_ids), _CHUNK):
+        found.update(connection.execute(select(phone_index.c.key).where(
+            phone_index.c.field == "whatsapp_user_id",
+            among(connection, phone_index.c.record_id, record_ids[start:start + _CHUNK])))
+            .scalars())
+    return found
 
 
 def drop_unseen(connection: Connection, crm: str, run_id: int) -> int:

@@ -9,21 +9,32 @@ from typing import Any
 from sqlalchemy import Connection
 
 from waconsent.domain import jsonable
+from waconsent.phones import mask
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
-from waconsent.store import phone_index
+from waconsent.store import identity, phone_index
+
+
+def person_keys(connection: Connection, keys: list[str]) -> list[str]:
+    """Every key that names the person behind `keys`: the user ids their numbers were seen
+    with, the user ids the CRM holds for the records carrying them, and every id those
+    were announced to have changed to or from."""
+    holders = sorted(phone_index.records_with_keys(connection, keys))
+    held_ids = phone_index.user_id_keys_of(connection, holders)
+    return sorted(identity.expand(connection, {*keys, *held_ids}))
 
 
 def evidence_for(connection: Connection, keys: list[str]) -> list[dict[str, Any]]:
-    """WhatsApp events for the keys, and the confirmed CRM writes of the records carrying them."""
+    """WhatsApp events of the person behind the keys (under any linked key, so the STOP
+    that revoked a record is there whichever identifier it came with), and the confirmed
+    CRM writes of the records carrying any of those keys."""
     entries: list[tuple[datetime, int, dict[str, Any]]] = []
+    keys = person_keys(connection, keys)
     rows = event_store.for_proof(connection, keys)
-    user_keys = {row.uid_key for row in rows if row.uid_key} - set(keys)
-    if user_keys:  # the same person's events that carried only their business-scoped user id
-        keys = [*keys, *sorted(user_keys)]
-        rows = event_store.for_proof(connection, keys)
     for row in rows:
         detail = row.keyword or row.detail or row.status or row.message_type or ""
+        if row.new_user_id or row.new_wa_id:
+            detail = f"{detail} -> {row.new_user_id or mask(row.new_wa_id)}"
         if row.error_codes:
             detail = f"{detail} (error {row.error_codes})"
         entries.append((row.occurred_at, 0, {

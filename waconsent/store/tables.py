@@ -99,6 +99,17 @@ events = Table(
     Column("detail", String(200)),
     Column("source", String(300), nullable=False),
     Column("received_at", UTC_DATETIME, nullable=False),
+    Column("new_user_id", String(128)),
+)
+
+# Keys that name the same person because Meta announced a changed business-scoped user id
+# (previous id <-> new id, number <-> new id); each link is stored both ways round.
+identity_links = Table(
+    "identity_links", metadata,
+    Column("key", String(140), primary_key=True),
+    Column("linked_key", String(140), primary_key=True),
+    Column("occurred_at", UTC_DATETIME, nullable=False),
+    Column("event_key", String(300), nullable=False),
 )
 
 evidence = Table(

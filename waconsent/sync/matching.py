@@ -54,4 +54,4 @@ def record_keys(record_id: str, phones: Mapping[str, str | None], user_id: str |
 
 def event_keys(event: Event) -> tuple[str, ...]:
     """The keys an event can be found by: its number and its business-scoped user id."""
-    return tuple(k for k in (wa_id_key(event.wa_id), user_id_key(event.user_id)) if k)
+    return tuple(k for k in (wa_id_key(event.wa_id), user_id_key(event.match_user_id)) if k)

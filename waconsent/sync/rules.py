@@ -31,6 +31,7 @@ from waconsent.domain import (
     FieldChange,
     FieldValue,
     Signal,
+    UserIdChange,
     to_second,
 )
 
@@ -164,12 +165,35 @@ def _session_targets(fields: Mapping[str, FieldValue], activity: Activity
     return targets
 
 
+def current_user_id(start: str, changes: Sequence[UserIdChange]) -> str:
+    """Where announced changes lead from `start`: each change from the id in hand moves it
+    on (the newest first where two changes leave one id); a loop ends where it began."""
+    seen = {start}
+    current = start
+    while True:
+        onward = [c for c in changes if c.previous == current and c.new not in seen]
+        if not onward:
+            return current
+        current = max(onward, key=lambda c: (c.at, c.new)).new
+        seen.add(current)
+
+
 def _user_id_target(fields: Mapping[str, FieldValue], activity: Activity
                     ) -> dict[str, tuple[FieldValue, str]]:
-    if fields.get(WHATSAPP_USER_ID) or activity.newest_user_id is None:
+    """The record's business-scoped user id: the newest seen, written once a record is
+    matched by number; after that it moves only where Meta announced the change."""
+    held = fields.get(WHATSAPP_USER_ID)
+    start = held if isinstance(held, str) and held else None
+    if start is None:
+        if activity.newest_user_id is None:
+            return {}
+        start = activity.newest_user_id[1]
+    target = current_user_id(start, activity.user_id_changes)
+    if target == held:
         return {}
-    return {WHATSAPP_USER_ID: (activity.newest_user_id[1],
-                               "business-scoped user id seen on WhatsApp")}
+    why = ("business-scoped user id seen on WhatsApp" if held is None or held == ""
+           else f"business-scoped user id changed from {held} to {target}")
+    return {WHATSAPP_USER_ID: (target, why)}
 
 
 def _differs(old: FieldValue, new: FieldValue) -> bool:

@@ -1,0 +1,149 @@
+"""Which match keys name the same person, so that every event of a person reaches the
+records of that person.
+
+Two kinds of evidence join keys: an event that carries both a number and a
+business-scoped user id (a message from a user with a BSUID), and Meta's announcement that
+a user id changed (`user_changed_user_id`, `user_id_update`), kept in `identity_links`.
+A number change joins nothing: it moves no consent by itself (SPEC 5.9), and the number
+left behind may soon belong to somebody else.
+
+Links are followed for `MAX_ROUNDS` steps from the keys asked about, each step one query,
+so a full sync of an org without user ids pays one cheap query per chunk and no more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from datetime import datetime
+
+from sqlalchemy import Connection, and_, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from waconsent.domain import Event, Signal
+from waconsent.phones import USER_ID_PREFIX, user_id_key, wa_id_key
+from waconsent.store.engine import among
+from waconsent.store.tables import events, identity_links
+
+MAX_ROUNDS = 3
+_KEYS_PER_QUERY = 2_000
+
+Pair = tuple[str, str]
+#: given keys not asked about before, the (key, key) pairs that join them to others
+PairSource = Callable[[set[str]], Iterable[Pair]]
+
+
+class People:
+    """Keys grouped into people (a union-find over the joins seen)."""
+
+    def __init__(self) -> None:
+        self._parent: dict[str, str] = {}
+        self._members: dict[str, set[str]] | None = None
+
+    def _root(self, key: str) -> str:
+        parent = self._parent.setdefault(key, key)
+        while parent != key:
+            grand = self._parent[parent]
+            self._parent[key] = grand
+            key, parent = parent, self._parent[grand]
+        return key
+
+    def join(self, a: str, b: str) -> None:
+        root_a, root_b = self._root(a), self._root(b)
+        if root_a != root_b:
+            self._parent[max(root_a, root_b)] = min(root_a, root_b)
+            self._members = None
+
+    def expand(self, keys: Iterable[str]) -> set[str]:
+        """The keys, with every key that names the same person as one of them."""
+        if self._members is None:
+            members: dict[str, set[str]] = {}
+            for key in list(self._parent):
+                members.setdefault(self._root(key), set()).add(key)
+            self._members = members
+        found: set[str] = set()
+        for key in keys:
+            found.add(key)
+            if key in self._parent:
+                found |= self._members[self._root(key)]
+        return found
+
+
+def connect(connection: Connection, keys: Collection[str],
+            pairs_of: PairSource | None = None) -> People:
+    """The people behind `keys`, following joins for at most MAX_ROUNDS steps.
+
+    `pairs_of` finds the number-and-user-id pairs of events under the keys it is given;
+    the sync passes one that also keeps the activity it reads on the way.
+    """
+    source = pairs_of or (lambda new: event_pairs(connection, new))
+    people = People()
+    asked: set[str] = set()
+    frontier = {key for key in keys if key}
+    for _ in range(MAX_ROUNDS):
+        if not frontier:
+            break
+        asked |= frontier
+        found = [*source(frontier), *links(connection, frontier)]
+        for a, b in found:
+            people.join(a, b)
+        frontier = {key for pair in found for key in pair} - asked
+    return people
+
+
+def expand(connection: Connection, keys: Collection[str]) -> set[str]:
+    """`keys` and every key linked to them (for finding the records behind events)."""
+    return connect(connection, keys).expand(keys)
+
+
+def _chunks(keys: Collection[str]) -> Iterator[list[str]]:
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), _KEYS_PER_QUERY):
+        yield ordered[start:start + _KEYS_PER_QUERY]
+
+
+def links(connection: Connection, keys: Collection[str]) -> Iterator[Pair]:
+    for chunk in _chunks(keys):
+        query = select(identity_links.c.key, identity_links.c.linked_key).where(
+            among(connection, identity_links.c.key, chunk))
+        yield from ((a, b) for a, b in connection.execute(query))
+
+
+def event_pairs(connection: Connection, keys: Collection[str]) -> Iterator[Pair]:
+    """(number, user id) pairs of events under the keys: a message from a user who has both."""
+    phones = [k for k in keys if not k.startswith(USER_ID_PREFIX)]
+    uids = [k for k in keys if k.startswith(USER_ID_PREFIX)]
+    both = and_(events.c.phone_key.is_not(None), events.c.uid_key.is_not(None))
+    for column, chosen in ((events.c.phone_key, phones), (events.c.uid_key, uids)):
+        for chunk in _chunks(chosen):
+            query = (select(events.c.phone_key, events.c.uid_key)
+                     .where(both, among(connection, column, chunk)).distinct())
+            yield from ((a, b) for a, b in connection.execute(query))
+
+
+def links_of(event: Event) -> list[Pair]:
+    """The keys an announced user-id change joins: previous id and number to the new id."""
+    if event.signal is not Signal.USER_ID_CHANGED:
+        return []
+    new = user_id_key(event.new_user_id)
+    if new is None:
+        return []
+    return [(key, new) for key in (user_id_key(event.user_id), wa_id_key(event.wa_id))
+            if key and key != new]
+
+
+def record(connection: Connection, changes: Sequence[Event]) -> None:
+    """Keep the links of freshly stored user-id changes (both ways round), in the caller's
+    transaction; a link seen before is kept with its first event."""
+    rows: dict[Pair, dict[str, str | datetime]] = {}
+    for event in changes:
+        for a, b in links_of(event):
+            for key, linked in ((a, b), (b, a)):
+                rows.setdefault((key, linked), {"key": key, "linked_key": linked,
+                                                "occurred_at": event.occurred_at,
+                                                "event_key": event.key})
+    if not rows:
+        return
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(identity_links).on_conflict_do_nothing(
+        index_elements=["key", "linked_key"])
+    connection.execute(statement, [rows[pair] for pair in sorted(rows)])
