@@ -74,6 +74,26 @@ def phone_key(raw: str, default_region: str) -> str:
     return canonical(e164)
 
 
+#: Digits a stored number is searched by: the last 8 are the same in every spelling the
+#: matching accepts (Brazil's ninth digit and Mexico's "1" come before them).
+SEARCH_DIGITS = 8
+
+
+def search_digits(key: str) -> str | None:
+    """The digits to look a phone key up by in a CRM's unnormalized phone fields, in
+    order, each allowed to stand among any other characters (spaces, dashes, a trunk "(0)");
+    None for a user-id key. A search by them finds a superset: confirm by the key."""
+    if key.startswith(USER_ID_PREFIX):
+        return None
+    digits = "".join(ch for ch in key if ch.isdigit())
+    return digits[-SEARCH_DIGITS:] or None
+
+
+def like_pattern(digits: str) -> str:
+    """A SQL LIKE pattern matching any text that holds `digits` in order: '%1%2%3%'."""
+    return "%" + "%".join(digits) + "%"
+
+
 def mask(value: str) -> str:
     """Phone numbers in logs and reports keep only the last three characters."""
     text = value.strip()

@@ -202,6 +202,8 @@ class FilterParser:
             raise FilterError(f"expected a property name, got {name.text!r}")
         if name.text == "Microsoft.Dynamics.CRM.In":
             return self._in()
+        if name.text in _STRING_FUNCTIONS:
+            return self._string_function(name.text)
         operator = self._take()
         if operator.text not in _OPERATORS:
             raise FilterError(f"expected a comparison operator, got {operator.text!r}")
@@ -237,6 +239,48 @@ class FilterParser:
         for value in wanted:
             self.comparisons.append(Comparison(str(attribute), "in", value))
         return lambda r: str(r.get(attribute)).lower() in wanted
+
+
+    def _string_function(self, function: str) -> Predicate:
+        """contains / startswith / endswith, with Dataverse's wildcard characters inside
+        the value (`%`, `_`, `[...]`, `[^...]`, as in SQL LIKE), case-insensitive."""
+        self._take("(")
+        attribute = self._take().text
+        self._take(",")
+        value = literal_value(self._take())
+        self._take(")")
+        if not isinstance(value, str):
+            raise FilterError(f"{function} expects a string literal")
+        self.comparisons.append(Comparison(attribute, function, value))
+        lead, tail = _STRING_FUNCTIONS[function]
+        pattern = re.compile(lead + _like_regex(value) + tail, re.IGNORECASE | re.DOTALL)
+        return lambda r: isinstance(r.get(attribute), str) and bool(
+            pattern.fullmatch(r[attribute]))
+
+
+_STRING_FUNCTIONS = {"contains": (".*", ".*"), "startswith": ("", ".*"),
+                     "endswith": (".*", "")}
+
+
+def _like_regex(value: str) -> str:
+    parts, position = [], 0
+    while position < len(value):
+        char = value[position]
+        if char == "%":
+            parts.append(".*")
+        elif char == "_":
+            parts.append(".")
+        elif char == "[" and "]" in value[position + 1:]:
+            end = value.index("]", position + 1)
+            inner = value[position + 1:end]
+            negate = inner.startswith("^")
+            body = re.escape(inner[1:] if negate else inner).replace("\\-", "-")
+            parts.append(f"[{'^' if negate else ''}{body}]")
+            position = end
+        else:
+            parts.append(re.escape(char))
+        position += 1
+    return "".join(parts)
 
 
 def _compare(left: Any, operator: str, right: Any) -> bool:

@@ -41,6 +41,16 @@ class CrmConnector(Protocol):
     def read_by_ids(self, record_ids: Sequence[str]) -> Iterator[CrmRecord]:
         """The named records (missing ones are simply absent)."""
 
+    def find_by_keys(self, keys: Sequence[str]) -> Iterator[CrmRecord]:
+        """Records that may carry one of these match keys: an E.164 number in any phone
+        field, however it was typed, or a user id (`uid:...`) in the mapped user-id field.
+
+        A superset, found by a search the CRM can run on unnormalized text (the number's
+        last digits in order); the caller confirms each candidate by its parsed number. Used
+        only for numbers the phone index does not know yet (a contact created since the last
+        sync), because such a search cannot use the CRM's indexes.
+        """
+
     def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
         """Write one batch of at most `write_batch_size`; one result per request, same order."""
 

@@ -49,6 +49,7 @@ from waconsent.errors import (
     RateLimited,
     RetryableError,
 )
+from waconsent.phones import USER_ID_PREFIX, search_digits
 
 if TYPE_CHECKING:
     from waconsent.config import LoadedConfig
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 5000  # Dataverse's ceiling for odata.maxpagesize
 ID_CHUNK = 200  # GUIDs per by-id query: ~10 KB of URL, well under Dataverse's limit
+SEARCH_CHUNK = 60  # conditions per look-up by number (~4 KB of URL)
 TIMEOUT = 120.0  # seconds; Dataverse itself gives up on a request after 2 minutes
 
 # entity set -> (logical name, primary id, primary name) for the common tables, so
@@ -501,6 +503,19 @@ class DynamicsConnector:
         for start in range(0, len(wanted), ID_CHUNK):
             chunk = wanted[start:start + ID_CHUNK]
             yield from self._records(self._rows(self._query_url(odata.ids_filter(key, chunk))))
+
+    def find_by_keys(self, keys: Sequence[str]) -> Iterator[CrmRecord]:
+        """Candidates by `contains` on the phone columns (the number's last digits, any
+        formatting between them) or `eq` on the mapped user-id column."""
+        digits = list(dict.fromkeys(d for d in map(search_digits, keys) if d))
+        conditions = [odata.contains_in_order(phone, d) for d in digits for phone in self._phones]
+        user_id_column = self._fields.get(domain.WHATSAPP_USER_ID)
+        if user_id_column:
+            conditions += [odata.eq(user_id_column, k.removeprefix(USER_ID_PREFIX))
+                           for k in keys if k.startswith(USER_ID_PREFIX)]
+        for start in range(0, len(conditions), SEARCH_CHUNK):
+            where = " or ".join(conditions[start:start + SEARCH_CHUNK])
+            yield from self._records(self._rows(self._query_url(where)))
 
     # ---- writes ---------------------------------------------------------------------------
 

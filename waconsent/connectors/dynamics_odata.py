@@ -95,6 +95,16 @@ def ids_filter(key: str, ids: Sequence[str]) -> str:
     return " or ".join(f"{name} eq {value}" for value in canonical)
 
 
+def contains_in_order(attribute: str, digits: str) -> str:
+    """`contains(attribute,'1%2%3')`: Dataverse reads `%` inside the value as a wildcard,
+    so the digits match with any formatting between them. Like every leading wildcard it
+    cannot use an index (and Dataverse throttles such queries hard), so the connector uses
+    it only for the few numbers no sync has indexed yet."""
+    if not digits.isdigit():
+        raise ValueError("contains_in_order takes digits only")
+    return f"contains({identifier(attribute, 'phone attribute')},{quote_string('%'.join(digits))})"
+
+
 def select(names: Iterable[str]) -> str:
     unique = list(dict.fromkeys(names))
     for name in unique:

@@ -14,12 +14,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, String, bindparam, select, tuple_, update
+from sqlalchemy import ColumnElement, Engine, String, bindparam, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent import domain
 from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
-from waconsent.phones import UnparseablePhone, mask, phone_key
+from waconsent.phones import (
+    USER_ID_PREFIX,
+    UnparseablePhone,
+    like_pattern,
+    mask,
+    phone_key,
+    search_digits,
+)
 from waconsent.store.engine import among, reading
 from waconsent.store.tables import contacts
 
@@ -100,6 +107,26 @@ class LedgerCrm:
                 connection.rollback()
             self._calls += 1
             yield from (_row_to_record(row) for row in rows)
+
+    def find_by_keys(self, keys: Sequence[str]) -> Iterator[CrmRecord]:
+        """Candidates by LIKE on the phone columns (digits in order, any formatting between)
+        or by user id; the caller confirms each by its parsed number."""
+        patterns = list(dict.fromkeys(like_pattern(d) for d in map(search_digits, keys) if d))
+        user_ids = [k.removeprefix(USER_ID_PREFIX) for k in keys if k.startswith(USER_ID_PREFIX)]
+        if not patterns and not user_ids:
+            return
+        with reading(self._engine) as connection:
+            conditions: list[ColumnElement[bool]] = [
+                column.like(pattern) for pattern in patterns
+                for column in (contacts.c.mobile_phone, contacts.c.phone)]
+            if user_ids:
+                conditions.append(among(connection, contacts.c.whatsapp_user_id, user_ids))
+            rows = [row for start in range(0, len(conditions), _CHUNK)
+                    for row in connection.execute(select(contacts).where(
+                        or_(*conditions[start:start + _CHUNK]))).all()]
+            connection.rollback()
+        self._calls += 1
+        yield from (_row_to_record(row) for row in rows)
 
     def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
         """One transaction; writes that set the same fields go as one executemany."""

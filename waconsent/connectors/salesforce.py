@@ -46,6 +46,7 @@ from waconsent.connectors.salesforce_soql import (
     is_record_id,
     select_all,
     select_by_ids,
+    select_by_numbers,
     select_changed_since,
     select_changed_since_unordered,
     select_fields,
@@ -59,6 +60,7 @@ from waconsent.errors import (
     RateLimited,
     RetryableError,
 )
+from waconsent.phones import USER_ID_PREFIX, like_pattern, search_digits
 
 if TYPE_CHECKING:
     from waconsent.config import LoadedConfig
@@ -410,9 +412,25 @@ class SalesforceConnector:
         # query over one malformed id literal (INVALID_QUERY_FILTER_OPERATOR).
         wanted = [i for i in dict.fromkeys(record_ids) if is_record_id(i)]
         for soql in select_by_ids(self._object, self._fields, wanted):
-            for page in self._pages(soql):
-                for raw in page.get("records", []):
-                    yield self._record(raw, None)
+            yield from self._records_of(soql)
+
+    def find_by_keys(self, keys: Sequence[str]) -> Iterator[CrmRecord]:
+        """Candidates by a LIKE on the phone fields (the number's last digits, any
+        formatting between them) or by the mapped user-id field; one query per ~100 numbers."""
+        patterns = list(dict.fromkeys(like_pattern(d) for d in map(search_digits, keys) if d))
+        user_id_field = self._mapped.get(domain.WHATSAPP_USER_ID)
+        user_ids = [k.removeprefix(USER_ID_PREFIX) for k in keys
+                    if k.startswith(USER_ID_PREFIX)] if user_id_field else []
+        if not patterns and not user_ids:
+            return
+        for soql in select_by_numbers(self._object, self._fields, self._phone_fields, patterns,
+                                      user_id_field, user_ids):
+            yield from self._records_of(soql)
+
+    def _records_of(self, soql: str) -> Iterator[CrmRecord]:
+        for page in self._pages(soql):
+            for raw in page.get("records", []):
+                yield self._record(raw, None)
 
     def _record(self, raw: Mapping[str, Any], csv_types: Mapping[str, str] | None) -> CrmRecord:
         """A query row (JSON, or Bulk CSV strings when `csv_types` is given) as a CrmRecord."""

@@ -102,3 +102,30 @@ def select_by_ids(object_name: str, fields: Sequence[str], record_ids: Iterable[
         length += item_length
     if chunk:
         yield head + ",".join(chunk) + ")"
+
+
+def select_by_numbers(object_name: str, fields: Sequence[str], phone_fields: Sequence[str],
+                      digit_patterns: Iterable[str], user_id_field: str | None = None,
+                      user_ids: Iterable[str] = (), budget: int = MAX_ENCODED_QUERY
+                      ) -> Iterator[str]:
+    """Records that may carry a number (any phone field LIKE its digit pattern, so that
+    '0151 2345678' and '+49 (0)151-234 56 78' are both found) or a user id; queries kept
+    under `budget` characters once URL-encoded. LIKE with a leading wildcard cannot use an
+    index, which is why only numbers no sync has indexed yet are looked up this way."""
+    conditions = [format_soql("{field:literal} LIKE {pattern}", field=api_name(f, "field"),
+                              pattern=pattern)
+                  for pattern in digit_patterns for f in phone_fields]
+    if user_id_field:
+        conditions += [format_soql("{field:literal} = {value}",
+                                   field=api_name(user_id_field, "field"), value=value)
+                       for value in user_ids]
+    head = _select(object_name, fields) + " WHERE "
+    chunk: list[str] = []
+    for condition in conditions:
+        candidate = " OR ".join([*chunk, condition])
+        if chunk and _encoded_length(head + candidate) > budget:
+            yield head + " OR ".join(chunk)
+            chunk = []
+        chunk.append(condition)
+    if chunk:
+        yield head + " OR ".join(chunk)

@@ -45,11 +45,12 @@ from waconsent.domain import (
     jsonable,
     to_second,
 )
+from waconsent.errors import WaconsentError
 from waconsent.phones import mask, user_id_key
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
+from waconsent.store import identity, phone_index
 from waconsent.store import outbox as outbox_store
-from waconsent.store import phone_index
 from waconsent.store import runs as run_store
 from waconsent.store.engine import open_engine, reading
 from waconsent.sync import matching, rules
@@ -88,6 +89,10 @@ class RunReport:
     superseded: list[str] = field(default_factory=list)
     phone_problems: list[dict[str, str]] = field(default_factory=list)
     number_changes: list[dict[str, str]] = field(default_factory=list)
+    user_id_changes: list[dict[str, str]] = field(default_factory=list)
+    #: a targeted run: records found by searching the CRM for numbers no sync had indexed
+    found_by_search: int = 0
+    search_error: str | None = None
     revoked: list[str] = field(default_factory=list)
     opted_in: list[str] = field(default_factory=list)
     missing_proof: list[str] = field(default_factory=list)
@@ -122,6 +127,7 @@ class _Context:
     #: only they are remembered (a sent row leaves the outbox), so memory follows failures
     failed: set[int] = field(default_factory=set)
     decided: set[str] = field(default_factory=set)  # targeted runs: the records they read
+    unindexed: list[str] = field(default_factory=list)  # targeted runs: keys to search for
     newest_modified: datetime | None = None
 
 
@@ -215,7 +221,7 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
             _process_chunk(context, _prepare(context, chunk))
         if not targeted:
             _note_unmatched(context, 0 if full else marks.events, event_upto)
-            _note_number_changes(context, 0 if full else marks.events, event_upto)
+            _note_identity_changes(context, 0 if full else marks.events, event_upto)
         if not dry_run:
             _send_outbox(context, record_ids=context.decided if targeted else None)
             _record_usage(context)
@@ -244,17 +250,48 @@ def _record_usage(context: _Context) -> None:
 
 
 def _targeted_ids(context: _Context, keys: Collection[str] | None) -> set[str] | None:
+    """The indexed records behind the keys and every key linked to them; the linked keys
+    no record carries are remembered, to be searched for in the CRM."""
     if keys is None:
         return None
     with reading(context.engine) as connection:
-        context.decided = phone_index.record_ids_for_keys(connection, context.crm, keys)
+        wanted = identity.expand(connection, keys)
+        by_key = phone_index.records_by_key(connection, context.crm, wanted)
         connection.rollback()
+    context.decided = set().union(*by_key.values())
+    context.unindexed = sorted(wanted - set(by_key))
     return context.decided
 
 
 def _records_for_keys(context: _Context) -> Iterator[CrmRecord]:
     if context.decided:
         yield from context.connector.read_by_ids(sorted(context.decided))
+    if context.unindexed:
+        yield from _found_by_search(context, context.unindexed)
+
+
+def _found_by_search(context: _Context, keys: Sequence[str]) -> Iterator[CrmRecord]:
+    """Records created since the last sync that carry a revoked number: the CRM is searched
+    by the number's digits (one call per batch of numbers) and every candidate confirmed by
+    its parsed number, so a near miss is never revoked. A failed search (a throttled
+    leading-wildcard query, say) leaves those records to the next scheduled run; the
+    indexed records are still written."""
+    wanted = set(keys)
+    region = context.config.settings.mapping.default_region
+    try:
+        candidates = list(context.connector.find_by_keys(keys))
+    except WaconsentError as exc:
+        context.report.search_error = str(exc)
+        log.warning("search for unindexed numbers failed; the next scheduled run covers "
+                    "them: %s", exc)
+        return
+    for record in candidates:
+        if record.record_id in context.decided or not (_keys(record, region, None).key_set
+                                                       & wanted):
+            continue
+        context.decided.add(record.record_id)
+        context.report.found_by_search += 1
+        yield record
 
 
 def _records_to_read(context: _Context, full: bool, marks: run_store.Watermarks,
@@ -272,7 +309,8 @@ def _records_to_read(context: _Context, full: bool, marks: run_store.Watermarks,
     with reading(context.engine) as connection:
         since = marks.run_started - lookback if marks.run_started else None
         keys = set(event_store.keys_after(connection, marks.events, event_upto, since))
-        wanted = phone_index.record_ids_for_keys(connection, context.crm, keys)
+        wanted = phone_index.record_ids_for_keys(connection, context.crm,
+                                                 identity.expand(connection, keys))
         connection.rollback()
     missing = sorted(wanted - changed_ids)
     if missing:
@@ -447,30 +485,39 @@ def _label(record: CrmRecord) -> str:
 
 
 def _note_unmatched(context: _Context, after_id: int, upto_id: int) -> None:
-    if context.dry_run:
-        with reading(context.engine) as connection:
+    """Keys with activity that reach no record, directly or through a linked key."""
+    with reading(context.engine) as connection:
+        if context.dry_run:
             keys = set(event_store.keys_after(connection, after_id, upto_id))
-            connection.rollback()
-        indexed_or_seen = context.seen_keys
-        unmatched = sorted(k for k in keys if k not in indexed_or_seen)
-    else:
-        with reading(context.engine) as connection:
-            unmatched = phone_index.unmatched_keys(connection, context.crm, after_id, upto_id)
-            connection.rollback()
+            candidates = sorted(k for k in keys if k not in context.seen_keys)
+        else:
+            candidates = phone_index.unmatched_keys(connection, context.crm, after_id, upto_id)
+        people = identity.connect(connection, candidates)
+        indexed = set(context.seen_keys) if context.dry_run else set(phone_index.records_by_key(
+            connection, context.crm, people.expand(candidates)))
+        connection.rollback()
+    unmatched = [key for key in candidates if not people.expand([key]) & indexed]
     context.report.unmatched_numbers = len(unmatched)
     for key in unmatched[:LIST_LIMIT]:
         context.report.unmatched.append(key if key.startswith("uid:") else mask(key))
 
 
-def _note_number_changes(context: _Context, after_id: int, upto_id: int) -> None:
-    """SPEC 5.9: a user_changed_number is reported for the admin; it moves no consent."""
+def _note_identity_changes(context: _Context, after_id: int, upto_id: int) -> None:
+    """SPEC 5.9: number changes and user-id changes are reported for the admin; a number
+    change moves no consent, a user-id change links the old and new ids."""
+    report = context.report
     with reading(context.engine) as connection:
-        for event in event_store.in_range(connection, after_id, upto_id,
-                                          Signal.NUMBER_CHANGED):
-            context.report.note(context.report.number_changes, {
+        for event in event_store.in_range(connection, after_id, upto_id, Signal.NUMBER_CHANGED):
+            report.note(report.number_changes, {
                 "from": mask(event.wa_id or ""), "to": mask(event.new_wa_id or ""),
                 "at": jsonable(event.occurred_at),
                 "user_id": user_id_key(event.user_id) or ""})
+        for event in event_store.in_range(connection, after_id, upto_id,
+                                          Signal.USER_ID_CHANGED):
+            report.note(report.user_id_changes, {
+                "from": event.user_id or "", "to": event.new_user_id or "",
+                "number": mask(event.wa_id) if event.wa_id else "",
+                "at": jsonable(event.occurred_at)})
         connection.rollback()
 
 

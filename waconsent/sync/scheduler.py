@@ -23,7 +23,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from waconsent.config.schema import ScheduleConfig
 from waconsent.domain import Event, Signal
 from waconsent.errors import RunLockHeld
-from waconsent.phones import user_id_key, wa_id_key
+from waconsent.sync.matching import event_keys
 
 log = logging.getLogger("waconsent.scheduler")
 
@@ -80,11 +80,8 @@ def build_scheduler(schedule: ScheduleConfig, full_run: Callable[[], Any],
 
 def revocation_keys(events: Collection[Event]) -> set[str]:
     """The match keys of the opt-outs among freshly stored events."""
-    keys: set[str] = set()
-    for event in events:
-        if event.signal is Signal.OPT_OUT:
-            keys.update(k for k in (wa_id_key(event.wa_id), user_id_key(event.user_id)) if k)
-    return keys
+    return {key for event in events if event.signal is Signal.OPT_OUT
+            for key in event_keys(event)}
 
 
 class RevocationDispatcher:
