@@ -232,3 +232,26 @@ def test_proof_includes_events_known_only_by_user_id(cfg: Path, tmp_path: Path) 
     rows = json.loads(run(cfg, "proof", "+49 151 23456789", "--format", "json").output)
     assert [row["what"] for row in rows] == ["whatsapp message: none",
                                              "whatsapp message: opt_out"]
+
+
+@pytest.mark.parametrize("args", [
+    ["sync", "--config", "{cfg}"], ["--config", "{cfg}", "sync"],
+    ["contacts", "export", "--config", "{cfg}"], ["contacts", "--config", "{cfg}", "export"],
+    ["report", "missing-proof", "--format", "json", "--config", "{cfg}"],
+    ["proof", "+4915123456789", "--config", "{cfg}"],
+], ids=lambda a: " ".join(a))
+def test_config_after_the_command_word(cfg: Path, args: list[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config PATH` works after the command (and sub-command) word as well as before it."""
+    moved = cfg.rename(cfg.parent / "prod.toml")
+    monkeypatch.chdir(cfg.parent)  # no ./waconsent.toml here to fall back on
+    monkeypatch.delenv("WACONSENT_CONFIG", raising=False)
+    result = CliRunner().invoke(main, [a.format(cfg=moved) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "no configuration file" not in result.output
+
+
+def test_config_given_twice_differently_is_refused(cfg: Path) -> None:
+    """Two different --config values are a usage error, not a silent choice."""
+    result = CliRunner().invoke(main, ["--config", str(cfg), "runs", "--config", "other.toml"])
+    assert result.exit_code != 0 and "--config given twice" in result.output

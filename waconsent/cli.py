@@ -92,6 +92,30 @@ def _config(ctx: click.Context) -> LoadedConfig:
     return config.load(root.obj)
 
 
+def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """`--config` given after a command word: the same file as before it. Both, naming
+    different files, is a usage error rather than a guess."""
+    if value is None:
+        return
+    root = ctx.find_root()
+    if root.obj is not None and root.obj != value:
+        raise click.UsageError(f"--config given twice: {root.obj} and {value}; pass it once")
+    root.obj = value
+
+
+def _accept_config_everywhere(group: click.Group) -> None:
+    """Every command and sub-command takes `--config PATH` after its own name too
+    (`waconsent sync --config prod.toml`), as README promises; added here, once, so no
+    command can forget it."""
+    for command in group.commands.values():
+        command.params.append(click.Option(
+            ["--config", "config_after_command"], type=click.Path(dir_okay=False),
+            expose_value=False, callback=_remember_config,
+            help="Configuration file (else $WACONSENT_CONFIG, else ./waconsent.toml)."))
+        if isinstance(command, click.Group):
+            _accept_config_everywhere(command)
+
+
 def _engine(loaded: LoadedConfig) -> Engine:
     return open_engine(loaded.settings.store.url)
 
@@ -534,3 +558,6 @@ def serve(ctx: click.Context) -> None:
     from waconsent.service import serve as serve_all
 
     serve_all(_config(ctx))
+
+
+_accept_config_everywhere(main)
