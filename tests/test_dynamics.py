@@ -33,6 +33,7 @@ from waconsent.config import LoadedConfig, Secrets, parse
 from waconsent.connectors import dynamics_batch as batch
 from waconsent.connectors import dynamics_odata as odata
 from waconsent.connectors.dynamics import DynamicsConnector
+from waconsent.connectors.http import RetryPolicy
 from waconsent.domain import WriteRequest
 from waconsent.errors import AuthenticationError, ConfigError, ConnectionFailed
 
@@ -80,8 +81,8 @@ def connect(waits: list[float]) -> Iterator[Callable[..., DynamicsConnector]]:
     opened: list[DynamicsConnector] = []
 
     def _connect(config: LoadedConfig | None = None, **kwargs: Any) -> DynamicsConnector:
-        connector = DynamicsConnector.from_config(config or make_config(), sleep=waits.append,
-                                                  **kwargs)
+        connector = DynamicsConnector.from_config(
+            config or make_config(), policy=RetryPolicy(sleep=waits.append), **kwargs)
         opened.append(connector)
         return connector
 
@@ -204,15 +205,18 @@ def test_entity_set_with_quotes_is_refused_before_any_request(
 
 def test_next_link_that_repeats_stops_the_read(
         mock: responses.RequestsMock, waits: list[float]) -> None:
-    """A server that hands out the same nextLink twice cannot make the read spin."""
+    """A server that hands out the same nextLink twice cannot make the read spin, and the
+    read fails instead of ending short (a short read would look complete)."""
     base = f"{ORG_URL}/api/data/v9.2"
     loop = f"{base}/contacts?$select=x&$skiptoken=same"
     row = {"contactid": "00000000-0000-0000-0000-000000000001",
            "modifiedon": "2026-01-01T00:00:00Z"}
     mock.add(responses.GET, f"{base}/contacts", json={"value": [row], "@odata.nextLink": loop})
     config = make_config(auth="access_token", secrets={"DYNAMICS_ACCESS_TOKEN": "t"})
-    connector = DynamicsConnector.from_config(config, sleep=waits.append)
-    records = list(connector.read_all())
+    connector = DynamicsConnector.from_config(config, policy=RetryPolicy(sleep=waits.append))
+    records = []
+    with pytest.raises(ConnectionFailed, match="repeated"):
+        records.extend(connector.read_all())
     assert len(mock.calls) == 2  # the first page and the link once; not a third time
     assert len(records) == 2
 
@@ -224,7 +228,7 @@ def test_next_link_to_another_host_is_refused(
     mock.add(responses.GET, f"{base}/contacts", json={
         "value": [], "@odata.nextLink": "https://collector.example/api/data/v9.2/contacts"})
     config = make_config(auth="access_token", secrets={"DYNAMICS_ACCESS_TOKEN": "t"})
-    connector = DynamicsConnector.from_config(config, sleep=waits.append)
+    connector = DynamicsConnector.from_config(config, policy=RetryPolicy(sleep=waits.append))
     with pytest.raises(ConnectionFailed, match="outside"):
         list(connector.read_all())
     assert hosts(mock) == {"acme.crm4.dynamics.com"}
@@ -238,7 +242,7 @@ def test_three_hundred_changes_go_in_one_batch_with_only_changed_attributes(
     ids = fake.add_contacts(300, modified=T0, new_whatsappoptin=True,
                             new_whatsappoptinsource="web form")
     stop = datetime(2026, 2, 1, 9, 30, 15, 999_000, tzinfo=UTC)
-    results = connect().apply([WriteRequest(i, {"opt_in": False, "opt_out_date": stop})
+    results = connect().write([WriteRequest(i, {"opt_in": False, "opt_out_date": stop})
                                for i in ids])
     assert [r.ok for r in results] == [True] * 300
     assert [r.record_id for r in results] == ids
@@ -258,7 +262,7 @@ def test_one_bad_record_in_a_batch_fails_alone(
     """A record a plugin rejects fails permanently with its code; its neighbours are written."""
     ids = fake.add_contacts(10, modified=T0)
     fake.rejects[ids[4]] = (400, "0x80040265", "Plugin: contact is locked for compliance review")
-    results = connect().apply([WriteRequest(i, {"proof_missing": True}) for i in ids])
+    results = connect().write([WriteRequest(i, {"proof_missing": True}) for i in ids])
     assert [r.ok for r in results] == [i != 4 for i in range(10)]
     bad = results[4]
     assert (bad.record_id, bad.code, bad.permanent) == (ids[4], "0x80040265", True)
@@ -273,7 +277,7 @@ def test_missing_record_fails_permanently_and_is_never_created(
     """If-Match: * turns a PATCH on a missing id into 412, a permanent failure, not an insert."""
     [present] = fake.add_contacts(1, modified=T0)
     ghost = "0bad0bad-0000-4000-8000-000000000000"
-    results = connect().apply([WriteRequest(ghost, {"proof_missing": True}),
+    results = connect().write([WriteRequest(ghost, {"proof_missing": True}),
                                WriteRequest(present, {"proof_missing": True})])
     assert (results[0].ok, results[0].permanent, results[0].code) == (False, True, "0x80040217")
     assert results[1].ok
@@ -287,7 +291,7 @@ def test_record_missing_status_is_permanent(
     """Whether Dataverse says 404 or 412 for a missing record, it is a permanent failure."""
     fake = FakeDataverse(missing_status=status).install(mock)
     ghost = "0bad0bad-0000-4000-8000-000000000000"
-    [result] = connect().apply([WriteRequest(ghost, {"proof_missing": True})])
+    [result] = connect().write([WriteRequest(ghost, {"proof_missing": True})])
     assert (result.ok, result.permanent) == (False, True)
     assert fake.calls["batch"] == 1
 
@@ -297,7 +301,7 @@ def test_too_long_string_is_reported_never_cut(
     """A value longer than MaxLength is a permanent per-record error; nothing is sent for it."""
     [record] = fake.add_contacts(1, modified=T0)
     source = "whatsapp:keyword:START:" + "w" * 300
-    [result] = connect().apply([WriteRequest(record, {"opt_in_source": source})])
+    [result] = connect().write([WriteRequest(record, {"opt_in_source": source})])
     assert (result.ok, result.code, result.permanent) == (False, "STRING_TOO_LONG", True)
     assert "at most 200" in result.error
     assert fake.calls["batch"] == 0
@@ -309,7 +313,7 @@ def test_datetimes_are_written_in_utc_with_z(
     """A datetime in another zone is written as its UTC second with a Z."""
     [record] = fake.add_contacts(1, modified=T0)
     local = datetime(2026, 2, 1, 11, 30, 5, 123_456, tzinfo=timezone(timedelta(hours=2)))
-    [result] = connect().apply([WriteRequest(record, {"last_inbound": local})])
+    [result] = connect().write([WriteRequest(record, {"last_inbound": local})])
     assert result.ok
     assert fake.patched == [{"new_whatsapplastinbound": "2026-02-01T09:30:05Z"}]
 
@@ -321,7 +325,7 @@ def test_write_of_an_unmapped_field_is_refused_without_a_request(
     config = make_config(fields={"opt_in": "new_whatsappoptin",
                                  "opt_in_date": "new_whatsappoptindate",
                                  "opt_out_date": "new_whatsappoptoutdate"})
-    [result] = connect(config).apply([WriteRequest(record, {"opt_in_ip": "192.0.2.1"})])
+    [result] = connect(config).write([WriteRequest(record, {"opt_in_ip": "192.0.2.1"})])
     assert (result.ok, result.code, result.permanent) == (False, "UNMAPPED_FIELD", True)
     assert fake.calls["batch"] == 0
 
@@ -332,8 +336,8 @@ def test_parallel_batches_stay_within_max_concurrency(
     fake = FakeDataverse(batch_delay=0.05).install(mock)
     ids = fake.add_contacts(50, modified=T0)
     connector = connect(make_config(max_concurrency=2, batch_size=10))
-    assert connector.write_batch_size == 20
-    results = connector.apply([WriteRequest(i, {"proof_missing": True}) for i in ids])
+    assert connector.batch_size(10_000) == 20
+    results = connector.write([WriteRequest(i, {"proof_missing": True}) for i in ids])
     assert all(r.ok for r in results) and [r.record_id for r in results] == ids
     assert fake.calls["batch"] == 5 and fake.batch_sizes == [10] * 5
     assert fake.max_in_flight <= 2
@@ -364,7 +368,7 @@ def test_throttled_batch_is_resent_after_retry_after(
     connector = connect()
     connector.preflight()
     fake.throttle(30)
-    results = connector.apply([WriteRequest(i, {"proof_missing": True}) for i in ids])
+    results = connector.write([WriteRequest(i, {"proof_missing": True}) for i in ids])
     assert all(r.ok for r in results)
     assert waits == [30.0]
     assert fake.calls["batch"] == 2 and fake.batch_sizes == [5]
@@ -428,7 +432,7 @@ def test_msal_reuses_one_token_and_never_asks_microsofts_authority(
     connector.preflight()
     list(connector.read_all())
     list(connector.read_by_ids(ids[:3]))
-    connector.apply([WriteRequest(ids[0], {"proof_missing": True})])
+    connector.write([WriteRequest(ids[0], {"proof_missing": True})])
     assert fake.calls["openid"] == 1 and fake.calls["token"] == 1
     assert hosts(mock) == {"login.fake-sovereign.test", "acme.crm4.dynamics.com"}
     [form] = fake.token_forms
@@ -618,7 +622,7 @@ def test_choice_opt_in_reads_and_writes_option_values(
     assert choice_fake.calls["metadata"] == 4  # the Choice adds one call for its options
     read = {r.record_id: r.get("opt_in") for r in connector.read_all()}
     assert read == {yes: True, no: False, unset: None}
-    results = connector.apply([WriteRequest(yes, {"opt_in": False}),
+    results = connector.write([WriteRequest(yes, {"opt_in": False}),
                                WriteRequest(unset, {"opt_in": True})])
     assert all(r.ok for r in results)
     assert choice_fake.patched == [{"new_whatsappoptin": OPTED_OUT},
@@ -655,12 +659,13 @@ def test_change_tracking_reads_the_delta_link_instead_of_filtering(
     fake.touch(ids[2], T0 + timedelta(hours=1), new_whatsappoptin=False)
     fake.touch(ids[9], T0 + timedelta(hours=2))
     fake.delete(ids[5])
-    changed = list(connector.read_changed_since(T0 + timedelta(days=300)))
+    changed = list(connector.read_changed_since(T0 + timedelta(days=300),
+                                                connector.next_cursor()))
     assert sorted(r.record_id for r in changed) == sorted([ids[2], ids[9]])
     assert fake.requests[-1][1] == first_link
     assert fake.filters == []
     assert connector.delta_link != first_link
-    assert list(connector.read_changed_since(T0)) == []  # nothing new since
+    assert list(connector.read_changed_since(T0, connector.next_cursor())) == []  # nothing new
 
 
 def test_expired_delta_token_falls_back_to_a_full_read_with_a_warning(
@@ -672,7 +677,7 @@ def test_expired_delta_token_falls_back_to_a_full_read_with_a_warning(
     list(connector.read_all())
     fake.min_delta_version = fake.version + 1
     with caplog.at_level(logging.WARNING, logger="waconsent.connectors.dynamics"):
-        again = list(connector.read_changed_since(T0))
+        again = list(connector.read_changed_since(T0, connector.next_cursor()))
     assert len(again) == 12
     assert any("delta link" in r.getMessage() and r.levelno == logging.WARNING
                for r in caplog.records)
@@ -685,7 +690,8 @@ def test_without_a_delta_link_change_tracking_reads_by_modifiedon(
     """Before any full read (no delta link yet) the incremental read filters on modifiedon."""
     fake.add_contacts(5, modified=T0)
     connector = connect(make_config(change_tracking=True))
-    assert list(connector.read_changed_since(T0 + timedelta(hours=1))) == []
+    assert list(connector.read_changed_since(T0 + timedelta(hours=1),
+                                             connector.next_cursor())) == []
     [comparisons] = fake.filters
     assert comparisons[0].attribute == "modifiedon"
 

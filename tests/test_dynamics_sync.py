@@ -23,6 +23,7 @@ from tests.fakes.dynamics import (
 )
 from waconsent.config import LoadedConfig, Secrets, parse
 from waconsent.connectors.dynamics import DynamicsConnector
+from waconsent.connectors.http import RetryPolicy
 from waconsent.sync.ingest import ingest_payload, keyword_rules
 from waconsent.sync.run import run_once
 
@@ -73,8 +74,8 @@ def stop_messages(engine: Engine, cfg: LoadedConfig, numbers: range) -> None:
 
 def run(cfg: LoadedConfig, engine: Engine, waits: list[float] | None = None,
         **kwargs: Any) -> tuple[Any, DynamicsConnector]:
-    connector = DynamicsConnector.from_config(cfg, sleep=(waits if waits is not None
-                                                          else []).append)
+    connector = DynamicsConnector.from_config(
+        cfg, policy=RetryPolicy(sleep=(waits if waits is not None else []).append))
     try:
         return run_once(cfg, engine=engine, clock=clock, connector=connector, **kwargs), connector
     finally:
@@ -133,7 +134,7 @@ def test_run_survives_a_429_storm_and_a_token_expiry(
     stop_messages(engine, cfg, range(5))
     fake.throttle(12, 4)
     waits: list[float] = []
-    connector = DynamicsConnector.from_config(cfg, sleep=waits.append)
+    connector = DynamicsConnector.from_config(cfg, policy=RetryPolicy(sleep=waits.append))
     connector.preflight()  # gets a token
     fake.expire_tokens()
     report = run_once(cfg, engine=engine, clock=clock, connector=connector)

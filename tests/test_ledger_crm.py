@@ -29,7 +29,7 @@ def test_apply_answers_per_record_and_spares_neighbours(engine: Engine) -> None:
     """A missing id and an unknown field fail alone; the other writes land."""
     upsert_contacts(engine, [{"id": "A", "opt_in": True}, {"id": "B", "opt_in": True}], T0)
     crm = LedgerCrm(engine, clock=lambda: T0 + timedelta(days=1))
-    results = crm.apply([
+    results = crm.write([
         WriteRequest("A", {"opt_in": False, "opt_out_date": T0}),
         WriteRequest("GONE", {"opt_in": False}),
         WriteRequest("B", {"colour": "blue"}),

@@ -186,12 +186,12 @@ def test_failed_write_stays_queued_and_revocations_go_first(engine: Engine,
     class Flaky(LedgerCrm):
         calls: ClassVar[list[list[str]]] = []
 
-        def apply(self, writes: Any) -> list[WriteResult]:
+        def write(self, writes: Any) -> list[WriteResult]:
             self.calls.append([w.record_id for w in writes])
             if len(self.calls) == 1:
                 return [WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK")
                         for w in writes]
-            return super().apply(writes)
+            return super().write(writes)
 
     flaky = Flaky(engine)
     first = run_once(cfg, engine=engine, clock=clock, connector=flaky)
@@ -229,11 +229,11 @@ CRASHING_RUN = textwrap.dedent("""
     class Dying(LedgerCrm):
         write_batch_size = 3
         calls = 0
-        def apply(self, writes):
+        def write(self, writes):
             Dying.calls += 1
             if Dying.calls == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return super().apply(writes)
+            return super().write(writes)
 
     run_once(cfg, engine=engine, connector=Dying(engine))
 """)
@@ -287,9 +287,9 @@ def test_writes_request_only_changed_fields(engine: Engine, store_url: str) -> N
     sent: list[WriteRequest] = []
 
     class Recording(LedgerCrm):
-        def apply(self, writes: Any) -> list[WriteResult]:
+        def write(self, writes: Any) -> list[WriteResult]:
             sent.extend(writes)
-            return super().apply(writes)
+            return super().write(writes)
 
     run_once(cfg, engine=engine, clock=clock, connector=Recording(engine))
     assert set(sent[0].values) == {"opt_in", "opt_out_date", "last_inbound", "session_expires"}
@@ -330,7 +330,7 @@ def test_queued_write_is_never_sent_over_a_newer_crm_change(engine: Engine,
     deliver(engine, cfg, p.message("4915123456789", T0, "START"))
 
     class Failing(LedgerCrm):
-        def apply(self, writes: Any) -> list[WriteResult]:
+        def write(self, writes: Any) -> list[WriteResult]:
             return [WriteResult(w.record_id, False, "locked", "UNABLE_TO_LOCK_ROW")
                     for w in writes]
 
@@ -355,14 +355,14 @@ def test_write_the_crm_already_holds_is_confirmed_without_sending(engine: Engine
     sent: list[str] = []
 
     class ApplyButForget(LedgerCrm):
-        def apply(self, writes: Any) -> list[WriteResult]:
-            super().apply(writes)
+        def write(self, writes: Any) -> list[WriteResult]:
+            super().write(writes)
             raise ConnectionFailed("the answer was lost")
 
     class Recording(LedgerCrm):
-        def apply(self, writes: Any) -> list[WriteResult]:
+        def write(self, writes: Any) -> list[WriteResult]:
             sent.extend(w.record_id for w in writes)
-            return super().apply(writes)
+            return super().write(writes)
 
     with pytest.raises(ConnectionFailed):
         run_once(cfg, engine=engine, clock=clock, connector=ApplyButForget(engine))
@@ -385,7 +385,7 @@ def test_permanent_failure_is_reported_once_not_retried_every_run(engine: Engine
     attempts: list[str] = []
 
     class Refusing(LedgerCrm):
-        def apply(self, writes: Any) -> list[WriteResult]:
+        def write(self, writes: Any) -> list[WriteResult]:
             attempts.extend(w.record_id for w in writes)
             return [WriteResult(w.record_id, False, "bad field", "INVALID_FIELD",
                                 permanent=True) for w in writes]
@@ -406,10 +406,10 @@ def test_lost_lease_stops_the_run(engine: Engine, store_url: str) -> None:
     class Slow(LedgerCrm):
         write_batch_size = 2
 
-        def apply(self, writes: Any) -> list[WriteResult]:
+        def write(self, writes: Any) -> list[WriteResult]:
             with engine.begin() as connection:  # another node takes the expired lease
                 connection.execute(locks.update().values(holder="other-host:1:x"))
-            return super().apply(writes)
+            return super().write(writes)
 
     with pytest.raises(RunLockHeld, match="other-host"):
         run_once(cfg, engine=engine, clock=clock, connector=Slow(engine))
@@ -481,11 +481,11 @@ def test_failed_leftovers_do_not_hold_back_new_writes(engine: Engine, store_url:
     class Locked(LedgerCrm):
         write_batch_size = 2
 
-        def apply(self, writes: Any) -> list[WriteResult]:
+        def write(self, writes: Any) -> list[WriteResult]:
             if any(w.record_id in "ABC" for w in writes):
                 return [WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK")
                         for w in writes]
-            return super().apply(writes)
+            return super().write(writes)
 
     first = run_once(cfg, engine=engine, clock=clock, connector=Locked(engine))
     assert first.writes_failed == 3

@@ -172,7 +172,7 @@ def test_incremental_read_after_own_writes_costs_one_page_and_then_nothing(
     ids = add_contacts(fake, 4500)
     clock.advance(3600)
     written_at = clock()
-    sf.apply([WriteRequest(i, {"opt_in": True}) for i in ids[:450]])
+    sf.write([WriteRequest(i, {"opt_in": True}) for i in ids[:450]])
     before = fake.query_calls
     changed = list(sf.read_changed_since(written_at))
     assert {r.record_id for r in changed} == set(ids[:450])
@@ -241,7 +241,7 @@ def test_hostile_phone_and_source_values_round_trip_verbatim(
     record_id = fake.add("Contact", MobilePhone=HOSTILE[0])
     (record,) = sf.read_all()
     assert record.phones["MobilePhone"] == HOSTILE[0]
-    (result,) = sf.apply([WriteRequest(record_id, {"opt_in_source": HOSTILE[4]})])
+    (result,) = sf.write([WriteRequest(record_id, {"opt_in_source": HOSTILE[4]})])
     assert result.ok
     assert fake.get(record_id)["WhatsApp_Opt_In_Source__c"] == HOSTILE[4]
 
@@ -269,7 +269,7 @@ def test_450_changes_take_three_collection_calls_with_only_changed_fields(
     """sObject Collections PATCH: 200 + 200 + 50 records, allOrNone false, only the given fields."""
     ids = add_contacts(fake, 450, WhatsApp_Opt_In_IP__c="198.51.100.1")
     when = datetime(2026, 1, 31, 10, 30, tzinfo=timezone(timedelta(hours=1)))
-    results = sf.apply([WriteRequest(i, {"opt_in": False, "opt_out_date": when}) for i in ids])
+    results = sf.write([WriteRequest(i, {"opt_in": False, "opt_out_date": when}) for i in ids])
     assert all(r.ok for r in results) and [r.record_id for r in results] == ids
     assert fake.collection_sizes == [200, 200, 50]
     assert set(fake.collection_records[0][0]) == {"attributes", "id", "WhatsApp_Opt_In__c",
@@ -300,7 +300,7 @@ def test_record_errors_come_back_by_position_with_permanence(
     ok_before, rejected, gone, ok_after = add_contacts(fake, 4)
     fake.reject(rejected, "FIELD_CUSTOM_VALIDATION_EXCEPTION", "Opt-in needs a source")
     fake.delete(gone)
-    results = sf.apply([WriteRequest(i, {"opt_in": True})
+    results = sf.write([WriteRequest(i, {"opt_in": True})
                         for i in (ok_before, rejected, "003notAnId", gone, ok_after)])
     assert [(r.record_id, r.ok, r.code, r.permanent) for r in results] == [
         (ok_before, True, "", False),
@@ -318,7 +318,7 @@ def test_a_locked_record_is_retried_alone(fake: FakeSalesforce, sf: SalesforceCo
     """UNABLE_TO_LOCK_ROW on one record re-sends only that record, with backoff."""
     ids = add_contacts(fake, 10)
     fake.lock(ids[4], times=2)
-    results = sf.apply([WriteRequest(i, {"opt_in": True}) for i in ids])
+    results = sf.write([WriteRequest(i, {"opt_in": True}) for i in ids])
     assert all(r.ok for r in results)
     assert fake.collection_sizes == [10, 1, 1]
     assert [r["id"] for r in fake.collection_records[1]] == [ids[4]]
@@ -330,7 +330,7 @@ def test_a_lock_that_never_clears_is_a_retryable_failure(
     """After the policy's attempts the locked record fails, not permanently; the others are ok."""
     first, locked = add_contacts(fake, 2)
     fake.lock(locked, times=100)
-    results = sf.apply([WriteRequest(first, {"opt_in": True}),
+    results = sf.write([WriteRequest(first, {"opt_in": True}),
                         WriteRequest(locked, {"opt_in": True})])
     assert results[0].ok
     assert (results[1].ok, results[1].code, results[1].permanent) == (
@@ -342,7 +342,7 @@ def test_too_long_text_is_reported_never_truncated(fake: FakeSalesforce,
                                                     sf: SalesforceConnector) -> None:
     """An IP longer than the field (describe length) is a permanent error and is not sent."""
     (record_id,) = add_contacts(fake, 1)
-    (result,) = sf.apply([WriteRequest(record_id, {"opt_in_ip": "2001:db8::1" + "0" * 40})])
+    (result,) = sf.write([WriteRequest(record_id, {"opt_in_ip": "2001:db8::1" + "0" * 40})])
     assert (result.ok, result.code, result.permanent) == (False, "STRING_TOO_LONG", True)
     assert "45" in result.error
     assert fake.collection_calls == 0
@@ -365,7 +365,7 @@ def test_picklist_opt_in_reads_and_writes_the_mapped_values(
     sf = connect(config, policy)
     sf.preflight()
     assert [r.get("opt_in") for r in sf.read_all()] == [True, True, False, None]
-    results = sf.apply([WriteRequest(ids[0], {"opt_in": False, "opt_out_date": T0}),
+    results = sf.write([WriteRequest(ids[0], {"opt_in": False, "opt_out_date": T0}),
                         WriteRequest(ids[3], {"opt_in": True})])
     assert all(r.ok for r in results)
     assert fake.get(ids[0], "MessagingEndUser")["MessagingConsentStatus"] == "OptedOut"
@@ -392,7 +392,7 @@ def test_apply_bulk_above_the_threshold_runs_an_ingest_job(
     sf = connect(make_config({"bulk_write_threshold": 300}), policy)
     writes = [WriteRequest(i, {"opt_in": True, "opt_in_date": T0, "opt_in_ip": None})
               for i in ids]
-    results = sf.apply_bulk(writes)
+    results = sf.write(writes)
     assert [r.record_id for r in results] == ids
     assert (results[10].ok, results[10].code, results[10].permanent) == (
         False, "FIELD_CUSTOM_VALIDATION_EXCEPTION", True)
@@ -409,7 +409,7 @@ def test_apply_bulk_below_the_threshold_uses_collections(
         fake: FakeSalesforce, sf: SalesforceConnector) -> None:
     """A write set under bulk_write_threshold goes out 200 records a Collections call."""
     ids = add_contacts(fake, 450)
-    results = sf.apply_bulk([WriteRequest(i, {"opt_in": True}) for i in ids])
+    results = sf.write([WriteRequest(i, {"opt_in": True}) for i in ids])
     assert all(r.ok for r in results)
     assert fake.collection_sizes == [200, 200, 50]
     assert fake.count("POST", "/jobs/ingest") == 0
@@ -432,7 +432,7 @@ def test_a_dropped_connection_is_retried(fake: FakeSalesforce, sf: SalesforceCon
     """A connection reset is retried under the same policy."""
     (record_id,) = add_contacts(fake, 1)
     fake.fail_next(0, times=1, disconnect=True, method="PATCH")
-    (result,) = sf.apply([WriteRequest(record_id, {"opt_in": True})])
+    (result,) = sf.write([WriteRequest(record_id, {"opt_in": True})])
     assert result.ok and waits == [1.0]
 
 
@@ -487,11 +487,11 @@ def test_daily_limit_mid_run_stops_and_keeps_what_was_written(
     """REQUEST_LIMIT_EXCEEDED with the allowance used up raises ApiLimitExhausted; earlier
     writes stay written and usage() shows the figures."""
     ids = add_contacts(fake, 600)
-    sf.apply([WriteRequest(i, {"opt_in": True}) for i in ids[:200]])
+    sf.write([WriteRequest(i, {"opt_in": True}) for i in ids[:200]])
     fake.daily_limit = fake.api_used + 1
-    sf.apply([WriteRequest(i, {"opt_in": True}) for i in ids[200:400]])
+    sf.write([WriteRequest(i, {"opt_in": True}) for i in ids[200:400]])
     with pytest.raises(ApiLimitExhausted, match="REQUEST_LIMIT_EXCEEDED") as caught:
-        sf.apply([WriteRequest(i, {"opt_in": True}) for i in ids[400:]])
+        sf.write([WriteRequest(i, {"opt_in": True}) for i in ids[400:]])
     assert "API request limit" in str(caught.value) and "3/3" in str(caught.value)
     assert all(fake.get(i)["WhatsApp_Opt_In__c"] is True for i in ids[:400])
     assert all(fake.get(i)["WhatsApp_Opt_In__c"] is False for i in ids[400:])

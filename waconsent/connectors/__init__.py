@@ -27,4 +27,4 @@ def open_crm(config: LoadedConfig, engine: Engine) -> CrmConnector:
         return DynamicsConnector.from_config(config)
     from waconsent.connectors.ledger import LedgerCrm
 
-    return LedgerCrm(engine, read_chunk_size=config.settings.sync.read_chunk_size)
+    return LedgerCrm.from_config(config, engine=engine)

@@ -17,10 +17,9 @@ from waconsent.domain import CrmRecord, FieldDescription, WriteRequest, WriteRes
 
 @runtime_checkable
 class CrmConnector(Protocol):
-    """What a CRM must offer the sync run."""
+    """What a CRM must offer the sync run. Built by `from_config` in each vendor module;
+    `open_crm` picks the vendor."""
 
-    #: how many records one write call carries (Salesforce collections: 200)
-    write_batch_size: int
     #: whether the run should fetch the next page in a thread while it decides this one:
     #: worth it when reads wait on the network; a local SQLite read is faster in line
     #: (its rows hand the interpreter lock back and forth with the deciding thread)
@@ -33,10 +32,17 @@ class CrmConnector(Protocol):
         """
 
     def read_all(self) -> Iterator[CrmRecord]:
-        """Every record of the mapped object, lazily, page by page."""
+        """Every record of the mapped object, lazily, page by page. A next-page link that
+        repeats raises ConnectionFailed: a read that ends short would look complete."""
 
-    def read_changed_since(self, since: datetime) -> Iterator[CrmRecord]:
-        """Records modified at or after `since` (the caller already subtracted its lookback)."""
+    def read_changed_since(self, since: datetime, cursor: str | None) -> Iterator[CrmRecord]:
+        """Records modified at or after `since` (the caller already subtracted its lookback),
+        or, where the CRM keeps a cursor of its own and `cursor` is one it handed out
+        (`next_cursor`), the changes since that cursor."""
+
+    def next_cursor(self) -> str | None:
+        """The cursor for the next `read_changed_since`, once a read ran to its end (the run
+        stores it with its watermarks); None for a CRM that keeps none (then `since` rules)."""
 
     def read_by_ids(self, record_ids: Sequence[str]) -> Iterator[CrmRecord]:
         """The named records (missing ones are simply absent)."""
@@ -51,8 +57,13 @@ class CrmConnector(Protocol):
         sync), because such a search cannot use the CRM's indexes.
         """
 
-    def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
-        """Write one batch of at most `write_batch_size`; one result per request, same order."""
+    def batch_size(self, backlog: int) -> int:
+        """How many writes one `write` call should carry when `backlog` are waiting: the
+        one place a connector decides between its ordinary path and a bulk path."""
+
+    def write(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        """Write any number of records; one result per request, in order. A value the CRM
+        cannot hold fails its own record (permanent), never the batch."""
 
     def describe_fields(self) -> Mapping[str, FieldDescription]:
         """The object's fields as the CRM describes them, by CRM field name."""
@@ -62,22 +73,3 @@ class CrmConnector(Protocol):
 
     def close(self) -> None:
         """Release sessions and pools."""
-
-
-@runtime_checkable
-class BulkWriter(Protocol):
-    """A CRM with a bulk path for large write sets (Salesforce Bulk API 2.0)."""
-
-    #: from this many queued writes on, the run hands them to `apply_bulk` in one go
-    bulk_write_threshold: int
-
-    def apply_bulk(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
-        """Any number of writes; one result per request, same order."""
-
-
-@runtime_checkable
-class CursorConnector(Protocol):
-    """A CRM that keeps a cursor of its own between incremental reads (Dataverse's delta
-    link). The run stores it with the watermarks and hands it back to the next run."""
-
-    cursor_state: str | None

@@ -18,9 +18,8 @@ from __future__ import annotations
 import difflib
 import logging
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,10 +32,8 @@ from waconsent import domain
 from waconsent.connectors import dynamics_batch as batch
 from waconsent.connectors import dynamics_odata as odata
 from waconsent.connectors.dynamics_auth import (
-    MsalTokens,
-    StaticToken,
     TokenProvider,
-    certificate_credential,
+    token_provider,
     warn_unless_dynamics_host,
 )
 from waconsent.connectors.http import Outcome, RetryPolicy, classify, retry_after_seconds
@@ -53,6 +50,7 @@ from waconsent.phones import USER_ID_PREFIX, search_digits
 
 if TYPE_CHECKING:
     from waconsent.config import LoadedConfig
+    from waconsent.config.schema import DynamicsConfig, MappingConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,35 +112,34 @@ class DynamicsConnector:
 
     read_ahead = True
 
-    def __init__(self, *, org_url: str, entity_set: str, fields: Mapping[str, str],
-                 phone_fields: Sequence[str], tokens: TokenProvider,
-                 opted_in: str | int | None = None, opted_out: str | int | None = None,
-                 api_version: str = "9.2", max_concurrency: int = 4, batch_size: int = 1000,
-                 change_tracking: bool = False, delta_link: str | None = None,
-                 session: requests.Session | None = None,
-                 sleep: Callable[[float], None] = time.sleep,
+    def __init__(self, settings: DynamicsConfig, mapping: MappingConfig, tokens: TokenProvider,
+                 *, policy: RetryPolicy | None = None, session: requests.Session | None = None,
                  timeout: float = TIMEOUT) -> None:
-        self._org = org_url.rstrip("/")
-        self._base = f"{self._org}/api/data/v{api_version}"
-        self._set = odata.identifier(entity_set, "mapping.object")
+        if not settings.url or not mapping.object:
+            raise ConfigError(["dynamics.url and mapping.object are required for "
+                               "crm.kind = 'dynamics'"])
+        self._org = settings.url.rstrip("/")
+        self._base = f"{self._org}/api/data/v{settings.api_version}"
+        self._set = odata.identifier(mapping.object, "mapping.object")
         self._fields = {logical: odata.identifier(name, f"mapping.fields.{logical}")
-                        for logical, name in fields.items()}
+                        for logical, name in mapping.fields.mapped().items()}
         self._phones = tuple(odata.identifier(name, "mapping.phone_fields")
-                             for name in phone_fields)
-        self._opted_in_raw, self._opted_out_raw = opted_in, opted_out
-        self._opted_in, self._opted_out = _int_value(opted_in), _int_value(opted_out)
+                             for name in mapping.phone_fields)
+        values = mapping.values
+        self._opted_in_raw, self._opted_out_raw = values.opted_in, values.opted_out
+        self._opted_in, self._opted_out = _int_value(values.opted_in), _int_value(values.opted_out)
         self._tokens = tokens
-        self._policy = RetryPolicy(sleep=sleep)
-        self._batch_size = max(1, min(batch.MAX_OPERATIONS, batch_size))
-        self._concurrency = max(1, max_concurrency)
+        self._policy = policy or RetryPolicy()
+        self._batch_size = max(1, min(batch.MAX_OPERATIONS, settings.batch_size))
+        self._concurrency = max(1, settings.max_concurrency)
         self._slots = threading.BoundedSemaphore(self._concurrency)
-        self._change_tracking = change_tracking
-        #: the delta link of the last complete change-tracking read; the run may store it
-        #: between processes and hand it back through `delta_link=` (see the README)
-        self.delta_link = delta_link
+        self._change_tracking = settings.change_tracking
+        #: the delta link of the last complete change-tracking read (`next_cursor`)
+        self.delta_link: str | None = None
         self._own_session = session is None
         self._session = session or _new_session(self._concurrency)
         self._timeout = timeout
+        #: records one `write` call carries: a $batch per worker, all workers busy
         self.write_batch_size = self._batch_size * self._concurrency
         self._entity: Entity | None = None
         known = KNOWN_ENTITIES.get(self._set)
@@ -156,45 +153,23 @@ class DynamicsConnector:
     # ---- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: LoadedConfig, *, sleep: Callable[[float], None] = time.sleep,
-                    session: requests.Session | None = None,
-                    delta_link: str | None = None) -> DynamicsConnector:
+    def from_config(cls, config: LoadedConfig, *, policy: RetryPolicy | None = None,
+                    session: requests.Session | None = None) -> DynamicsConnector:
+        """Checks the configuration and secrets; asks for a token lazily, on first use."""
         settings = config.settings
-        dyn, mapping = settings.dynamics, settings.mapping
-        if not dyn.url or not mapping.object:
-            raise ConfigError(["dynamics.url and mapping.object are required for "
-                               "crm.kind = 'dynamics'"])
-        warn_unless_dynamics_host(dyn.url)
+        dyn = settings.dynamics
+        if dyn.url:
+            warn_unless_dynamics_host(dyn.url)
+        policy = policy or RetryPolicy()
         own_session = session is None
         session = session or _new_session(dyn.max_concurrency)
-        policy = RetryPolicy(sleep=sleep)
-        tokens: TokenProvider
-        if dyn.auth == "access_token":
-            tokens = StaticToken(config.secrets.require(
-                "DYNAMICS_ACCESS_TOKEN", "dynamics.auth = 'access_token'"), dyn.url)
-        else:
-            if not dyn.tenant_id or not dyn.client_id:
-                raise ConfigError([f"dynamics.tenant_id and dynamics.client_id: required for "
-                                   f"dynamics.auth = {dyn.auth!r}"])
-            credential: str | dict[str, Any]
-            if dyn.auth == "client_secret":
-                credential = config.secrets.require(
-                    "DYNAMICS_CLIENT_SECRET", "dynamics.auth = 'client_secret'")
-            else:
-                credential = certificate_credential(
-                    config.secrets.require("DYNAMICS_CERTIFICATE_FILE",
-                                           "dynamics.auth = 'certificate'"),
-                    dyn.certificate_thumbprint)
-            tokens = MsalTokens(client_id=dyn.client_id, tenant_id=dyn.tenant_id,
-                                authority_host=dyn.authority_host, resource=dyn.url,
-                                credential=credential, session=session, retry=policy.run)
-        connector = cls(
-            org_url=dyn.url, entity_set=mapping.object, fields=settings.mapped_fields(),
-            phone_fields=mapping.phone_fields, tokens=tokens,
-            opted_in=mapping.values.opted_in, opted_out=mapping.values.opted_out,
-            api_version=dyn.api_version, max_concurrency=dyn.max_concurrency,
-            batch_size=dyn.batch_size, change_tracking=dyn.change_tracking,
-            delta_link=delta_link, session=session, sleep=sleep)
+        try:
+            tokens = token_provider(dyn, config.secrets, session, policy)
+            connector = cls(dyn, settings.mapping, tokens, policy=policy, session=session)
+        except ConfigError:
+            if own_session:
+                session.close()
+            raise
         connector._own_session = own_session
         return connector
 
@@ -408,9 +383,9 @@ class DynamicsConnector:
         prefer = odata.prefer(max_page_size=MAX_PAGE_SIZE, track_changes=track_changes)
         while next_url:
             if next_url in seen:
-                log.warning("dataverse returned a nextLink it had already given; stopping "
-                            "this read", extra={"entity_set": self._set})
-                return
+                raise ConnectionFailed(f"Dataverse query on {self._set}: the next-page link "
+                                       "repeated; stopped instead of looping (a read that "
+                                       "ended short would look complete)")
             seen.add(next_url)
             response = self._send("GET", next_url, kind="query", headers={"Prefer": prefer})
             if delta and len(seen) == 1 and response.status_code in (400, 404, 410):
@@ -464,27 +439,22 @@ class DynamicsConnector:
             return odata.parse_datetime(raw) if isinstance(raw, str) and raw else None
         return str(raw)
 
-    @property
-    def cursor_state(self) -> str | None:
-        """The delta link, which the run stores with its watermarks (CursorConnector)."""
+    def next_cursor(self) -> str | None:
+        """The delta link of the last complete tracked read (with change tracking on)."""
         return self.delta_link if self._change_tracking else None
-
-    @cursor_state.setter
-    def cursor_state(self, state: str | None) -> None:
-        if self._change_tracking and self.delta_link is None:
-            self.delta_link = state
 
     def read_all(self) -> Iterator[CrmRecord]:
         return self._records(self._rows(self._query_url(), track_changes=self._change_tracking))
 
-    def read_changed_since(self, since: datetime) -> Iterator[CrmRecord]:
-        if self._change_tracking and self.delta_link:
-            return self._delta_or_full()
+    def read_changed_since(self, since: datetime,
+                           cursor: str | None = None) -> Iterator[CrmRecord]:
+        """With change tracking and a delta link (`cursor`), the changes since it; else by
+        `modifiedon ge since`."""
+        if self._change_tracking and cursor:
+            return self._delta_or_full(cursor)
         return self._records(self._rows(self._query_url(odata.modified_since(since))))
 
-    def _delta_or_full(self) -> Iterator[CrmRecord]:
-        link = self.delta_link
-        assert link is not None
+    def _delta_or_full(self, link: str) -> Iterator[CrmRecord]:
         try:
             yield from self._records(self._rows(link, track_changes=True, delta=True))
         except _DeltaExpired as exc:
@@ -572,8 +542,12 @@ class DynamicsConnector:
             return text
         raise refuse(f"waconsent does not write {attribute.type} attributes", "UNSUPPORTED_TYPE")
 
-    def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
-        """PATCH each record with only its changed attributes; one result per write, in order."""
+    def batch_size(self, backlog: int) -> int:
+        return self.write_batch_size
+
+    def write(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        """PATCH each record with only its changed attributes, in `$batch`es sent in
+        parallel (at most max_concurrency); one result per write, in order."""
         results: list[WriteResult | None] = [None] * len(writes)
         pending: list[tuple[int, str, dict[str, Any]]] = []
         for index, write in enumerate(writes):

@@ -15,12 +15,17 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
 
 from waconsent.errors import AuthenticationError, ConfigError, ConnectionFailed, RetryableError
+
+if TYPE_CHECKING:
+    from waconsent.config import Secrets
+    from waconsent.config.schema import DynamicsConfig
+    from waconsent.connectors.http import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -229,3 +234,27 @@ def _check_thumbprint(certificate_pem: str, thumbprint: str, path: str) -> None:
     if wanted not in known:
         raise ConfigError([f"dynamics.certificate_thumbprint: {thumbprint} is not the thumbprint "
                            f"of the certificate in {path}"])
+
+
+def token_provider(settings: DynamicsConfig, secrets: Secrets, session: requests.Session,
+                   policy: RetryPolicy) -> TokenProvider:
+    """The token source for `dynamics.auth`: a fixed token, or msal with a client secret or
+    a certificate; ConfigError naming what is missing."""
+    if not settings.url:
+        raise ConfigError(["dynamics.url: required (for example 'https://acme.crm4.dynamics.com')"])
+    if settings.auth == "access_token":
+        return StaticToken(secrets.require("DYNAMICS_ACCESS_TOKEN",
+                                           "dynamics.auth = 'access_token'"), settings.url)
+    if not settings.tenant_id or not settings.client_id:
+        raise ConfigError([f"dynamics.tenant_id and dynamics.client_id: required for "
+                           f"dynamics.auth = {settings.auth!r}"])
+    credential: str | dict[str, Any]
+    if settings.auth == "client_secret":
+        credential = secrets.require("DYNAMICS_CLIENT_SECRET", "dynamics.auth = 'client_secret'")
+    else:
+        credential = certificate_credential(
+            secrets.require("DYNAMICS_CERTIFICATE_FILE", "dynamics.auth = 'certificate'"),
+            settings.certificate_thumbprint)
+    return MsalTokens(client_id=settings.client_id, tenant_id=settings.tenant_id,
+                      authority_host=settings.authority_host, resource=settings.url,
+                      credential=credential, session=session, retry=policy.run)

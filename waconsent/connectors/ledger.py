@@ -12,7 +12,7 @@ import io
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Engine, String, bindparam, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -29,6 +29,9 @@ from waconsent.phones import (
 )
 from waconsent.store.engine import among, reading
 from waconsent.store.tables import contacts
+
+if TYPE_CHECKING:
+    from waconsent.config import LoadedConfig
 
 PHONE_FIELDS = ("mobile_phone", "phone")
 CSV_COLUMNS: tuple[str, ...] = ("id", "name", *PHONE_FIELDS, *domain.LOGICAL_FIELDS)
@@ -57,7 +60,13 @@ def _row_to_record(row: Any) -> CrmRecord:
 class LedgerCrm:
     """CrmConnector over the contacts table; every call is one SQL statement."""
 
-    write_batch_size = 500
+    write_batch_size = 500  # contacts per UPDATE transaction
+
+    @classmethod
+    def from_config(cls, config: LoadedConfig, *, engine: Engine) -> LedgerCrm:
+        """The ledger's CRM lives in the store itself, so it needs the open engine (and no
+        HTTP policy)."""
+        return cls(engine, read_chunk_size=config.settings.sync.read_chunk_size)
 
     def __init__(self, engine: Engine, read_chunk_size: int = 2_000,
                  clock: Any = None) -> None:
@@ -81,7 +90,6 @@ class LedgerCrm:
                 page_query = page_query.where(tuple_(*order) > tuple_(*last))
             with reading(self._engine) as connection:
                 rows = connection.execute(page_query.order_by(*order).limit(self._chunk)).all()
-                connection.rollback()
             self._calls += 1
             if not rows:
                 return
@@ -93,9 +101,14 @@ class LedgerCrm:
     def read_all(self) -> Iterator[CrmRecord]:
         return self._pages(select(contacts), [contacts.c.id])
 
-    def read_changed_since(self, since: datetime) -> Iterator[CrmRecord]:
+    def read_changed_since(self, since: datetime,
+                           cursor: str | None = None) -> Iterator[CrmRecord]:
+        """By `modified_at >= since`; the ledger keeps no cursor of its own."""
         return self._pages(select(contacts).where(contacts.c.modified_at >= since),
                            [contacts.c.modified_at, contacts.c.id])
+
+    def next_cursor(self) -> str | None:
+        return None
 
     def read_by_ids(self, record_ids: Sequence[str]) -> Iterator[CrmRecord]:
         ids = list(dict.fromkeys(record_ids))
@@ -104,7 +117,6 @@ class LedgerCrm:
                 rows = connection.execute(
                     select(contacts).where(
                         among(connection, contacts.c.id, ids[start:start + _CHUNK]))).all()
-                connection.rollback()
             self._calls += 1
             yield from (_row_to_record(row) for row in rows)
 
@@ -124,11 +136,19 @@ class LedgerCrm:
             rows = [row for start in range(0, len(conditions), _CHUNK)
                     for row in connection.execute(select(contacts).where(
                         or_(*conditions[start:start + _CHUNK]))).all()]
-            connection.rollback()
         self._calls += 1
         yield from (_row_to_record(row) for row in rows)
 
-    def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+    def batch_size(self, backlog: int) -> int:
+        return self.write_batch_size
+
+    def write(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        """One transaction per `write_batch_size` contacts."""
+        size = max(1, self.write_batch_size)
+        return [result for start in range(0, len(writes), size)
+                for result in self._write_batch(writes[start:start + size])]
+
+    def _write_batch(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
         """One transaction; writes that set the same fields go as one executemany."""
         now = self._clock()
         results: dict[int, WriteResult] = {}

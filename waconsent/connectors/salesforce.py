@@ -9,9 +9,9 @@ API calls are a product feature here, so each operation has a fixed cost:
 |                                | first page's totalSize) a Bulk 2.0 query job instead:    |
 |                                | create + polls + 1 per 50,000 rows                       |
 | read_by_ids                    | 1 per ~500 ids (each query under the URL length limit)   |
-| apply                          | 1 sObject Collections PATCH per 200 records (+1 per lock |
+| write (below the threshold)    | 1 sObject Collections PATCH per 200 records (+1 per lock |
 |                                | retry, carrying only the locked records)                 |
-| apply_bulk (>= threshold)      | create + upload + close + polls + 2 result reads per job |
+| write (>= bulk_write_threshold)| create + upload + close + polls + 2 result reads per job |
 
 Every request goes through `_call`, which classifies failures by status and
 `errorCode` (never message text): 5xx, UNABLE_TO_LOCK_ROW and connection errors
@@ -70,6 +70,7 @@ T = TypeVar("T")
 QUERY_PAGE_SIZE = 2_000  # Salesforce's maximum REST query page
 COLLECTION_LIMIT = 200  # sObject Collections: records per call
 BULK_JOB_LIMIT = 100_000  # rows per ingest job (keeps one upload far below 100 MB)
+BULK_CHUNK = BULK_JOB_LIMIT  # queued writes handed to one `write` on the bulk path
 _QUERY_OPTIONS = {"Sforce-Query-Options": f"batchSize={QUERY_PAGE_SIZE}"}
 
 #: errorCode -> what to do, ahead of the status table of `http.classify`.
@@ -178,7 +179,6 @@ def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 class SalesforceConnector:
     """CrmConnector over one Salesforce object (Contact, Lead, MessagingEndUser, ...)."""
 
-    write_batch_size = COLLECTION_LIMIT
     read_ahead = True
 
     def __init__(self, settings: SalesforceConfig, mapping: MappingConfig, auth: Authenticator,
@@ -201,7 +201,6 @@ class SalesforceConnector:
         self._session = session or requests.Session()
         self._session.hooks["response"].append(self._observe)
         self._client: Salesforce | None = None
-        self.bulk_write_threshold = settings.bulk_write_threshold
         self._described: dict[str, FieldDescription] | None = None
         self._calls = 0
         self._usage: tuple[int, int] | None = None
@@ -403,9 +402,14 @@ class SalesforceConnector:
         return self._read(select_all(self._object, self._fields),
                           select_all(self._object, self._fields))
 
-    def read_changed_since(self, since: datetime) -> Iterator[CrmRecord]:
+    def read_changed_since(self, since: datetime,
+                           cursor: str | None = None) -> Iterator[CrmRecord]:
+        """By SystemModstamp >= since; Salesforce keeps no cursor for us."""
         return self._read(select_changed_since(self._object, self._fields, since),
                           select_changed_since_unordered(self._object, self._fields, since))
+
+    def next_cursor(self) -> str | None:
+        return None
 
     def read_by_ids(self, record_ids: Sequence[str]) -> Iterator[CrmRecord]:
         # A string that cannot be an id is simply absent: Salesforce would refuse the whole
@@ -524,7 +528,22 @@ class SalesforceConnector:
                 results[index] = WriteResult(write.record_id, True)
         return payloads
 
-    def apply(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+    def batch_size(self, backlog: int) -> int:
+        """200 (one Collections call) normally; from `bulk_write_threshold` waiting writes on,
+        up to BULK_CHUNK at once, so `write` takes the Bulk API 2.0 path."""
+        if backlog >= self._settings.bulk_write_threshold:
+            return max(COLLECTION_LIMIT, min(backlog, BULK_CHUNK))
+        return COLLECTION_LIMIT
+
+    def write(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        """From `bulk_write_threshold` writes on, Bulk API 2.0 update jobs; below it, sObject
+        Collections in calls of 200. One result per write, in order."""
+        if len(writes) >= self._settings.bulk_write_threshold:
+            return self._write_bulk(writes)
+        return [result for batch in _batched(writes, COLLECTION_LIMIT)
+                for result in self._write_collection(batch)]
+
+    def _write_collection(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
         """sObject Collections PATCH, 200 records a call, allOrNone false; one result per write."""
         results: list[WriteResult | None] = [None] * len(writes)
         payloads = self._payloads(writes, results)
@@ -574,16 +593,10 @@ class SalesforceConnector:
                 raise
             # Still locked after the policy's attempts: their results say so, not permanent.
 
-    def apply_bulk(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
-        """Any number of writes; from `bulk_write_threshold` on, Bulk API 2.0 update jobs.
-
-        Below the threshold this is `apply` in batches of 200. Results are one per write,
-        in order. Records the job reports locked are retried through sObject Collections;
-        records a failed or aborted job never processed come back ok=False, not permanent.
-        """
-        if len(writes) < self._settings.bulk_write_threshold:
-            return [result for batch in _batched(writes, COLLECTION_LIMIT)
-                    for result in self.apply(batch)]
+    def _write_bulk(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
+        """Bulk API 2.0 update jobs. Records a job reports locked are retried through sObject
+        Collections; records a failed or aborted job never processed come back ok=False, not
+        permanent."""
         results: list[WriteResult | None] = [None] * len(writes)
         payloads = self._payloads(writes, results)
         order = {name: None for name in self._mapped.values()}
@@ -597,7 +610,8 @@ class SalesforceConnector:
         retry = [index for index, result in enumerate(results)
                  if result is not None and result.code in TRANSIENT_RECORD_CODES]
         for batch in _batched(retry, COLLECTION_LIMIT):
-            for index, result in zip(batch, self.apply([writes[i] for i in batch]), strict=True):
+            for index, result in zip(batch, self._write_collection([writes[i] for i in batch]),
+                                     strict=True):
                 results[index] = result
         return [r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
                 for r, w in zip(results, writes, strict=True)]

@@ -9,7 +9,8 @@ migrations run under an advisory lock so that nodes starting together migrate on
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,18 @@ def _sqlite_setup(engine: Engine) -> None:
 READ_ONLY = "waconsent_read_only"
 
 
-def reading(engine: Engine) -> Connection:
-    """A connection for reads. On SQLite its transactions are deferred, so a long read (a
-    sync's pages, `verify-ledger`, an export) never holds the write lock that webhook
-    deliveries wait for; WAL lets readers and the one writer work side by side. Writes use
-    `engine.begin()`, which takes the write lock up front (`BEGIN IMMEDIATE`)."""
-    return engine.connect().execution_options(**{READ_ONLY: True})
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads, its transaction ended when the block ends. On SQLite that
+    transaction is deferred, so a long read (a sync's pages, `verify-ledger`, an export)
+    never holds the write lock that webhook deliveries wait for; WAL lets readers and the
+    one writer work side by side. Writes use `engine.begin()`, which takes the write lock
+    up front (`BEGIN IMMEDIATE`)."""
+    with engine.connect().execution_options(**{READ_ONLY: True}) as connection:
+        try:
+            yield connection
+        finally:
+            connection.rollback()
 
 
 def _alembic_config() -> Config:
@@ -84,7 +91,6 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision; a no-op when it is already there."""
     with reading(engine) as probe:
         current = MigrationContext.configure(probe).get_current_revision()
-        probe.rollback()
     if current == _head_revision():
         return
     config = _alembic_config()

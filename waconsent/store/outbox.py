@@ -135,10 +135,13 @@ def settle(connection: Connection, outcomes: Sequence[tuple[QueuedWrite, WriteRe
                 error_code=result.code[:100] or None, permanent=result.permanent))
 
 
-def count_sendable(connection: Connection, crm: str) -> int:
-    return int(connection.execute(
-        select(func.count()).select_from(outbox)
-        .where(outbox.c.crm == crm, outbox.c.permanent.is_(False))).scalar_one())
+def count_sendable(connection: Connection, crm: str,
+                   record_ids: Sequence[str] | None = None) -> int:
+    query = (select(func.count()).select_from(outbox)
+             .where(outbox.c.crm == crm, outbox.c.permanent.is_(False)))
+    if record_ids is not None:
+        query = query.where(among(connection, outbox.c.record_id, record_ids))
+    return int(connection.execute(query).scalar_one())
 
 
 def count(connection: Connection, crm: str) -> int:

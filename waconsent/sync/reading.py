@@ -1,0 +1,192 @@
+"""Reading for a run: which records (by plan), in chunks, fetched ahead where it pays, and
+what the ledger knows of each chunk (match keys, index rows, WhatsApp activity).
+
+Memory never grows with the org: records stream from the connector in chunks of
+`sync.read_chunk_size`, and at most two chunks wait in the read-ahead queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from itertools import islice
+from typing import Any
+
+from waconsent.domain import Activity, CrmRecord
+from waconsent.errors import WaconsentError
+from waconsent.store import events as event_store
+from waconsent.store import identity, phone_index
+from waconsent.store.engine import reading
+from waconsent.sync import matching
+from waconsent.sync.plan import Mode, RunPlan, RunScope
+from waconsent.sync.report import RunReport
+
+log = logging.getLogger("waconsent.sync")
+
+#: field -> (raw value, key) as the phone index remembers it for one record
+KnownKeys = dict[str, tuple[str, str]]
+
+
+@dataclass
+class Targets:
+    """A targeted run's records: those the phone index knows for its keys (and every key
+    linked to them), plus those found by searching the CRM for keys no record carries yet.
+    Sending is limited to these records."""
+
+    record_ids: set[str] = field(default_factory=set)
+    unindexed: list[str] = field(default_factory=list)
+
+
+def targets_for(scope: RunScope, keys: Iterable[str]) -> Targets:
+    with reading(scope.engine) as connection:
+        wanted = identity.expand(connection, set(keys))
+        by_key = phone_index.records_by_key(connection, scope.crm, wanted)
+    return Targets(set().union(*by_key.values()), sorted(wanted - set(by_key)))
+
+
+def records_to_read(scope: RunScope, plan: RunPlan, targets: Targets | None,
+                    report: RunReport) -> Iterator[CrmRecord]:
+    if plan.mode is Mode.FULL:
+        return scope.connector.read_all()
+    if plan.mode is Mode.TARGETED:
+        assert targets is not None
+        return _targeted(scope, targets, report)
+    return _changed_and_active(scope, plan)
+
+
+def _changed_and_active(scope: RunScope, plan: RunPlan) -> Iterator[CrmRecord]:
+    """Records changed since the watermark (with the lookback), then the records whose
+    numbers had new WhatsApp activity, found through the ledger's own phone index."""
+    marks = plan.marks
+    assert marks.records is not None
+    lookback = timedelta(seconds=scope.settings.sync.lookback_seconds)
+    changed_ids: set[str] = set()
+    for record in scope.connector.read_changed_since(marks.records - lookback,
+                                                     marks.connector_state):
+        changed_ids.add(record.record_id)
+        yield record
+    with reading(scope.engine) as connection:
+        since = marks.run_started - lookback if marks.run_started else None
+        keys = set(event_store.keys_after(connection, marks.events, plan.event_upto, since))
+        wanted = phone_index.record_ids_for_keys(connection, scope.crm,
+                                                 identity.expand(connection, keys))
+    missing = sorted(wanted - changed_ids)
+    if missing:
+        yield from scope.connector.read_by_ids(missing)
+
+
+def _targeted(scope: RunScope, targets: Targets, report: RunReport) -> Iterator[CrmRecord]:
+    if targets.record_ids:
+        yield from scope.connector.read_by_ids(sorted(targets.record_ids))
+    if targets.unindexed:
+        yield from _found_by_search(scope, targets, report)
+
+
+def _found_by_search(scope: RunScope, targets: Targets,
+                     report: RunReport) -> Iterator[CrmRecord]:
+    """Records created since the last sync that carry a revoked number: the CRM is searched
+    by the number's digits (one call per batch of numbers) and every candidate confirmed by
+    its parsed number, so a near miss is never revoked. A failed search (a throttled
+    leading-wildcard query, say) leaves those records to the next scheduled run; the
+    indexed records are still written."""
+    wanted = set(targets.unindexed)
+    try:
+        candidates = list(scope.connector.find_by_keys(targets.unindexed))
+    except WaconsentError as exc:
+        report.search_error = str(exc)
+        log.warning("search for unindexed numbers failed; the next scheduled run covers "
+                    "them: %s", exc)
+        return
+    for record in candidates:
+        if record.record_id in targets.record_ids:
+            continue
+        if not record_keys(record, scope.region, None).key_set & wanted:
+            continue
+        targets.record_ids.add(record.record_id)
+        report.found_by_search += 1
+        yield record
+
+
+def chunks(records: Iterable[CrmRecord], size: int) -> Iterator[list[CrmRecord]]:
+    iterator = iter(records)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+_DONE = object()
+
+
+def read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2
+               ) -> Iterator[list[CrmRecord]]:
+    """Fetch the next chunks in a thread while this one is decided (connectors whose reads
+    wait on the network; see `CrmConnector.read_ahead`).
+
+    At most `depth` chunks wait, so memory stays bounded; a reader error is raised here,
+    in the run's thread.
+    """
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not offer(chunk):
+                    return
+            offer(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            offer(exc)
+
+    reader = threading.Thread(target=produce, name="crm-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := handoff.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A chunk of records with what the ledger knows of them: their match keys (parsed
+    now, or remembered by the phone index), the index rows, and each record's activity.
+    Gathered by reads alone, so the chunk's writes happen in one short transaction."""
+
+    keyed: list[tuple[CrmRecord, matching.RecordKeys]]
+    known: dict[str, KnownKeys]
+    activity: dict[str, Activity]  # by record id; records without events are left out
+
+
+def prepare(scope: RunScope, chunk: Sequence[CrmRecord]) -> Prepared:
+    """Everything a chunk needs read from the ledger (only reads)."""
+    fresh = list({r.record_id: r for r in chunk}.values())
+    with reading(scope.engine) as connection:
+        known = phone_index.known_keys(connection, scope.crm, [r.record_id for r in fresh])
+        keyed = [(record, record_keys(record, scope.region, known.get(record.record_id)))
+                 for record in fresh]
+        activity = event_store.activity_of(
+            connection, {record.record_id: keys.key_set for record, keys in keyed})
+    return Prepared(keyed, known, activity)
+
+
+def record_keys(record: CrmRecord, default_region: str,
+                known: KnownKeys | None) -> matching.RecordKeys:
+    user_id = record.get("whatsapp_user_id")
+    return matching.record_keys(record.record_id, record.phones,
+                                user_id if isinstance(user_id, str) else None, default_region,
+                                known)
