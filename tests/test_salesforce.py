@@ -22,8 +22,9 @@ from tests.fakes.salesforce import (
 )
 from waconsent.config import LoadedConfig, Secrets, parse
 from waconsent.connectors.http import RetryPolicy
-from waconsent.connectors.salesforce import SalesforceConnector, format_datetime, parse_datetime
+from waconsent.connectors.salesforce import SalesforceConnector
 from waconsent.connectors.salesforce_soql import select_by_ids, select_changed_since
+from waconsent.connectors.salesforce_values import format_datetime, parse_datetime
 from waconsent.domain import CrmRecord, WriteRequest
 from waconsent.errors import (
     ApiLimitExhausted,

@@ -27,7 +27,7 @@ import difflib
 import json
 import re
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import datetime
 from functools import partial
 from itertools import chain
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -51,12 +51,19 @@ from waconsent.connectors.salesforce_soql import (
     select_changed_since_unordered,
     select_fields,
 )
-from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
+from waconsent.connectors.salesforce_values import (
+    PICKLIST_TYPES,
+    SalesforceValues,
+    csv_cell,
+    parse_datetime,
+)
+from waconsent.domain import CrmRecord, FieldDescription, WriteRequest, WriteResult
 from waconsent.errors import (
     ApiLimitExhausted,
     AuthenticationError,
     ConfigError,
     ConnectionFailed,
+    PermanentRecordError,
     RateLimited,
     RetryableError,
 )
@@ -99,50 +106,11 @@ PERMANENT_RECORD_CODES = frozenset({
     "NUMBER_OUTSIDE_VALID_RANGE", "INVALID_EMAIL_ADDRESS", "DUPLICATE_VALUE",
 })
 
-_PICKLIST_TYPES = frozenset({"picklist", "multipicklist"})
-_TEXT_TYPES = frozenset({"string", "textarea", "phone", "email", "url", "encryptedstring"})
-#: MessagingEndUser.MessagingConsentStatus: values that also mean "opted in" when read.
-_ALSO_OPTED_IN = frozenset({"DoublyOptedIn"})
 _LIMIT_INFO = re.compile(r"(?:^|[;,\s])api-usage=(\d+)/(\d+)")
-
-
-class _Refused(Exception):
-    """A value that cannot be written as it is; reported for its record, never sent."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(message)
 
 
 class _RowsLocked(RetryableError):
     """Some records of a batch were locked; the policy retries just those."""
-
-
-# ---- values ---------------------------------------------------------------------------------
-
-def format_datetime(moment: datetime) -> str:
-    """Salesforce's dateTime format, to the second: 2026-01-31T09:30:00.000+0000."""
-    if moment.tzinfo is None:
-        raise ValueError("naive datetime: every datetime must be timezone-aware UTC")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
-
-
-def parse_datetime(value: object) -> datetime | None:
-    """A Salesforce dateTime (or date) as aware UTC to the second; junk or empty -> None."""
-    if not isinstance(value, str) or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        if len(text) == 10:
-            day = date.fromisoformat(text)
-            return datetime(day.year, day.month, day.day, tzinfo=UTC)
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return domain.to_second(moment)
 
 
 def _error_of(content: object) -> tuple[str, str]:
@@ -196,6 +164,7 @@ class SalesforceConnector:
                                    for f in mapping.phone_fields)
         self._fields = select_fields(self._phone_fields, self._mapped.values())
         self._picklist_values = (mapping.values.opted_in, mapping.values.opted_out)
+        self._values = SalesforceValues(self._object, self._mapped, self._picklist_values)
         self._policy = policy or RetryPolicy()
         self._owns_session = session is None
         self._session = session or requests.Session()
@@ -342,7 +311,7 @@ class SalesforceConnector:
                 problems.append(f"mapping.fields.{logical}: {self._object}.{name} is not "
                                 "updateable for this user (a formula field, or field-level "
                                 "security)")
-            if logical == domain.OPT_IN and described.type in _PICKLIST_TYPES:
+            if logical == domain.OPT_IN and described.type in PICKLIST_TYPES:
                 problems.extend(self._picklist_problems(name, described))
         if problems:
             raise ConfigError(problems, source=f"Salesforce object {self._object}")
@@ -438,76 +407,13 @@ class SalesforceConnector:
 
     def _record(self, raw: Mapping[str, Any], csv_types: Mapping[str, str] | None) -> CrmRecord:
         """A query row (JSON, or Bulk CSV strings when `csv_types` is given) as a CrmRecord."""
-        fields = {logical: self._from_crm(logical, raw.get(name),
-                                          csv_types.get(name) if csv_types else None)
+        fields = {logical: self._values.read(logical, raw.get(name),
+                                             csv_types.get(name) if csv_types else None)
                   for logical, name in self._mapped.items()}
         phones = {name: (str(raw[name]) if raw.get(name) not in (None, "") else None)
                   for name in self._phone_fields}
         return CrmRecord(record_id=str(raw["Id"]), fields=fields, phones=phones,
                          modified_at=parse_datetime(raw.get("SystemModstamp")))
-
-    def _from_crm(self, logical: str, value: object, csv_type: str | None) -> FieldValue:
-        if value is None or value == "":
-            return None
-        if logical in domain.BOOLEAN_FIELDS:
-            if isinstance(value, bool):
-                return value
-            text = str(value)
-            if logical == domain.OPT_IN and (csv_type in _PICKLIST_TYPES or (
-                    csv_type is None and self._picklist_values[0] is not None)):
-                return self._opt_in_from_picklist(text)
-            lowered = text.strip().lower()
-            return True if lowered == "true" else False if lowered == "false" else None
-        if logical in domain.DATETIME_FIELDS:
-            return parse_datetime(value)
-        return str(value)
-
-    def _opt_in_from_picklist(self, text: str) -> bool | None:
-        opted_in, opted_out = self._picklist_values
-        if opted_in is not None and text == str(opted_in):
-            return True
-        if opted_out is not None and text == str(opted_out):
-            return False
-        if self._mapped.get(domain.OPT_IN) == "MessagingConsentStatus" and \
-                text in _ALSO_OPTED_IN:
-            return True
-        return None  # another value (ImplicitlyOptedIn, ...) is no explicit opt-in
-
-    # ---- writes -----------------------------------------------------------------------------
-
-    def _to_crm(self, logical: str, value: FieldValue,
-                fields: Mapping[str, FieldDescription]) -> tuple[str, str | bool | None]:
-        name = self._mapped.get(logical)
-        if name is None:
-            raise _Refused("INVALID_FIELD", f"{logical} is not mapped in [mapping.fields]")
-        described = fields.get(name)
-        kind = described.type if described else ""
-        if logical == domain.OPT_IN and kind in _PICKLIST_TYPES:
-            chosen = self._picklist_values[0 if value else 1] if value is not None else None
-            if value is not None and chosen is None:
-                raise _Refused("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                               f"{name} is a picklist and [mapping.values] names no value for "
-                               f"{'opted in' if value else 'opted out'}")
-            return name, None if chosen is None else str(chosen)
-        if kind == "boolean":
-            if value is not None and not isinstance(value, bool):
-                raise _Refused("INVALID_TYPE_ON_FIELD_IN_RECORD",
-                               f"{name} is a checkbox; {logical} is not true or false")
-            return name, bool(value)  # a checkbox cannot be null
-        if value is None:
-            return name, None
-        if isinstance(value, datetime):
-            return name, (value.astimezone(UTC).date().isoformat() if kind == "date"
-                          else format_datetime(value))
-        if isinstance(value, bool):
-            return name, value if kind not in _TEXT_TYPES else str(value).lower()
-        text = str(value)
-        if described is not None and described.length and kind in _TEXT_TYPES | _PICKLIST_TYPES \
-                and len(text) > described.length:
-            raise _Refused("STRING_TOO_LONG",
-                           f"{logical} is {len(text)} characters but {self._object}.{name} holds "
-                           f"{described.length}; not truncated (lengthen the field)")
-        return name, text
 
     def _payloads(self, writes: Sequence[WriteRequest], results: list[WriteResult | None]
                   ) -> list[tuple[int, dict[str, str | bool | None]]]:
@@ -516,10 +422,9 @@ class SalesforceConnector:
         payloads = []
         for index, write in enumerate(writes):
             try:
-                payload = dict(self._to_crm(logical, value, fields)
-                               for logical, value in write.values.items())
-            except _Refused as refused:
-                results[index] = WriteResult(write.record_id, False, refused.message,
+                payload = self._values.payload(write.record_id, write.values, fields)
+            except PermanentRecordError as refused:
+                results[index] = WriteResult(write.record_id, False, str(refused),
                                              refused.code, permanent=True)
                 continue
             if payload:
@@ -603,7 +508,7 @@ class SalesforceConnector:
         for chunk in _batched(payloads, BULK_JOB_LIMIT):
             used = [n for n in order if any(n in payload for _, payload in chunk)]
             rows = [{"Id": writes[index].record_id,
-                     **{n: self._csv_cell(payload[n]) if n in payload else "" for n in used}}
+                     **{n: csv_cell(payload[n], NULL) if n in payload else "" for n in used}}
                     for index, payload in chunk]
             outcome = self._bulk.update(self._object, ["Id", *used], rows)
             self._take_outcome(outcome, writes, chunk, results)
@@ -615,14 +520,6 @@ class SalesforceConnector:
                 results[index] = result
         return [r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
                 for r, w in zip(results, writes, strict=True)]
-
-    @staticmethod
-    def _csv_cell(value: str | bool | None) -> str:
-        if value is None:
-            return NULL
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return value
 
     def _take_outcome(self, outcome: IngestOutcome, writes: Sequence[WriteRequest],
                       chunk: Sequence[tuple[int, Mapping[str, object]]],
@@ -655,4 +552,4 @@ class SalesforceConnector:
         self._client = None
 
 
-__all__ = ["SalesforceConnector", "format_datetime", "parse_datetime"]
+__all__ = ["SalesforceConnector"]
