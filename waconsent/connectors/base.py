@@ -24,6 +24,10 @@ class CrmConnector(Protocol):
     #: worth it when reads wait on the network; a local SQLite read is faster in line
     #: (its rows hand the interpreter lock back and forth with the deciding thread)
     read_ahead: bool
+    #: records one page of `read_all` carries, and records one `read_by_ids` call carries:
+    #: what an incremental run compares to choose between reading by id and reading all
+    page_size: int
+    ids_per_read: int
 
     def preflight(self) -> None:
         """Check the mapping against the CRM before anything is read or written.

@@ -111,6 +111,8 @@ class DynamicsConnector:
     """CrmConnector for one Dataverse entity set (usually `contacts`)."""
 
     read_ahead = True
+    page_size = MAX_PAGE_SIZE
+    ids_per_read = ID_CHUNK
 
     def __init__(self, settings: DynamicsConfig, mapping: MappingConfig, tokens: TokenProvider,
                  *, policy: RetryPolicy | None = None, session: requests.Session | None = None,

@@ -61,6 +61,7 @@ class LedgerCrm:
     """CrmConnector over the contacts table; every call is one SQL statement."""
 
     write_batch_size = 500  # contacts per UPDATE transaction
+    ids_per_read = _CHUNK
 
     @classmethod
     def from_config(cls, config: LoadedConfig, *, engine: Engine) -> LedgerCrm:
@@ -75,6 +76,7 @@ class LedgerCrm:
         # on SQLite, whose every fetched row hands the interpreter lock back and forth
         self.read_ahead = engine.dialect.name != "sqlite"
         self._chunk = read_chunk_size
+        self.page_size = read_chunk_size
         self._clock = clock or (lambda: datetime.now(UTC))
         self._calls = 0
 

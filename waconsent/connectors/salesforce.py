@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 QUERY_PAGE_SIZE = 2_000  # Salesforce's maximum REST query page
+IDS_PER_QUERY = 500  # 18-character ids an `Id IN (...)` query carries under the URL limit
 COLLECTION_LIMIT = 200  # sObject Collections: records per call
 BULK_JOB_LIMIT = 100_000  # rows per ingest job (keeps one upload far below 100 MB)
 BULK_CHUNK = BULK_JOB_LIMIT  # queued writes handed to one `write` on the bulk path
@@ -148,6 +149,8 @@ class SalesforceConnector:
     """CrmConnector over one Salesforce object (Contact, Lead, MessagingEndUser, ...)."""
 
     read_ahead = True
+    page_size = QUERY_PAGE_SIZE
+    ids_per_read = IDS_PER_QUERY
 
     def __init__(self, settings: SalesforceConfig, mapping: MappingConfig, auth: Authenticator,
                  *, policy: RetryPolicy | None = None, session: requests.Session | None = None,
@@ -384,7 +387,7 @@ class SalesforceConnector:
         # A string that cannot be an id is simply absent: Salesforce would refuse the whole
         # query over one malformed id literal (INVALID_QUERY_FILTER_OPERATOR).
         wanted = [i for i in dict.fromkeys(record_ids) if is_record_id(i)]
-        for soql in select_by_ids(self._object, self._fields, wanted):
+        for soql in select_by_ids(self._object, self._fields, wanted, most=IDS_PER_QUERY):
             yield from self._records_of(soql)
 
     def find_by_keys(self, keys: Sequence[str]) -> Iterator[CrmRecord]:

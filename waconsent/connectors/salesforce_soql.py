@@ -79,8 +79,9 @@ def _encoded_length(text: str) -> int:
 
 
 def select_by_ids(object_name: str, fields: Sequence[str], record_ids: Iterable[str],
-                  budget: int = MAX_ENCODED_QUERY) -> Iterator[str]:
-    """`... WHERE Id IN (...)` queries, each kept under `budget` characters once URL-encoded.
+                  budget: int = MAX_ENCODED_QUERY, most: int = 500) -> Iterator[str]:
+    """`... WHERE Id IN (...)` queries of at most `most` ids, each kept under `budget`
+    characters once URL-encoded (so the cost of a read by id is known in advance).
 
     Every id is quoted by `quote_soql_value`; the caller drops strings that cannot be
     ids (Salesforce refuses a whole query over one malformed id literal).
@@ -92,7 +93,7 @@ def select_by_ids(object_name: str, fields: Sequence[str], record_ids: Iterable[
     for record_id in record_ids:
         literal = quote_soql_value(record_id)
         item_length = _encoded_length(literal) + (_encoded_length(",") if chunk else 0)
-        if chunk and length + item_length > budget:
+        if chunk and (length + item_length > budget or len(chunk) >= most):
             yield head + ",".join(chunk) + ")"
             chunk, length = [], head_length
             item_length = _encoded_length(literal)

@@ -223,9 +223,19 @@ def newest_id(connection: Connection) -> int:
     return int(connection.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one())
 
 
+# What can change a record's fields: a consent signal, a user message (the session), a free
+# entry point window, a changed number or user id. The plain statuses of the business's own
+# messages (sent, delivered, read) cannot, so after a campaign they cost no read.
+_MEANINGFUL = or_(events.c.signal.in_([s.value for s in (*CONSENT_SIGNALS, Signal.NUMBER_CHANGED,
+                                                         Signal.USER_ID_CHANGED)]),
+                  events.c.opens_session.is_(True), events.c.window_expires_at.is_not(None))
+
+
 def keys_after(connection: Connection, after_id: int, up_to_id: int,
-               received_since: datetime | None = None) -> Iterator[str]:
-    """Match keys of events stored in (after_id, up_to_id]: whose records need a look.
+               received_since: datetime | None = None, *,
+               meaningful_only: bool = False) -> Iterator[str]:
+    """Match keys of events stored in (after_id, up_to_id]; `meaningful_only`: only events
+    that can change a field (whose records need a look in an incremental run).
 
     `received_since` widens the window to rows received since then whatever their id: on
     PostgreSQL ids are handed out at insert but rows appear at commit, so a delivery that
@@ -236,6 +246,8 @@ def keys_after(connection: Connection, after_id: int, up_to_id: int,
         newer = or_(newer, events.c.received_at >= received_since)
     query = (select(events.c.phone_key, events.c.uid_key)
              .where(newer, events.c.id <= up_to_id).distinct())
+    if meaningful_only:
+        query = query.where(_MEANINGFUL)
     for phone_key, uid_key in connection.execute(query):
         if phone_key:
             yield phone_key

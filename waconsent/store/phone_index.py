@@ -77,6 +77,12 @@ def records_with_keys(connection: Connection, keys: Sequence[str]) -> set[str]:
         among(connection, phone_index.c.key, keys))).scalars())
 
 
+def record_count(connection: Connection, crm: str) -> int:
+    """How many records of this CRM the index knows (those with a number or a user id)."""
+    return int(connection.execute(select(func.count(func.distinct(phone_index.c.record_id)))
+                                  .where(phone_index.c.crm == crm)).scalar_one())
+
+
 def user_id_keys_of(connection: Connection, record_ids: Sequence[str]) -> set[str]:
     """The business-scoped user ids (as keys) the CRM holds for these records, in any CRM."""
     found: set[str] = set()

@@ -114,6 +114,17 @@ def last_watermarks(connection: Connection, crm: str) -> Watermarks:
                       row.connector_state)
 
 
+def last_full_size(connection: Connection, crm: str) -> int:
+    """Records the newest finished full run read (0 before any): the org's size, as far as
+    the ledger knows it without asking the CRM."""
+    row = connection.execute(
+        select(runs.c.counts).where(runs.c.crm == crm, runs.c.mode == "full",
+                                    runs.c.status.in_(("ok", "partial")))
+        .order_by(runs.c.id.desc()).limit(1)).first()
+    counts = row.counts if row is not None else None
+    return int(counts.get("records_read", 0)) if isinstance(counts, Mapping) else 0
+
+
 def start_run(engine: Engine, crm: str, mode: str, node: str, now: datetime) -> int:
     with engine.begin() as connection:
         result = connection.execute(runs.insert().values(

@@ -20,6 +20,7 @@ from waconsent.domain import Activity, CrmRecord
 from waconsent.errors import WaconsentError
 from waconsent.store import events as event_store
 from waconsent.store import identity, phone_index
+from waconsent.store import runs as run_store
 from waconsent.store.engine import reading
 from waconsent.sync import matching
 from waconsent.sync.plan import Mode, RunPlan, RunScope
@@ -48,19 +49,64 @@ def targets_for(scope: RunScope, keys: Iterable[str]) -> Targets:
     return Targets(set().union(*by_key.values()), sorted(wanted - set(by_key)))
 
 
+@dataclass(frozen=True, slots=True)
+class ReadChoice:
+    """How the records are read (the report's `read_plan`) and why."""
+
+    plan: str  # "full" | "changed+ids" | "targeted"
+    reason: str
+    active_ids: frozenset[str] = frozenset()  # changed+ids: records with new activity
+
+
+def choose_read(scope: RunScope, plan: RunPlan) -> ReadChoice:
+    """Full and targeted runs read what their name says. An incremental run reads the
+    records changed since the watermark plus, by id, those whose numbers had meaningful
+    activity, unless reading those by id would cost more calls than reading everything."""
+    if plan.mode is Mode.FULL:
+        return ReadChoice("full", "a full run reads every record")
+    if plan.mode is Mode.TARGETED:
+        return ReadChoice("targeted", "the records of the revoked numbers only")
+    marks = plan.marks
+    lookback = timedelta(seconds=scope.settings.sync.lookback_seconds)
+    with reading(scope.engine) as connection:
+        since = marks.run_started - lookback if marks.run_started else None
+        keys = set(event_store.keys_after(connection, marks.events, plan.event_upto, since,
+                                          meaningful_only=True))
+        active = phone_index.record_ids_for_keys(connection, scope.crm,
+                                                 identity.expand(connection, keys))
+        size = max(run_store.last_full_size(connection, scope.crm),
+                   phone_index.record_count(connection, scope.crm))
+    connector = scope.connector
+    by_id, whole = _calls(len(active), connector.ids_per_read), _calls(size, connector.page_size)
+    if active and by_id > whole:
+        return ReadChoice("full", f"{len(active)} records with new activity would cost {by_id} "
+                          f"reads by id; all ~{size} records cost {whole} pages")
+    return ReadChoice("changed+ids", f"{len(active)} records with new activity cost {by_id} "
+                      f"reads by id (all ~{size} records would cost {whole} pages)",
+                      frozenset(active))
+
+
+def _calls(records: int, per_call: int) -> int:
+    return -(-records // max(1, per_call))
+
+
 def records_to_read(scope: RunScope, plan: RunPlan, targets: Targets | None,
                     report: RunReport) -> Iterator[CrmRecord]:
-    if plan.mode is Mode.FULL:
+    choice = choose_read(scope, plan)
+    report.read_plan, report.read_plan_reason = choice.plan, choice.reason
+    if choice.plan == "full":
         return scope.connector.read_all()
-    if plan.mode is Mode.TARGETED:
+    if choice.plan == "targeted":
         assert targets is not None
         return _targeted(scope, targets, report)
-    return _changed_and_active(scope, plan)
+    return _changed_and_active(scope, plan, choice.active_ids)
 
 
-def _changed_and_active(scope: RunScope, plan: RunPlan) -> Iterator[CrmRecord]:
+def _changed_and_active(scope: RunScope, plan: RunPlan,
+                        active_ids: frozenset[str]) -> Iterator[CrmRecord]:
     """Records changed since the watermark (with the lookback), then the records whose
-    numbers had new WhatsApp activity, found through the ledger's own phone index."""
+    numbers had new meaningful WhatsApp activity, found through the ledger's own phone
+    index (never by searching the CRM's unnormalized phone fields)."""
     marks = plan.marks
     assert marks.records is not None
     lookback = timedelta(seconds=scope.settings.sync.lookback_seconds)
@@ -69,12 +115,7 @@ def _changed_and_active(scope: RunScope, plan: RunPlan) -> Iterator[CrmRecord]:
                                                      marks.connector_state):
         changed_ids.add(record.record_id)
         yield record
-    with reading(scope.engine) as connection:
-        since = marks.run_started - lookback if marks.run_started else None
-        keys = set(event_store.keys_after(connection, marks.events, plan.event_upto, since))
-        wanted = phone_index.record_ids_for_keys(connection, scope.crm,
-                                                 identity.expand(connection, keys))
-    missing = sorted(wanted - changed_ids)
+    missing = sorted(active_ids - changed_ids)
     if missing:
         yield from scope.connector.read_by_ids(missing)
 

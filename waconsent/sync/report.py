@@ -29,6 +29,8 @@ class RunReport:
     mode: str = "incremental"
     dry_run: bool = False
     status: str = "running"
+    read_plan: str = ""  # "full", "changed+ids" or "targeted"
+    read_plan_reason: str = ""
     records_read: int = 0
     events_considered: int = 0
     revocations: int = 0
