@@ -188,11 +188,16 @@ def _field(mapping: MappingUnderCheck, key: str, logical: str, name: str,
     fitting = FITTING_TYPES[logical][crm.kind]
     if field.type not in fitting:
         what = "a phone number" if logical == PHONE else logical
-        problems.append(f"{name!r} is a {field.type} {crm.noun}; expected "
-                        f"{' or '.join(fitting)} for {what}")
+        problems.append(f"{name!r} is {_article(field.type)} {field.type} {crm.noun}; "
+                        f"expected {' or '.join(fitting)} for {what}")
     if logical != PHONE and not field.updateable:
         problems.append(f"{name!r} cannot be updated ({crm.read_only})")
     return Verdict(key, name, field.type, tuple(problems))
+
+
+def _article(word: str) -> str:
+    """'an email field', 'an Integer attribute', 'a url field', 'a String attribute'."""
+    return "an" if word[:1].lower() in ("a", "e", "i", "o") else "a"
 
 
 def _option_values(mapping: MappingUnderCheck,
