@@ -30,7 +30,8 @@ TypeColumn = Mapping[CrmKind, tuple[str, ...]]
 # value, and a record with two selected reads as unknown), Dataverse State / Status
 # (`statecode` deactivates the whole record, and a `statuscode` must belong to the record's
 # state; neither takes the plain option value the connector PATCHes, which writes only
-# Boolean and Picklist), and free text ("yes", "Y" and "true " read as unknown).
+# Boolean and Picklist), and free text (whatever a user types but true / false reads as
+# unknown, and the Dataverse connector reads any non-empty text as true).
 _CONSENT: TypeColumn = {"salesforce": ("boolean", "picklist"),
                         "dynamics": ("Boolean", "Picklist"), "ledger": ("boolean",)}
 _FLAG: TypeColumn = {"salesforce": ("boolean",), "dynamics": ("Boolean",), "ledger": ("boolean",)}
@@ -46,7 +47,7 @@ _MOMENT: TypeColumn = {"salesforce": ("datetime",), "dynamics": ("DateTime",),
 # fails INVALID_EMAIL_ADDRESS) and phone (an IP or source in a phone field is a mis-mapping).
 _EVIDENCE: TypeColumn = {"salesforce": ("string", "textarea", "encryptedstring", "url"),
                          "dynamics": ("String", "Memo"), "ledger": ("string",)}
-# The user id is also searched by value (`= ` / `eq`) for targeted runs: single-line text
+# The user id is also searched by value (SOQL `=`, OData `eq`) in targeted runs: single-line text
 # only, since neither a long text area nor a classic encrypted field can be filtered.
 _KEY: TypeColumn = {"salesforce": ("string",), "dynamics": ("String",), "ledger": ("string",)}
 # A phone field is only read, and searched with LIKE / contains() for numbers no sync has
