@@ -180,29 +180,6 @@ def test_check_ledger_passes(cfg: Path) -> None:
     assert "all mapped fields exist" in result.output
 
 
-def test_check_mapping_names_bad_fields_and_suggests() -> None:
-    """The field check names a missing field with a near name, a wrong type and a read-only one."""
-    from waconsent.config.check import check_mapping
-    from waconsent.domain import FieldDescription
-
-    described = {"WhatsApp_Opt_In__c": FieldDescription("WhatsApp_Opt_In__c", "boolean"),
-                 "WhatsApp_Opt_Out_Date__c": FieldDescription("WhatsApp_Opt_Out_Date__c",
-                                                              "string"),
-                 "Source__c": FieldDescription("Source__c", "string", updateable=False),
-                 "MobilePhone": FieldDescription("MobilePhone", "phone")}
-    checks = check_mapping({"opt_in": "WhatsApp_Opt_In__c",
-                            "opt_in_date": "WhatsApp_Opt_In_Dte__c",
-                            "opt_out_date": "WhatsApp_Opt_Out_Date__c",
-                            "opt_in_source": "Source__c"}, ["MobilePhone", "Fax"], described)
-    verdicts = {c.crm_field: c.problem for c in checks}
-    assert verdicts["WhatsApp_Opt_In__c"] is None and verdicts["MobilePhone"] is None
-    assert "did you mean WhatsApp_Opt_In__c, WhatsApp_Opt_Out_Date__c?" in str(
-        verdicts["WhatsApp_Opt_In_Dte__c"])
-    assert "type string cannot hold opt_out_date" in str(verdicts["WhatsApp_Opt_Out_Date__c"])
-    assert verdicts["Source__c"] == "not updateable by the integration user"
-    assert verdicts["Fax"] == "no such field on the object"
-
-
 def test_contacts_import_line_numbers_bom_and_lengths(cfg: Path, tmp_path: Path) -> None:
     """Line numbers stay right after a quoted newline, a BOM on stdin is ignored, and an
     over-long value is refused by line instead of failing the whole import."""

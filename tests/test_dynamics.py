@@ -554,7 +554,7 @@ def test_preflight_passes_for_the_preset_mapping_in_three_metadata_calls(
     assert connector.usage()["metadata_calls"] == 3
     described = connector.describe_fields()
     assert described["new_whatsappoptinip"].length == 45
-    assert described["new_whatsappoptin"].type == "boolean"
+    assert described["new_whatsappoptin"].type == "Boolean"  # Dataverse's own spelling
     assert described["modifiedon"].updateable is False
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import Engine
 
 from waconsent import __version__, config
@@ -504,38 +505,35 @@ def verify_ledger(ctx: click.Context) -> None:
 @guarded
 def check(ctx: click.Context) -> None:
     """Validate the config, connect, and check every mapped field against the CRM's metadata."""
-    from waconsent.config.check import check_mapping
+    from waconsent.config.check import problem_lines
     from waconsent.connectors import open_crm
 
     loaded = _config(ctx)
-    settings = loaded.settings
     out.print(f"configuration {loaded.path}: valid")
     engine = _engine(loaded)
     try:
         out.print(f"store {engine.url.render_as_string(hide_password=True)}: reachable, migrated")
         connector = open_crm(loaded, engine)
         try:
-            described = connector.describe_fields()
+            # the very verdicts preflight raises before every run: one checker, one answer
+            verdicts = connector.mapping_verdicts()
         finally:
             connector.close()
     finally:
         engine.dispose()
-    phones = () if settings.crm.kind == "ledger" else settings.mapping.phone_fields
-    checks = check_mapping(settings.mapped_fields(), phones, described)
-    table = Table(title=f"{settings.crm.kind}: {len(described)} fields described")
-    for column in ("logical", "CRM field", "type", "verdict"):
+    table = Table(title=f"{loaded.settings.crm.kind}: the mapping against the CRM's metadata")
+    for column in ("key", "CRM field", "type", "verdict"):
         table.add_column(column)
-    for item in checks:
-        table.add_row(item.logical, item.crm_field, item.crm_type or "",
-                      "ok" if item.ok else f"[red]{item.problem}[/]")
+    for verdict in verdicts:
+        table.add_row(verdict.key, verdict.crm_field, verdict.crm_type or "",
+                      "ok" if verdict.ok else Text("; ".join(verdict.problems), style="red"))
     out.print(table)
     for name in ("WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"):
         if loaded.secrets.get(name) is None:
             out.print(f"note: {name} is not set; `waconsent webhook` will refuse to start")
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        raise ConfigError([f"mapping {c.logical} -> {c.crm_field}: {c.problem}"
-                           for c in failed], source=str(loaded.path))
+    problems = problem_lines(verdicts)
+    if problems:
+        raise ConfigError(problems, source=str(loaded.path))
     out.print("all mapped fields exist, fit their types and are updateable")
 
 

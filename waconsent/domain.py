@@ -292,13 +292,20 @@ class WriteResult:
 
 @dataclass(frozen=True, slots=True)
 class FieldDescription:
-    """What a CRM says about one of its fields (for `check` and pre-flight)."""
+    """What a CRM says about one of its fields, for the one mapping checker
+    (`waconsent.config.check`) that `check` and every preflight run.
+
+    `type` is the CRM's own spelling (Salesforce `datetime`, Dataverse `DateTime`), so a
+    message shows the admin the word their CRM uses. `options` are the values of a
+    picklist / Choice as the connector compares `[mapping.values]` with them: Salesforce's
+    active picklist values, Dataverse's option values as decimal strings.
+    """
 
     name: str
     type: str
     updateable: bool = True
     length: int | None = None
-    picklist_values: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
 
 
 def jsonable(value: Any) -> Any:

@@ -47,10 +47,17 @@ Response = tuple[int, dict[str, str], str]
 @dataclass(frozen=True)
 class FakeAttribute:
     name: str
-    type: str
+    type: str  # AttributeType
     updatable: bool = True
     max_length: int | None = None
     options: tuple[tuple[int, str], ...] = ()
+    #: the derived metadata type when it is not `<AttributeType>AttributeMetadata`: a
+    #: multi-select Choice is AttributeType Virtual, MultiSelectPicklistAttributeMetadata
+    metadata_type: str | None = None
+
+    @property
+    def metadata(self) -> str:
+        return f"{self.metadata_type or self.type}AttributeMetadata"
 
 
 def contact_attributes(*, opt_in_choice: bool = False) -> dict[str, FakeAttribute]:
@@ -562,17 +569,15 @@ class FakeDataverse:
                 _project({"LogicalName": a.name, "AttributeType": a.type,
                           "IsValidForUpdate": a.updatable, "SchemaName": a.name,
                           "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, a.name)),
-                          "@odata.type": f"#Microsoft.Dynamics.CRM.{a.type}AttributeMetadata"},
+                          "@odata.type": f"#Microsoft.Dynamics.CRM.{a.metadata}"},
                          params.get("$select"))
                 for a in self.attributes.values()]})
         if match.group(2) is not None:
-            kind = match.group(2).removesuffix("AttributeMetadata")
             return _json({"value": [
                 _project({"LogicalName": a.name, "MaxLength": a.max_length}, params.get("$select"))
-                for a in self.attributes.values() if a.type == kind]})
+                for a in self.attributes.values() if a.metadata == match.group(2)]})
         attribute = self.attributes.get(match.group(3).replace("''", "'"))
-        kind = match.group(4).removesuffix("AttributeMetadata")
-        if attribute is None or attribute.type != kind:
+        if attribute is None or attribute.metadata != match.group(4):
             return _error(404, "0x80060888", "Resource not found for the segment")
         if params.get("$expand") != "OptionSet($select=Options)":
             return _error(400, "0x80060888", "unexpected $expand")

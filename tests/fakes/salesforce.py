@@ -52,6 +52,14 @@ Answer = tuple[int, dict[str, str], str | bytes]
 
 # ---- schema ---------------------------------------------------------------------------------
 
+# describe's soapType per field type; every text-like type (string, textarea, phone, email,
+# url, picklist, multipicklist, encryptedstring, combobox) is xsd:string
+_SOAP_TYPES = {"boolean": "xsd:boolean", "datetime": "xsd:dateTime", "date": "xsd:date",
+               "time": "xsd:time", "int": "xsd:int", "double": "xsd:double",
+               "currency": "xsd:double", "percent": "xsd:double", "id": "tns:ID",
+               "reference": "tns:ID"}
+
+
 @dataclass(frozen=True)
 class FakeField:
     name: str
@@ -69,8 +77,7 @@ class FakeField:
             "filterable": True, "restrictedPicklist": self.restricted,
             "picklistValues": [{"active": True, "defaultValue": False, "label": v, "value": v,
                                 "validFor": None} for v in self.picklist],
-            "soapType": {"boolean": "xsd:boolean", "datetime": "xsd:dateTime",
-                         "date": "xsd:date", "id": "tns:ID"}.get(self.type, "xsd:string"),
+            "soapType": _SOAP_TYPES.get(self.type, "xsd:string"),
         }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from waconsent.config.check import Verdict
 from waconsent.domain import CrmRecord, FieldDescription, WriteRequest, WriteResult
 
 
@@ -32,8 +33,13 @@ class CrmConnector(Protocol):
     def preflight(self) -> None:
         """Check the mapping against the CRM before anything is read or written.
 
-        Raises ConfigError naming every mapped field the object does not have.
+        Raises one ConfigError listing every problem of `mapping_verdicts()`.
         """
+
+    def mapping_verdicts(self) -> list[Verdict]:
+        """Every verdict on the mapping: the shared checker (`waconsent.config.check`) over
+        this CRM's fields, then what only this CRM can check. `waconsent check` prints
+        them and `preflight` raises them, so the two always agree."""
 
     def read_all(self) -> Iterator[CrmRecord]:
         """Every record of the mapped object, lazily, page by page. A next-page link that

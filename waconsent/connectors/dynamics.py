@@ -15,7 +15,6 @@ Every request goes through the shared RetryPolicy: 429 waits exactly its
 
 from __future__ import annotations
 
-import difflib
 import logging
 import threading
 from collections import Counter
@@ -29,6 +28,13 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from waconsent import domain
+from waconsent.config.check import (
+    DATAVERSE,
+    MappingUnderCheck,
+    Verdict,
+    check_mapping,
+    require_fit,
+)
 from waconsent.connectors import dynamics_batch as batch
 from waconsent.connectors import dynamics_odata as odata
 from waconsent.connectors.dynamics_auth import (
@@ -279,12 +285,12 @@ class DynamicsConnector:
                 if row["LogicalName"] in found:
                     found[row["LogicalName"]]["max_length"] = row.get("MaxLength")
         opt_in = self._fields.get(domain.OPT_IN)
-        if opt_in and found.get(opt_in, {}).get("type") in ("Picklist", "State", "Status"):
-            kind = found[opt_in]["type"]
-            cast = {"Picklist": "PicklistAttributeMetadata", "State": "StateAttributeMetadata",
-                    "Status": "StatusAttributeMetadata"}[kind]
+        # Only a Choice opt-in is read and written (see FITTING_TYPES), so only its options
+        # are worth a call; State and Status are refused without one.
+        if opt_in and found.get(opt_in, {}).get("type") == "Picklist":
             choice = self._get_json(
-                f"{path}{odata.key_segment('LogicalName', opt_in)}/Microsoft.Dynamics.CRM.{cast}?"
+                f"{path}{odata.key_segment('LogicalName', opt_in)}"
+                "/Microsoft.Dynamics.CRM.PicklistAttributeMetadata?"
                 + odata.query_string({"$select": "LogicalName",
                                       "$expand": "OptionSet($select=Options)"}),
                 kind="metadata")
@@ -297,69 +303,25 @@ class DynamicsConnector:
         """Attribute metadata, loaded once (by preflight, or by the first write)."""
         return self._attributes if self._attributes is not None else self._load_attributes()
 
+    def mapping_verdicts(self) -> list[Verdict]:
+        """The shared checker over fresh metadata, then Dataverse's own check: change
+        tracking must be on for the table when `dynamics.change_tracking` is set."""
+        entity = self._entity_info(refresh=True)
+        where = _where(entity)
+        mapping = MappingUnderCheck(DATAVERSE, where, self._fields, self._phones,
+                                    self._opted_in_raw, self._opted_out_raw)
+        verdicts = check_mapping(mapping, _described(self._load_attributes()))
+        if self._change_tracking:
+            verdicts.append(_change_tracking_verdict(entity))
+        return verdicts
+
     def preflight(self) -> None:
         """Check mapped and phone attributes against EntityDefinitions; all problems at once."""
-        entity = self._entity_info(refresh=True)
-        attributes = self._load_attributes()
-        where = f"the {entity.logical_name} entity (entity set {entity.entity_set!r})"
-        problems: list[str] = []
-
-        def missing(key: str, name: str) -> str:
-            hint = _near(name, attributes)
-            return f"{key}: {where} has no attribute {name!r}" + (
-                f" (did you mean {hint!r}?)" if hint else "")
-
-        for name in self._phones:
-            if name not in attributes:
-                problems.append(missing("mapping.phone_fields", name))
-        for logical, name in self._fields.items():
-            key = f"mapping.fields.{logical}"
-            attribute = attributes.get(name)
-            if attribute is None:
-                problems.append(missing(key, name))
-                continue
-            problems.extend(self._type_problems(key, logical, attribute))
-        if self._change_tracking and entity.change_tracking is False:
-            problems.append(f"dynamics.change_tracking: change tracking is not enabled on "
-                            f"{where}; enable 'Track changes' on the table or set it to false")
-        if problems:
-            raise ConfigError(problems, source=f"Dataverse {self._org}, {where}")
-
-    def _type_problems(self, key: str, logical: str, attribute: Attribute) -> list[str]:
-        problems = []
-        expected: tuple[str, ...]
-        if logical == domain.OPT_IN:
-            expected = ("Boolean", "Picklist")
-        elif logical in domain.BOOLEAN_FIELDS:
-            expected = ("Boolean",)
-        elif logical in domain.DATETIME_FIELDS:
-            expected = ("DateTime",)
-        else:
-            expected = tuple(_DV_STRING_TYPES)
-        if attribute.type not in expected:
-            problems.append(f"{key}: {attribute.name!r} is a {attribute.type} attribute; "
-                            f"expected {' or '.join(sorted(expected))}")
-        elif attribute.type == "Picklist":
-            for value_key, raw, value in (("opted_in", self._opted_in_raw, self._opted_in),
-                                          ("opted_out", self._opted_out_raw, self._opted_out)):
-                if raw is None:
-                    if value_key == "opted_in":
-                        problems.append(f"mapping.values.opted_in: required when {key} is the "
-                                        f"Choice attribute {attribute.name!r} (its option value, "
-                                        f"one of {list(attribute.options)})")
-                elif value is None or value not in attribute.options:
-                    problems.append(f"mapping.values.{value_key}: {raw!r} is not an option value "
-                                    f"of {attribute.name!r} (expected one of "
-                                    f"{list(attribute.options)})")
-        if not attribute.updatable:
-            problems.append(f"{key}: {attribute.name!r} cannot be updated "
-                            "(IsValidForUpdate is false)")
-        return problems
+        verdicts = self.mapping_verdicts()
+        require_fit(verdicts, source=f"Dataverse {self._org}, {_where(self._entity_info())}")
 
     def describe_fields(self) -> Mapping[str, FieldDescription]:
-        return {name: FieldDescription(name, a.type.lower(), a.updatable, a.max_length,
-                                       tuple(str(o) for o in a.options))
-                for name, a in self._metadata().items()}
+        return _described(self._metadata())
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -669,9 +631,23 @@ def _result(record_id: str, answer: batch.OperationResult | None) -> WriteResult
                        code or f"HTTP_{answer.status}", permanent=not transient)
 
 
-def _near(name: str, attributes: Mapping[str, Attribute]) -> str | None:
-    lowered = name.lower()
-    if lowered in attributes:
-        return lowered
-    close = difflib.get_close_matches(lowered, list(attributes), n=1, cutoff=0.75)
-    return close[0] if close else None
+def _where(entity: Entity) -> str:
+    """The table as messages name it."""
+    return f"the {entity.logical_name} entity (entity set {entity.entity_set!r})"
+
+
+def _change_tracking_verdict(entity: Entity) -> Verdict:
+    """Delta links exist only for a table with 'Track changes' on; only a table whose
+    metadata says it is off is refused (no answer is no refusal)."""
+    problems = () if entity.change_tracking is not False else (
+        f"change tracking is not enabled on {_where(entity)}; enable 'Track changes' on the "
+        "table or set it to false",)
+    return Verdict("dynamics.change_tracking", entity.logical_name, None, problems)
+
+
+def _described(attributes: Mapping[str, Attribute]) -> dict[str, FieldDescription]:
+    """Attributes as the mapping checker reads them: Dataverse's own type names, and a
+    Choice's option values as the decimal strings [mapping.values] is compared with."""
+    return {name: FieldDescription(name, a.type, a.updatable, a.max_length,
+                                   tuple(str(o) for o in a.options))
+            for name, a in attributes.items()}

@@ -14,10 +14,28 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Engine, String, bindparam, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    String,
+    TypeDecorator,
+    bindparam,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.types import TypeEngine
 
 from waconsent import domain
+from waconsent.config.check import (
+    LEDGER,
+    MappingUnderCheck,
+    Verdict,
+    check_mapping,
+    require_fit,
+)
 from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
 from waconsent.phones import (
     USER_ID_PREFIX,
@@ -39,6 +57,16 @@ CSV_COLUMNS: tuple[str, ...] = ("id", "name", *PHONE_FIELDS, *domain.LOGICAL_FIE
 COLUMN_LIMITS: dict[str, int] = {column.name: column.type.length for column in contacts.columns
                                   if isinstance(column.type, String) and column.type.length}
 _CHUNK = 500
+
+
+#: Python type of a contacts column -> the type name the mapping checker knows
+_COLUMN_TYPES: Mapping[type, str] = {str: "string", bool: "boolean", datetime: "datetime"}
+
+
+def _column_type(kind: TypeEngine[Any]) -> str:
+    """`string`, `boolean` or `datetime`, seen through a decorator such as UtcDateTime."""
+    inner = kind.impl_instance if isinstance(kind, TypeDecorator) else kind
+    return _COLUMN_TYPES.get(inner.python_type, inner.python_type.__name__)
 
 
 _POSITION = {column.name: index for index, column in enumerate(contacts.columns)}
@@ -80,8 +108,16 @@ class LedgerCrm:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._calls = 0
 
+    def mapping_verdicts(self) -> list[Verdict]:
+        """The shared checker over the contacts table itself: the ledger's fields are the
+        logical ones, so this fails only if a migration gave a column a type the rules
+        cannot use; running it keeps `check` and preflight one path for every CRM."""
+        mapping = MappingUnderCheck(LEDGER, "the ledger's contacts table",
+                                    {name: name for name in domain.LOGICAL_FIELDS}, PHONE_FIELDS)
+        return check_mapping(mapping, self.describe_fields())
+
     def preflight(self) -> None:
-        """The ledger's fields are the logical ones; nothing can be mis-mapped."""
+        require_fit(self.mapping_verdicts(), source="the ledger")
 
     def _pages(self, query: Any, order: Sequence[Any]) -> Iterator[CrmRecord]:
         """Keyset pagination on the ordering columns, so memory stays one page deep."""
@@ -183,10 +219,13 @@ class LedgerCrm:
         return [results[i] for i in range(len(writes))]
 
     def describe_fields(self) -> Mapping[str, FieldDescription]:
-        kinds = {name: ("datetime" if name in domain.DATETIME_FIELDS else
-                        "boolean" if name in domain.BOOLEAN_FIELDS else "string")
-                 for name in domain.LOGICAL_FIELDS}
-        return {name: FieldDescription(name, kind) for name, kind in kinds.items()}
+        """The contacts table's columns, typed from the table definition itself; the key
+        and the ledger's own modification time are not the mapping's to update."""
+        return {column.name: FieldDescription(
+                    column.name, _column_type(column.type),
+                    updateable=column.name not in ("id", "modified_at"),
+                    length=COLUMN_LIMITS.get(column.name))
+                for column in contacts.columns}
 
     def usage(self) -> Mapping[str, int | str | None]:
         return {"api_calls": self._calls}

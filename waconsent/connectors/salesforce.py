@@ -23,7 +23,6 @@ answer and reported by `usage()`.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -37,6 +36,13 @@ from simple_salesforce.api import Salesforce
 from simple_salesforce.exceptions import SalesforceError
 
 from waconsent import domain
+from waconsent.config.check import (
+    SALESFORCE,
+    MappingUnderCheck,
+    Verdict,
+    check_mapping,
+    require_fit,
+)
 from waconsent.config.schema import MappingConfig, SalesforceConfig
 from waconsent.connectors.http import Outcome, RetryPolicy, classify, retry_after_seconds
 from waconsent.connectors.salesforce_auth import Authenticator, authenticator
@@ -52,7 +58,6 @@ from waconsent.connectors.salesforce_soql import (
     select_fields,
 )
 from waconsent.connectors.salesforce_values import (
-    PICKLIST_TYPES,
     SalesforceValues,
     csv_cell,
     parse_datetime,
@@ -278,59 +283,25 @@ class SalesforceConnector:
                     name=item["name"], type=item.get("type", ""),
                     updateable=bool(item.get("updateable", False)),
                     length=item.get("length") or None,
-                    picklist_values=tuple(p["value"] for p in item.get("picklistValues") or []
-                                          if p.get("active", True)))
+                    options=tuple(p["value"] for p in item.get("picklistValues") or []
+                                  if p.get("active", True)))
             self._described = described
         return self._described
 
     def describe_fields(self) -> Mapping[str, FieldDescription]:
         return dict(self._describe())
 
+    def mapping_verdicts(self) -> list[Verdict]:
+        """The shared checker over one describe call. Salesforce has no check of its own:
+        a picklist opt-in's values are checked there, against `options`."""
+        opted_in, opted_out = self._picklist_values
+        mapping = MappingUnderCheck(SALESFORCE, f"object {self._object}", self._mapped,
+                                    self._phone_fields, opted_in, opted_out)
+        return check_mapping(mapping, self._describe())
+
     def preflight(self) -> None:
-        """One describe call; a ConfigError names every mapped or phone field the object lacks."""
-        fields = self._describe()
-        by_lower = {name.lower(): name for name in fields}
-        problems: list[str] = []
-
-        def check(key: str, name: str) -> FieldDescription | None:
-            if name in fields:
-                return fields[name]
-            if name.lower() in by_lower:
-                problems.append(f"{key}: write {name!r} as {by_lower[name.lower()]!r}, "
-                                f"Salesforce's spelling on {self._object}")
-                return None
-            near = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.75)
-            hint = f" (did you mean {by_lower[near[0]]!r}?)" if near else ""
-            problems.append(f"{key}: object {self._object} has no field {name!r}{hint}")
-            return None
-
-        for phone in self._phone_fields:
-            check("mapping.phone_fields", phone)
-        for logical, name in self._mapped.items():
-            described = check(f"mapping.fields.{logical}", name)
-            if described is None:
-                continue
-            if not described.updateable:
-                problems.append(f"mapping.fields.{logical}: {self._object}.{name} is not "
-                                "updateable for this user (a formula field, or field-level "
-                                "security)")
-            if logical == domain.OPT_IN and described.type in PICKLIST_TYPES:
-                problems.extend(self._picklist_problems(name, described))
-        if problems:
-            raise ConfigError(problems, source=f"Salesforce object {self._object}")
-
-    def _picklist_problems(self, name: str, described: FieldDescription) -> list[str]:
-        problems = []
-        for key, value in zip(("opted_in", "opted_out"), self._picklist_values, strict=True):
-            if value is None:
-                problems.append(f"mapping.values.{key}: {self._object}.{name} is a picklist; "
-                                f"name the value that means {key.replace('_', ' ')} (one of "
-                                f"{', '.join(described.picklist_values)})")
-            elif str(value) not in described.picklist_values:
-                problems.append(f"mapping.values.{key}: {value!r} is not a value of "
-                                f"{self._object}.{name} (expected one of "
-                                f"{', '.join(described.picklist_values)})")
-        return problems
+        """One describe call; a ConfigError names every problem of the mapping at once."""
+        require_fit(self.mapping_verdicts(), source=f"Salesforce object {self._object}")
 
     # ---- reads ------------------------------------------------------------------------------
 
