@@ -67,6 +67,13 @@ def mock() -> Iterator[responses.RequestsMock]:
 
 
 @pytest.fixture
+def strict() -> Iterator[responses.RequestsMock]:
+    """For hand-written answers: every one registered must be asked for."""
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as rsps:
+        yield rsps
+
+
+@pytest.fixture
 def fake(mock: responses.RequestsMock) -> FakeDataverse:
     return FakeDataverse().install(mock)
 
@@ -204,34 +211,35 @@ def test_entity_set_with_quotes_is_refused_before_any_request(
 
 
 def test_next_link_that_repeats_stops_the_read(
-        mock: responses.RequestsMock, waits: list[float]) -> None:
+        strict: responses.RequestsMock, waits: list[float]) -> None:
     """A server that hands out the same nextLink twice cannot make the read spin, and the
     read fails instead of ending short (a short read would look complete)."""
     base = f"{ORG_URL}/api/data/v9.2"
     loop = f"{base}/contacts?$select=x&$skiptoken=same"
     row = {"contactid": "00000000-0000-0000-0000-000000000001",
            "modifiedon": "2026-01-01T00:00:00Z"}
-    mock.add(responses.GET, f"{base}/contacts", json={"value": [row], "@odata.nextLink": loop})
+    strict.add(responses.GET, f"{base}/contacts", json={"value": [row],
+                                                        "@odata.nextLink": loop})
     config = make_config(auth="access_token", secrets={"DYNAMICS_ACCESS_TOKEN": "t"})
     connector = DynamicsConnector.from_config(config, policy=RetryPolicy(sleep=waits.append))
     records = []
     with pytest.raises(ConnectionFailed, match="repeated"):
         records.extend(connector.read_all())
-    assert len(mock.calls) == 2  # the first page and the link once; not a third time
+    assert len(strict.calls) == 2  # the first page and the link once; not a third time
     assert len(records) == 2
 
 
 def test_next_link_to_another_host_is_refused(
-        mock: responses.RequestsMock, waits: list[float]) -> None:
+        strict: responses.RequestsMock, waits: list[float]) -> None:
     """The bearer token never follows a nextLink off the organization's host."""
     base = f"{ORG_URL}/api/data/v9.2"
-    mock.add(responses.GET, f"{base}/contacts", json={
+    strict.add(responses.GET, f"{base}/contacts", json={
         "value": [], "@odata.nextLink": "https://collector.example/api/data/v9.2/contacts"})
     config = make_config(auth="access_token", secrets={"DYNAMICS_ACCESS_TOKEN": "t"})
     connector = DynamicsConnector.from_config(config, policy=RetryPolicy(sleep=waits.append))
     with pytest.raises(ConnectionFailed, match="outside"):
         list(connector.read_all())
-    assert hosts(mock) == {"acme.crm4.dynamics.com"}
+    assert hosts(strict) == {"acme.crm4.dynamics.com"}
 
 
 # ---- writes -----------------------------------------------------------------------------------
