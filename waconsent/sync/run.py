@@ -45,6 +45,7 @@ from waconsent.domain import (
     jsonable,
     to_second,
 )
+from waconsent.errors import describe
 from waconsent.phones import mask, user_id_key
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
@@ -85,6 +86,9 @@ class RunReport:
     writes_failed: int = 0
     writes_superseded: int = 0
     write_errors: list[dict[str, str]] = field(default_factory=list)
+    #: records the rules could not decide (their data breaks date arithmetic); the run goes on
+    records_failed: int = 0
+    record_errors: list[dict[str, str]] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
     phone_problems: list[dict[str, str]] = field(default_factory=list)
     number_changes: list[dict[str, str]] = field(default_factory=list)
@@ -222,7 +226,7 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
             _finish(context, full, None if targeted else marks, event_upto)
         report.status = "dry-run" if dry_run else report.status
     except Exception as exc:  # any failure: the run record says so, the outbox keeps its rows
-        report.status, report.error = "failed", str(exc)
+        report.status, report.error = "failed", describe(exc)
         if not dry_run:
             _finish_failed(context, exc)
         raise
@@ -374,7 +378,15 @@ def _process_chunk(context: _Context, chunk: _Prepared) -> None:
             context.seen_keys.update(keys.key_set)
         activity = chunk.activity.get(record.record_id, NO_ACTIVITY)
         report.events_considered += activity.event_count
-        decision = rules.decide(record, activity, context.mapped, now)
+        try:
+            decision = rules.decide(record, activity, context.mapped, now)
+        except (ArithmeticError, ValueError) as exc:
+            # e.g. an event dated in the year 9999, stored before the parser refused such
+            # times: `+ 24 h` overflows. One record's data must not stop every revocation.
+            report.records_failed += 1
+            report.note(report.record_errors, {"record_id": record.record_id,
+                                               "error": type(exc).__name__})
+            continue
         _count(report, record, decision)
         if context.on_decision is not None:
             context.on_decision(record, decision)
@@ -577,7 +589,7 @@ def _finish(context: _Context, full: bool, marks: run_store.Watermarks | None,
             event_upto: int) -> None:
     """Close the run record; `marks` None (a targeted run) leaves the watermarks where they are."""
     report = context.report
-    report.status = "partial" if report.writes_failed else "ok"
+    report.status = "partial" if report.writes_failed or report.records_failed else "ok"
     counts = {k: v for k, v in report.as_dict().items() if isinstance(v, int)}
     new_marks = None
     if marks is not None:
@@ -602,4 +614,4 @@ def _finish_failed(context: _Context, exc: Exception) -> None:
     counts = {k: v for k, v in report.as_dict().items() if isinstance(v, int)}
     with context.engine.begin() as connection:
         run_store.finish_run(connection, context.run_id, "failed", context.clock(), counts,
-                             None, error=str(exc))
+                             None, error=describe(exc))
