@@ -38,7 +38,14 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from waconsent.errors import ConfigError, ConnectionFailed, FatalError
@@ -46,6 +53,11 @@ from waconsent.errors import ConfigError, ConnectionFailed, FatalError
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_KEY = 0x7761636F  # "waco": one advisory lock id for schema upgrades
 SUPPORTED_DRIVERS = {"sqlite": ("pysqlite",), "postgresql": ("psycopg",)}
+# What the store raises for one value it will not hold (too long, a NUL byte, a violated
+# constraint, text UTF-8 cannot encode: the drivers raise UnicodeEncodeError themselves,
+# unwrapped). Retrying cannot heal it, so callers skip that one item; everything else (the
+# store down, busy, read-only) is about the store, not the item, and must reach them.
+REFUSED_VALUE = (DataError, IntegrityError, UnicodeEncodeError)
 BUSY_TIMEOUT_SECONDS = 30.0  # SQLite: how long a writer waits for the lock (URL: ?timeout=)
 
 

@@ -8,18 +8,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DataError, IntegrityError
 
 from waconsent.config.schema import Settings
 from waconsent.connectors.whatsapp import KeywordRules, parse_payload
 from waconsent.domain import Event, SkippedItem
 from waconsent.store import events as event_store
-
-# What the store raises for a value it will not hold (too long, a NUL byte, text UTF-8
-# cannot encode: the drivers raise UnicodeEncodeError themselves, unwrapped). Retrying
-# cannot heal it; everything else (the store down, locked) is the store's problem, not
-# the item's, and must reach the caller.
-REFUSED_BY_STORE = (DataError, IntegrityError, UnicodeEncodeError)
+from waconsent.store.engine import REFUSED_VALUE
 
 
 def keyword_rules(settings: Settings) -> KeywordRules:
@@ -53,7 +47,7 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     try:
         with engine.begin() as connection:
             counts = event_store.ingest(connection, parsed.events, source, now)
-    except REFUSED_BY_STORE:
+    except REFUSED_VALUE:
         pass
     else:
         return IngestReport(counts.stored, counts.duplicates, parsed.skipped, parsed.events)
@@ -77,7 +71,7 @@ def _isolate(connection: Connection, located: Sequence[tuple[str, Event]], sourc
         with connection.begin_nested():
             counts = event_store.ingest(connection, [event for _, event in located], source,
                                         now)
-    except REFUSED_BY_STORE as exc:
+    except REFUSED_VALUE as exc:
         if len(located) == 1:
             return 0, 0, [(located[0][0], exc)]
         middle = len(located) // 2
