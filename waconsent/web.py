@@ -99,13 +99,25 @@ RESERVED_DESCRIPTORS = 128
 MOST_CONNECTIONS = 2048
 
 
+def _spare_descriptors() -> int | None:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft - RESERVED_DESCRIPTORS
+
+
 def connection_cap() -> int:
     """How many client connections to hold at once: three quarters of the descriptors left
     after `RESERVED_DESCRIPTORS`, at most `MOST_CONNECTIONS`, at least 16."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MOST_CONNECTIONS
-    return max(16, min(MOST_CONNECTIONS, (soft - RESERVED_DESCRIPTORS) * 3 // 4))
+    spare = _spare_descriptors()
+    return MOST_CONNECTIONS if spare is None else max(16, min(MOST_CONNECTIONS,
+                                                              spare * 3 // 4))
+
+
+def accept_backlog() -> int:
+    """The listen backlog, which is also how many connections asyncio accepts in one go
+    before the connections closed to make room release their descriptors: the last
+    quarter of the spare descriptors, so that held plus just-accepted stay below the limit."""
+    spare = _spare_descriptors()
+    return MOST_CONNECTIONS if spare is None else max(16, min(MOST_CONNECTIONS, spare // 4))
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,7 @@ class ServerLimits:
     body_timeout: float = 30.0  # a full head to the last body byte
     keep_alive: int = 30  # idle between requests on one connection (Meta reuses them)
     max_connections: int = field(default_factory=connection_cap)
+    backlog: int = field(default_factory=accept_backlog)
     log_interval: float = 60.0  # a stall or exhaustion condition is logged once per this
 
 
@@ -520,6 +533,7 @@ def uvicorn_config(app: ASGIApp, config: LoadedConfig,
         # a backstop only: the protocol keeps connections at max_connections, so uvicorn's
         # own 503s start only if something bypassed it
         limit_concurrency=limits.max_connections + 1,
+        backlog=limits.backlog,    # asyncio accepts this many at once (see accept_backlog)
         timeout_graceful_shutdown=10,
         log_config=None,           # leave logging set-up to the caller (see ensure_logging)
     )
@@ -572,14 +586,15 @@ def _stop(_signum: int, _frame: FrameType | None) -> None:
 
 
 def serve(config: LoadedConfig, *, engine: Engine | None = None,
-          on_ingest: OnIngest | None = None) -> None:
+          on_ingest: OnIngest | None = None, limits: ServerLimits | None = None) -> None:
     """Run the receiver on `[webhook] host:port` until stopped by SIGINT or SIGTERM.
 
     Raises ConfigError without the two WhatsApp secrets, FatalError when the address
     is taken or the store cannot be opened. On either signal uvicorn finishes the requests
     in flight (10 s at most) and this returns: uvicorn re-raises the signal once it has
     stopped, and the handler installed here turns SIGTERM into a return instead of death.
-    `waconsent serve` passes its own engine (it keeps it) and an `on_ingest` hook.
+    `waconsent serve` passes its own engine (it keeps it) and an `on_ingest` hook;
+    `limits` defaults to `ServerLimits()` (the deadlines and the descriptor-derived cap).
     """
     webhook_secrets(config)  # refuse before opening anything
     ensure_logging()
@@ -590,11 +605,12 @@ def serve(config: LoadedConfig, *, engine: Engine | None = None,
     own_engine = engine is None
     try:
         engine = engine or open_engine(config.settings.store.url)
-        app = create_app(config, engine, on_ingest=on_ingest)
+        limits = limits or ServerLimits()
+        app = create_app(config, engine, on_ingest=on_ingest, limits=limits)
         log_event("webhook.starting", host=webhook.host, port=sock.getsockname()[1],
                   path=webhook.path, store=engine.dialect.name,
                   max_body_bytes=webhook.max_body_bytes)
-        uvicorn.Server(uvicorn_config(app, config)).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, config, limits)).run(sockets=[sock])
     except (KeyboardInterrupt, _Stopped):
         pass
     finally:
