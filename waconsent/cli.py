@@ -41,6 +41,10 @@ EXIT_OK, EXIT_USAGE, EXIT_WRITES_FAILED, EXIT_CANNOT_PROCEED = 0, 1, 2, 3
 out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
+# RFC 4180's line end. The csv module quotes a value only for the characters of its line
+# end: with a bare "\n" a value holding a carriage return went out unquoted, and a
+# spreadsheet broke the row there.
+CSV_LINE_END = "\r\n"
 
 
 class Failed(click.exceptions.Exit):
@@ -340,7 +344,7 @@ def contacts_export(ctx: click.Context, fmt: str) -> None:
             click.echo(json.dumps(list(rows), indent=2, ensure_ascii=False))
         else:
             writer = csv.DictWriter(sys.stdout, fieldnames=list(CSV_COLUMNS),
-                                    lineterminator="\n")
+                                    lineterminator=CSV_LINE_END)
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: "" if v is None else str(v).lower()
@@ -497,7 +501,7 @@ def missing_proof(ctx: click.Context, fmt: str) -> None:
     elif fmt == "csv":
         from waconsent.connectors.ledger import csv_cell
 
-        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer = csv.writer(sys.stdout, lineterminator=CSV_LINE_END)
         writer.writerow(["id", "name", "opt_in_date", "opt_in_source", "missing"])
         for row in found:  # CRM values: a would-be formula is written as text
             writer.writerow([csv_cell(str(value)) for value in (
