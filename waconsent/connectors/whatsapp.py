@@ -296,16 +296,13 @@ FIELD_LIMITS: dict[str, int] = {
 }
 
 
-def _stored_text(event: Event, name: str) -> Any:
-    """A field as the store writes it (error codes as one comma-separated text)."""
-    return error_codes_text(event.error_codes) if name == "error_codes" else getattr(event, name)
-
-
 def _storable(event: Event) -> Event:
-    """The event, if the store can hold every value of it; else the item is skipped."""
+    """The event, if the store can hold every value of it; else the item is skipped.
+    (Error codes are checked as the store writes them: one comma-separated text.)"""
     for name, limit in FIELD_LIMITS.items():
-        value = _stored_text(event, name)
-        if not isinstance(value, str):
+        value = (error_codes_text(event.error_codes) if name == "error_codes"
+                 else getattr(event, name))
+        if value is None:
             continue
         if len(value) > limit:
             raise _Skip(f"{name} longer than {limit} characters")

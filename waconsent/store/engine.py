@@ -142,7 +142,8 @@ def open_engine(url: str, *, run_migrations: bool = True) -> Engine:
             failure = store_failure(exc)
             if failure is None:
                 raise
-            raise failure from None
+            where = engine.url.render_as_string(hide_password=True)
+            raise ConnectionFailed(f"{failure} (store.url = {where})") from None
         except SQLAlchemyError:
             engine.dispose()
             raise
