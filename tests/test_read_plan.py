@@ -55,7 +55,7 @@ def test_meaningful_statuses_still_count(engine: Engine, store_url: str) -> None
     """A 131050 failure and a free-entry-point status make their records need a look."""
     crm = org(engine, store_url)
     cfg = loaded(store_url, lookback_seconds=0, read_chunk_size=100)
-    window = {"conversation": {"id": "c1", "expiration_timestamp": p.unix(NOW + timedelta(
+    window = {"conversation": {"id": "c1", "expiration_timestamp": p.unix(T0 + timedelta(
         hours=48)), "origin": {"type": "referral_conversion"}},
               "pricing": {"billable": False, "pricing_model": "PMP", "type": "free_entry_point",
                           "category": "referral_conversion"}}

@@ -1,16 +1,21 @@
 """The `waconsent` command: thin shells over sync and store, mapping errors to exit codes.
 
 Exit codes (SPEC section 3): 0 done; 1 usage or configuration error (also: an input
-file had parts that were skipped); 2 the run finished but some writes failed (they
-stay queued); 3 the run could not proceed (authentication, connection, lock held).
+file had parts that were skipped; click's own usage errors, which it exits with 2, are
+mapped here); 2 the run finished but some writes failed (they stay queued) or some
+records could not be decided; 3 the run could not proceed (authentication, connection,
+lock held, the store busy or read-only, an unexpected error). No error path prints an
+exception's message unless it is one of ours: others are named by type and code.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from importlib import resources
@@ -22,32 +27,77 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from waconsent import __version__, config
 from waconsent.config import LoadedConfig
 from waconsent.domain import CrmRecord, Decision, jsonable
-from waconsent.errors import ConfigError, FatalError, InputError, WaconsentError
+from waconsent.errors import ConfigError, FatalError, InputError, WaconsentError, describe
 from waconsent.phones import UnparseablePhone, mask, phone_key, user_id_key
-from waconsent.store.engine import open_engine, reading
+from waconsent.store.engine import open_engine, reading, store_failure
 
 EXIT_OK, EXIT_USAGE, EXIT_WRITES_FAILED, EXIT_CANNOT_PROCEED = 0, 1, 2, 3
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup off: what is printed quotes file names and CSV cells, whose "[" is no style
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
+# RFC 4180's line end. The csv module quotes a value only for the characters of its line
+# end: with a bare "\n" a value holding a carriage return went out unquoted, and a
+# spreadsheet broke the row there.
+CSV_LINE_END = "\r\n"
 
 
 class Failed(click.exceptions.Exit):
     """Leave with an exit code after the message was printed."""
 
 
+_EXITING_1: dict[type[click.UsageError], type[click.UsageError]] = {}
+
+
+def _usage_exit_1(exc: click.UsageError) -> click.UsageError:
+    """The same usage error (its text, its way of showing itself), exiting 1."""
+    kind = type(exc)
+    if kind.exit_code != EXIT_USAGE:
+        if kind not in _EXITING_1:
+            _EXITING_1[kind] = type(kind.__name__, (kind,), {"exit_code": EXIT_USAGE})
+        exc.__class__ = _EXITING_1[kind]
+    return exc
+
+
+class Group(click.Group):
+    """click exits 2 on a usage error, which SPEC section 3 gives to "some writes failed";
+    here a usage error exits 1, like any other error in how the command was called."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _usage_exit_1(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:  # raised while parsing a subcommand's arguments
+            raise _usage_exit_1(exc) from None
+
+
 def _fail(message: str, code: int) -> Failed:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err.print(Text.assemble(("error: ", "bold red"), message))
     return Failed(code)
+
+
+def _internal(exc: BaseException) -> Failed:
+    """An error outside the tree (a bug, or a store error that is not about the store's
+    state): its type and where it happened, never its message, which may quote SQL
+    parameters or payload values."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return _fail(f"internal error: {describe(exc)} at {where} (its message is withheld: it "
+                 "may hold personal data)", EXIT_CANNOT_PROCEED)
 
 
 def guarded(fn: F) -> F:
     """Map the exception tree to exit codes, once, for every command."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -62,6 +112,16 @@ def guarded(fn: F) -> F:
                         EXIT_CANNOT_PROCEED) from None
         except WaconsentError as exc:
             raise _fail(str(exc), EXIT_CANNOT_PROCEED) from None
+        except DBAPIError as exc:  # the store busy, read-only, gone: a sentence, exit 3
+            failure = store_failure(exc)
+            if failure is None:
+                raise _internal(exc) from None
+            raise _fail(f"{failure} (nothing queued was lost; run again when resolved)",
+                        EXIT_CANNOT_PROCEED) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            raise _internal(exc) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -75,7 +135,7 @@ def _setup_logging(verbose: bool) -> None:
                                                 '"event":"%(message)s"}')
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Configuration file (else $WACONSENT_CONFIG, else ./waconsent.toml).")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to standard error.")
@@ -118,7 +178,10 @@ def _accept_config_everywhere(group: click.Group) -> None:
 
 
 def _engine(loaded: LoadedConfig) -> Engine:
-    return open_engine(loaded.settings.store.url)
+    try:
+        return open_engine(loaded.settings.store.url)
+    except ConfigError as exc:  # a store.url the ledger cannot use: name the file too
+        raise ConfigError(exc.problems, source=exc.source or str(loaded.path or "")) from None
 
 
 def _now() -> datetime:
@@ -151,29 +214,52 @@ def init(ctx: click.Context, preset: str, target: str | None, force: bool) -> No
 
 # ---- import ---------------------------------------------------------------------------------
 
-def _payloads(text: str, name: str) -> Iterator[tuple[Any, str | None]]:
-    """(payload, None) per payload, or (None, 'FILE:LINE: reason') for a line that is no JSON.
+def _not_json(exc: ValueError | RecursionError) -> str:
+    """Why a document is not usable JSON, without quoting it."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "not usable JSON (nested too deeply)"
+    return f"not usable JSON ({type(exc).__name__})"
+
+
+def _payloads(text: str, name: str) -> Iterator[tuple[str, Any, str | None]]:
+    """(where, payload, None) per payload, or (where, None, reason) for a line that is no
+    usable JSON; `where` is FILE:LINE for NDJSON, FILE or FILE[index] for a document.
 
     The whole text is tried first as one JSON document (an object or an array of
-    objects); failing that, it is read as NDJSON, one payload a line.
+    objects); failing that, it is read as NDJSON, one payload a line. Lines end at "\n"
+    only: JSON text may hold U+2028 or a form feed, which `str.splitlines` would split on.
     """
+    from waconsent.connectors.whatsapp import decode_json
+
     if not text.strip():
         return
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError:
+        document = decode_json(text)
+    except (ValueError, RecursionError):
         pass
     else:
-        yield from (((item, None) for item in document) if isinstance(document, list)
-                    else [(document, None)])
+        if isinstance(document, list):
+            yield from ((f"{name}[{index}]", item, None) for index, item in enumerate(document))
+        else:
+            yield name, document, None
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        where = f"{name}:{number}"
         try:
-            yield json.loads(line), None
-        except json.JSONDecodeError as exc:
-            yield None, f"{name}:{number}: not JSON ({exc.msg} at column {exc.colno})"
+            yield where, decode_json(line), None
+        except (ValueError, RecursionError) as exc:
+            yield where, None, _not_json(exc)
+
+
+def _read(name: str) -> bytes:
+    """The bytes of a file, or of standard input for '-'."""
+    if name == "-":
+        return sys.stdin.buffer.read()
+    return Path(name).read_bytes()
 
 
 @main.command(name="import")
@@ -182,6 +268,7 @@ def _payloads(text: str, name: str) -> Iterator[tuple[Any, str | None]]:
 @guarded
 def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
     """Load archived webhook payloads (JSON, JSON array or NDJSON; - for stdin), deduplicated."""
+    from waconsent.connectors.ledger import printable
     from waconsent.sync.ingest import ingest_payload, keyword_rules
 
     loaded = _config(ctx)
@@ -190,26 +277,31 @@ def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
     anything_skipped = False
     try:
         for name in files:
+            shown = printable(name)
             try:
-                text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                err.print(f"{name}: cannot read: {exc}")
+                # a byte that is not UTF-8 becomes a lone surrogate: only an item that
+                # would store it is skipped (by the parser), not the file
+                text = _read(name).decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+            except OSError as exc:
+                err.print(f"{shown}: cannot read: {exc.strerror or type(exc).__name__}")
                 anything_skipped = True
                 continue
             stored = duplicates = skipped = 0
-            for payload, problem in _payloads(text, name):
-                if problem:
-                    err.print(problem)
-                    skipped += 1
-                    continue
-                result = ingest_payload(engine, payload, keywords, f"import:{name}", _now)
-                stored += result.stored
-                duplicates += result.duplicates
-                for item in result.skipped:
-                    err.print(f"{name}: skipped {item.location}: {item.reason}")
-                skipped += len(result.skipped)
-            anything_skipped |= skipped > 0
-            out.print(f"{name}: {stored} stored, {duplicates} duplicates, {skipped} skipped")
+            try:
+                for where, payload, problem in _payloads(text, shown):
+                    if problem:
+                        err.print(f"{where}: {problem}")
+                        skipped += 1
+                        continue
+                    result = ingest_payload(engine, payload, keywords, f"import:{name}", _now)
+                    stored += result.stored
+                    duplicates += result.duplicates
+                    for item in result.skipped:
+                        err.print(f"{where}: skipped {item.location}: {item.reason}")
+                    skipped += len(result.skipped)
+            finally:  # also when the store fails midway: what was stored is stored
+                anything_skipped |= skipped > 0
+                out.print(f"{shown}: {stored} stored, {duplicates} duplicates, {skipped} skipped")
     finally:
         engine.dispose()
     if anything_skipped:
@@ -229,25 +321,32 @@ def contacts() -> None:
 @guarded
 def contacts_import(ctx: click.Context, file: str) -> None:
     """Load contacts from a CSV (header: id, name, mobile_phone, phone, opt_in, ...)."""
-    from waconsent.connectors.ledger import read_contacts_csv, upsert_contacts
+    from waconsent.connectors.ledger import (
+        decode_csv,
+        import_contacts,
+        printable,
+        read_contacts_csv,
+    )
 
     loaded = _config(ctx)
+    shown = printable(file)
     try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{file}: cannot read: {exc}") from None
-    rows, report = read_contacts_csv(text, loaded.settings.mapping.default_region, file)
+        data = _read(file)
+    except OSError as exc:
+        raise InputError(f"{shown}: cannot read: {exc.strerror or type(exc).__name__}") from None
+    rows, report = read_contacts_csv(decode_csv(data), loaded.settings.mapping.default_region,
+                                     shown)
     engine = _engine(loaded)
     try:
-        imported = upsert_contacts(engine, rows, _now())
-    finally:
+        import_contacts(engine, rows, report, _now(), shown)
+    finally:  # also when the store fails midway: the chunks before it are committed
         engine.dispose()
-    for warning in report.warnings:
-        err.print(f"warning: {warning}")
-    for refused in report.refused:
-        err.print(f"refused: {refused}")
-    out.print(f"{file}: {imported} contacts imported, {len(report.refused)} refused, "
-              f"{len(report.warnings)} warnings")
+        for warning in report.warnings:
+            err.print(f"warning: {warning}")
+        for refused in report.refused:
+            err.print(f"refused: {refused}")
+        out.print(f"{shown}: {report.imported} contacts imported, {len(report.refused)} "
+                  f"refused, {len(report.warnings)} warnings")
     if report.refused:
         raise Failed(EXIT_USAGE)
 
@@ -258,8 +357,9 @@ def contacts_import(ctx: click.Context, file: str) -> None:
 @click.pass_context
 @guarded
 def contacts_export(ctx: click.Context, fmt: str) -> None:
-    """Write the ledger's contacts with every consent field to standard output."""
-    from waconsent.connectors.ledger import CSV_COLUMNS, export_rows
+    """Write the ledger's contacts with every consent field to standard output (CSV cells
+    that a spreadsheet would run as a formula start with an apostrophe)."""
+    from waconsent.connectors.ledger import CSV_COLUMNS, csv_cell, export_rows
 
     engine = _engine(_config(ctx))
     try:
@@ -268,11 +368,12 @@ def contacts_export(ctx: click.Context, fmt: str) -> None:
             click.echo(json.dumps(list(rows), indent=2, ensure_ascii=False))
         else:
             writer = csv.DictWriter(sys.stdout, fieldnames=list(CSV_COLUMNS),
-                                    lineterminator="\n")
+                                    lineterminator=CSV_LINE_END)
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: "" if v is None else str(v).lower()
-                                 if isinstance(v, bool) else v for k, v in row.items()})
+                                 if isinstance(v, bool) else csv_cell(str(v))
+                                 for k, v in row.items()})
     finally:
         engine.dispose()
 
@@ -306,7 +407,7 @@ def sync(ctx: click.Context, full: bool, dry_run: bool, report_path: str | None)
     if report_path:
         Path(report_path).write_text(json.dumps(report.as_dict(), indent=2, default=str),
                                      encoding="utf-8")
-    if report.writes_failed:
+    if report.writes_failed or report.records_failed:
         raise Failed(EXIT_WRITES_FAILED)
 
 
@@ -348,6 +449,8 @@ def _print_summary(report: Any) -> None:
          "; ".join(f"{e['record_id']}: {e['code']}" for e in report.write_errors)),
         ("queued writes dropped (record changed since)", report.writes_superseded,
          ", ".join(report.superseded)),
+        ("records not decided (their data is out of range)", report.records_failed,
+         ", ".join(f"{e['record_id']}: {e['error']}" for e in report.record_errors)),
         ("API calls", report.api_calls, ""),
     ]
     for what, count, who in rows:
@@ -420,11 +523,14 @@ def missing_proof(ctx: click.Context, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(found, indent=2, ensure_ascii=False))
     elif fmt == "csv":
-        writer = csv.writer(sys.stdout, lineterminator="\n")
+        from waconsent.connectors.ledger import csv_cell
+
+        writer = csv.writer(sys.stdout, lineterminator=CSV_LINE_END)
         writer.writerow(["id", "name", "opt_in_date", "opt_in_source", "missing"])
-        for row in found:
-            writer.writerow([row["id"], row["name"] or "", row["opt_in_date"] or "",
-                             row["opt_in_source"] or "", "; ".join(row["missing"])])
+        for row in found:  # CRM values: a would-be formula is written as text
+            writer.writerow([csv_cell(str(value)) for value in (
+                row["id"], row["name"] or "", row["opt_in_date"] or "",
+                row["opt_in_source"] or "", "; ".join(row["missing"]))])
     else:
         table = Table(title=f"{len(found)} opted-in contacts with incomplete proof")
         for column in ("id", "name", "opt-in date", "source", "missing"):

@@ -62,6 +62,11 @@ def utc_from_unix(seconds: int | str) -> datetime:
     return datetime.fromtimestamp(int(seconds), tz=UTC)
 
 
+def error_codes_text(codes: Sequence[int]) -> str | None:
+    """Status error codes as the store keeps them: one comma-separated text."""
+    return ",".join(str(code) for code in codes) or None
+
+
 def to_second(moment: datetime) -> datetime:
     """CRMs keep datetimes to the second; compare at that precision or every run sees a change."""
     return moment.astimezone(UTC).replace(microsecond=0)
@@ -216,6 +221,11 @@ class ParsedPayload:
     events: tuple[Event, ...]
     skipped: tuple[SkippedItem, ...] = ()
     ignored_changes: int = 0
+    #: where each event came from, in the order of `events` (for a skip the store forces)
+    locations: tuple[str, ...] = ()
+
+    def location_of(self, index: int) -> str:
+        return self.locations[index] if index < len(self.locations) else f"event[{index}]"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@
         └── PermanentRecordError   retrying will not heal it (bad field, bad type)
 
 The CLI maps this tree to the exit codes of SPEC section 3; nothing else reads
-an exception's message text to decide what to do.
+an exception's message text to decide what to do. Anything outside the tree is shown
+only through `describe`: its message may quote personal data.
 """
 
 from __future__ import annotations
@@ -100,3 +101,22 @@ class RecordError(WaconsentError):
 
 class PermanentRecordError(RecordError):
     """A record error that retrying will not heal (unknown field, wrong type, too long)."""
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, in words safe for a log, a run record or the terminal.
+
+    Our own errors say what happened, and their messages are written to hold no personal
+    data. Any other error is named by its type, and a database error by its code (the
+    SQLSTATE, or SQLite's error name), never by its message: a driver's message may quote
+    SQL parameters (numbers, names, IP addresses) or the values of a violated constraint.
+    """
+    if isinstance(exc, WaconsentError):
+        return str(exc)
+    original = getattr(exc, "orig", None)
+    cause = original if isinstance(original, BaseException) else exc
+    code = getattr(cause, "sqlstate", None) or getattr(cause, "sqlite_errorname", None)
+    name = type(exc).__name__
+    if cause is not exc:
+        name += f" ({type(cause).__name__})"
+    return f"{name}, code {code}" if code else name

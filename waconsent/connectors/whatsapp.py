@@ -4,20 +4,35 @@ The parser reads every `entry[]`, every `changes[]` and every item (a POST may
 batch up to 1,000 updates). It keeps only what consent needs: who, when, the
 message id, the matched keyword (never the body), status error codes and
 window expiries. An item it cannot understand is skipped with its location;
-it never fails the rest of the payload.
+it never fails the rest of the payload. That includes an item the store could not
+hold: every value is checked against the `events` table's own column lengths and for
+text UTF-8 can encode (a lone surrogate cannot), and every time against a sane window,
+so one such item never makes the store refuse its neighbours.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from waconsent.domain import Event, EventKind, ParsedPayload, Signal, SkippedItem, utc_from_unix
+from sqlalchemy import String
+
+from waconsent.domain import (
+    Event,
+    EventKind,
+    ParsedPayload,
+    Signal,
+    SkippedItem,
+    error_codes_text,
+    utc_from_unix,
+)
+from waconsent.store.tables import events as events_table
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 STOP_MARKETING_ERROR = 131050
@@ -36,13 +51,29 @@ KNOWN_USER_MESSAGE_TYPES = frozenset({
 })
 
 
+# Variation selectors (VS1-16, VS17-256, Mongolian free variation selectors) are
+# combining marks, not format characters, yet just as invisible: "STOP\ufe0f" shows as STOP.
+_VARIATION_SELECTORS = frozenset(
+    [*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0)),
+     *map(chr, range(0x180B, 0x1810))])
+
+
+def _dropped(ch: str) -> bool:
+    """Punctuation, and what displays as nothing: format characters (category Cf: the
+    zero-width space and joiners, direction marks, the soft hyphen, the BOM) and variation
+    selectors. A STOP with any of them around or inside it still reads STOP to the user."""
+    category = unicodedata.category(ch)
+    return category[0] == "P" or category == "Cf" or ch in _VARIATION_SELECTORS
+
+
 def normalize_text(text: str) -> str:
     """SPEC 5.3: trimmed, case-folded, punctuation stripped (inner spaces folded to one).
 
-    NFKC first, so full-width or compatibility forms of a keyword match too.
+    NFKC first, so full-width or compatibility forms of a keyword match too; invisible
+    characters are dropped with the punctuation (see `_dropped`).
     """
     folded = unicodedata.normalize("NFKC", text)
-    kept = "".join(ch for ch in folded if not unicodedata.category(ch).startswith("P"))
+    kept = "".join(ch for ch in folded if not _dropped(ch))
     return " ".join(kept.casefold().split())
 
 
@@ -74,11 +105,35 @@ DEFAULT_KEYWORDS = KeywordRules.build(["START"], ["STOP", "UNSUBSCRIBE"], ["Stop
 
 
 def verify_signature(raw_body: bytes, header_value: str | None, app_secret: str) -> bool:
-    """HMAC-SHA256 over the raw bytes as sent, compared in constant time."""
+    """HMAC-SHA256 over the raw bytes as sent, compared in constant time.
+
+    A header with a non-ASCII character is no hex digest; it is refused up front, because
+    `hmac.compare_digest` raises on non-ASCII text instead of answering False.
+    """
     if not header_value or not header_value.startswith("sha256="):
         return False
+    given = header_value.removeprefix("sha256=").strip().lower()
+    if not given.isascii():
+        return False
     expected = hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, header_value.removeprefix("sha256=").strip().lower())
+    return hmac.compare_digest(expected.encode(), given.encode())
+
+
+def _int_or_digits(digits: str) -> int | str:
+    try:
+        return int(digits)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        return digits
+
+
+def decode_json(raw: bytes | str) -> Any:
+    """`json.loads`, except that an integer too long for `int()` stays its digit string.
+
+    Python refuses to convert integers of more than 4,300 digits, and `json.loads` would
+    refuse the whole document for one of them; as a string it fails only the item that
+    holds it. Raises ValueError (not JSON) or RecursionError (nested too deeply).
+    """
+    return json.loads(raw, parse_int=_int_or_digits)
 
 
 def sign(raw_body: bytes, app_secret: str) -> str:
@@ -90,11 +145,61 @@ class _Skip(Exception):
     """An item that cannot be understood; carries the reason."""
 
 
-def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS) -> ParsedPayload:
-    """Turn one webhook body into events; never raises for content it does not understand."""
+# The sane window for an event's time. WhatsApp did not exist before 2009; Meta stamps an
+# update when it happens, so one from more than a day ahead of the receiver's clock is
+# garbage (and one in the year 9999 would overflow `+ 24 h` in the rules). Without a clock
+# (a pure call from a test or a tool) only the absolute bounds apply.
+EARLIEST = datetime(2009, 1, 1, tzinfo=UTC)
+LATEST_WITHOUT_CLOCK = datetime(2100, 1, 1, tzinfo=UTC)
+FUTURE_TOLERANCE = timedelta(days=1)
+# A free entry point window lasts 72 hours; an expiry further from its status is garbage
+# and the window is ignored (the status itself, perhaps a 131050 STOP, is kept).
+LONGEST_WINDOW = timedelta(days=7)
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """What every item of one change shares: its `contacts[]`, indexed once (a message
+    looks its sender up by wa_id; scanning the list per item was quadratic), and the
+    latest acceptable time."""
+
+    user_ids: Mapping[str, str | None]  # wa_id -> user id; the first contact listed wins
+    only_user_id: str | None  # the user id of the single contact, when there is exactly one
+    latest: datetime
+
+    @classmethod
+    def of(cls, value: Mapping[str, Any], latest: datetime) -> _Change:
+        contacts = value.get("contacts")
+        candidates = ([c for c in contacts if isinstance(c, Mapping)]
+                      if isinstance(contacts, list) else [])
+        user_ids: dict[str, str | None] = {}
+        for contact in candidates:
+            wa_id = _str(contact.get("wa_id"))
+            if wa_id is not None and wa_id not in user_ids:
+                user_ids[wa_id] = _str(contact.get("user_id"))
+        only = _str(candidates[0].get("user_id")) if len(candidates) == 1 else None
+        return cls(user_ids, only, latest)
+
+    def user_id_for(self, wa_id: str | None) -> str | None:
+        """The business-scoped user id from `contacts[]`, matched by wa_id (or the only
+        contact, for an item without a wa_id)."""
+        if wa_id is not None:
+            return self.user_ids.get(wa_id)
+        return self.only_user_id
+
+
+def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS,
+                  now: datetime | None = None) -> ParsedPayload:
+    """Turn one webhook body into events; never raises for content it does not understand.
+
+    `now` (the receiver's clock) bounds event times from above: an item stamped more than
+    `FUTURE_TOLERANCE` ahead of it is skipped. Without it the bound is `LATEST_WITHOUT_CLOCK`.
+    """
     events: list[Event] = []
+    locations: list[str] = []
     skipped: list[SkippedItem] = []
     ignored = 0
+    latest = LATEST_WITHOUT_CLOCK if now is None else now + FUTURE_TOLERANCE
     if not isinstance(payload, Mapping) or not isinstance(payload.get("entry"), list):
         return ParsedPayload((), (SkippedItem("$", "not a webhook payload: no entry list"),))
     for e_index, entry in enumerate(payload["entry"]):
@@ -111,18 +216,21 @@ def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS) -> Pa
             if field not in CONSENT_FIELDS:
                 ignored += 1  # account, template and call updates carry no consent
                 continue
+            shared = _Change.of(change["value"], latest)
             for location, item in _items(change["value"], where):
                 try:
-                    event = _parse_item(location, item, change["value"], keywords)
+                    event = _parse_item(location, item, shared, keywords)
                 except _Skip as skip:
                     skipped.append(SkippedItem(location, str(skip)))
                     continue
-                except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+                except (TypeError, ValueError, KeyError, AttributeError, OverflowError,
+                        RecursionError) as exc:
                     skipped.append(SkippedItem(location, f"malformed item ({type(exc).__name__})"))
                     continue
                 if event is not None:
                     events.append(event)
-    return ParsedPayload(tuple(events), tuple(skipped), ignored)
+                    locations.append(location)
+    return ParsedPayload(tuple(events), tuple(skipped), ignored, tuple(locations))
 
 
 def _items(value: Mapping[str, Any], where: str) -> Iterator[tuple[str, Any]]:
@@ -137,31 +245,47 @@ def _items(value: Mapping[str, Any], where: str) -> Iterator[tuple[str, Any]]:
             yield f"{where}.value.{key}[{index}]", item
 
 
-def _parse_item(location: str, item: Any, value: Mapping[str, Any],
+def _parse_item(location: str, item: Any, change: _Change,
                 keywords: KeywordRules) -> Event | None:
     if not isinstance(item, Mapping):
         raise _Skip("item is not an object")
     section = location.rsplit(".", 1)[1].split("[", 1)[0]
     if section == "messages":
-        return _within_limits(_message(item, value, keywords))
+        return _storable(_message(item, change, keywords))
     if section == "statuses":
-        return _within_limits(_status(item, value))
+        return _storable(_status(item, change))
     if section == "user_id_update":
-        return _within_limits(_user_id_update(item))
-    return _within_limits(_preference(item, value))
+        return _storable(_user_id_update(item, change))
+    return _storable(_preference(item, change))
 
 
-def _time(item: Mapping[str, Any]) -> datetime:
+def _unix(raw: Any) -> datetime:
+    """Unix seconds (a string or a number) as aware UTC; raises for anything else."""
+    if raw is None or isinstance(raw, bool):
+        raise TypeError("not a time")
+    return utc_from_unix(raw)
+
+
+def _time(item: Mapping[str, Any], change: _Change) -> datetime:
     raw = item.get("timestamp")
     if raw is None or isinstance(raw, bool):
         raise _Skip("no timestamp")
     try:
-        moment = utc_from_unix(raw)
+        moment = _unix(raw)
     except (TypeError, ValueError, OverflowError, OSError):
-        raise _Skip(f"timestamp is not Unix seconds: {str(raw)[:20]!r}") from None
-    if moment.year < 2009:  # WhatsApp did not exist; a zero or garbage stamp
+        raise _Skip(f"timestamp is not Unix seconds: {_shown(raw)}") from None
+    if moment < EARLIEST:  # WhatsApp did not exist; a zero or garbage stamp
         raise _Skip("timestamp before 2009")
+    if moment > change.latest:
+        raise _Skip(f"timestamp {moment:%Y-%m-%d %H:%M} UTC is later than "
+                    f"{change.latest:%Y-%m-%d %H:%M} UTC (the future)")
     return moment
+
+
+def _shown(raw: Any) -> str:
+    """A short, printable rendering of a bad value for a skip reason (never a lone
+    surrogate, which no log or terminal encoding can write)."""
+    return ascii(str(raw)[:20])
 
 
 def _str(value: Any) -> str | None:
@@ -171,48 +295,49 @@ def _str(value: Any) -> str | None:
     return text or None
 
 
-# Longest plausible value of each identifier Meta sends (with room to spare); longer is
-# garbage, and the item is skipped rather than failing the whole delivery in the store.
-FIELD_LIMITS = {"wa_id": 64, "user_id": 128, "message_id": 200, "message_type": 64,
-                "status": 32, "keyword": 100, "referral_source_id": 200, "new_wa_id": 64,
-                "detail": 200, "key": 300, "new_user_id": 128}
+# The longest value of each stored text column, read from the `events` table itself (the
+# one source of truth): a longer value is garbage, and its item is skipped here rather than
+# failing the whole delivery in the store. The derived columns fit whenever these do
+# (`phone_key` holds at most 16 characters, `uid_key` is `uid:` + a user id). The key is
+# checked last: it is built from the other fields, and a skip should name the field at fault.
+_EVENT_FIELDS = frozenset(f.name for f in fields(Event))
+FIELD_LIMITS: dict[str, int] = {
+    column.name: column.type.length
+    for column in sorted(events_table.columns, key=lambda column: column.name == "key")
+    if isinstance(column.type, String) and column.type.length and column.name in _EVENT_FIELDS
+}
 
 
-def _within_limits(event: Event) -> Event:
+def _storable(event: Event) -> Event:
+    """The event, if the store can hold every value of it; else the item is skipped.
+    (Error codes are checked as the store writes them: one comma-separated text.)"""
     for name, limit in FIELD_LIMITS.items():
-        value = getattr(event, name)
-        if isinstance(value, str) and len(value) > limit:
+        value = (error_codes_text(event.error_codes) if name == "error_codes"
+                 else getattr(event, name))
+        if value is None:
+            continue
+        if len(value) > limit:
             raise _Skip(f"{name} longer than {limit} characters")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Skip(f"{name} is not valid Unicode (a lone surrogate)") from None
     return event
 
 
-def _user_id_for(wa_id: str | None, value: Mapping[str, Any]) -> str | None:
-    """The business-scoped user id from `contacts[]`, matched by wa_id (or the only contact)."""
-    contacts = value.get("contacts")
-    if not isinstance(contacts, list):
-        return None
-    candidates = [c for c in contacts if isinstance(c, Mapping)]
-    for contact in candidates:
-        if wa_id is not None and _str(contact.get("wa_id")) == wa_id:
-            return _str(contact.get("user_id"))
-    if len(candidates) == 1 and wa_id is None:
-        return _str(candidates[0].get("user_id"))
-    return None
-
-
-def _message(item: Mapping[str, Any], value: Mapping[str, Any],
-             keywords: KeywordRules) -> Event:
+def _message(item: Mapping[str, Any], change: _Change, keywords: KeywordRules) -> Event:
     message_id = _str(item.get("id"))
     if message_id is None:
         raise _Skip("message without an id")
     raw_type = _str(item.get("type")) or "unknown"
     if raw_type == "system":
-        return _system_message(item, message_id)
+        return _system_message(item, message_id, change)
     wa_id = _str(item.get("from"))
-    user_id = _str(item.get("from_user_id")) or _user_id_for(wa_id, value)
+    user_id = _str(item.get("from_user_id")) or change.user_id_for(wa_id)
     if wa_id is None and user_id is None:
         raise _Skip("message without a sender (no from, no from_user_id)")
-    occurred_at = _time(item)
+    occurred_at = _time(item, change)
     signal, keyword = _classify(item, raw_type, keywords)
     referral = item.get("referral")
     return Event(
@@ -231,7 +356,7 @@ def _message(item: Mapping[str, Any], value: Mapping[str, Any],
     )
 
 
-def _system_message(item: Mapping[str, Any], message_id: str) -> Event:
+def _system_message(item: Mapping[str, Any], message_id: str, change: _Change) -> Event:
     """A `system` message: never a user message (no window); it may announce a changed
     number, a changed business-scoped user id, or a marketing preference.
 
@@ -266,7 +391,7 @@ def _system_message(item: Mapping[str, Any], message_id: str) -> Event:
         detail = f"{kind}:{marketing}" if signal is not Signal.NONE else kind
     if not (wa_id or user_id or new_id):
         raise _Skip("system message without a sender (no from, no user id)")
-    return Event(key=f"msg:{message_id}", kind=EventKind.MESSAGE, occurred_at=_time(item),
+    return Event(key=f"msg:{message_id}", kind=EventKind.MESSAGE, occurred_at=_time(item, change),
                  wa_id=wa_id, user_id=user_id, message_id=message_id, message_type="system",
                  signal=signal, new_wa_id=new_wa_id, new_user_id=new_id, detail=detail)
 
@@ -330,7 +455,7 @@ def _classify(item: Mapping[str, Any], raw_type: str,
     return Signal.NONE, None
 
 
-def _status(item: Mapping[str, Any], value: Mapping[str, Any]) -> Event:
+def _status(item: Mapping[str, Any], change: _Change) -> Event:
     message_id = _str(item.get("id"))
     status = _str(item.get("status"))
     if message_id is None or status is None:
@@ -340,8 +465,8 @@ def _status(item: Mapping[str, Any], value: Mapping[str, Any]) -> Event:
         user_id = _str(item.get("recipient_participant_user_id"))
     else:
         wa_id = _str(item.get("recipient_id"))
-        user_id = _str(item.get("recipient_user_id")) or _user_id_for(wa_id, value)
-    occurred_at = _time(item)
+        user_id = _str(item.get("recipient_user_id")) or change.user_id_for(wa_id)
+    occurred_at = _time(item, change)
     codes = tuple(
         int(error["code"]) for error in item.get("errors") or ()
         if isinstance(error, Mapping) and str(error.get("code", "")).lstrip("-").isdigit()
@@ -357,13 +482,14 @@ def _status(item: Mapping[str, Any], value: Mapping[str, Any]) -> Event:
         status=status,
         error_codes=codes,
         signal=signal,
-        window_expires_at=_free_entry_expiry(item),
+        window_expires_at=_free_entry_expiry(item, occurred_at),
         detail=f"status:{status}:{STOP_MARKETING_ERROR}" if signal is Signal.OPT_OUT else None,
     )
 
 
-def _free_entry_expiry(item: Mapping[str, Any]) -> datetime | None:
-    """The expiry of a free entry point window, when the status shows one and names its end."""
+def _free_entry_expiry(item: Mapping[str, Any], occurred_at: datetime) -> datetime | None:
+    """The expiry of a free entry point window, when the status shows one and names a
+    plausible end (not before 2009, at most `LONGEST_WINDOW` after the status)."""
     conversation = item.get("conversation")
     pricing = item.get("pricing")
     origin = None
@@ -379,20 +505,21 @@ def _free_entry_expiry(item: Mapping[str, Any]) -> datetime | None:
     if not free or expiry is None:
         return None
     try:
-        return utc_from_unix(expiry)
+        moment = _unix(expiry)
     except (TypeError, ValueError, OverflowError, OSError):
         return None
+    return moment if EARLIEST <= moment <= occurred_at + LONGEST_WINDOW else None
 
 
-def _preference(item: Mapping[str, Any], value: Mapping[str, Any]) -> Event:
+def _preference(item: Mapping[str, Any], change: _Change) -> Event:
     wa_id = _str(item.get("wa_id"))
-    user_id = _str(item.get("user_id")) or _user_id_for(wa_id, value)
+    user_id = _str(item.get("user_id")) or change.user_id_for(wa_id)
     preference = (_str(item.get("value")) or "").lower()
     if wa_id is None and user_id is None:
         raise _Skip("preference without wa_id or user_id")
     if not preference:
         raise _Skip("preference without a value")
-    occurred_at = _time(item)
+    occurred_at = _time(item, change)
     signal = {"stop": Signal.OPT_OUT, "resume": Signal.RESUME}.get(preference, Signal.NONE)
     return Event(
         key=f"pref:{wa_id or user_id}:{preference}:{int(occurred_at.timestamp())}",
@@ -405,7 +532,7 @@ def _preference(item: Mapping[str, Any], value: Mapping[str, Any]) -> Event:
     )
 
 
-def _user_id_update(item: Mapping[str, Any]) -> Event:
+def _user_id_update(item: Mapping[str, Any], change: _Change) -> Event:
     """A `user_id_update` item, `user_id: {previous, current}` (Meta's documentation from
     May to August 2026; the same change now arrives as a `user_changed_user_id` system
     message, and both are read)."""
@@ -415,7 +542,7 @@ def _user_id_update(item: Mapping[str, Any]) -> Event:
     previous, current = _str(ids.get("previous")), _str(ids.get("current"))
     if current is None:
         raise _Skip("user_id_update without user_id.current")
-    occurred_at = _time(item)
+    occurred_at = _time(item, change)
     wa_id = _str(item.get("wa_id"))
     return Event(
         key=f"uidupd:{previous or wa_id or '-'}:{current}:{int(occurred_at.timestamp())}",

@@ -12,7 +12,15 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Row, case, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from waconsent.domain import CONSENT_SIGNALS, Activity, Event, EventKind, Signal, UserIdChange
+from waconsent.domain import (
+    CONSENT_SIGNALS,
+    Activity,
+    Event,
+    EventKind,
+    Signal,
+    UserIdChange,
+    error_codes_text,
+)
 from waconsent.phones import USER_ID_PREFIX, user_id_key, wa_id_key
 from waconsent.store import evidence as evidence_store
 from waconsent.store import identity
@@ -40,7 +48,7 @@ def _row(event: Event, source: str, now: datetime) -> dict[str, Any]:
         "phone_key": wa_id_key(event.wa_id), "uid_key": user_id_key(event.match_user_id),
         "message_id": event.message_id, "message_type": event.message_type,
         "status": event.status,
-        "error_codes": ",".join(str(c) for c in event.error_codes) or None,
+        "error_codes": error_codes_text(event.error_codes),
         "signal": event.signal.value, "keyword": event.keyword,
         "opens_session": event.opens_session, "window_expires_at": event.window_expires_at,
         "referral_source_id": event.referral_source_id, "new_wa_id": event.new_wa_id,

@@ -33,13 +33,14 @@ class ChunkDecider:
 
     def decide(self, chunk: Prepared) -> None:
         now = self._scope.clock()
-        decisions = [self._decide_one(record, keys, chunk, now) for record, keys in chunk.keyed]
+        decided = (self._decide_one(record, keys, chunk, now) for record, keys in chunk.keyed)
+        decisions = [decision for decision in decided if decision is not None]
         if self._plan.writes:
             self._queue(chunk, decisions, now)
             self._scope.keep_lock()
 
     def _decide_one(self, record: CrmRecord, keys: matching.RecordKeys, chunk: Prepared,
-                    now: datetime) -> Decision:
+                    now: datetime) -> Decision | None:
         modified = record.modified_at
         if modified is not None and (self.newest_modified is None
                                      or modified > self.newest_modified):
@@ -47,9 +48,16 @@ class ChunkDecider:
         if not self._plan.writes:
             self.seen_keys.update(keys.key_set)
         activity = chunk.activity.get(record.record_id, NO_ACTIVITY)
+        self._report.tally_read(keys)
         self._report.events_considered += activity.event_count
-        decision = rules.decide(record, activity, self._scope.mapped, now)
-        self._report.tally(record, keys, decision)
+        try:
+            decision = rules.decide(record, activity, self._scope.mapped, now)
+        except (ArithmeticError, ValueError) as exc:
+            # e.g. an event dated in the year 9999, stored before the parser refused such
+            # times: `+ 24 h` overflows. One record's data must not stop every revocation.
+            self._report.tally_undecided(record, exc)
+            return None
+        self._report.tally(record, decision)
         if self._on_decision is not None:
             self._on_decision(record, decision)
         return decision

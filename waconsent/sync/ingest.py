@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from waconsent.config.schema import Settings
 from waconsent.connectors.whatsapp import KeywordRules, parse_payload
 from waconsent.domain import Event, SkippedItem
 from waconsent.store import events as event_store
+from waconsent.store.engine import REFUSED_VALUE
 
 
 def keyword_rules(settings: Settings) -> KeywordRules:
@@ -26,15 +27,61 @@ class IngestReport:
     stored: int
     duplicates: int
     skipped: tuple[SkippedItem, ...]
-    events: tuple[Event, ...]
+    events: tuple[Event, ...]  # the events now in the store (stored or already there)
 
 
 def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source: str,
                    clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> IngestReport:
-    """Parse one webhook body and commit its events (and their evidence) in one transaction."""
-    parsed = parse_payload(payload, keywords)
+    """Parse one webhook body and commit its events (and their evidence) in one transaction.
+
+    The parser already skips what the store could not hold; should the store still refuse
+    a value, the delivery is stored again in halves inside savepoints, down to the single
+    item at fault, which is skipped with its location. Every other item is committed, so
+    an answer of "received" never hides a lost STOP beside a bad item.
+    """
+    now = clock()
+    parsed = parse_payload(payload, keywords, now)
     if not parsed.events:
         return IngestReport(0, 0, parsed.skipped, ())
+    source = _storable_source(source)
+    try:
+        with engine.begin() as connection:
+            counts = event_store.ingest(connection, parsed.events, source, now)
+    except REFUSED_VALUE:
+        pass
+    else:
+        return IngestReport(counts.stored, counts.duplicates, parsed.skipped, parsed.events)
+    located = [(parsed.location_of(i), event) for i, event in enumerate(parsed.events)]
     with engine.begin() as connection:
-        counts = event_store.ingest(connection, parsed.events, source, clock())
-    return IngestReport(counts.stored, counts.duplicates, parsed.skipped, parsed.events)
+        stored, duplicates, refused = _isolate(connection, located, source, now)
+    refused_at = {location for location, _ in refused}
+    kept = tuple(event for location, event in located if location not in refused_at)
+    skipped = parsed.skipped + tuple(
+        SkippedItem(location, f"refused by the store ({type(exc).__name__})")
+        for location, exc in refused)
+    return IngestReport(stored, duplicates, skipped, kept)
+
+
+def _isolate(connection: Connection, located: Sequence[tuple[str, Event]], source: str,
+             now: datetime) -> tuple[int, int, list[tuple[str, Exception]]]:
+    """Store the events in savepoints, halving a part the store refuses until the refused
+    items stand alone: (stored, duplicates, [(location, error)]). k bad items among n
+    cost about k * log2(n) extra statements, not n."""
+    try:
+        with connection.begin_nested():
+            counts = event_store.ingest(connection, [event for _, event in located], source,
+                                        now)
+    except REFUSED_VALUE as exc:
+        if len(located) == 1:
+            return 0, 0, [(located[0][0], exc)]
+        middle = len(located) // 2
+        first = _isolate(connection, located[:middle], source, now)
+        second = _isolate(connection, located[middle:], source, now)
+        return first[0] + second[0], first[1] + second[1], first[2] + second[2]
+    return counts.stored, counts.duplicates, []
+
+
+def _storable_source(source: str) -> str:
+    """The source label (`import:<file name>`) as text the store can hold: a file name
+    with undecodable bytes arrives with lone surrogates, which would refuse every item."""
+    return source.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "")

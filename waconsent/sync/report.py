@@ -47,6 +47,9 @@ class RunReport:
     writes_failed: int = 0
     writes_superseded: int = 0
     write_errors: list[dict[str, str]] = field(default_factory=list)
+    #: records the rules could not decide (their data breaks date arithmetic); the run goes on
+    records_failed: int = 0
+    record_errors: list[dict[str, str]] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
     phone_problems: list[dict[str, str]] = field(default_factory=list)
     number_changes: list[dict[str, str]] = field(default_factory=list)
@@ -73,14 +76,24 @@ class RunReport:
         if len(bucket) < LIST_LIMIT:
             bucket.append(item)
 
-    def tally(self, record: CrmRecord, keys: RecordKeys, decision: Decision) -> None:
-        """Count one decided record into the report."""
+    def tally_read(self, keys: RecordKeys) -> None:
+        """Count one record read, decided or not, with its unparseable phone values."""
         self.records_read += 1
         for problem in keys.problems:
             self.note(self.phone_problems, {"record_id": problem.record_id,
                                             "field": problem.field,
                                             "value": problem.masked_value,
                                             "reason": problem.reason})
+
+    def tally_undecided(self, record: CrmRecord, error: Exception) -> None:
+        """A record the rules could not decide: named with the error's type only (its
+        message may quote the data)."""
+        self.records_failed += 1
+        self.note(self.record_errors, {"record_id": record.record_id,
+                                       "error": type(error).__name__})
+
+    def tally(self, record: CrmRecord, decision: Decision) -> None:
+        """Count one decided record into the report."""
         if decision.changes:
             kind = decision.kind
             if kind is DecisionKind.REVOCATION:

@@ -31,6 +31,7 @@ from sqlalchemy import Engine
 from waconsent.config import LoadedConfig
 from waconsent.connectors import CrmConnector, open_crm
 from waconsent.domain import to_second
+from waconsent.errors import describe
 from waconsent.store import events as event_store
 from waconsent.store import phone_index
 from waconsent.store import runs as run_store
@@ -94,7 +95,7 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
                          frozenset(settings.mapped_fields()))
         _steps(scope, plan, report, on_decision)
     except Exception as exc:  # any failure: the run record says so, the outbox keeps its rows
-        report.status, report.error = "failed", str(exc)
+        report.status, report.error = "failed", describe(exc)
         if run_id:
             _finish_failed(engine, run_id, report, clock, exc)
         raise
@@ -144,7 +145,7 @@ def _record_usage(connector: CrmConnector, report: RunReport) -> None:
 def _finish(scope: RunScope, plan: RunPlan, report: RunReport, decider: ChunkDecider) -> None:
     """Close the run record; only a full or incremental run moves the watermarks (in the
     same transaction), and only a full read may drop index rows it did not see."""
-    report.status = "partial" if report.writes_failed else "ok"
+    report.status = "partial" if report.writes_failed or report.records_failed else "ok"
     new_marks = None
     if plan.moves_watermarks:
         marks = plan.marks
@@ -164,7 +165,7 @@ def _finish_failed(engine: Engine, run_id: int, report: RunReport, clock: Clock,
                    exc: Exception) -> None:
     with engine.begin() as connection:
         run_store.finish_run(connection, run_id, "failed", clock(), report.counts(), None,
-                             error=str(exc))
+                             error=describe(exc))
 
 
 _FROZEN = threading.Lock()

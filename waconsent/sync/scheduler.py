@@ -22,7 +22,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from waconsent.config.schema import ScheduleConfig
 from waconsent.domain import Event, Signal
-from waconsent.errors import RunLockHeld
+from waconsent.errors import RunLockHeld, describe
 from waconsent.sync.matching import event_keys
 
 log = logging.getLogger("waconsent.scheduler")
@@ -42,7 +42,7 @@ def _guarded(name: str, job: Callable[[], Any],
             if on_lock_held is not None:
                 on_lock_held()
         except Exception as exc:  # the outbox keeps what was decided; the next run resumes
-            log.error("%s failed: %s", name, exc)
+            log.error("%s failed: %s", name, describe(exc))
     return run
 
 
@@ -154,7 +154,7 @@ class RevocationDispatcher:
                     pending = keys
                     level = logging.INFO if isinstance(exc, RunLockHeld) else logging.ERROR
                     log.log(level, "revocation write-back deferred (%s); retrying in %ss",
-                            exc, self._retry_after)
+                            describe(exc), self._retry_after)
                 else:
                     log.warning("revocation write-back gave up after %d tries; the next "
                                 "scheduled run will send it", failures)
