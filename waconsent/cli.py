@@ -558,4 +558,37 @@ def serve(ctx: click.Context) -> None:
     serve_all(_config(ctx))
 
 
+# ---- the admin's kit: fields, report html ---------------------------------------------------
+
+@main.command()
+@click.option("--crm", "crm_kind", type=click.Choice(["salesforce", "dynamics"]), default=None,
+              help="The CRM to generate for (default: crm.kind; must match it).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Directory to write the definitions into (created if missing).")
+@click.option("--apply", "apply_", is_flag=True,
+              help="Dynamics: create the missing columns now, with the configured credentials.")
+@click.option("--solution", default=None, metavar="UNIQUE_NAME",
+              help="Dynamics --apply: add the columns to this solution "
+                   "(MSCRM.SolutionUniqueName); its publisher prefix must be the columns'.")
+@click.pass_context
+@guarded
+def fields(ctx: click.Context, crm_kind: str | None, out_dir: str, apply_: bool,
+           solution: str | None) -> None:
+    """The CRM field definitions the mapping needs: an SFDX project, or Dataverse bodies."""
+    from waconsent import admin_fields
+
+    done = admin_fields.generate(_config(ctx), crm_kind, Path(out_dir), apply=apply_,
+                                 solution=solution)
+    for path in done.written:
+        out.print(f"wrote {path}")
+    for note in done.skipped:
+        out.print(f"not generated: {note}")
+    for name in done.existing:
+        out.print(f"exists already, left as it is: {name}")
+    for name in done.created:
+        out.print(f"created: {name}")
+    if done.next_steps:
+        out.print("next: " + "; then ".join(f"`{step}`" for step in done.next_steps))
+
+
 _accept_config_everywhere(main)
