@@ -591,4 +591,31 @@ def fields(ctx: click.Context, crm_kind: str | None, out_dir: str, apply_: bool,
         out.print("next: " + "; then ".join(f"`{step}`" for step in done.next_steps))
 
 
+@report.command(name="html")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True,
+              help="The HTML file to write (replaced if it exists; readable by you only).")
+@click.option("--days", default=30, show_default=True, type=click.IntRange(1, 3660),
+              help="How far back the trend chart reaches.")
+@click.pass_context
+@guarded
+def report_html(ctx: click.Context, out_file: str, days: int) -> None:
+    """One self-contained page for the data-protection officer: the last run's numbers, the
+    trend, the records whose proof is missing, conflicts, unmatched numbers (masked)."""
+    from waconsent.reports.gather import gather, write_private
+    from waconsent.reports.page import render
+
+    loaded = _config(ctx)
+    engine = _engine(loaded)
+    try:
+        data = gather(loaded, engine, _now(), days)
+    finally:
+        engine.dispose()
+    write_private(Path(out_file), render(data))
+    last = data.last
+    out.print(f"wrote {out_file}: " + (f"last run #{last.id} ({last.mode}, {last.status}), "
+                                       if last else "no finished run yet, ")
+              + f"{len(data.runs)} runs in {days} days, {data.flagged_total} records with "
+              "proof missing")
+
+
 _accept_config_everywhere(main)
