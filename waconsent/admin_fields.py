@@ -73,7 +73,7 @@ def generate(config: LoadedConfig, crm: str | None, out: Path, *, apply: bool = 
         return _dynamics(config, planned, out, apply, solution)
     if apply:
         raise ConfigError(["--apply: Salesforce fields are deployed with the Salesforce CLI: "
-                           f"`sf project deploy start --source-dir {out / 'force-app'}`"])
+                           f"`cd {out} && sf project deploy start --source-dir force-app`"])
     return _salesforce(config, planned, out)
 
 
@@ -85,7 +85,8 @@ def _salesforce(config: LoadedConfig, planned: list[PlannedField], out: Path) ->
                       skipped=list(built.skipped))
     if built.fields:
         outcome.next_steps = [
-            f"sf project deploy start --source-dir {out / salesforce_fields.SOURCE_DIR}",
+            f"cd {out} && sf project deploy start --source-dir {salesforce_fields.SOURCE_DIR} "
+            "--target-org <your org>",
             f"sf org assign permset --name {salesforce_fields.PERMISSION_SET} "
             "--on-behalf-of <the integration user>",
             "waconsent check"]
