@@ -62,8 +62,7 @@ def _one(unit: Unit, section: str, key: str) -> str:
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_every_service_is_sandboxed_and_reads_secrets_from_a_file(name: str) -> None:
-    """Each service runs as a dynamic user in a read-only system with the full sandbox, only
-    the network families it needs, and its secrets from the EnvironmentFile."""
+    """Each service runs as a dynamic user, fully sandboxed, secrets from the EnvironmentFile."""
     service = _unit(name)["Service"]
     for key, value in HARDENING.items():
         assert service.get(key) == [value], key
@@ -87,8 +86,7 @@ def test_each_unit_starts_a_real_waconsent_command(name: str, command: list[str]
 
 
 def test_the_receivers_restart_on_failure_and_the_sync_is_one_shot() -> None:
-    """serve and webhook restart on failure and start at boot; sync runs once per start and
-    is started by its timer, not at boot."""
+    """serve and webhook restart on failure and start at boot; sync is one-shot, timer-started."""
     for name in ("waconsent-serve.service", "waconsent-webhook.service"):
         unit = _unit(name)
         assert _one(unit, "Service", "Restart") == "on-failure"
@@ -121,8 +119,7 @@ def test_the_env_example_names_every_secret_and_no_value() -> None:
 
 
 def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
-    """systemd's own verifier loads every unit without a complaint (ExecStart pointed at this
-    environment's waconsent, since verify checks that the program exists)."""
+    """systemd-analyze verify loads every unit without a complaint (ExecStart: this venv)."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed; the parser tests above still ran")

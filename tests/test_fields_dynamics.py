@@ -69,8 +69,7 @@ def _label(body: Mapping[str, Any], key: str) -> str:
 
 def test_dataverse_bodies_have_the_web_api_shapes(dynamics_config: Path, tmp_path: Path
                                                   ) -> None:
-    """One body per column: its @odata.type, SchemaName, labels, RequiredLevel, and per type
-    the OptionSet, the UTC-storing date behaviour, or the MaxLength."""
+    """Each column body has the Web API's @odata.type, SchemaName, labels and type settings."""
     out = tmp_path / "dv"
     assert cli(dynamics_config, "fields", "--crm", "dynamics", "--out", str(out)
                 ).exit_code == 0
@@ -115,8 +114,7 @@ def test_a_choice_opt_in_is_a_picklist_column_with_the_mapped_option_values(
 
 def test_apply_creates_the_missing_columns_and_then_check_passes(
         dynamics_config: Path, fake: FakeDataverse, tmp_path: Path) -> None:
-    """`check` fails; `--apply --solution` POSTs the 8 missing columns into the solution,
-    leaves the existing one untouched, and then `check` and the preflight pass."""
+    """--apply creates only the missing columns, in the solution; then check and preflight pass."""
     assert cli(dynamics_config, "check").exit_code == 1
     existing = fake.attributes["new_whatsappuserid"]
     result = cli(dynamics_config, "fields", "--out", str(tmp_path / "dv"), "--apply",
@@ -177,8 +175,7 @@ class _Answer:
 
 
 def test_apply_takes_a_duplicate_answer_as_existing_and_stops_on_another_refusal() -> None:
-    """A column created meanwhile (0x80047013) counts as existing; any other refusal stops
-    with what was created before it."""
+    """A duplicate (0x80047013) counts as existing; another refusal stops, naming what was made."""
     wanted = {f"new_c{n}": {"SchemaName": f"new_c{n}"} for n in range(3)}
     client = _Client((204, ""), (400, "0x80047013"), (403, "0x80040220"))
     with pytest.raises(FatalError, match=r"'new_c2'.*0x80040220.*created before it: new_c0"):

@@ -76,8 +76,7 @@ def test_salesforce_fields_are_custom_fields_in_the_metadata_namespace(
 
 def test_salesforce_permission_set_package_and_project_name_the_same_fields(
         salesforce_config: Path, tmp_path: Path) -> None:
-    """The permission set grants read+edit on each field; package.xml lists them; the project
-    points at force-app with the configured API version."""
+    """The permission set grants read+edit on each field; package.xml and the project agree."""
     out = tmp_path / "sfdx"
     cli(salesforce_config, "fields", "--out", str(out))
     fields = {f"Contact.{f.name}" for f in CONSENT_FIELDS}
@@ -149,8 +148,7 @@ def test_messaging_end_user_skips_its_standard_consent_status(tmp_path: Path,
 
 def test_a_picklist_opt_in_is_a_restricted_picklist_of_the_mapped_values(
         tmp_path: Path, salesforce_config: Path) -> None:
-    """With [mapping.values] the opt-in becomes a Picklist of exactly those two values,
-    neither a default, and `check` accepts it once deployed."""
+    """With both [mapping.values] the opt-in is a restricted Picklist of them; check accepts it."""
     raw = tomllib.loads(salesforce_config.read_text())
     raw["mapping"]["values"] = {"opted_in": "Opted In", "opted_out": "Opted <Out> & gone"}
     path = write_config(tmp_path, raw)
@@ -203,8 +201,7 @@ def test_the_generated_kinds_are_ones_the_mapping_checker_accepts() -> None:
 
 def test_fields_refuses_a_ledger_a_crm_mismatch_and_apply_on_salesforce(
         salesforce_config: Path, tmp_path: Path) -> None:
-    """Exit 1, saying why: the ledger needs no fields, names of one CRM mean nothing in the
-    other, and Salesforce deploys with the sf CLI."""
+    """Exit 1 with the reason: a ledger, a --crm other than crm.kind, --apply on Salesforce."""
     (tmp_path / "ledger").mkdir()
     ledger = write_config(tmp_path / "ledger", {"crm": {"kind": "ledger"}})
     assert "the built-in ledger has every field" in cli(ledger, "fields", "--out", "x").output

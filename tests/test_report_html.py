@@ -34,8 +34,7 @@ def _run(run_id: int, day: int, mode: str, status: str = "ok", **counts: Any) ->
 # ---- the model ------------------------------------------------------------------------------
 
 def test_trend_adds_changes_per_day_and_carries_missing_proof_from_full_runs() -> None:
-    """Revocations and opt-ins add up over every finished run of a day; missing proof is the
-    day's last full run's, carried to days without one; failed runs count nothing."""
+    """Per day: changes add up over finished runs; missing proof is the last full run's, carried."""
     days = trend([
         _run(1, 20, "incremental", revocations=1, opt_ins=1, proof_missing=2),
         _run(2, 20, "full", revocations=2, proof_missing=7),
@@ -136,9 +135,7 @@ def _console_errors(browser: Any) -> list[dict[str, Any]]:
 
 def test_the_page_renders_in_chromium_with_the_run_reports_numbers(
         browser: Any, demo: Path, tmp_path: Path) -> None:
-    """Headless Chromium shows the chart, no console error, the inline CSS applied under the
-    CSP, nothing fetched, and the numbers, conflicts, unmatched numbers and flagged records
-    of the run report and of `report missing-proof`."""
+    """In Chromium: the chart renders, no console error or fetch, numbers equal the run report's."""
     from selenium.webdriver.common.by import By
 
     _cli(demo, "sync", "--full", "--report", str(tmp_path / "r.json"))
