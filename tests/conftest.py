@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -73,3 +74,53 @@ def engine(store_url: str) -> Iterator[Engine]:
     engine = open_engine(store_url)
     yield engine
     engine.dispose()
+
+
+# ---- a real browser (Debian's chromium + chromium-driver, driven by Selenium) --------------
+
+BROWSER_HINT = (
+    "browser tests need Chromium and its driver: `apt-get install chromium chromium-driver` "
+    "(Debian) and `pip install -e '.[test]'` for selenium, or run .ci/run, which installs them; "
+    "set WACONSENT_REQUIRE_BROWSER=1 to make their absence a failure"
+)
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic",
+                  "--window-size=1200,1600")
+
+
+def _browser_required() -> bool:
+    return bool(os.environ.get("CI")) or os.environ.get("WACONSENT_REQUIRE_BROWSER") == "1"
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A headless Chromium driven by Selenium, with its console log kept; skipped (with how
+    to run it) where no browser is installed, failed instead in CI."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None  # type: ignore[assignment]
+    if chromium is None or driver_path is None or webdriver is None:
+        missing = ", ".join(name for name, found in (("chromium", chromium), (
+            "chromedriver", driver_path), ("selenium", webdriver)) if found is None)
+        if _browser_required():
+            pytest.fail(f"a browser is required here (CI or WACONSENT_REQUIRE_BROWSER=1) but "
+                        f"{missing} is missing; {BROWSER_HINT}")
+        pytest.skip(f"{missing} not installed: {BROWSER_HINT}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

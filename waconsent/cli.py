@@ -664,4 +664,64 @@ def serve(ctx: click.Context) -> None:
     serve_all(_config(ctx))
 
 
+# ---- the admin's kit: fields, report html ---------------------------------------------------
+
+@main.command()
+@click.option("--crm", "crm_kind", type=click.Choice(["salesforce", "dynamics"]), default=None,
+              help="The CRM to generate for (default: crm.kind; must match it).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Directory to write the definitions into (created if missing).")
+@click.option("--apply", "apply_", is_flag=True,
+              help="Dynamics: create the missing columns now, with the configured credentials.")
+@click.option("--solution", default=None, metavar="UNIQUE_NAME",
+              help="Dynamics --apply: add the columns to this solution "
+                   "(MSCRM.SolutionUniqueName); its publisher prefix must be the columns'.")
+@click.pass_context
+@guarded
+def fields(ctx: click.Context, crm_kind: str | None, out_dir: str, apply_: bool,
+           solution: str | None) -> None:
+    """The CRM field definitions the mapping needs: an SFDX project, or Dataverse bodies."""
+    from waconsent import admin_fields
+
+    done = admin_fields.generate(_config(ctx), crm_kind, Path(out_dir), apply=apply_,
+                                 solution=solution)
+    for path in done.written:
+        out.print(f"wrote {path}")
+    for note in done.skipped:
+        out.print(f"not generated: {note}")
+    for name in done.existing:
+        out.print(f"exists already, left as it is: {name}")
+    for name in done.created:
+        out.print(f"created: {name}")
+    if done.next_steps:
+        out.print("next: " + "; then ".join(f"`{step}`" for step in done.next_steps))
+
+
+@report.command(name="html")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True,
+              help="The HTML file to write (replaced if it exists; readable by you only).")
+@click.option("--days", default=30, show_default=True, type=click.IntRange(1, 3660),
+              help="How far back the trend chart reaches.")
+@click.pass_context
+@guarded
+def report_html(ctx: click.Context, out_file: str, days: int) -> None:
+    """One self-contained page for the data-protection officer: the last run's numbers, the
+    trend, the records whose proof is missing, conflicts, unmatched numbers (masked)."""
+    from waconsent.reports.gather import gather, write_private
+    from waconsent.reports.page import render
+
+    loaded = _config(ctx)
+    engine = _engine(loaded)
+    try:
+        data = gather(loaded, engine, _now(), days)
+    finally:
+        engine.dispose()
+    write_private(Path(out_file), render(data))
+    last = data.last
+    out.print(f"wrote {out_file}: " + (f"last run #{last.id} ({last.mode}, {last.status}), "
+                                       if last else "no finished run yet, ")
+              + f"{len(data.runs)} runs in {days} days, {data.flagged_total} records with "
+              "proof missing")
+
+
 _accept_config_everywhere(main)

@@ -331,6 +331,14 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
             412: "Precondition Failed", 429: "Too Many Requests", 500: "Internal Server Error"}
 
 
+_CREATABLE = {  # @odata.type -> (AttributeType, AttributeTypeName)
+    "Microsoft.Dynamics.CRM.BooleanAttributeMetadata": ("Boolean", "BooleanType"),
+    "Microsoft.Dynamics.CRM.PicklistAttributeMetadata": ("Picklist", "PicklistType"),
+    "Microsoft.Dynamics.CRM.DateTimeAttributeMetadata": ("DateTime", "DateTimeType"),
+    "Microsoft.Dynamics.CRM.StringAttributeMetadata": ("String", "StringType"),
+}
+
+
 @dataclass
 class Staged:
     """A canned failure served before the next request(s) are processed."""
@@ -374,6 +382,9 @@ class FakeDataverse:
         self.rejects: dict[str, tuple[int, str, str]] = {}
         self.next_links: list[str] = []  # every @odata.nextLink handed out, in order
         self.accept_new_tokens = True  # False: issued tokens are refused by the API
+        #: (SchemaName, MSCRM.SolutionUniqueName header or None) of every column created
+        self.created_columns: list[tuple[str, str | None]] = []
+        self.column_bodies: list[dict[str, Any]] = []  # every attribute create body received
         self._lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -438,6 +449,9 @@ class FakeDataverse:
                           callback=self._token)
         mock.add_callback(responses.GET, re.compile(base + r"/EntityDefinitions.*"),
                           callback=self._guarded("metadata", self._metadata))
+        mock.add_callback(responses.POST, re.compile(
+            base + r"/EntityDefinitions\(LogicalName='[^']*'\)/Attributes$"),
+            callback=self._guarded("metadata", self._create_attribute))
         mock.add_callback(responses.GET, re.compile(base + r"/contacts(\?.*)?$"),
                           callback=self._guarded("query", self._query))
         mock.add_callback(responses.POST, re.compile(base + r"/\$batch$"),
@@ -584,6 +598,46 @@ class FakeDataverse:
         return _json({"LogicalName": attribute.name, "OptionSet": {"Options": [
             {"Value": value, "Label": {"UserLocalizedLabel": {"Label": label}}}
             for value, label in attribute.options]}})
+
+    # ---- attribute creation (POST .../EntityDefinitions(LogicalName='contact')/Attributes) --
+
+    def _create_attribute(self, request: Any) -> Response:
+        """As Dataverse answers it: 204 with OData-EntityId for a new column; 400
+        DuplicateAttributeSchemaName (0x80047013) when the name exists (case-insensitive);
+        400 for a body that is not a well-formed attribute definition."""
+        table = re.search(r"LogicalName='([^']*)'", unquote(request.url))
+        if table is None or table.group(1) != "contact":
+            return _error(404, "0x80060888", "Resource not found for the segment")
+        try:
+            body = json.loads(request.body)
+        except (TypeError, ValueError):
+            return _error(400, "0x80048d19", "Error identified in Payload provided by the user")
+        self.column_bodies.append(body)
+        kind = _CREATABLE.get(str(body.get("@odata.type", "")).lstrip("#"))
+        schema = body.get("SchemaName")
+        labels = (body.get("DisplayName") or {}).get("LocalizedLabels") or []
+        if (kind is None or not isinstance(schema, str) or not re.fullmatch(
+                r"[A-Za-z][A-Za-z0-9]{1,7}_\w+", schema) or not labels
+                or body.get("AttributeType") != kind[0]
+                or (body.get("AttributeTypeName") or {}).get("Value") != kind[1]):
+            return _error(400, "0x80048d19", "Error identified in Payload provided by the user")
+        name = schema.lower()
+        if name in self.attributes:
+            return _error(400, "0x80047013", f"The schema name {schema} for type Attribute is "
+                          f"not unique. An Attribute with same name already exists.")
+        options: tuple[tuple[int, str], ...] = ()
+        if kind[0] == "Picklist":
+            options = tuple((int(o["Value"]), o["Label"]["LocalizedLabels"][0]["Label"])
+                            for o in body["OptionSet"]["Options"])
+        if kind[0] == "String" and not isinstance(body.get("MaxLength"), int):
+            return _error(400, "0x80048d19", "MaxLength is required for a String attribute")
+        self.attributes[name] = FakeAttribute(name, kind[0], max_length=body.get("MaxLength"),
+                                              options=options)
+        self.created_columns.append((schema, request.headers.get("MSCRM.SolutionUniqueName")))
+        attribute_id = uuid.uuid5(uuid.NAMESPACE_URL, name)
+        return (204, {"OData-Version": "4.0", "OData-EntityId": (
+            f"{self.base}/EntityDefinitions(LogicalName='contact')/Attributes({attribute_id})")},
+            "")
 
     # ---- queries ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ Every request goes through the shared RetryPolicy: 429 waits exactly its
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -149,6 +150,24 @@ class DynamicsConnector:
 
     def describe_fields(self) -> Mapping[str, FieldDescription]:
         return described(self._meta.attributes())
+
+    # ---- schema: `waconsent fields --apply` (connectors.dynamics_fields) -------------------
+
+    def table_logical_name(self) -> str:
+        """The mapped table's logical name (`contact`), as metadata URLs name it."""
+        return self._meta.entity().logical_name
+
+    def existing_columns(self) -> list[str]:
+        """Every column the table has now, freshly read."""
+        return list(self._meta.reload())
+
+    def post_metadata(self, path: str, body: Mapping[str, Any],
+                      headers: Mapping[str, str]) -> requests.Response:
+        """One authenticated metadata POST under the shared policy; the caller reads the
+        answer (a refusal is returned, not raised)."""
+        return self._client.send("POST", f"{self._base}/{path}", kind="metadata", body=json.dumps(
+            body).encode(), headers={"Content-Type": "application/json; charset=utf-8",
+                                     **headers})
 
     # ---- reads ----------------------------------------------------------------------------
 

@@ -145,3 +145,11 @@ def finish_run(connection: Connection, run_id: int, status: str, now: datetime,
 
 def history(connection: Connection, limit: int = 50) -> list[Any]:
     return list(connection.execute(select(runs).order_by(runs.c.id.desc()).limit(limit)))
+
+
+def finished_since(connection: Connection, crm: str, since: datetime) -> list[Any]:
+    """The runs of `crm` started at or after `since`, oldest first, whatever their status
+    (`waconsent report html` draws the trend of the finished ones and names a failed one)."""
+    return list(connection.execute(
+        select(runs).where(runs.c.crm == crm, runs.c.started_at >= since,
+                           runs.c.status != "running").order_by(runs.c.id)))

@@ -68,9 +68,14 @@ class RunReport:
     def as_dict(self) -> dict[str, Any]:
         return {name: jsonable(value) for name, value in self.__dict__.items()}
 
-    def counts(self) -> dict[str, int]:
-        """The numbers kept with the run record (`waconsent runs`)."""
-        return {k: v for k, v in self.as_dict().items() if isinstance(v, int)}
+    def counts(self) -> dict[str, Any]:
+        """What the run record keeps (`waconsent runs`, `waconsent report html`): every count,
+        and the two lists a data-protection officer reads afterwards, the conflicts and the
+        unmatched numbers (masked), each at most LIST_LIMIT long, so the JSON stays small."""
+        kept: dict[str, Any] = {k: v for k, v in self.as_dict().items() if isinstance(v, int)}
+        kept["conflicts"] = [dict(conflict) for conflict in self.conflicts]
+        kept["unmatched"] = list(self.unmatched)
+        return kept
 
     def note(self, bucket: list[Any], item: Any) -> None:
         if len(bucket) < LIST_LIMIT:
