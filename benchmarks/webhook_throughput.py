@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import logging
 import os
 import socket
 import statistics
@@ -66,15 +67,17 @@ def run_server(target: str, store_url: str, port_file: str) -> None:
     from starlette.responses import PlainTextResponse, Response
     from starlette.routing import Route
 
+    from waconsent import logs
     from waconsent.config.loading import LoadedConfig, Secrets, parse
+    from waconsent.server import listen, uvicorn_config
     from waconsent.store.engine import open_engine
-    from waconsent.web import create_app, ensure_logging, listen, uvicorn_config
+    from waconsent.web import create_app
 
     config = LoadedConfig(
         parse({"store": {"url": store_url}, "webhook": {"path": PATH}}),
         Secrets({"WHATSAPP_APP_SECRET": APP_SECRET, "WHATSAPP_VERIFY_TOKEN": VERIFY_TOKEN}),
         None)
-    ensure_logging()  # INFO events as in production (2 lines per delivery), to /dev/null
+    logs.configure(logging.INFO)  # INFO events as in production (2 lines per delivery)
     if target == "baseline":
         async def bare(request: Request) -> Response:
             await request.body()

@@ -36,6 +36,7 @@ from waconsent.connectors.dynamics import DynamicsConnector
 from waconsent.connectors.http import RetryPolicy
 from waconsent.domain import WriteRequest
 from waconsent.errors import AuthenticationError, ConfigError, ConnectionFailed
+from waconsent.logs import fields_of
 
 T0 = datetime(2026, 1, 10, 8, 0, tzinfo=UTC)
 PRESET = resources.files("waconsent.config").joinpath("presets/dynamics.toml").read_text("utf-8")
@@ -687,7 +688,7 @@ def test_expired_delta_token_falls_back_to_a_full_read_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="waconsent.connectors.dynamics"):
         again = list(connector.read_changed_since(T0, connector.next_cursor()))
     assert len(again) == 12
-    assert any("delta link" in r.getMessage() and r.levelno == logging.WARNING
+    assert any(r.getMessage() == "dataverse.delta_link_refused" and r.levelno == logging.WARNING
                for r in caplog.records)
     assert connector.delta_link is not None
     assert fake.calls["query"] == 3  # full read, refused delta, full read again
@@ -759,7 +760,8 @@ def test_unknown_org_host_is_warned_about(
     """An org URL outside the Dynamics domains logs a warning; a real one does not."""
     with caplog.at_level(logging.WARNING):
         DynamicsConnector.from_config(make_config(url="https://crm.example.org")).close()
-    assert any("not under a known Dynamics 365 domain" in r.getMessage() for r in caplog.records)
+    assert any("not under a known Dynamics 365 domain" in fields_of(r)["hint"]
+               for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         for url in (ORG_URL, "https://contoso.crm.microsoftdynamics.us",

@@ -7,7 +7,6 @@ and the conditions are logged once per interval, not once per connection.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -36,16 +35,11 @@ from tests.test_web import (
     payload,
     signed_headers,
 )
+from waconsent.logs import fields_of
+from waconsent.server import _GuardedH11, listen, uvicorn_config
+from waconsent.server_limits import ServerLimits, Throttled, connection_cap
 from waconsent.store.engine import open_engine
-from waconsent.web import (
-    ServerLimits,
-    Throttled,
-    _GuardedH11,
-    connection_cap,
-    create_app,
-    listen,
-    uvicorn_config,
-)
+from waconsent.web import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ServerLimits(head_timeout=0.5, body_timeout=0.5, keep_alive=1, max_connections=20,
@@ -115,8 +109,7 @@ def deliver(port: int, n: int = 1) -> httpx.Response:
 
 
 def events_logged(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object]]:
-    return [json.loads(r.getMessage()) for r in caplog.records
-            if r.getMessage().startswith("{") and json.loads(r.getMessage())["event"] == name]
+    return [fields_of(r) for r in caplog.records if r.getMessage() == name]
 
 
 def test_a_connection_that_sends_nothing_is_closed_at_the_head_deadline(
@@ -247,7 +240,8 @@ SERVER_SCRIPT = textwrap.dedent("""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
     from waconsent.config.loading import load
-    from waconsent.web import ServerLimits, serve
+    from waconsent.server import serve
+    from waconsent.server_limits import ServerLimits
     # production: the defaults, the cap computed from the limit of 64; else the cap forced
     # above the limit, to exhaust it
     limits = (None if sys.argv[1] == "production"

@@ -29,7 +29,7 @@ from rich.text import Text
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from waconsent import __version__, config
+from waconsent import __version__, config, logs
 from waconsent.config import LoadedConfig
 from waconsent.domain import CrmRecord, Decision, jsonable
 from waconsent.errors import ConfigError, FatalError, InputError, WaconsentError, describe
@@ -126,15 +126,6 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _setup_logging(verbose: bool) -> None:
-    level = logging.INFO if verbose else logging.WARNING
-    if sys.stderr.isatty():
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    else:
-        logging.basicConfig(level=level, format='{"level":"%(levelname)s","logger":"%(name)s",'
-                                                '"event":"%(message)s"}')
-
-
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Configuration file (else $WACONSENT_CONFIG, else ./waconsent.toml).")
@@ -143,8 +134,9 @@ def _setup_logging(verbose: bool) -> None:
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """Keep WhatsApp consent in the CRM true and provable."""
-    if ctx.invoked_subcommand not in ("webhook", "serve"):  # the receiver logs JSON itself
-        _setup_logging(verbose)
+    # the receiver and `serve` always log their events; other commands on -v
+    service = ctx.invoked_subcommand in ("webhook", "serve")
+    logs.configure(logging.INFO if verbose or service else logging.WARNING)
     ctx.obj = config_path
 
 
@@ -648,7 +640,7 @@ def check(ctx: click.Context) -> None:
 @guarded
 def webhook(ctx: click.Context) -> None:
     """Serve the WhatsApp webhook alone (handshake + signed deliveries)."""
-    from waconsent.web import serve
+    from waconsent.server import serve
 
     serve(_config(ctx))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from waconsent import web
+from waconsent import logs, server, web
 from waconsent.config import LoadedConfig
 from waconsent.store.engine import open_engine
 from waconsent.sync.ingest import IngestReport
@@ -21,7 +21,7 @@ log = logging.getLogger("waconsent.serve")
 
 def serve(config: LoadedConfig) -> None:
     web.webhook_secrets(config)  # refuse before starting anything
-    web.ensure_logging()
+    logs.configure(logging.INFO)
     engine = open_engine(config.settings.store.url)
     dispatcher = RevocationDispatcher(
         lambda keys: run_once(config, engine=engine, only_keys=keys))
@@ -35,11 +35,11 @@ def serve(config: LoadedConfig) -> None:
 
     dispatcher.start()
     scheduler.start()
-    web.log_event("serve.scheduler_started", nightly=config.settings.schedule.nightly,
+    logs.event(log, "serve.scheduler_started", nightly=config.settings.schedule.nightly,
                   timezone=config.settings.schedule.timezone,
                   incremental_minutes=config.settings.schedule.incremental_minutes)
     try:
-        web.serve(config, engine=engine, on_ingest=on_ingest)
+        server.serve(config, engine=engine, on_ingest=on_ingest)
     finally:
         scheduler.shutdown(wait=True)
         dispatcher.stop()

@@ -18,14 +18,7 @@ Status codes of a POST, in the order they are decided:
          parts it skips are logged with their location
     503  the store cannot be reached or is busy: Meta retries later, nothing is lost
 
-    408  the body did not arrive within `ServerLimits.body_timeout`
-
-Connections are guarded below the ASGI app (`ServerLimits`, `_GuardedH11`): a request head
-must arrive complete within a few seconds of connecting, idle keep-alive connections are
-closed, and at most `max_connections` are held at once (the oldest one still waiting for
-a head makes room for a new one), so a peer that opens connections and sends nothing
-cannot exhaust the file descriptors. Each of these conditions is logged once per interval
-with a count, never once per connection.
+    408  the body did not arrive within `ServerLimits.body_timeout` (see `server`)
 
 No answer is a 5xx because of what a payload contains; a 500 means a bug here. Logs are
 one JSON object per line, never a body, a signature or an unmasked phone number; the access
@@ -35,24 +28,14 @@ log is ours (method, path without query string, status, duration), uvicorn's is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import hmac
-import json
 import logging
-import resource
-import signal
-import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from types import FrameType
-from typing import Any, ClassVar
+from typing import Any
 
-import h11
-import uvicorn
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -61,8 +44,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from waconsent import logs
 from waconsent.config.loading import LoadedConfig
 from waconsent.connectors.whatsapp import (
     SIGNATURE_HEADER,
@@ -71,9 +54,10 @@ from waconsent.connectors.whatsapp import (
     verify_signature,
 )
 from waconsent.domain import CONSENT_SIGNALS, Signal
-from waconsent.errors import ConfigError, FatalError
+from waconsent.errors import ConfigError
 from waconsent.phones import mask
-from waconsent.store.engine import open_engine, reading
+from waconsent.server_limits import ServerLimits, Throttled
+from waconsent.store.engine import reading
 from waconsent.sync.ingest import IngestReport, ingest_payload, keyword_rules
 
 logger = logging.getLogger("waconsent.web")
@@ -92,193 +76,6 @@ RETRY_AFTER_SECONDS = "30"
 MAX_SKIPS_LOGGED = 20  # a 1,000-item batch of junk logs 20 locations and a count, not 1,000 lines
 LOGGED_SIGNALS = CONSENT_SIGNALS | {Signal.RESUME, Signal.NUMBER_CHANGED}
 OnIngest = Callable[[IngestReport], None]
-
-# File descriptors kept for everything but client connections: the store's pooled
-# connections (SQLite holds three files each), the CRM's HTTP sessions, logs, the listener.
-RESERVED_DESCRIPTORS = 128
-MOST_CONNECTIONS = 2048
-
-
-def _spare_descriptors() -> int | None:
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return None if soft == resource.RLIM_INFINITY else soft - RESERVED_DESCRIPTORS
-
-
-def connection_cap() -> int:
-    """How many client connections to hold at once: three quarters of the descriptors left
-    after `RESERVED_DESCRIPTORS`, at most `MOST_CONNECTIONS`, at least 16."""
-    spare = _spare_descriptors()
-    return MOST_CONNECTIONS if spare is None else max(16, min(MOST_CONNECTIONS,
-                                                              spare * 3 // 4))
-
-
-def accept_backlog() -> int:
-    """The listen backlog, which is also how many connections asyncio accepts in one go
-    before the connections closed to make room release their descriptors: the last
-    quarter of the spare descriptors, so that held plus just-accepted stay below the limit."""
-    spare = _spare_descriptors()
-    return MOST_CONNECTIONS if spare is None else max(16, min(MOST_CONNECTIONS, spare // 4))
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Deadlines and the connection cap of the receiver's HTTP server.
-
-    Meta sends a delivery's head and body at once over a fast link; a peer that takes
-    longer than these deadlines is stalled or hostile, and each second it is waited for
-    holds a file descriptor.
-    """
-
-    head_timeout: float = 10.0  # connect (or a keep-alive request's first byte) to a full head
-    body_timeout: float = 30.0  # a full head to the last body byte
-    keep_alive: int = 30  # idle between requests on one connection (Meta reuses them)
-    max_connections: int = field(default_factory=connection_cap)
-    backlog: int = field(default_factory=accept_backlog)
-    log_interval: float = 60.0  # a stall or exhaustion condition is logged once per this
-
-
-class Throttled:
-    """A condition logged at most once per interval, with how often it happened since the
-    last line: a flood of stalled connections must not become a flood of log lines."""
-
-    def __init__(self, event: str, interval: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.event = event
-        self.interval = interval
-        self.clock = clock
-        self.count = 0
-        self.last: float | None = None
-        self.lock = threading.Lock()
-
-    def note(self, **fields: Any) -> None:
-        with self.lock:
-            self.count += 1
-            now = self.clock()
-            if self.last is not None and now - self.last < self.interval:
-                return
-            count, self.count, self.last = self.count, 0, now
-        log_event(self.event, logging.WARNING, count=count, per_seconds=self.interval, **fields)
-
-
-class _Conditions:
-    """The throttled log lines of one server."""
-
-    def __init__(self, limits: ServerLimits) -> None:
-        interval = limits.log_interval
-        self.capped = Throttled("webhook.connections_capped", interval)
-        self.head_timeouts = Throttled("webhook.head_timeouts", interval)
-        self.descriptors = Throttled("webhook.descriptors_exhausted", interval)
-
-
-class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol with what it lacks against stalled peers.
-
-    uvicorn times out idle keep-alive connections only after a first response, so a peer
-    that connects and sends nothing, or sends its head a byte at a time, is held for ever.
-    Here every connection waiting for a request head has `head_timeout` to complete it,
-    and at most `max_connections` are held: when one more arrives, the connection that has
-    waited longest for a head (an idle or stalled one, never one with a request in
-    progress) is closed to make room, or the new one if none is waiting. `limits` and
-    `conditions` are set on a subclass per server (see `uvicorn_config`).
-    """
-
-    limits: ClassVar[ServerLimits]
-    conditions: ClassVar[_Conditions]
-    _head_timer: asyncio.TimerHandle | None = None
-    _waiting_since: float | None = None  # loop time since which it waits for a request head
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._waiting_since = self.loop.time()
-        self._start_head_timer()
-        if len(self.connections) > self.limits.max_connections:
-            self._make_room()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE:  # the head is not complete yet
-            if self._head_timer is None and not self.transport.is_closing():
-                self._start_head_timer()  # the first byte of a keep-alive request
-        else:
-            self._stop_head_timer()
-            self._waiting_since = None
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.conn.their_state is h11.IDLE:  # idle keep-alive: uvicorn's timer closes it
-            self._waiting_since = self.loop.time()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
-        self._waiting_since = None
-        super().connection_lost(exc)
-
-    def _start_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.conditions.head_timeouts.note(seconds=self.limits.head_timeout)
-            self._close_waiting()
-
-    def _close_waiting(self) -> None:
-        """Close a connection that has no request in progress (as uvicorn's keep-alive
-        timeout does)."""
-        self._stop_head_timer()
-        self._waiting_since = None
-        if not self.transport.is_closing():
-            with contextlib.suppress(h11.LocalProtocolError):
-                self.conn.send(h11.ConnectionClosed())
-            self.transport.close()
-
-    def _make_room(self) -> None:
-        waiting = [c for c in self.connections if isinstance(c, _GuardedH11)
-                   and c._waiting_since is not None and not c.transport.is_closing()]
-        victim = min(waiting, key=lambda c: c._waiting_since or 0.0, default=self)
-        self.conditions.capped.note(limit=self.limits.max_connections)
-        victim._close_waiting()
-        if victim is not self:
-            self.connections.discard(victim)
-
-
-_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-class _ResourceErrorsOncePerInterval(logging.Filter):
-    """asyncio logs 'socket.accept() out of system resource' with a traceback each time
-    the listener is retried (every second) while descriptors are exhausted; those records
-    become one `webhook.descriptors_exhausted` line per interval."""
-
-    def __init__(self, conditions: Callable[[], _Conditions | None]) -> None:
-        super().__init__()
-        self.conditions = conditions
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, OSError) or error.errno not in _RESOURCE_ERRORS:
-            return True
-        conditions = self.conditions()
-        if conditions is not None:
-            conditions.descriptors.note(error=errno.errorcode.get(error.errno or 0, "?"))
-        return False
-
-
-_current_conditions: list[_Conditions] = []  # the newest server's, for the asyncio filter
-_asyncio_filter = _ResourceErrorsOncePerInterval(
-    lambda: _current_conditions[-1] if _current_conditions else None)
-
-
-def log_event(event: str, level: int = logging.INFO, target: logging.Logger = logger,
-              **fields: Any) -> None:
-    """One JSON object per line; callers pass only counts, locations and masked numbers."""
-    if target.isEnabledFor(level):
-        target.log(level, json.dumps({"event": event, **fields}, default=str))
 
 
 def webhook_secrets(config: LoadedConfig) -> tuple[str, str]:
@@ -321,9 +118,9 @@ class _Receiver:
         challenge = params.get("hub.challenge")
         if (params.get("hub.mode") == "subscribe" and challenge is not None
                 and hmac.compare_digest(token, self.verify_token)):
-            log_event("webhook.verified")
+            logs.event(logger, "webhook.verified")
             return PlainTextResponse(challenge)
-        log_event("webhook.verification_refused", logging.WARNING,  # no values: any text
+        logs.event(logger, "webhook.verification_refused", logging.WARNING,  # no values: any text
                   subscribe=params.get("hub.mode") == "subscribe",
                   token_given="hub.verify_token" in params, challenge_given=challenge is not None)
         return PlainTextResponse("verification refused", status_code=403)
@@ -331,19 +128,19 @@ class _Receiver:
     async def deliver(self, request: Request) -> Response:
         signature = request.headers.get(SIGNATURE_HEADER)
         if signature is None:
-            log_event("webhook.unsigned", logging.WARNING)
+            logs.event(logger, "webhook.unsigned", logging.WARNING)
             return PlainTextResponse(f"missing {SIGNATURE_HEADER}", status_code=401,
                                      headers={"WWW-Authenticate": SIGNATURE_HEADER})
         raw = await self._read_body(request)
         if isinstance(raw, Response):
             return raw
         if not verify_signature(raw, signature, self.app_secret):
-            log_event("webhook.forged", logging.WARNING, bytes=len(raw))
+            logs.event(logger, "webhook.forged", logging.WARNING, bytes=len(raw))
             return PlainTextResponse("signature does not match", status_code=403)
         try:
             payload = decode_json(raw)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
-            log_event("webhook.not_json", logging.WARNING, bytes=len(raw))
+            logs.event(logger, "webhook.not_json", logging.WARNING, bytes=len(raw))
             return PlainTextResponse("body is not JSON", status_code=400)
         return await run_in_threadpool(self._store, payload, len(raw))
 
@@ -373,7 +170,7 @@ class _Receiver:
         return bytes(body)
 
     def _too_large(self, size: int) -> Response:
-        log_event("webhook.too_large", logging.WARNING, bytes_at_least=size,
+        logs.event(logger, "webhook.too_large", logging.WARNING, bytes_at_least=size,
                   limit=self.max_body)
         # The rest of the body stays unread, so the connection cannot be reused.
         return PlainTextResponse(f"body over {self.max_body} bytes", status_code=413,
@@ -392,12 +189,12 @@ class _Receiver:
             # A value the store refuses never gets here: ingest skips that one item (with
             # its location) and commits the rest. What does is the store itself failing,
             # and then nothing of this delivery was committed: Meta must send it again.
-            log_event("webhook.store_unavailable", logging.ERROR, error=type(exc).__name__,
+            logs.event(logger, "webhook.store_unavailable", logging.ERROR, error=type(exc).__name__,
                       bytes=size)
             return PlainTextResponse("store unavailable, retry later", status_code=503,
                                      headers={"Retry-After": RETRY_AFTER_SECONDS})
         except Exception as exc:  # a bug here; never the payload's fault (the parser skips)
-            log_event("webhook.internal_error", logging.ERROR, error=type(exc).__name__,
+            logs.event(logger, "webhook.internal_error", logging.ERROR, error=type(exc).__name__,
                       trace=traceback.format_tb(exc.__traceback__))  # no message: may hold data
             return PlainTextResponse("internal error", status_code=500)
         self._log_report(report, size, time.perf_counter() - started)
@@ -405,25 +202,26 @@ class _Receiver:
             try:
                 self.on_ingest(report)
             except Exception as exc:  # the events are committed; a failing hook loses nothing
-                log_event("webhook.hook_failed", logging.ERROR, error=type(exc).__name__,
+                logs.event(logger, "webhook.hook_failed", logging.ERROR, error=type(exc).__name__,
                           trace=traceback.format_tb(exc.__traceback__))
         return JSONResponse({"stored": report.stored, "duplicates": report.duplicates,
                              "skipped": len(report.skipped)})
 
     def _log_report(self, report: IngestReport, size: int, seconds: float) -> None:
         for skipped in report.skipped[:MAX_SKIPS_LOGGED]:
-            log_event("webhook.item_skipped", logging.WARNING, where=skipped.location,
+            logs.event(logger, "webhook.item_skipped", logging.WARNING, where=skipped.location,
                       reason=skipped.reason)
         if len(report.skipped) > MAX_SKIPS_LOGGED:
-            log_event("webhook.items_skipped_more", logging.WARNING,
+            logs.event(logger, "webhook.items_skipped_more", logging.WARNING,
                       count=len(report.skipped) - MAX_SKIPS_LOGGED)
         if logger.isEnabledFor(logging.INFO):
             for event in report.events:
                 if event.signal in LOGGED_SIGNALS:
-                    log_event("webhook.signal", signal=event.signal.value, kind=event.kind.value,
-                              wa_id=mask(event.wa_id) if event.wa_id else None,
-                              key=_masked_key(event.key))
-        log_event("webhook.delivery", bytes=size, events=len(report.events),
+                    logs.event(logger, "webhook.signal", signal=event.signal.value,
+                               kind=event.kind.value,
+                               wa_id=mask(event.wa_id) if event.wa_id else None,
+                               key=_masked_key(event.key))
+        logs.event(logger, "webhook.delivery", bytes=size, events=len(report.events),
                   stored=report.stored, duplicates=report.duplicates,
                   skipped=len(report.skipped), store_ms=round(seconds * 1000, 2))
 
@@ -431,7 +229,7 @@ class _Receiver:
         try:
             await run_in_threadpool(self._ping)
         except SQLAlchemyError as exc:
-            log_event("webhook.health_failed", logging.WARNING, error=type(exc).__name__)
+            logs.event(logger, "webhook.health_failed", logging.WARNING, error=type(exc).__name__)
             return JSONResponse({"status": "unavailable", "store": "unreachable"},
                                 status_code=503)
         return JSONResponse({"status": "ok", "store": "reachable",
@@ -478,7 +276,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            log_event("http.access", target=access_logger, method=scope["method"],
+            logs.event(access_logger, "http.access", method=scope["method"],
                       path=scope["path"] if scope["path"] in self.paths else "(other)",
                       status=status,
                       ms=round((time.perf_counter() - started) * 1000, 2))
@@ -507,116 +305,3 @@ def create_app(config: LoadedConfig, engine: Engine, *,
     return app
 
 
-def uvicorn_config(app: ASGIApp, config: LoadedConfig,
-                   limits: ServerLimits | None = None) -> uvicorn.Config:
-    """The production server settings; tests run the same ones on a loopback port (with
-    shorter `limits` where they test the deadlines)."""
-    webhook = config.settings.webhook
-    limits = limits or ServerLimits()
-    conditions = _Conditions(limits)
-    protocol = type("GuardedH11", (_GuardedH11,), {"limits": limits, "conditions": conditions})
-    _current_conditions.append(conditions)
-    del _current_conditions[:-1]
-    asyncio_logger = logging.getLogger("asyncio")
-    if _asyncio_filter not in asyncio_logger.filters:
-        asyncio_logger.addFilter(_asyncio_filter)
-    return uvicorn.Config(
-        app,
-        host=webhook.host,
-        port=webhook.port,
-        http=protocol,             # h11 with head deadlines and the connection cap
-        access_log=False,          # uvicorn's would print query strings; AccessLog does not
-        server_header=False,
-        proxy_headers=True,        # trusts X-Forwarded-* only from FORWARDED_ALLOW_IPS
-        lifespan="off",
-        timeout_keep_alive=limits.keep_alive,  # Meta reuses connections between deliveries
-        # a backstop only: the protocol keeps connections at max_connections, so uvicorn's
-        # own 503s start only if something bypassed it
-        limit_concurrency=limits.max_connections + 1,
-        backlog=limits.backlog,    # asyncio accepts this many at once (see accept_backlog)
-        timeout_graceful_shutdown=10,
-        log_config=None,           # leave logging set-up to the caller (see ensure_logging)
-    )
-
-
-def ensure_logging() -> None:
-    """Print INFO events to stderr when nobody (the CLI, a test) configured logging."""
-    root = logging.getLogger()
-    package = logging.getLogger("waconsent")
-    if root.handlers or package.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("waconsent", "uvicorn"):
-        named = logging.getLogger(name)
-        named.addHandler(handler)
-        named.setLevel(logging.INFO)
-        named.propagate = False
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket; FatalError (exit 3) when the address is taken or not ours.
-
-    Bound here rather than by uvicorn so that a taken port is a waconsent error, not
-    uvicorn's `sys.exit(1)`. The protocol is named (IPPROTO_TCP) and TCP_NODELAY set on the
-    listener, which accepted connections inherit: asyncio only disables Nagle on sockets
-    whose `proto` says TCP, and with Nagle on, keep-alive deliveries wait ~40 ms for the
-    client's delayed ACK (`socket.create_server` leaves `proto` 0).
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        raise FatalError(f"cannot listen on {host}:{port} ([webhook] host/port): "
-                         f"{exc.strerror or exc}") from None
-    return sock
-
-
-class _Stopped(Exception):
-    """SIGTERM, turned into an exception so that serve() returns like it does for Ctrl-C."""
-
-
-def _stop(_signum: int, _frame: FrameType | None) -> None:
-    raise _Stopped
-
-
-def serve(config: LoadedConfig, *, engine: Engine | None = None,
-          on_ingest: OnIngest | None = None, limits: ServerLimits | None = None) -> None:
-    """Run the receiver on `[webhook] host:port` until stopped by SIGINT or SIGTERM.
-
-    Raises ConfigError without the two WhatsApp secrets, FatalError when the address
-    is taken or the store cannot be opened. On either signal uvicorn finishes the requests
-    in flight (10 s at most) and this returns: uvicorn re-raises the signal once it has
-    stopped, and the handler installed here turns SIGTERM into a return instead of death.
-    `waconsent serve` passes its own engine (it keeps it) and an `on_ingest` hook;
-    `limits` defaults to `ServerLimits()` (the deadlines and the descriptor-derived cap).
-    """
-    webhook_secrets(config)  # refuse before opening anything
-    ensure_logging()
-    webhook = config.settings.webhook
-    sock = listen(webhook.host, webhook.port)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop) if in_main_thread else None
-    own_engine = engine is None
-    try:
-        engine = engine or open_engine(config.settings.store.url)
-        limits = limits or ServerLimits()
-        app = create_app(config, engine, on_ingest=on_ingest, limits=limits)
-        log_event("webhook.starting", host=webhook.host, port=sock.getsockname()[1],
-                  path=webhook.path, store=engine.dialect.name,
-                  max_body_bytes=webhook.max_body_bytes)
-        uvicorn.Server(uvicorn_config(app, config, limits)).run(sockets=[sock])
-    except (KeyboardInterrupt, _Stopped):
-        pass
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-        sock.close()
-        if own_engine and engine is not None:
-            engine.dispose()
-        log_event("webhook.stopped")

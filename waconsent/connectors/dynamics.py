@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from waconsent import domain
+from waconsent import domain, logs
 from waconsent.config.check import (
     Verdict,
     require_fit,
@@ -253,8 +253,9 @@ class DynamicsConnector:
         try:
             yield from self._records(self._rows(link, track_changes=True, delta=True))
         except _DeltaExpired as exc:
-            log.warning("dataverse did not accept the stored delta link (%s); change tracking "
-                        "starts over with a full read of %s", exc, self._set)
+            # change tracking starts over with a full read
+            logs.event(log, "dataverse.delta_link_refused", logging.WARNING, reason=str(exc),
+                       table=self._set)
             self.delta_link = None
             yield from self.read_all()
 
@@ -262,8 +263,8 @@ class DynamicsConnector:
         wanted = list(dict.fromkeys(g for g in (odata.guid(r) for r in record_ids) if g))
         skipped = len(set(record_ids)) - len(wanted)
         if skipped:
-            log.info("skipped record ids that are not GUIDs (no Dataverse record has them)",
-                     extra={"count": skipped})
+            # no Dataverse record has an id that is not a GUID
+            logs.event(log, "dataverse.ids_not_guids", count=skipped)
         key = self._meta.entity().primary_id
         for start in range(0, len(wanted), ID_CHUNK):
             chunk = wanted[start:start + ID_CHUNK]
@@ -317,7 +318,7 @@ class DynamicsConnector:
         else:
             with ThreadPoolExecutor(max_workers=min(self._concurrency, len(chunks)),
                                     thread_name_prefix="dataverse-batch") as pool:
-                answered = list(pool.map(self._send_batch, chunks))
+                answered = list(pool.map(logs.in_context(self._send_batch), chunks))
         for chunk, chunk_results in zip(chunks, answered, strict=True):
             for (index, _, _), result in zip(chunk, chunk_results, strict=True):
                 results[index] = WriteResult(writes[index].record_id, result.ok, result.error,
@@ -334,8 +335,8 @@ class DynamicsConnector:
                                        "Prefer": odata.prefer(continue_on_error=True)})
         if not response.ok:
             code, message = error_of(response)
-            log.error("dataverse refused a whole $batch", extra={
-                "status": response.status_code, "code": code, "operations": len(operations)})
+            logs.event(log, "dataverse.batch_refused", logging.ERROR,
+                       status=response.status_code, code=code, operations=len(operations))
             return [WriteResult(record_id, False, f"the $batch was refused: HTTP "
                                 f"{response.status_code} {message}".strip(),
                                 code or f"HTTP_{response.status_code}")

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from waconsent import logs
 from waconsent.errors import AuthenticationError, ConfigError, ConnectionFailed, RetryableError
 
 if TYPE_CHECKING:
@@ -56,9 +57,11 @@ def warn_unless_dynamics_host(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     if is_dynamics_host(host):
         return True
-    log.warning("dynamics.url host %r is not under a known Dynamics 365 domain (%s); "
-                "check the organization URL (Settings > Advanced settings > Customizations "
-                "> Developer Resources shows it)", host, ", ".join(DYNAMICS_DOMAINS))
+    logs.event(log, "dynamics.url_not_dynamics", logging.WARNING, host=host,
+               known=", ".join(DYNAMICS_DOMAINS),
+               hint="dynamics.url is not under a known Dynamics 365 domain; check the "
+                    "organization URL (Settings > Advanced settings > Customizations > "
+                    "Developer Resources shows it)")
     return False
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from waconsent import logs
 from waconsent.connectors import dynamics_batch as batch
 from waconsent.connectors.dynamics_auth import TokenProvider
 from waconsent.connectors.http import Outcome, RetryPolicy, classify, retry_after_seconds
@@ -93,7 +94,7 @@ class DataverseClient:
                             "check that the app registration has an application user in "
                             "this environment")
                     renewed = True
-                    log.info("dataverse token refused; renewing it once", extra={"kind": kind})
+                    logs.event(log, "dataverse.token_renewed", kind=kind)
                     self._tokens.renew(token)
                     continue
                 if outcome is Outcome.RETRY:

@@ -16,6 +16,7 @@ from datetime import timedelta
 from itertools import islice
 from typing import Any
 
+from waconsent import logs
 from waconsent.domain import Activity, CrmRecord
 from waconsent.errors import WaconsentError
 from waconsent.store import events as event_store
@@ -139,8 +140,8 @@ def _found_by_search(scope: RunScope, targets: Targets,
         candidates = list(scope.connector.find_by_keys(targets.unindexed))
     except WaconsentError as exc:
         report.search_error = str(exc)
-        log.warning("search for unindexed numbers failed; the next scheduled run covers "
-                    "them: %s", exc)
+        logs.event(log, "sync.search_failed", logging.WARNING, error=str(exc),
+                   numbers=len(targets.unindexed))
         return
     for record in candidates:
         if record.record_id in targets.record_ids:
@@ -190,7 +191,7 @@ def read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2
         except BaseException as exc:  # handed to the consumer, which re-raises it
             offer(exc)
 
-    reader = threading.Thread(target=produce, name="crm-reader", daemon=True)
+    reader = threading.Thread(target=logs.in_context(produce), name="crm-reader", daemon=True)
     reader.start()
     try:
         while (item := handoff.get()) is not _DONE:

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine
 
+from waconsent import logs
 from waconsent.config import LoadedConfig
 from waconsent.connectors import CrmConnector, open_crm
 from waconsent.domain import to_second
@@ -93,7 +94,8 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
                                                          clock())
         scope = RunScope(settings, engine, connector, clock, crm, holder, run_id,
                          frozenset(settings.mapped_fields()))
-        _steps(scope, plan, report, on_decision)
+        with logs.bound(run_id=run_id or None, crm=crm, mode=plan.mode.value):
+            _steps(scope, plan, report, on_decision)
     except Exception as exc:  # any failure: the run record says so, the outbox keeps its rows
         report.status, report.error = "failed", describe(exc)
         if run_id:
@@ -103,10 +105,11 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
         _record_usage(connector, report)
         if plan.writes:
             run_store.release_lock(engine, crm, holder)
-    log.info("sync run %s finished: crm=%s mode=%s status=%s records_read=%d revocations=%d "
-             "opt_ins=%d writes_sent=%d writes_failed=%d api_calls=%d", report.run_id, crm,
-             report.mode, report.status, report.records_read, report.revocations,
-             report.opt_ins, report.writes_sent, report.writes_failed, report.api_calls)
+    logs.event(log, "sync.finished", run_id=report.run_id, crm=crm, mode=report.mode,
+               status=report.status, read_plan=report.read_plan,
+               records_read=report.records_read, revocations=report.revocations,
+               opt_ins=report.opt_ins, writes_sent=report.writes_sent,
+               writes_failed=report.writes_failed, api_calls=report.api_calls)
     return report
 
 

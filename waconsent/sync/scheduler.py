@@ -20,6 +20,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from waconsent import logs
 from waconsent.config.schema import ScheduleConfig
 from waconsent.domain import Event, Signal
 from waconsent.errors import RunLockHeld, describe
@@ -38,11 +39,11 @@ def _guarded(name: str, job: Callable[[], Any],
         try:
             job()
         except RunLockHeld as exc:
-            log.info("%s: the run lock is held (%s)", name, exc)
+            logs.event(log, "scheduler.lock_held", job=name, holder=exc.holder)
             if on_lock_held is not None:
                 on_lock_held()
         except Exception as exc:  # the outbox keeps what was decided; the next run resumes
-            log.error("%s failed: %s", name, describe(exc))
+            logs.event(log, "scheduler.job_failed", logging.ERROR, job=name, error=describe(exc))
     return run
 
 
@@ -153,11 +154,11 @@ class RevocationDispatcher:
                 if failures < self._attempts:
                     pending = keys
                     level = logging.INFO if isinstance(exc, RunLockHeld) else logging.ERROR
-                    log.log(level, "revocation write-back deferred (%s); retrying in %ss",
-                            describe(exc), self._retry_after)
+                    logs.event(log, "revocations.deferred", level, error=describe(exc),
+                               retry_in_seconds=self._retry_after)
                 else:
-                    log.warning("revocation write-back gave up after %d tries; the next "
-                                "scheduled run will send it", failures)
+                    # the events are stored: the next scheduled run sends the revocation
+                    logs.event(log, "revocations.gave_up", logging.WARNING, tries=failures)
                     failures = 0
             if stopping:
                 return
