@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from waconsent.connectors.whatsapp import DEFAULT_KEYWORDS, parse_payload
+from waconsent.connectors.whatsapp import parse_payload
+from waconsent.keywords import DEFAULT_KEYWORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_TS = 1_780_000_000

@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from waconsent.connectors.whatsapp import SIGNATURE_HEADER, sign  # noqa: E402
+from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, sign  # noqa: E402
 
 APP_SECRET = "benchmark-app-secret"
 VERIFY_TOKEN = "benchmark-verify-token"

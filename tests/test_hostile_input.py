@@ -35,19 +35,18 @@ from tests.test_web import (
     stored_keys,
 )
 from waconsent.connectors.ledger import upsert_contacts
-from waconsent.connectors.whatsapp import (
-    FIELD_LIMITS,
+from waconsent.connectors.webhook_signature import (
     SIGNATURE_HEADER,
-    KeywordRules,
     decode_json,
-    normalize_text,
-    parse_payload,
     sign,
     verify_signature,
 )
+from waconsent.connectors.whatsapp import parse_payload
 from waconsent.domain import Event, EventKind, Signal
+from waconsent.keywords import KeywordRules, normalize_text
 from waconsent.store import evidence as evidence_store
 from waconsent.store.engine import open_engine
+from waconsent.store.events import FIELD_LIMITS
 from waconsent.store.tables import events
 from waconsent.sync.ingest import ingest_payload, keyword_rules
 from waconsent.sync.run import run_once

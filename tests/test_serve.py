@@ -22,7 +22,7 @@ from tests import payloads as p
 from tests.test_run import NOW, T0, clock, contact, deliver, loaded, opted_in
 from waconsent.config import parse
 from waconsent.connectors.ledger import upsert_contacts
-from waconsent.connectors.whatsapp import sign
+from waconsent.connectors.webhook_signature import sign
 from waconsent.errors import RunLockHeld
 from waconsent.store import runs as run_store
 from waconsent.store.engine import open_engine

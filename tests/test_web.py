@@ -38,7 +38,7 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 from waconsent.config.loading import LoadedConfig, Secrets, parse
-from waconsent.connectors.whatsapp import SIGNATURE_HEADER, sign
+from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, sign
 from waconsent.errors import ConfigError, FatalError
 from waconsent.logs import fields_of
 from waconsent.server import listen, serve, uvicorn_config

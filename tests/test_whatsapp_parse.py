@@ -12,14 +12,10 @@ from hypothesis import strategies as st
 
 from tests import payloads as p
 from tests.conftest import SHARED_FIXTURES
-from waconsent.connectors.whatsapp import (
-    KeywordRules,
-    normalize_text,
-    parse_payload,
-    sign,
-    verify_signature,
-)
+from waconsent.connectors.webhook_signature import sign, verify_signature
+from waconsent.connectors.whatsapp import parse_payload
 from waconsent.domain import EventKind, Signal
+from waconsent.keywords import KeywordRules, normalize_text
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 KEYWORDS = KeywordRules.build(["START", "ANMELDEN"], ["STOP", "STOPP", "UNSUBSCRIBE"],

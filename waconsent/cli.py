@@ -223,7 +223,7 @@ def _payloads(text: str, name: str) -> Iterator[tuple[str, Any, str | None]]:
     objects); failing that, it is read as NDJSON, one payload a line. Lines end at "\n"
     only: JSON text may hold U+2028 or a form feed, which `str.splitlines` would split on.
     """
-    from waconsent.connectors.whatsapp import decode_json
+    from waconsent.connectors.webhook_signature import decode_json
 
     if not text.strip():
         return

@@ -47,14 +47,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from waconsent import logs
 from waconsent.config.loading import LoadedConfig
-from waconsent.connectors.whatsapp import (
-    SIGNATURE_HEADER,
-    KeywordRules,
-    decode_json,
-    verify_signature,
-)
+from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, decode_json, verify_signature
 from waconsent.domain import CONSENT_SIGNALS, Signal
 from waconsent.errors import ConfigError
+from waconsent.keywords import KeywordRules
 from waconsent.phones import mask
 from waconsent.server_limits import ServerLimits, Throttled
 from waconsent.store.engine import reading

@@ -9,6 +9,7 @@ import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from waconsent import domain
+from waconsent.keywords import normalize_text
 
 
 class Section(BaseModel):
@@ -99,8 +100,6 @@ class MappingConfig(Section):
 
 
 def _normalized_words(words: tuple[str, ...]) -> tuple[str, ...]:
-    from waconsent.connectors.whatsapp import normalize_text
-
     return tuple(normalize_text(w) for w in words)
 
 

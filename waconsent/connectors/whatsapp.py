@@ -12,16 +12,10 @@ so one such item never makes the store refuse its neighbours.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-from sqlalchemy import String
 
 from waconsent.domain import (
     Event,
@@ -29,17 +23,14 @@ from waconsent.domain import (
     ParsedPayload,
     Signal,
     SkippedItem,
-    error_codes_text,
     utc_from_unix,
 )
-from waconsent.store.tables import events as events_table
+from waconsent.keywords import DEFAULT_KEYWORDS, KeywordRules, Reply
+from waconsent.store import events as event_store
 
-SIGNATURE_HEADER = "X-Hub-Signature-256"
 STOP_MARKETING_ERROR = 131050
 FREE_ENTRY_POINT_ORIGINS = frozenset({"referral_conversion"})
 FREE_ENTRY_POINT_PRICING = frozenset({"free_entry_point"})
-# Meta's marketing opt-out quick reply, as its payload arrives when not localized.
-STOP_BUTTON_PAYLOADS = frozenset({"stop promotions"})
 # The webhook fields that can carry consent or identity; account, template and call
 # updates carry neither. `user_id_update` was documented by Meta until August 2026 (then
 # replaced by the `user_changed_user_id` system message); deliveries of it are still read.
@@ -49,96 +40,6 @@ KNOWN_USER_MESSAGE_TYPES = frozenset({
     "location", "contacts", "reaction", "order", "system", "unsupported", "request_welcome",
     "revoke", "edit", "unknown",
 })
-
-
-# Variation selectors (VS1-16, VS17-256, Mongolian free variation selectors) are
-# combining marks, not format characters, yet just as invisible: "STOP\ufe0f" shows as STOP.
-_VARIATION_SELECTORS = frozenset(
-    [*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0)),
-     *map(chr, range(0x180B, 0x1810))])
-
-
-def _dropped(ch: str) -> bool:
-    """Punctuation, and what displays as nothing: format characters (category Cf: the
-    zero-width space and joiners, direction marks, the soft hyphen, the BOM) and variation
-    selectors. A STOP with any of them around or inside it still reads STOP to the user."""
-    category = unicodedata.category(ch)
-    return category[0] == "P" or category == "Cf" or ch in _VARIATION_SELECTORS
-
-
-def normalize_text(text: str) -> str:
-    """SPEC 5.3: trimmed, case-folded, punctuation stripped (inner spaces folded to one).
-
-    NFKC first, so full-width or compatibility forms of a keyword match too; invisible
-    characters are dropped with the punctuation (see `_dropped`).
-    """
-    folded = unicodedata.normalize("NFKC", text)
-    kept = "".join(ch for ch in folded if not _dropped(ch))
-    return " ".join(kept.casefold().split())
-
-
-@dataclass(frozen=True)
-class KeywordRules:
-    """The configured keywords, pre-normalized; maps normalized text back to the keyword.
-
-    `opt_in_payloads` are button ids / payloads (chosen by the business, never seen by the
-    user) that the business declared as opt-ins; they are compared exactly, not normalized.
-    """
-
-    opt_in: Mapping[str, str]
-    opt_out: Mapping[str, str]
-    stop_labels: frozenset[str]
-    opt_in_payloads: frozenset[str] = frozenset()
-
-    @classmethod
-    def build(cls, opt_in: Iterable[str], opt_out: Iterable[str],
-              stop_labels: Iterable[str], opt_in_payloads: Iterable[str] = ()) -> KeywordRules:
-        return cls(
-            opt_in={normalize_text(k): k.strip().upper() for k in opt_in},
-            opt_out={normalize_text(k): k.strip().upper() for k in opt_out},
-            stop_labels=frozenset(normalize_text(s) for s in stop_labels) | STOP_BUTTON_PAYLOADS,
-            opt_in_payloads=frozenset(p.strip() for p in opt_in_payloads if p.strip()),
-        )
-
-
-DEFAULT_KEYWORDS = KeywordRules.build(["START"], ["STOP", "UNSUBSCRIBE"], ["Stop promotions"])
-
-
-def verify_signature(raw_body: bytes, header_value: str | None, app_secret: str) -> bool:
-    """HMAC-SHA256 over the raw bytes as sent, compared in constant time.
-
-    A header with a non-ASCII character is no hex digest; it is refused up front, because
-    `hmac.compare_digest` raises on non-ASCII text instead of answering False.
-    """
-    if not header_value or not header_value.startswith("sha256="):
-        return False
-    given = header_value.removeprefix("sha256=").strip().lower()
-    if not given.isascii():
-        return False
-    expected = hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected.encode(), given.encode())
-
-
-def _int_or_digits(digits: str) -> int | str:
-    try:
-        return int(digits)
-    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
-        return digits
-
-
-def decode_json(raw: bytes | str) -> Any:
-    """`json.loads`, except that an integer too long for `int()` stays its digit string.
-
-    Python refuses to convert integers of more than 4,300 digits, and `json.loads` would
-    refuse the whole document for one of them; as a string it fails only the item that
-    holds it. Raises ValueError (not JSON) or RecursionError (nested too deeply).
-    """
-    return json.loads(raw, parse_int=_int_or_digits)
-
-
-def sign(raw_body: bytes, app_secret: str) -> str:
-    """The header value Meta would send; for tests, benchmarks and replay tools."""
-    return "sha256=" + hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
 
 
 class _Skip(Exception):
@@ -295,34 +196,11 @@ def _str(value: Any) -> str | None:
     return text or None
 
 
-# The longest value of each stored text column, read from the `events` table itself (the
-# one source of truth): a longer value is garbage, and its item is skipped here rather than
-# failing the whole delivery in the store. The derived columns fit whenever these do
-# (`phone_key` holds at most 16 characters, `uid_key` is `uid:` + a user id). The key is
-# checked last: it is built from the other fields, and a skip should name the field at fault.
-_EVENT_FIELDS = frozenset(f.name for f in fields(Event))
-FIELD_LIMITS: dict[str, int] = {
-    column.name: column.type.length
-    for column in sorted(events_table.columns, key=lambda column: column.name == "key")
-    if isinstance(column.type, String) and column.type.length and column.name in _EVENT_FIELDS
-}
-
-
 def _storable(event: Event) -> Event:
-    """The event, if the store can hold every value of it; else the item is skipped.
-    (Error codes are checked as the store writes them: one comma-separated text.)"""
-    for name, limit in FIELD_LIMITS.items():
-        value = (error_codes_text(event.error_codes) if name == "error_codes"
-                 else getattr(event, name))
-        if value is None:
-            continue
-        if len(value) > limit:
-            raise _Skip(f"{name} longer than {limit} characters")
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise _Skip(f"{name} is not valid Unicode (a lone surrogate)") from None
+    """The event, if the store can hold every value of it; else the item is skipped."""
+    problem = event_store.unstorable(event)
+    if problem is not None:
+        raise _Skip(problem)
     return event
 
 
@@ -338,7 +216,7 @@ def _message(item: Mapping[str, Any], change: _Change, keywords: KeywordRules) -
     if wa_id is None and user_id is None:
         raise _Skip("message without a sender (no from, no from_user_id)")
     occurred_at = _time(item, change)
-    signal, keyword = _classify(item, raw_type, keywords)
+    signal, keyword = keywords.classify(_reply(item, raw_type))
     referral = item.get("referral")
     return Event(
         key=f"msg:{message_id}",
@@ -396,63 +274,26 @@ def _system_message(item: Mapping[str, Any], message_id: str, change: _Change) -
                  signal=signal, new_wa_id=new_wa_id, new_user_id=new_id, detail=detail)
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    """What one user message could say about consent.
-
-    `said` is what the user typed or the visible title / text of what they tapped; `chosen`
-    is the button id or payload the business chose when it sent the message. Only `said`
-    can opt in (unless a payload is declared in `whatsapp.opt_in_button_payloads`); both
-    can opt out, because a missed STOP is the worse error.
-    """
-
-    said: tuple[str, ...] = ()
-    chosen: tuple[str, ...] = ()
-
-
 def _texts(*values: Any) -> tuple[str, ...]:
     return tuple(text for text in (_str(v) for v in values) if text)
 
 
-def _reply(item: Mapping[str, Any], raw_type: str) -> _Reply:
+def _reply(item: Mapping[str, Any], raw_type: str) -> Reply:
+    """What the user typed or tapped, and what the business chose, as Meta sends each."""
     part = item.get(raw_type)
     if not isinstance(part, Mapping):
-        return _Reply()
+        return Reply()
     if raw_type == "text":
-        return _Reply(said=_texts(part.get("body")))
+        return Reply(said=_texts(part.get("body")))
     if raw_type == "button":  # a template quick reply: `text` is its label, `payload` ours
-        return _Reply(said=_texts(part.get("text")), chosen=_texts(part.get("payload")))
+        return Reply(said=_texts(part.get("text")), chosen=_texts(part.get("payload")),
+                     tapped=True)
     if raw_type == "interactive":
         tapped = part.get("button_reply") or part.get("list_reply")
         if isinstance(tapped, Mapping):
-            return _Reply(said=_texts(tapped.get("title")), chosen=_texts(tapped.get("id")))
-    return _Reply()
-
-
-def _classify(item: Mapping[str, Any], raw_type: str,
-              keywords: KeywordRules) -> tuple[Signal, str | None]:
-    """Opt-out wins over opt-in when one reply somehow carries both.
-
-    Opt-outs are read generously (typed text, visible title, id, payload, any Stop
-    promotions label); opt-ins only from what the user said, or from a payload the
-    business declared as an opt-in (GDPR Art. 7(1): consent must be demonstrable, and a
-    button id proves only what the business put there).
-    """
-    reply = _reply(item, raw_type)
-    said = [normalize_text(t) for t in reply.said]
-    everything = [*said, *(normalize_text(t) for t in reply.chosen)]
-    for text in everything:
-        if text in keywords.opt_out:
-            return Signal.OPT_OUT, keywords.opt_out[text]
-    if raw_type != "text" and any(text in keywords.stop_labels for text in everything):
-        return Signal.OPT_OUT, "STOP_PROMOTIONS"
-    for text in said:
-        if text in keywords.opt_in:
-            return Signal.OPT_IN, keywords.opt_in[text]
-    for payload in reply.chosen:
-        if payload in keywords.opt_in_payloads:
-            return Signal.OPT_IN, payload
-    return Signal.NONE, None
+            return Reply(said=_texts(tapped.get("title")), chosen=_texts(tapped.get("id")),
+                         tapped=True)
+    return Reply()
 
 
 def _status(item: Mapping[str, Any], change: _Change) -> Event:

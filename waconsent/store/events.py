@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from itertools import chain
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Row, case, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Row, String, case, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent.domain import (
@@ -54,6 +54,38 @@ def _row(event: Event, source: str, now: datetime) -> dict[str, Any]:
         "referral_source_id": event.referral_source_id, "new_wa_id": event.new_wa_id,
         "detail": event.detail, "source": source[:300], "received_at": now,
     }
+
+
+# The longest value of each stored text column, read from the `events` table itself (the
+# one source of truth): a longer value is garbage, and its item is skipped here rather than
+# failing the whole delivery in the store. The derived columns fit whenever these do
+# (`phone_key` holds at most 16 characters, `uid_key` is `uid:` + a user id). The key is
+# checked last: it is built from the other fields, and a skip should name the field at fault.
+_EVENT_FIELDS = frozenset(f.name for f in fields(Event))
+FIELD_LIMITS: dict[str, int] = {
+    column.name: column.type.length
+    for column in sorted(events.columns, key=lambda column: column.name == "key")
+    if isinstance(column.type, String) and column.type.length and column.name in _EVENT_FIELDS
+}
+
+
+def unstorable(event: Event) -> str | None:
+    """Why the store could not hold the event (None: it can): a value longer than its
+    column, or text UTF-8 cannot encode. Error codes are checked as the store writes them:
+    one comma-separated text."""
+    for name, limit in FIELD_LIMITS.items():
+        value = (error_codes_text(event.error_codes) if name == "error_codes"
+                 else getattr(event, name))
+        if value is None:
+            continue
+        if len(value) > limit:
+            return f"{name} longer than {limit} characters"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{name} is not valid Unicode (a lone surrogate)"
+    return None
 
 
 def _insert_ignoring_duplicates(connection: Connection) -> Any:

@@ -10,8 +10,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from waconsent.config.schema import Settings
-from waconsent.connectors.whatsapp import KeywordRules, parse_payload
+from waconsent.connectors.whatsapp import parse_payload
 from waconsent.domain import Event, SkippedItem
+from waconsent.keywords import KeywordRules
 from waconsent.store import events as event_store
 from waconsent.store.engine import REFUSED_VALUE
 
