@@ -27,7 +27,8 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from tests import payloads as p
 from tests.test_web import PATH, body_of, live_server, signed_headers
 from waconsent.cli import main
-from waconsent.connectors.ledger import csv_cell, csv_value, upsert_contacts
+from waconsent.csvfiles import csv_cell, csv_value
+from waconsent.store.contacts import upsert_contacts
 from waconsent.store.engine import open_engine, reading
 from waconsent.store.tables import contacts, events, runs
 

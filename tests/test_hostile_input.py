@@ -34,7 +34,6 @@ from tests.test_web import (
     signed_headers,
     stored_keys,
 )
-from waconsent.connectors.ledger import upsert_contacts
 from waconsent.connectors.webhook_signature import (
     SIGNATURE_HEADER,
     decode_json,
@@ -45,6 +44,7 @@ from waconsent.connectors.whatsapp import parse_payload
 from waconsent.domain import Event, EventKind, Signal
 from waconsent.keywords import KeywordRules, normalize_text
 from waconsent.store import evidence as evidence_store
+from waconsent.store.contacts import upsert_contacts
 from waconsent.store.engine import open_engine
 from waconsent.store.events import FIELD_LIMITS
 from waconsent.store.tables import events

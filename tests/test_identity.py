@@ -10,10 +10,10 @@ from sqlalchemy import Engine, select
 
 from tests import payloads as p
 from tests.test_run import contact, deliver, loaded, opted_in
-from waconsent.connectors.ledger import upsert_contacts
 from waconsent.connectors.whatsapp import parse_payload
 from waconsent.domain import Activity, EventKind, Signal, UserIdChange
 from waconsent.store import proof as proof_store
+from waconsent.store.contacts import upsert_contacts
 from waconsent.store.tables import identity_links
 from waconsent.sync import rules
 from waconsent.sync.run import run_once

@@ -6,8 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
-from waconsent.connectors.ledger import LedgerCrm, upsert_contacts
+from waconsent.connectors.ledger import LedgerCrm
 from waconsent.domain import WriteRequest
+from waconsent.store.contacts import upsert_contacts
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

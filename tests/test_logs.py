@@ -16,7 +16,8 @@ from sqlalchemy import Engine
 from tests import payloads as p
 from tests.test_run import T0, clock, deliver, loaded, opted_in
 from waconsent import logs
-from waconsent.connectors.ledger import LedgerCrm, upsert_contacts
+from waconsent.connectors.ledger import LedgerCrm
+from waconsent.store.contacts import upsert_contacts
 from waconsent.sync.run import run_once
 
 

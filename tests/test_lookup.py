@@ -16,9 +16,9 @@ from tests import test_salesforce_sync as sfs
 from tests.fakes.dynamics import FakeDataverse
 from tests.fakes.salesforce import Clock, FakeSalesforce
 from tests.test_run import NOW, T0, clock, contact, deliver, loaded, opted_in
-from waconsent.connectors.ledger import upsert_contacts
 from waconsent.phones import like_pattern, search_digits
 from waconsent.store import phone_index
+from waconsent.store.contacts import upsert_contacts
 from waconsent.sync.ingest import ingest_payload, keyword_rules
 from waconsent.sync.run import run_once
 

@@ -9,7 +9,8 @@ from sqlalchemy import Engine
 
 from tests import payloads as p
 from tests.test_run import NOW, T0, clock, deliver, loaded, opted_in
-from waconsent.connectors.ledger import LedgerCrm, upsert_contacts
+from waconsent.connectors.ledger import LedgerCrm
+from waconsent.store.contacts import upsert_contacts
 from waconsent.sync.ingest import ingest_payload, keyword_rules
 from waconsent.sync.run import run_once
 

@@ -17,13 +17,14 @@ from sqlalchemy import Engine, func, select
 from tests import payloads as p
 from waconsent import config
 from waconsent.config import LoadedConfig, Secrets
-from waconsent.connectors.ledger import LedgerCrm, upsert_contacts
+from waconsent.connectors.ledger import LedgerCrm
 from waconsent.domain import WriteRequest, WriteResult
 from waconsent.errors import ConnectionFailed, RunLockHeld
 from waconsent.phones import mask
 from waconsent.store import evidence as evidence_store
 from waconsent.store import outbox as outbox_store
 from waconsent.store import runs as run_store
+from waconsent.store.contacts import upsert_contacts
 from waconsent.store.tables import contacts, evidence, locks
 from waconsent.sync.ingest import ingest_payload, keyword_rules
 from waconsent.sync.run import run_once

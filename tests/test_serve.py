@@ -21,10 +21,10 @@ from sqlalchemy import Engine, select
 from tests import payloads as p
 from tests.test_run import NOW, T0, clock, contact, deliver, loaded, opted_in
 from waconsent.config import parse
-from waconsent.connectors.ledger import upsert_contacts
 from waconsent.connectors.webhook_signature import sign
 from waconsent.errors import RunLockHeld
 from waconsent.store import runs as run_store
+from waconsent.store.contacts import upsert_contacts
 from waconsent.store.engine import open_engine
 from waconsent.store.tables import contacts
 from waconsent.sync.run import run_once

@@ -94,6 +94,21 @@ def like_pattern(digits: str) -> str:
     return "%" + "%".join(digits) + "%"
 
 
+def lookup_keys(text: str, default_region: str) -> list[str]:
+    """What a person typed to look somebody up (`waconsent proof`, the consent API): a
+    number in any spelling, a wa_id (digits without '+'), or a business-scoped user id
+    such as US.1234...; ValueError naming the masked input otherwise."""
+    value = text.strip()
+    candidate = "+" + value if value.isdigit() and not value.startswith("0") else value
+    try:
+        return [phone_key(candidate, default_region)]
+    except UnparseablePhone:
+        if "." in value and " " not in value:
+            return [user_id_key(value) or value]
+        raise ValueError(f"{mask(value)} is neither a phone number nor a WhatsApp user id "
+                         "(such as US.1234...)") from None
+
+
 def mask(value: str) -> str:
     """Phone numbers in logs and reports keep only the last three characters."""
     text = value.strip()

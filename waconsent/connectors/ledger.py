@@ -1,28 +1,19 @@
 """The built-in ledger as a CRM (`crm.kind = "ledger"`), for companies without one.
 
 Its records live in the store's `contacts` table and its field names are the
-logical names themselves, so no mapping is needed. It also reads and writes the
-contacts CSV (`waconsent contacts import/export`): a bad row is refused by line and
-never costs the good ones, imports commit in short chunks (the receiver shares the
-write lock), and cells a spreadsheet would run as a formula are written with a
-leading apostrophe that the import takes off again (`csv_cell`, `csv_value`).
+logical names themselves, so no mapping is needed. The contacts CSV is read in
+`waconsent.contacts_csv`; the table's own writes are in `store.contacts`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     ColumnElement,
-    Connection,
     Engine,
-    String,
     TypeDecorator,
     bindparam,
     or_,
@@ -30,7 +21,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.types import TypeEngine
 
 from waconsent import domain
@@ -41,37 +31,20 @@ from waconsent.config.check import (
     check_mapping,
     require_fit,
 )
-from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
+from waconsent.domain import CrmRecord, FieldDescription, WriteRequest, WriteResult
 from waconsent.phones import (
     USER_ID_PREFIX,
-    UnparseablePhone,
     like_pattern,
-    mask,
-    phone_key,
     search_digits,
 )
-from waconsent.store.engine import REFUSED_VALUE, among, reading
+from waconsent.store.contacts import COLUMN_LIMITS, PHONE_FIELDS
+from waconsent.store.engine import among, reading
 from waconsent.store.tables import contacts
 
 if TYPE_CHECKING:
     from waconsent.config import LoadedConfig
 
-PHONE_FIELDS = ("mobile_phone", "phone")
-CSV_COLUMNS: tuple[str, ...] = ("id", "name", *PHONE_FIELDS, *domain.LOGICAL_FIELDS)
-# The contacts table's string lengths: longer values are refused by line, never cut.
-COLUMN_LIMITS: dict[str, int] = {column.name: column.type.length for column in contacts.columns
-                                  if isinstance(column.type, String) and column.type.length}
-_CHUNK = 500
-# Rows per transaction of `contacts import` (about 60 ms of writing on SQLite): each
-# commit releases the write lock the webhook receiver waits for, so a delivery waits for
-# one chunk, never for the whole file.
-IMPORT_CHUNK = 2_000
-# SQLite has one writer, and a writer waiting for the lock (the receiver, a sync) polls
-# with sleeps of up to 100 ms: chunks committed back to back would starve it (a delivery
-# measured 1.5 s). A pause a little longer than that poll after each chunk lets it in.
-SQLITE_YIELD_SECONDS = 0.11
-
-
+_CHUNK = 500  # ids per statement
 #: Python type of a contacts column -> the type name the mapping checker knows
 _COLUMN_TYPES: Mapping[type, str] = {str: "string", bool: "boolean", datetime: "datetime"}
 
@@ -247,247 +220,3 @@ class LedgerCrm:
         """The engine belongs to the caller."""
 
 
-# ---- contacts CSV ---------------------------------------------------------------------------
-
-@dataclass
-class ContactsImport:
-    imported: int = 0
-    refused: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    lines: list[int] = field(default_factory=list)  # the line of each row read, in order
-
-
-# OWASP's CSV injection list: a cell starting with one of these is a formula to a
-# spreadsheet (=cmd|' /C calc'!A0, =HYPERLINK(...), +SUM(...), @SUM(...)).
-FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: str) -> str:
-    """A text cell for a CSV a person may open in a spreadsheet: a leading apostrophe
-    makes a would-be formula plain text. A value that already starts with apostrophes
-    before a trigger gets one more, so `csv_value` restores every value exactly (a phone
-    number such as +49 151 ... round-trips through export and import)."""
-    return "'" + value if value.lstrip("'").startswith(FORMULA_TRIGGERS) else value
-
-
-def csv_value(cell: str) -> str:
-    """The value `csv_cell` wrote: one apostrophe before a formula trigger is taken off."""
-    if cell.startswith("'") and cell.lstrip("'").startswith(FORMULA_TRIGGERS):
-        return cell[1:]
-    return cell
-
-
-class OutOfRange(ValueError):
-    """A well-formed datetime that UTC cannot hold."""
-
-
-def parse_datetime(text: str) -> datetime:
-    """ISO 8601; a value without an offset is taken as UTC (documented in the README).
-
-    Raises ValueError, and OutOfRange for a moment that UTC cannot hold
-    (9999-12-31T23:59:59-01:00 is in the year 10000 there)."""
-    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    try:
-        return moment.astimezone(UTC)
-    except OverflowError:
-        raise OutOfRange("outside the years 1 to 9999 in UTC") from None
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def _csv_value(column: str, cell: str) -> FieldValue:
-    text = csv_value(cell)
-    if text.strip() == "":
-        return None
-    if "\x00" in text:
-        raise ValueError(f"{column}: contains a NUL byte, which the store cannot hold")
-    if not _is_utf8(text):
-        raise ValueError(f"{column}: not UTF-8 text (is the file in another encoding, such "
-                         "as Latin-1? save it as UTF-8)")
-    if column in domain.DATETIME_FIELDS:
-        try:
-            return parse_datetime(text)
-        except OutOfRange as exc:
-            raise ValueError(f"{column}: {text!r} is {exc}") from None
-        except ValueError:
-            raise ValueError(f"{column}: expected an ISO 8601 datetime such as "
-                             f"2026-01-31T09:30:00Z, got {text!r}") from None
-    if column in domain.BOOLEAN_FIELDS:
-        try:
-            return parse_bool(text)
-        except ValueError as exc:
-            raise ValueError(f"{column}: {exc}") from None
-    return text.strip()
-
-
-def _is_utf8(text: str) -> bool:
-    """False for text with lone surrogates: bytes that were not UTF-8 (decoded with
-    `surrogateescape`), or an escaped half of a pair. No store can hold them."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable(text: str) -> str:
-    """Text safe to print whatever it holds (undecodable bytes shown as escapes)."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def decode_csv(data: bytes) -> str:
-    """The file's text: UTF-8 (a BOM is dropped); a byte that is not UTF-8 is kept as a
-    lone surrogate, so that its row alone is refused (by line) and the others still read."""
-    return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-
-
-def _rows(reader: csv.DictReader[str], source: str, report: ContactsImport
-          ) -> Iterator[tuple[int, dict[str, str | None]]]:
-    """(line, row) per record; a record the csv module cannot read (a field over its size
-    limit, a stray carriage return) is refused by its first line and reading goes on."""
-    while True:
-        start = reader.line_num + 1
-        try:
-            raw = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            report.refused.append(f"{source}:{start}: not readable as CSV ({exc})")
-            continue
-        yield reader.line_num, raw  # the row's last line; right even after quoted newlines
-
-
-def read_contacts_csv(text: str, default_region: str, source: str = "<csv>"
-                      ) -> tuple[list[dict[str, FieldValue]], ContactsImport]:
-    """Rows to import plus the report; bad rows are refused by line, the rest kept
-    (`report.lines` holds each kept row's line)."""
-    report = ContactsImport()
-    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff")))
-    try:
-        header = [h.strip() for h in reader.fieldnames or []]
-    except csv.Error as exc:
-        report.refused.append(f"{source}:1: the header is not readable as CSV ({exc})")
-        return [], report
-    if "id" not in header:
-        report.refused.append(f"{source}:1: the header has no 'id' column "
-                              f"(expected some of: {', '.join(CSV_COLUMNS)})")
-        return [], report
-    unknown = [h for h in header if h not in CSV_COLUMNS]
-    if unknown:
-        report.warnings.append(
-            f"{source}:1: unknown column(s) ignored: {printable(', '.join(unknown))}")
-    rows: list[dict[str, FieldValue]] = []
-    for line_number, raw in _rows(reader, source, report):
-        values = {k.strip(): (v or "") for k, v in raw.items() if k and k.strip() in CSV_COLUMNS}
-        if not values.get("id", "").strip():
-            report.refused.append(f"{source}:{line_number}: no id")
-            continue
-        try:
-            row = {column: _csv_value(column, text) for column, text in values.items()}
-        except ValueError as exc:
-            report.refused.append(f"{source}:{line_number}: {exc}")
-            continue
-        too_long = [f"{column} ({len(value)} characters, at most {COLUMN_LIMITS[column]})"
-                    for column, value in row.items()
-                    if isinstance(value, str) and len(value) > COLUMN_LIMITS.get(column, 10**6)]
-        if too_long:
-            report.refused.append(f"{source}:{line_number}: too long: {', '.join(too_long)}")
-            continue
-        for phone_field in PHONE_FIELDS:
-            phone = row.get(phone_field)
-            if isinstance(phone, str):
-                try:
-                    phone_key(phone, default_region)
-                except UnparseablePhone:
-                    report.warnings.append(
-                        f"{source}:{line_number}: {phone_field} {mask(phone)} is not a phone "
-                        "number; the contact is kept but its number matches nothing")
-        rows.append(row)
-        report.lines.append(line_number)
-    return rows, report
-
-
-def upsert_contacts(engine: Engine, rows: Iterable[Mapping[str, FieldValue]],
-                    now: datetime) -> int:
-    """Insert or update by id, in one transaction; only the columns a row carries are
-    touched."""
-    batch = list(rows)
-    with engine.begin() as connection:
-        _upsert(connection, batch, now)
-    return len(batch)
-
-
-def import_contacts(engine: Engine, rows: Sequence[Mapping[str, FieldValue]],
-                    report: ContactsImport, now: datetime, source: str,
-                    chunk: int = IMPORT_CHUNK) -> None:
-    """`contacts import`: upsert in transactions of `chunk` rows, so the write lock is
-    never held for long. `report.imported` counts what is committed as it goes (a store
-    that fails midway keeps the chunks before), `report.lines` gives each row's line.
-
-    Should the store refuse a value the reader let through, that chunk is written again
-    row by row in savepoints and only the refused rows are left out (and reported).
-    """
-    pause = SQLITE_YIELD_SECONDS if engine.dialect.name == "sqlite" else 0.0
-    for start in range(0, len(rows), chunk):
-        if start and pause:
-            time.sleep(pause)  # let a waiting writer have the lock (see SQLITE_YIELD_SECONDS)
-        part = rows[start:start + chunk]
-        try:
-            with engine.begin() as connection:
-                _upsert(connection, part, now)
-            report.imported += len(part)
-            continue
-        except REFUSED_VALUE:
-            pass
-        with engine.begin() as connection:
-            for row, line in zip(part, report.lines[start:start + chunk], strict=True):
-                try:
-                    with connection.begin_nested():
-                        _upsert(connection, [row], now)
-                    report.imported += 1
-                except REFUSED_VALUE as exc:
-                    report.refused.append(f"{source}:{line}: refused by the store "
-                                          f"({type(exc).__name__})")
-
-
-def _upsert(connection: Connection, rows: Sequence[Mapping[str, FieldValue]],
-            now: datetime) -> None:
-    """One executemany per run of rows with the same columns (a CSV's rows all share its
-    header); a repeated id starts a new run, so that the later row wins in file order."""
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    run: list[dict[str, Any]] = []
-    ids: set[Any] = set()
-    for row in rows:
-        values = {**row, "modified_at": now}
-        if run and (values.keys() != run[0].keys() or values.get("id") in ids):
-            _execute_upsert(connection, dialect, run)
-            run, ids = [], set()
-        run.append(values)
-        ids.add(values.get("id"))
-    if run:
-        _execute_upsert(connection, dialect, run)
-
-
-def _execute_upsert(connection: Connection, dialect: Any, run: list[dict[str, Any]]) -> None:
-    statement = dialect.insert(contacts)
-    statement = statement.on_conflict_do_update(
-        index_elements=["id"],
-        set_={name: statement.excluded[name] for name in run[0] if name != "id"})
-    connection.execute(statement, run)
-
-
-def export_rows(engine: Engine) -> Iterator[dict[str, Any]]:
-    with reading(engine) as connection:
-        for row in connection.execute(select(contacts).order_by(contacts.c.id)):
-            yield {column: getattr(row, column) for column in CSV_COLUMNS}

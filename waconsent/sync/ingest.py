@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from waconsent.config.schema import Settings
+from waconsent.connectors.webhook_signature import decode_json
 from waconsent.connectors.whatsapp import parse_payload
 from waconsent.domain import Event, SkippedItem
 from waconsent.keywords import KeywordRules
@@ -86,3 +88,42 @@ def _storable_source(source: str) -> str:
     """The source label (`import:<file name>`) as text the store can hold: a file name
     with undecodable bytes arrives with lone surrogates, which would refuse every item."""
     return source.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "")
+
+
+def not_json(exc: ValueError | RecursionError) -> str:
+    """Why a document is not usable JSON, without quoting it."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "not usable JSON (nested too deeply)"
+    return f"not usable JSON ({type(exc).__name__})"
+
+
+def archive_payloads(text: str, name: str) -> Iterator[tuple[str, Any, str | None]]:
+    """(where, payload, None) per payload, or (where, None, reason) for a line that is no
+    usable JSON; `where` is FILE:LINE for NDJSON, FILE or FILE[index] for a document.
+
+    The whole text is tried first as one JSON document (an object or an array of
+    objects); failing that, it is read as NDJSON, one payload a line. Lines end at "\n"
+    only: JSON text may hold U+2028 or a form feed, which `str.splitlines` would split on.
+    """
+    if not text.strip():
+        return
+    try:
+        document = decode_json(text)
+    except (ValueError, RecursionError):
+        pass
+    else:
+        if isinstance(document, list):
+            yield from ((f"{name}[{index}]", item, None) for index, item in enumerate(document))
+        else:
+            yield name, document, None
+        return
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{number}"
+        try:
+            yield where, decode_json(line), None
+        except (ValueError, RecursionError) as exc:
+            yield where, None, not_json(exc)

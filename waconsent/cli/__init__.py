@@ -1,0 +1,10 @@
+"""The `waconsent` command. `base` holds the group, the exit codes and the one error
+mapping; each module beside it adds the commands of one kind; `--config` is accepted
+after every command word once they are all registered."""
+
+from waconsent.cli import data, reports, running, services, setup
+from waconsent.cli.base import accept_config_everywhere, main
+
+accept_config_everywhere(main)
+
+__all__ = ["data", "main", "reports", "running", "services", "setup"]
