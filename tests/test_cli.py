@@ -55,9 +55,10 @@ def test_import_is_idempotent_and_counts(cfg: Path, tmp_path: Path) -> None:
     archive.write_text("\n".join(json.dumps(p.payload(p.message(f"49151234567{i:02d}", T0, "hi")))
                                  for i in range(5)) + "\n")
     first = run(cfg, "import", str(archive))
-    assert first.exit_code == 0 and "5 stored, 0 duplicates, 0 skipped" in first.output
+    assert first.exit_code == 0
+    assert "5 stored, 0 duplicates, 0 acknowledged, 0 skipped" in first.output
     second = run(cfg, "import", str(archive))
-    assert "0 stored, 5 duplicates, 0 skipped" in second.output
+    assert "0 stored, 5 duplicates, 0 acknowledged, 0 skipped" in second.output
 
 
 def test_import_accepts_object_array_and_stdin(cfg: Path, tmp_path: Path) -> None:
@@ -68,7 +69,8 @@ def test_import_accepts_object_array_and_stdin(cfg: Path, tmp_path: Path) -> Non
     array.write_text(json.dumps([p.payload(p.message("4915123456702", T0, "x")),
                                  p.payload(p.status("4915123456702", T0))]))
     assert "1 stored" in run(cfg, "import", str(single)).output
-    assert "2 stored" in run(cfg, "import", str(array)).output
+    # both payloads read: the message stored, the plain status acknowledged without a row
+    assert "1 stored, 0 duplicates, 1 acknowledged" in run(cfg, "import", str(array)).output
     piped = run(cfg, "import", "-", stdin=json.dumps(p.payload(p.message("49151", T0, "x"))))
     assert "-: 1 stored" in piped.output
 
@@ -81,7 +83,7 @@ def test_partly_bad_file_keeps_good_lines_and_exits_1(cfg: Path, tmp_path: Path)
     result = run(cfg, "import", str(archive))
     assert result.exit_code == 1
     assert f"{archive}:2: not JSON" in result.output
-    assert "2 stored, 0 duplicates, 1 skipped" in result.output
+    assert "1 stored, 0 duplicates, 1 acknowledged, 1 skipped" in result.output
 
 
 def test_contacts_import_reports_bad_rows_by_line(cfg: Path, tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ def test_import_reports_each_unusable_line_and_stores_every_good_one(
     assert (f"{archive}:4: skipped entry[0].changes[0].value.messages[0]: message_id is not "
             "valid Unicode") in result.output
     assert f"{archive}:6: not JSON" in result.output
-    assert f"{archive}: 4 stored, 0 duplicates, 4 skipped" in result.output
+    assert f"{archive}: 4 stored, 0 duplicates, 0 acknowledged, 4 skipped" in result.output
     assert {k for k in keys(engine)} == {"msg:wamid.LINE1", "msg:wamid.LINE4",
                                          "msg:wamid.LINE5", "msg:wamid.LINE6"}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
@@ -50,11 +51,12 @@ def clock() -> datetime:
     return NOW
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeDataverse]:
+@contextmanager
+def dataverse_with_contacts() -> Iterator[FakeDataverse]:
+    """The fake Dataverse with 12,000 contacts, opted in with complete proof, edited over
+    the 12,000 minutes before T0."""
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         fake = FakeDataverse(clock=clock).install(mock)
-        # opted in with complete proof; edited over the 12,000 minutes before T0
         for n in range(CONTACTS):
             fake.add_contact(
                 record_id=f"00000000-0000-4000-8000-{n:012d}",
@@ -64,6 +66,12 @@ def fake() -> Iterator[FakeDataverse]:
                 new_whatsappoptinip="203.0.113.7", new_whatsappoptinsource="web form",
                 new_whatsappproofmissing=False)
         yield fake
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeDataverse]:
+    with dataverse_with_contacts() as populated:
+        yield populated
 
 
 def stop_messages(engine: Engine, cfg: LoadedConfig, numbers: range) -> None:

@@ -124,7 +124,7 @@ LIMITED = {
     "new_user_id": lambda n: {**stop_item(1), "type": "system",
                               "system": {"type": "user_changed_user_id", "user_id": "U" * n}},
     "status": lambda n: {"id": "wamid.s", "status": "x" * n, "timestamp": stamp(RECENT),
-                         "recipient_id": "4915123000001"},
+                         "recipient_id": "4915123000001", "errors": [{"code": 131047}]},
     # 131050 and n - 7 more digits: the stored text is exactly n characters
     "error_codes": lambda n: {"id": "wamid.e", "status": "failed", "timestamp": stamp(RECENT),
                               "recipient_id": "4915123000001",

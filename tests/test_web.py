@@ -79,8 +79,10 @@ def message(tag: str, i: int, text: str = "hello") -> dict[str, Any]:
 
 
 def status(tag: str, i: int) -> dict[str, Any]:
-    return {"id": f"wamid.out.{tag}.{i}", "status": "delivered",
-            "timestamp": str(BASE_TS + i), "recipient_id": wa_id(i)}
+    """A failed status (error 131047): one the rules can use, so it is stored."""
+    return {"id": f"wamid.out.{tag}.{i}", "status": "failed", "timestamp": str(BASE_TS + i),
+            "recipient_id": wa_id(i),
+            "errors": [{"code": 131047, "title": "Re-engagement message"}]}
 
 
 def preference(i: int, value: str = "stop") -> dict[str, Any]:

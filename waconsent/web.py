@@ -219,6 +219,7 @@ class _Receiver:
                                key=_masked_key(event.key))
         logs.event(logger, "webhook.delivery", bytes=size, events=len(report.events),
                   stored=report.stored, duplicates=report.duplicates,
+                  acknowledged=report.acknowledged,
                   skipped=len(report.skipped), store_ms=round(seconds * 1000, 2))
 
     async def health(self, request: Request) -> Response:

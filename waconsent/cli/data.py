@@ -57,7 +57,7 @@ def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
                 err.print(f"{shown}: cannot read: {exc.strerror or type(exc).__name__}")
                 anything_skipped = True
                 continue
-            stored = duplicates = skipped = 0
+            stored = duplicates = acknowledged = skipped = 0
             try:
                 for where, payload, problem in archive_payloads(text, shown):
                     if problem:
@@ -67,12 +67,14 @@ def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
                     result = ingest_payload(engine, payload, keywords, f"import:{name}", now)
                     stored += result.stored
                     duplicates += result.duplicates
+                    acknowledged += result.acknowledged
                     for item in result.skipped:
                         err.print(f"{where}: skipped {item.location}: {item.reason}")
                     skipped += len(result.skipped)
             finally:  # also when the store fails midway: what was stored is stored
                 anything_skipped |= skipped > 0
-                out.print(f"{shown}: {stored} stored, {duplicates} duplicates, {skipped} skipped")
+                out.print(f"{shown}: {stored} stored, {duplicates} duplicates, "
+                          f"{acknowledged} acknowledged, {skipped} skipped")
     finally:
         engine.dispose()
     if anything_skipped:

@@ -131,16 +131,31 @@ def links_of(event: Event) -> list[Pair]:
             if key and key != new]
 
 
+def pair_of(event: Event) -> list[Pair]:
+    """The number and user id an event carries together (a status of a message sent to a
+    user with both), as a link: for events not kept as rows of their own."""
+    phone, uid = wa_id_key(event.wa_id), user_id_key(event.match_user_id)
+    return [(phone, uid)] if phone and uid else []
+
+
 def record(connection: Connection, changes: Sequence[Event]) -> None:
     """Keep the links of freshly stored user-id changes (both ways round), in the caller's
     transaction; a link seen before is kept with its first event."""
+    _insert(connection, [(pair, event) for event in changes for pair in links_of(event)])
+
+
+def record_pairs(connection: Connection, events: Sequence[Event]) -> None:
+    """Keep the number-and-user-id pairs of events that get no row (plain statuses)."""
+    _insert(connection, [(pair, event) for event in events for pair in pair_of(event)])
+
+
+def _insert(connection: Connection, links: Sequence[tuple[Pair, Event]]) -> None:
     rows: dict[Pair, dict[str, str | datetime]] = {}
-    for event in changes:
-        for a, b in links_of(event):
-            for key, linked in ((a, b), (b, a)):
-                rows.setdefault((key, linked), {"key": key, "linked_key": linked,
-                                                "occurred_at": event.occurred_at,
-                                                "event_key": event.key})
+    for (a, b), event in links:
+        for key, linked in ((a, b), (b, a)):
+            rows.setdefault((key, linked), {"key": key, "linked_key": linked,
+                                            "occurred_at": event.occurred_at,
+                                            "event_key": event.key})
     if not rows:
         return
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite

@@ -13,9 +13,10 @@ from sqlalchemy import Connection, Engine
 from waconsent.config.schema import Settings
 from waconsent.connectors.webhook_signature import decode_json
 from waconsent.connectors.whatsapp import parse_payload
-from waconsent.domain import Event, SkippedItem
+from waconsent.domain import Event, EventKind, Signal, SkippedItem
 from waconsent.keywords import KeywordRules
 from waconsent.store import events as event_store
+from waconsent.store import identity
 from waconsent.store.engine import REFUSED_VALUE
 
 
@@ -31,6 +32,19 @@ class IngestReport:
     duplicates: int
     skipped: tuple[SkippedItem, ...]
     events: tuple[Event, ...]  # the events now in the store (stored or already there)
+    #: plain statuses of the business's own messages: understood, answered 200, not stored
+    acknowledged: int = 0
+
+
+def worth_a_row(event: Event) -> bool:
+    """Whether the rules can use the event, so the store keeps it. Everything a user did
+    is kept, and a status that carries a consent signal (131050), an error code or a free
+    entry point window; the plain `sent` / `delivered` / `read` of the business's own
+    messages change no field, and a campaign of a million messages would otherwise add
+    three million rows that no rule ever reads. (Their number-and-user-id pair is kept as
+    an identity link.)"""
+    return (event.kind is not EventKind.STATUS or event.signal is not Signal.NONE
+            or bool(event.error_codes) or event.window_expires_at is not None)
 
 
 def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source: str,
@@ -44,17 +58,22 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     """
     now = clock()
     parsed = parse_payload(payload, keywords, now)
-    if not parsed.events:
+    located = [(parsed.location_of(i), event) for i, event in enumerate(parsed.events)
+               if worth_a_row(event)]
+    plain = [event for event in parsed.events if not worth_a_row(event)]
+    events = tuple(event for _, event in located)
+    if not events and not plain:
         return IngestReport(0, 0, parsed.skipped, ())
     source = _storable_source(source)
     try:
         with engine.begin() as connection:
-            counts = event_store.ingest(connection, parsed.events, source, now)
+            counts = event_store.ingest(connection, events, source, now)
+            identity.record_pairs(connection, plain)
     except REFUSED_VALUE:
         pass
     else:
-        return IngestReport(counts.stored, counts.duplicates, parsed.skipped, parsed.events)
-    located = [(parsed.location_of(i), event) for i, event in enumerate(parsed.events)]
+        return IngestReport(counts.stored, counts.duplicates, parsed.skipped, events,
+                            len(plain))
     with engine.begin() as connection:
         stored, duplicates, refused = _isolate(connection, located, source, now)
     refused_at = {location for location, _ in refused}
@@ -62,7 +81,7 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     skipped = parsed.skipped + tuple(
         SkippedItem(location, f"refused by the store ({type(exc).__name__})")
         for location, exc in refused)
-    return IngestReport(stored, duplicates, skipped, kept)
+    return IngestReport(stored, duplicates, skipped, kept, len(plain))
 
 
 def _isolate(connection: Connection, located: Sequence[tuple[str, Event]], source: str,
