@@ -121,26 +121,41 @@ class Phase:
 
 
 class Deliveries:
-    """Signed request bytes, each a new message; every tenth says STOP."""
+    """Signed request bytes. Without `statuses`: each a new message, every tenth a STOP.
+    With `statuses` N: a campaign's status storm, N - 1 sent/delivered/read statuses of
+    the business's own messages and one STOP message from a user, in one delivery."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, statuses: int = 0) -> None:
         self.port = port
+        self.statuses = statuses
         self.counter = itertools.count()
         self.run = uuid.uuid4().hex[:8]
+
+    def _status(self, n: int, i: int) -> dict[str, object]:
+        wa_id = f"49171{(n * self.statuses + i) % 9_000_000 + 1_000_000:07d}"
+        return {"id": f"wamid.out.{self.run}.{n}.{i // 3}",
+                "status": ("sent", "delivered", "read")[i % 3],
+                "timestamp": str(1_760_000_000 + n), "recipient_id": wa_id,
+                "pricing": {"billable": True, "pricing_model": "PMP", "type": "regular",
+                            "category": "marketing"}}
 
     def next(self) -> bytes:
         n = next(self.counter)
         wa_id = f"49170{n % 9_000_000 + 1_000_000:07d}"
+        stop = self.statuses > 0 or n % 10 == 0
+        value: dict[str, object] = {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550001111",
+                         "phone_number_id": "106540352242922"},
+            "contacts": [{"profile": {"name": "Kunde"}, "wa_id": wa_id}],
+            "messages": [{"from": wa_id, "id": f"wamid.bench.{self.run}.{n}",
+                          "timestamp": str(1_760_000_000 + n), "type": "text",
+                          "text": {"body": "STOP" if stop else "Hallo, eine Frage"}}]}
+        if self.statuses:
+            value["statuses"] = [self._status(n, i) for i in range(self.statuses - 1)]
         body = json.dumps({"object": "whatsapp_business_account", "entry": [{
-            "id": "102290129340398", "changes": [{"field": "messages", "value": {
-                "messaging_product": "whatsapp",
-                "metadata": {"display_phone_number": "15550001111",
-                             "phone_number_id": "106540352242922"},
-                "contacts": [{"profile": {"name": "Kunde"}, "wa_id": wa_id}],
-                "messages": [{"from": wa_id, "id": f"wamid.bench.{self.run}.{n}",
-                              "timestamp": str(1_760_000_000 + n), "type": "text",
-                              "text": {"body": "STOP" if n % 10 == 0 else "Hallo, eine Frage"}}],
-            }}]}]}, separators=(",", ":")).encode()
+            "id": "102290129340398", "changes": [{"field": "messages", "value": value}]}]},
+            separators=(",", ":")).encode()
         head = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
                 f"Content-Type: application/json\r\n{SIGNATURE_HEADER}: "
                 f"{sign(body, APP_SECRET)}\r\nContent-Length: {len(body)}\r\n\r\n")
@@ -174,9 +189,10 @@ class Connection:
         self.writer.close()
 
 
-async def closed_loop(port: int, connections: int, duration: float) -> Phase:
+async def closed_loop(port: int, connections: int, duration: float,
+                      statuses: int = 0) -> Phase:
     phase = Phase(f"closed loop x{connections}")
-    deliveries = Deliveries(port)
+    deliveries = Deliveries(port, statuses)
     stop_at = time.perf_counter() + duration
 
     async def client() -> None:
@@ -197,9 +213,10 @@ async def closed_loop(port: int, connections: int, duration: float) -> Phase:
     return phase
 
 
-async def open_loop(port: int, rate: float, duration: float, max_connections: int) -> Phase:
+async def open_loop(port: int, rate: float, duration: float, max_connections: int,
+                    statuses: int = 0) -> Phase:
     phase = Phase(f"open loop at {rate:.0f}/s")
-    deliveries = Deliveries(port)
+    deliveries = Deliveries(port, statuses)
     idle: list[Connection] = [await Connection.open(port) for _ in range(16)]
     opened = len(idle)
     tasks: set[asyncio.Task[None]] = set()
@@ -301,17 +318,24 @@ def stored_events(store_url: str) -> int:
         engine.dispose()
 
 
+def _items(phase: Phase, items: int) -> str:
+    return f"  items {phase.ok * items / phase.seconds:8.0f}/s" if items > 1 else ""
+
+
 def bench(target: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     with store_for(target, args.postgres_url) as store_url, server(target, store_url) as port:
-        asyncio.run(closed_loop(port, args.connections, 1.5))  # warm-up: imports, pools, caches
-        closed = asyncio.run(closed_loop(port, args.connections, args.duration))
-        print(f"{target:<11}" + closed.line(), flush=True)
-        results["closed"] = closed.summary()
+        items = max(1, args.statuses)
+        asyncio.run(closed_loop(port, args.connections, 1.5, args.statuses))  # warm-up
+        closed = asyncio.run(closed_loop(port, args.connections, args.duration, args.statuses))
+        print(f"{target:<11}" + closed.line() + _items(closed, items), flush=True)
+        results["closed"] = {**closed.summary(), "items_per_second": closed.ok * items
+                             / closed.seconds}
         for rate in (float(r) for r in args.rates.split(",")):
-            opened = asyncio.run(open_loop(port, rate, args.duration, 256))
-            print(f"{target:<11}" + opened.line(), flush=True)
-            results[f"open {rate:.0f}/s"] = opened.summary()
+            opened = asyncio.run(open_loop(port, rate, args.duration, 256, args.statuses))
+            print(f"{target:<11}" + opened.line() + _items(opened, items), flush=True)
+            results[f"open {rate:.0f}/s"] = {**opened.summary(), "items_per_second":
+                                             opened.ok * items / opened.seconds}
         if target != "baseline":
             stored = stored_events(store_url)
             sent = sum(int(r["ok"]) for r in results.values())
@@ -330,6 +354,8 @@ def main() -> None:
     parser.add_argument("--rates", default="250,500",
                         help="open-loop deliveries per second, comma-separated")
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
+    parser.add_argument("--statuses", type=int, default=0,
+                        help="a status storm: updates per delivery (N - 1 statuses, 1 STOP)")
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--store-url", help=argparse.SUPPRESS)

@@ -127,3 +127,23 @@ def test_statuses_that_matter_are_stored_and_plain_ones_acknowledged(
     assert codes == {"4915100000002": "131050", "4915100000003": "131047,131026",
                      "4915100000004": None}
     assert links == {("+4915100000001", "uid:DE.1"), ("uid:DE.1", "+4915100000001")}
+
+
+def test_a_stop_among_999_statuses_is_stored_before_the_200(engine: Engine,
+                                                            store_url: str) -> None:
+    """Meta's status storm: one delivery of 999 plain statuses and a STOP; the answer is
+    200 only once the STOP is committed, and the statuses add no row."""
+    from tests.test_web import PATH, TestClient, body_of, make_config, signed_headers
+    from waconsent.web import create_app
+
+    statuses = [p.status(f"49151{n:07d}", sfs.STOP_AT, STATES[n % 3])["value"]["statuses"][0]
+                for n in range(999)]
+    storm = p.payload(p.message("4915100000042", sfs.STOP_AT, "STOP"))
+    storm["entry"][0]["changes"][0]["value"]["statuses"] = statuses
+    body = body_of(storm)
+    with TestClient(create_app(make_config(store_url), engine)) as client:
+        answer = client.post(PATH, content=body, headers=signed_headers(body))
+        assert answer.status_code == 200 and answer.json()["stored"] == 1
+        with engine.connect() as connection:  # already committed when the 200 came
+            kinds = [kind for (kind,) in connection.execute(select(events.c.kind))]
+    assert kinds == ["message"]

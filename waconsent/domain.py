@@ -97,6 +97,16 @@ class Event:
     new_user_id: str | None = None
 
     @property
+    def worth_a_row(self) -> bool:
+        """Whether the rules can use the event, so the store keeps it. Everything a user
+        did is kept, and a status that carries a consent signal (131050), an error code or
+        a free entry point window; the plain `sent` / `delivered` / `read` of the
+        business's own messages change no field, and a campaign of a million messages
+        would otherwise add three million rows that no rule ever reads."""
+        return (self.kind is not EventKind.STATUS or self.signal is not Signal.NONE
+                or bool(self.error_codes) or self.window_expires_at is not None)
+
+    @property
     def match_user_id(self) -> str | None:
         """The user id the event is found by: its sender's; for an announced change whose
         previous id Meta did not name, the new one. (A number change keeps only its old id,
@@ -217,12 +227,22 @@ class SkippedItem:
 
 
 @dataclass(frozen=True, slots=True)
+class PlainStatus:
+    message_id: str
+    wa_id: str | None
+    user_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ParsedPayload:
     events: tuple[Event, ...]
     skipped: tuple[SkippedItem, ...] = ()
     ignored_changes: int = 0
     #: where each event came from, in the order of `events` (for a skip the store forces)
     locations: tuple[str, ...] = ()
+    #: plain statuses of the business's own messages (sent, delivered, read: nothing the
+    #: rules can use), read no further than (message id, number, user id)
+    plain: tuple[PlainStatus, ...] = ()
 
     def location_of(self, index: int) -> str:
         return self.locations[index] if index < len(self.locations) else f"event[{index}]"

@@ -21,6 +21,7 @@ from waconsent.domain import (
     Event,
     EventKind,
     ParsedPayload,
+    PlainStatus,
     Signal,
     SkippedItem,
     utc_from_unix,
@@ -98,6 +99,7 @@ def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS,
     """
     events: list[Event] = []
     locations: list[str] = []
+    plain: list[PlainStatus] = []
     skipped: list[SkippedItem] = []
     ignored = 0
     latest = LATEST_WITHOUT_CLOCK if now is None else now + FUTURE_TOLERANCE
@@ -118,9 +120,12 @@ def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS,
                 ignored += 1  # account, template and call updates carry no consent
                 continue
             shared = _Change.of(change["value"], latest)
-            for location, item in _items(change["value"], where):
+            for section, location, item in _items(change["value"], where):
                 try:
-                    event = _parse_item(location, item, shared, keywords)
+                    if section == "statuses" and (status := _plain(item, shared)) is not None:
+                        plain.append(status)
+                        continue
+                    event = _parse_item(section, item, shared, keywords)
                 except _Skip as skip:
                     skipped.append(SkippedItem(location, str(skip)))
                     continue
@@ -131,26 +136,56 @@ def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS,
                 if event is not None:
                     events.append(event)
                     locations.append(location)
-    return ParsedPayload(tuple(events), tuple(skipped), ignored, tuple(locations))
+    return ParsedPayload(tuple(events), tuple(skipped), ignored, tuple(locations), tuple(plain))
 
 
-def _items(value: Mapping[str, Any], where: str) -> Iterator[tuple[str, Any]]:
+def _items(value: Mapping[str, Any], where: str) -> Iterator[tuple[str, str, Any]]:
+    """(section, location, item) for every item of a change's value."""
     for key in ("messages", "statuses", "user_preferences", "user_id_update"):
         items = value.get(key)
         if items is None:
             continue
         if not isinstance(items, list):
-            yield f"{where}.value.{key}", None
+            yield key, f"{where}.value.{key}", None
             continue
         for index, item in enumerate(items):
-            yield f"{where}.value.{key}[{index}]", item
+            yield key, f"{where}.value.{key}[{index}]", item
 
 
-def _parse_item(location: str, item: Any, change: _Change,
+_PLAIN_STATES = frozenset({"sent", "delivered", "read"})
+
+
+def _plain(item: Any, change: _Change) -> PlainStatus | None:
+    """A status of the business's own message that carries nothing the rules can use:
+    read no further (a campaign brings three per recipient). None for anything else (an
+    error, a free entry point window, a reply's callback data, a group, a malformed
+    item), which the full parse takes. Never raises, whatever the item holds."""
+    if (type(item) is not dict or _text(item.get("status")) not in _PLAIN_STATES
+            or type(item.get("id")) is not str or "errors" in item
+            or "biz_opaque_callback_data" in item or item.get("recipient_type") == "group"):
+        return None
+    conversation, pricing = item.get("conversation"), item.get("pricing")
+    if conversation is not None:
+        origin = conversation.get("origin") if type(conversation) is dict else None
+        if type(origin) is not dict or _text(origin.get("type")) in FREE_ENTRY_POINT_ORIGINS:
+            return None
+    if pricing is not None and (type(pricing) is not dict
+                                or _text(pricing.get("type")) in FREE_ENTRY_POINT_PRICING
+                                or _text(pricing.get("category")) in FREE_ENTRY_POINT_ORIGINS):
+        return None
+    wa_id = _str(item.get("recipient_id"))
+    return PlainStatus(item["id"], wa_id,
+                       _str(item.get("recipient_user_id")) or change.user_id_for(wa_id))
+
+
+def _text(value: Any) -> str | None:
+    return value if type(value) is str else None
+
+
+def _parse_item(section: str, item: Any, change: _Change,
                 keywords: KeywordRules) -> Event | None:
     if not isinstance(item, Mapping):
         raise _Skip("item is not an object")
-    section = location.rsplit(".", 1)[1].split("[", 1)[0]
     if section == "messages":
         return _storable(_message(item, change, keywords))
     if section == "statuses":
@@ -190,9 +225,14 @@ def _shown(raw: Any) -> str:
 
 
 def _str(value: Any) -> str | None:
-    if value is None or isinstance(value, (Mapping, list)):
+    """A value as text, stripped, without NUL bytes; None for nothing, an object or a list.
+    (Decoded JSON holds only dicts and lists: checking those concrete types, not the
+    Mapping ABC, matters in a 1,000-status delivery.)"""
+    if value is None or isinstance(value, dict | list):
         return None
-    text = str(value).replace("\x00", "").strip()
+    text = (value if type(value) is str else str(value)).strip()
+    if "\x00" in text:
+        text = text.replace("\x00", "").strip()
     return text or None
 
 
@@ -308,10 +348,11 @@ def _status(item: Mapping[str, Any], change: _Change) -> Event:
         wa_id = _str(item.get("recipient_id"))
         user_id = _str(item.get("recipient_user_id")) or change.user_id_for(wa_id)
     occurred_at = _time(item, change)
+    errors = item.get("errors")
     codes = tuple(
-        int(error["code"]) for error in item.get("errors") or ()
-        if isinstance(error, Mapping) and str(error.get("code", "")).lstrip("-").isdigit()
-    )
+        int(error["code"]) for error in errors
+        if isinstance(error, dict) and str(error.get("code", "")).lstrip("-").isdigit()
+    ) if errors else ()
     signal = Signal.OPT_OUT if STOP_MARKETING_ERROR in codes else Signal.NONE
     return Event(
         key=f"status:{message_id}:{status}",
@@ -335,12 +376,12 @@ def _free_entry_expiry(item: Mapping[str, Any], occurred_at: datetime) -> dateti
     pricing = item.get("pricing")
     origin = None
     expiry = None
-    if isinstance(conversation, Mapping):
+    if isinstance(conversation, dict):
         origin_obj = conversation.get("origin")
-        origin = _str(origin_obj.get("type")) if isinstance(origin_obj, Mapping) else None
+        origin = _str(origin_obj.get("type")) if isinstance(origin_obj, dict) else None
         expiry = conversation.get("expiration_timestamp")
-    pricing_type = _str(pricing.get("type")) if isinstance(pricing, Mapping) else None
-    pricing_category = _str(pricing.get("category")) if isinstance(pricing, Mapping) else None
+    pricing_type = _str(pricing.get("type")) if isinstance(pricing, dict) else None
+    pricing_category = _str(pricing.get("category")) if isinstance(pricing, dict) else None
     free = (origin in FREE_ENTRY_POINT_ORIGINS or pricing_type in FREE_ENTRY_POINT_PRICING
             or pricing_category in FREE_ENTRY_POINT_ORIGINS)
     if not free or expiry is None:

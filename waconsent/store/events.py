@@ -7,6 +7,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Row, String, case, func, or_, select
@@ -69,22 +70,34 @@ FIELD_LIMITS: dict[str, int] = {
 }
 
 
+_CHECKED = tuple((name, limit, attrgetter(name)) for name, limit in FIELD_LIMITS.items()
+                 if name != "error_codes")
+
+
 def unstorable(event: Event) -> str | None:
     """Why the store could not hold the event (None: it can): a value longer than its
     column, or text UTF-8 cannot encode. Error codes are checked as the store writes them:
-    one comma-separated text."""
-    for name, limit in FIELD_LIMITS.items():
-        value = (error_codes_text(event.error_codes) if name == "error_codes"
-                 else getattr(event, name))
-        if value is None:
-            continue
-        if len(value) > limit:
-            return f"{name} longer than {limit} characters"
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"{name} is not valid Unicode (a lone surrogate)"
+    one comma-separated text. (Runs for every item of every delivery: kept lean.)"""
+    for name, limit, read in _CHECKED:
+        value = read(event)
+        if value is not None and (len(value) > limit or not value.isascii()):
+            problem = _why_unstorable(name, limit, value)
+            if problem is not None:
+                return problem
+    if event.error_codes:
+        text = error_codes_text(event.error_codes) or ""
+        if len(text) > FIELD_LIMITS["error_codes"]:
+            return f"error_codes longer than {FIELD_LIMITS['error_codes']} characters"
+    return None
+
+
+def _why_unstorable(name: str, limit: int, value: str) -> str | None:
+    if len(value) > limit:
+        return f"{name} longer than {limit} characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{name} is not valid Unicode (a lone surrogate)"
     return None
 
 

@@ -25,6 +25,7 @@ from waconsent.store.engine import among
 from waconsent.store.tables import events, identity_links
 
 MAX_ROUNDS = 3
+_USER_ID_LENGTH = 128  # as the events table holds it (BSUIDs are far shorter)
 _KEYS_PER_QUERY = 2_000
 
 Pair = tuple[str, str]
@@ -131,31 +132,40 @@ def links_of(event: Event) -> list[Pair]:
             if key and key != new]
 
 
-def pair_of(event: Event) -> list[Pair]:
-    """The number and user id an event carries together (a status of a message sent to a
-    user with both), as a link: for events not kept as rows of their own."""
-    phone, uid = wa_id_key(event.wa_id), user_id_key(event.match_user_id)
-    return [(phone, uid)] if phone and uid else []
-
-
 def record(connection: Connection, changes: Sequence[Event]) -> None:
     """Keep the links of freshly stored user-id changes (both ways round), in the caller's
     transaction; a link seen before is kept with its first event."""
-    _insert(connection, [(pair, event) for event in changes for pair in links_of(event)])
+    _insert(connection, [(pair, event.occurred_at, event.key) for event in changes
+                         for pair in links_of(event)])
 
 
-def record_pairs(connection: Connection, events: Sequence[Event]) -> None:
-    """Keep the number-and-user-id pairs of events that get no row (plain statuses)."""
-    _insert(connection, [(pair, event) for event in events for pair in pair_of(event)])
+#: (where the pair was seen, a number, a business-scoped user id)
+Sighting = tuple[str, str | None, str | None]
 
 
-def _insert(connection: Connection, links: Sequence[tuple[Pair, Event]]) -> None:
+def record_pairs(connection: Connection, sightings: Sequence[Sighting],
+                 seen_at: datetime) -> None:
+    """Keep the number-and-user-id pairs of statuses that get no row of their own (a
+    status of a message sent to a user who has both): a later STOP that carries only the
+    user id still finds the number's records. A user id the store could not hold is left
+    out; the status it came with is answered all the same."""
+    links = []
+    for source, wa_id, user_id in sightings:
+        phone = wa_id_key(wa_id)
+        if phone is None or user_id is None or len(user_id) > _USER_ID_LENGTH \
+                or not user_id.isascii():
+            continue
+        links.append(((phone, f"{USER_ID_PREFIX}{user_id}"), seen_at, source))
+    _insert(connection, links)
+
+
+def _insert(connection: Connection, links: Sequence[tuple[Pair, datetime, str]]) -> None:
     rows: dict[Pair, dict[str, str | datetime]] = {}
-    for (a, b), event in links:
+    for (a, b), occurred_at, event_key in links:
         for key, linked in ((a, b), (b, a)):
             rows.setdefault((key, linked), {"key": key, "linked_key": linked,
-                                            "occurred_at": event.occurred_at,
-                                            "event_key": event.key})
+                                            "occurred_at": occurred_at,
+                                            "event_key": event_key[:300]})
     if not rows:
         return
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite

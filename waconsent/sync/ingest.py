@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine
 from waconsent.config.schema import Settings
 from waconsent.connectors.webhook_signature import decode_json
 from waconsent.connectors.whatsapp import parse_payload
-from waconsent.domain import Event, EventKind, Signal, SkippedItem
+from waconsent.domain import Event, SkippedItem
 from waconsent.keywords import KeywordRules
 from waconsent.store import events as event_store
 from waconsent.store import identity
@@ -32,19 +32,9 @@ class IngestReport:
     duplicates: int
     skipped: tuple[SkippedItem, ...]
     events: tuple[Event, ...]  # the events now in the store (stored or already there)
-    #: plain statuses of the business's own messages: understood, answered 200, not stored
+    #: plain statuses of the business's own messages (not `Event.worth_a_row`): understood,
+    #: answered 200, not stored; their number-and-user-id pair is kept as an identity link
     acknowledged: int = 0
-
-
-def worth_a_row(event: Event) -> bool:
-    """Whether the rules can use the event, so the store keeps it. Everything a user did
-    is kept, and a status that carries a consent signal (131050), an error code or a free
-    entry point window; the plain `sent` / `delivered` / `read` of the business's own
-    messages change no field, and a campaign of a million messages would otherwise add
-    three million rows that no rule ever reads. (Their number-and-user-id pair is kept as
-    an identity link.)"""
-    return (event.kind is not EventKind.STATUS or event.signal is not Signal.NONE
-            or bool(event.error_codes) or event.window_expires_at is not None)
 
 
 def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source: str,
@@ -58,9 +48,13 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     """
     now = clock()
     parsed = parse_payload(payload, keywords, now)
+    worth = [event.worth_a_row for event in parsed.events]
     located = [(parsed.location_of(i), event) for i, event in enumerate(parsed.events)
-               if worth_a_row(event)]
-    plain = [event for event in parsed.events if not worth_a_row(event)]
+               if worth[i]]
+    plain = [(f"status:{status.message_id}", status.wa_id, status.user_id)
+             for status in parsed.plain]
+    plain += [(event.key, event.wa_id, event.match_user_id)
+              for event, kept in zip(parsed.events, worth, strict=True) if not kept]
     events = tuple(event for _, event in located)
     if not events and not plain:
         return IngestReport(0, 0, parsed.skipped, ())
@@ -68,7 +62,7 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     try:
         with engine.begin() as connection:
             counts = event_store.ingest(connection, events, source, now)
-            identity.record_pairs(connection, plain)
+            identity.record_pairs(connection, plain, now)
     except REFUSED_VALUE:
         pass
     else:
@@ -76,6 +70,7 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
                             len(plain))
     with engine.begin() as connection:
         stored, duplicates, refused = _isolate(connection, located, source, now)
+        identity.record_pairs(connection, plain, now)
     refused_at = {location for location, _ in refused}
     kept = tuple(event for location, event in located if location not in refused_at)
     skipped = parsed.skipped + tuple(
