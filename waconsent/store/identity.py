@@ -143,12 +143,14 @@ def record(connection: Connection, changes: Sequence[Event]) -> None:
 Sighting = tuple[str, str | None, str | None]
 
 
-def record_pairs(connection: Connection, sightings: Sequence[Sighting],
-                 seen_at: datetime) -> None:
-    """Keep the number-and-user-id pairs of statuses that get no row of their own (a
-    status of a message sent to a user who has both): a later STOP that carries only the
-    user id still finds the number's records. A user id the store could not hold is left
-    out; the status it came with is answered all the same."""
+Link = tuple[Pair, datetime, str]  # (the pair, when it was seen, where)
+
+
+def pair_links(sightings: Sequence[Sighting], seen_at: datetime) -> list[Link]:
+    """The number-and-user-id pairs of statuses that get no row of their own (a status of
+    a message sent to a user who has both): kept, a later STOP that carries only the user
+    id still finds the number's records. A user id the store could not hold is left out;
+    the status it came with is answered all the same."""
     links = []
     for source, wa_id, user_id in sightings:
         phone = wa_id_key(wa_id)
@@ -156,10 +158,15 @@ def record_pairs(connection: Connection, sightings: Sequence[Sighting],
                 or not user_id.isascii():
             continue
         links.append(((phone, f"{USER_ID_PREFIX}{user_id}"), seen_at, source))
+    return links
+
+
+def record_links(connection: Connection, links: Sequence[Link]) -> None:
+    """Keep `pair_links` in the caller's transaction (a link seen before stays as it was)."""
     _insert(connection, links)
 
 
-def _insert(connection: Connection, links: Sequence[tuple[Pair, datetime, str]]) -> None:
+def _insert(connection: Connection, links: Sequence[Link]) -> None:
     rows: dict[Pair, dict[str, str | datetime]] = {}
     for (a, b), occurred_at, event_key in links:
         for key, linked in ((a, b), (b, a)):

@@ -56,13 +56,14 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     plain += [(event.key, event.wa_id, event.match_user_id)
               for event, kept in zip(parsed.events, worth, strict=True) if not kept]
     events = tuple(event for _, event in located)
-    if not events and not plain:
-        return IngestReport(0, 0, parsed.skipped, ())
+    links = identity.pair_links(plain, now)
+    if not events and not links:  # a storm of plain statuses: nothing to write, no lock
+        return IngestReport(0, 0, parsed.skipped, (), len(plain))
     source = _storable_source(source)
     try:
         with engine.begin() as connection:
             counts = event_store.ingest(connection, events, source, now)
-            identity.record_pairs(connection, plain, now)
+            identity.record_links(connection, links)
     except REFUSED_VALUE:
         pass
     else:
@@ -70,7 +71,7 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
                             len(plain))
     with engine.begin() as connection:
         stored, duplicates, refused = _isolate(connection, located, source, now)
-        identity.record_pairs(connection, plain, now)
+        identity.record_links(connection, links)
     refused_at = {location for location, _ in refused}
     kept = tuple(event for location, event in located if location not in refused_at)
     skipped = parsed.skipped + tuple(
