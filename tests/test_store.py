@@ -38,10 +38,10 @@ def test_migrations_create_every_table_from_empty(engine: Engine) -> None:
     """An empty database is migrated on first use, on SQLite and PostgreSQL."""
     names = set(inspect(engine).get_table_names())
     assert {"events", "evidence", "evidence_head", "phone_index", "contacts", "runs", "outbox",
-            "locks", "alembic_version"} <= names
+            "locks", "replies", "alembic_version"} <= names
     with engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() \
-            == "0005"
+            == "0006"
 
 
 def test_upgrade_from_first_revision_keeps_data(store_url: str) -> None:

@@ -95,6 +95,9 @@ class Event:
     #: a changed business-scoped user id: `user_id` is the previous one (when known), this
     #: the new one (user_changed_user_id, user_id_update, user_changed_number)
     new_user_id: str | None = None
+    #: parse-only (no column; issue 14): a status's `biz_opaque_callback_data`, which names
+    #: the trigger of one of waconsent's own replies, so the status settles that reply
+    callback_data: str | None = None
 
     @property
     def worth_a_row(self) -> bool:

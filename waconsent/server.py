@@ -32,7 +32,7 @@ from waconsent.config.loading import LoadedConfig
 from waconsent.errors import FatalError
 from waconsent.server_limits import ServerLimits, Throttled
 from waconsent.store.engine import open_engine
-from waconsent.web import OnIngest, create_app, webhook_secrets
+from waconsent.web import HealthHook, OnIngest, create_app, webhook_secrets
 
 logger = logging.getLogger("waconsent.web")
 
@@ -214,7 +214,8 @@ def _stop(_signum: int, _frame: FrameType | None) -> None:
 
 
 def serve(config: LoadedConfig, *, engine: Engine | None = None,
-          on_ingest: OnIngest | None = None, limits: ServerLimits | None = None) -> None:
+          on_ingest: OnIngest | None = None, limits: ServerLimits | None = None,
+          health: HealthHook | None = None) -> None:
     """Run the receiver on `[webhook] host:port` until stopped by SIGINT or SIGTERM.
 
     Raises ConfigError without the two WhatsApp secrets, FatalError when the address
@@ -222,7 +223,8 @@ def serve(config: LoadedConfig, *, engine: Engine | None = None,
     in flight (10 s at most) and this returns: uvicorn re-raises the signal once it has
     stopped, and the handler installed here turns SIGTERM into a return instead of death.
     `waconsent serve` passes its own engine (it keeps it) and an `on_ingest` hook;
-    `limits` defaults to `ServerLimits()` (the deadlines and the descriptor-derived cap).
+    `limits` defaults to `ServerLimits()` (the deadlines and the descriptor-derived cap);
+    `health` adds to `/healthz` (issue 14: the reply sender's state).
     """
     webhook_secrets(config)  # refuse before opening anything
     logs.configure(logging.INFO)
@@ -234,7 +236,7 @@ def serve(config: LoadedConfig, *, engine: Engine | None = None,
     try:
         engine = engine or open_engine(config.settings.store.url)
         limits = limits or ServerLimits()
-        app = create_app(config, engine, on_ingest=on_ingest, limits=limits)
+        app = create_app(config, engine, on_ingest=on_ingest, limits=limits, health=health)
         logs.event(logger, "webhook.starting", host=webhook.host, port=sock.getsockname()[1],
                   path=webhook.path, store=engine.dialect.name,
                   max_body_bytes=webhook.max_body_bytes)

@@ -2,16 +2,21 @@
 
 Composition only: the receiver stores deliveries, the scheduler starts the nightly full
 and the periodic incremental runs, and each stored revocation starts a targeted
-write-back for the records of that number at once.
+write-back for the records of that number at once. With `[replies] enabled`, a reply
+worker sends the confirmations of START and STOP the receiver queues (issue 14).
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 from waconsent import logs, server, web
 from waconsent.config import LoadedConfig
+from waconsent.replies.sending import send_due, sender_from_config
+from waconsent.replies.worker import ReplyWorker
 from waconsent.store.engine import open_engine
+from waconsent.store.runs import node_identity
 from waconsent.sync.ingest import IngestReport
 from waconsent.sync.run import run_once
 from waconsent.sync.scheduler import RevocationDispatcher, build_scheduler
@@ -21,8 +26,15 @@ log = logging.getLogger("waconsent.serve")
 
 def serve(config: LoadedConfig) -> None:
     web.webhook_secrets(config)  # refuse before starting anything
+    # issue 14: without WHATSAPP_ACCESS_TOKEN, replies on is refused before anything starts
+    sender = sender_from_config(config) if config.settings.replies.enabled else None
     logs.configure(logging.INFO)
     engine = open_engine(config.settings.store.url)
+    worker = None
+    if sender is not None:  # issue 14
+        holder = node_identity()
+        worker = ReplyWorker(lambda: send_due(engine, sender, holder,
+                                              lambda: datetime.now(UTC)))
     dispatcher = RevocationDispatcher(
         lambda keys: run_once(config, engine=engine, only_keys=keys))
     scheduler = build_scheduler(
@@ -32,15 +44,24 @@ def serve(config: LoadedConfig) -> None:
 
     def on_ingest(report: IngestReport) -> None:
         dispatcher.submit_events(report.events)
+        if worker is not None and report.replies_queued:  # issue 14
+            worker.wake()
 
     dispatcher.start()
     scheduler.start()
+    if worker is not None:  # issue 14: drains what is queued, then waits for more
+        worker.start()
     logs.event(log, "serve.scheduler_started", nightly=config.settings.schedule.nightly,
                   timezone=config.settings.schedule.timezone,
                   incremental_minutes=config.settings.schedule.incremental_minutes)
     try:
-        server.serve(config, engine=engine, on_ingest=on_ingest)
+        server.serve(config, engine=engine, on_ingest=on_ingest,
+                     health=worker.health if worker is not None else None)
     finally:
         scheduler.shutdown(wait=True)
         dispatcher.stop()
+        if worker is not None:  # issue 14
+            worker.stop()
+        if sender is not None:
+            sender.close()
         engine.dispose()

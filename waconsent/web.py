@@ -5,7 +5,8 @@ Routes (the webhook path comes from `[webhook] path`):
     GET  <path>     Meta's verification handshake: echoes `hub.challenge` for the verify token
     POST <path>     a signed delivery: size-checked while streaming, signature-checked over the
                     raw bytes, parsed and committed to the ledger before the 200
-    GET  /healthz   store reachability, 200 or 503 as JSON
+    GET  /healthz   store reachability, 200 or 503 as JSON (under `serve`, also whether the
+                    replies are being sent: a rejected token is "degraded", still 200)
 
 Status codes of a POST, in the order they are decided:
 
@@ -52,6 +53,8 @@ from waconsent.domain import CONSENT_SIGNALS, Signal
 from waconsent.errors import ConfigError
 from waconsent.keywords import KeywordRules
 from waconsent.phones import mask
+from waconsent.replies.policy import reply_policy
+from waconsent.replies.rules import ReplyPolicy
 from waconsent.server_limits import ServerLimits, Throttled
 from waconsent.store.engine import reading
 from waconsent.sync.ingest import IngestReport, ingest_payload, keyword_rules
@@ -72,6 +75,8 @@ RETRY_AFTER_SECONDS = "30"
 MAX_SKIPS_LOGGED = 20  # a 1,000-item batch of junk logs 20 locations and a count, not 1,000 lines
 LOGGED_SIGNALS = CONSENT_SIGNALS | {Signal.RESUME, Signal.NUMBER_CHANGED}
 OnIngest = Callable[[IngestReport], None]
+#: issue 14: more of `/healthz` (the reply sender's state); "stopped" makes it "degraded"
+HealthHook = Callable[[], dict[str, Any]]
 
 
 def webhook_secrets(config: LoadedConfig) -> tuple[str, str]:
@@ -93,8 +98,11 @@ class _Receiver:
 
     def __init__(self, engine: Engine, app_secret: str, verify_token: str, max_body: int,
                  keywords: KeywordRules, on_ingest: OnIngest | None,
-                 limits: ServerLimits) -> None:
+                 limits: ServerLimits, replies: ReplyPolicy | None = None,
+                 health_hook: HealthHook | None = None) -> None:
         self.engine = engine
+        self.replies = replies  # issue 14
+        self.health_hook = health_hook  # issue 14
         self.body_timeout = limits.body_timeout
         self.body_timeouts = Throttled("webhook.body_timeouts", limits.log_interval)
         self.app_secret = app_secret
@@ -177,10 +185,12 @@ class _Receiver:
         started = time.perf_counter()
         try:
             if self.write_lock is None:
-                report = ingest_payload(self.engine, payload, self.keywords, SOURCE)
+                report = ingest_payload(self.engine, payload, self.keywords, SOURCE,
+                                        replies=self.replies)
             else:
                 with self.write_lock:
-                    report = ingest_payload(self.engine, payload, self.keywords, SOURCE)
+                    report = ingest_payload(self.engine, payload, self.keywords, SOURCE,
+                                            replies=self.replies)
         except SQLAlchemyError as exc:
             # A value the store refuses never gets here: ingest skips that one item (with
             # its location) and commits the rest. What does is the store itself failing,
@@ -220,6 +230,7 @@ class _Receiver:
         logs.event(logger, "webhook.delivery", bytes=size, events=len(report.events),
                   stored=report.stored, duplicates=report.duplicates,
                   acknowledged=report.acknowledged,
+                  replies_queued=report.replies_queued, replies_settled=report.replies_settled,
                   skipped=len(report.skipped), store_ms=round(seconds * 1000, 2))
 
     async def health(self, request: Request) -> Response:
@@ -229,8 +240,13 @@ class _Receiver:
             logs.event(logger, "webhook.health_failed", logging.WARNING, error=type(exc).__name__)
             return JSONResponse({"status": "unavailable", "store": "unreachable"},
                                 status_code=503)
-        return JSONResponse({"status": "ok", "store": "reachable",
-                             "dialect": self.engine.dialect.name})
+        answer: dict[str, Any] = {"status": "ok", "store": "reachable",
+                                  "dialect": self.engine.dialect.name}
+        if self.health_hook is not None:  # issue 14: a stopped reply sender is "degraded",
+            answer.update(self.health_hook())  # but 200: deliveries are still stored
+            if answer.get("replies") == "stopped":
+                answer["status"] = "degraded"
+        return JSONResponse(answer)
 
     def _ping(self) -> None:
         with reading(self.engine) as connection:
@@ -281,18 +297,21 @@ class AccessLog:
 
 def create_app(config: LoadedConfig, engine: Engine, *,
                on_ingest: OnIngest | None = None,
-               limits: ServerLimits | None = None) -> Starlette:
+               limits: ServerLimits | None = None,
+               health: HealthHook | None = None) -> Starlette:
     """The receiver as an ASGI app over an open engine; raises ConfigError without its secrets.
 
     `on_ingest` (optional) is called in a worker thread after a delivery that stored new
     events was committed, e.g. for `waconsent serve` to start a targeted write-back of a
     revocation; its failures are logged and do not change the answer. `limits` gives the
-    body deadline (the default `ServerLimits` in production).
+    body deadline (the default `ServerLimits` in production). `health` adds to `/healthz`
+    (issue 14: the reply sender's state).
     """
     app_secret, verify_token = webhook_secrets(config)
     webhook = config.settings.webhook
     receiver = _Receiver(engine, app_secret, verify_token, webhook.max_body_bytes,
-                         keyword_rules(config.settings), on_ingest, limits or ServerLimits())
+                         keyword_rules(config.settings), on_ingest, limits or ServerLimits(),
+                         replies=reply_policy(config.settings), health_hook=health)
     app = Starlette(routes=[
         Route(webhook.path, receiver.handshake, methods=["GET"]),
         Route(webhook.path, receiver.deliver, methods=["POST"]),

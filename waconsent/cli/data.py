@@ -24,6 +24,7 @@ from waconsent.contacts_csv import read_contacts_csv
 from waconsent.csvfiles import LINE_END, csv_cell, decode_csv, printable
 from waconsent.domain import jsonable
 from waconsent.errors import InputError
+from waconsent.replies.policy import reply_policy
 from waconsent.store.contacts import CSV_COLUMNS, export_rows, import_contacts
 from waconsent.sync.ingest import archive_payloads, ingest_payload, keyword_rules
 
@@ -45,6 +46,7 @@ def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
     loaded = config_of(ctx)
     engine = engine_of(loaded)
     keywords = keyword_rules(loaded.settings)
+    replies = reply_policy(loaded.settings)  # issue 14: only events younger than max_age
     anything_skipped = False
     try:
         for name in files:
@@ -64,7 +66,8 @@ def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
                         err.print(f"{where}: {problem}")
                         skipped += 1
                         continue
-                    result = ingest_payload(engine, payload, keywords, f"import:{name}", now)
+                    result = ingest_payload(engine, payload, keywords, f"import:{name}", now,
+                                            replies=replies)
                     stored += result.stored
                     duplicates += result.duplicates
                     acknowledged += result.acknowledged

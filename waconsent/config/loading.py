@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from waconsent.config import replies as replies_config
 from waconsent.config.schema import Settings
 from waconsent.errors import ConfigError
 
@@ -27,6 +28,7 @@ SECRET_VARIABLES = (
     "SALESFORCE_PASSWORD", "SALESFORCE_SECURITY_TOKEN", "SALESFORCE_CONSUMER_SECRET",
     "SALESFORCE_ACCESS_TOKEN", "DYNAMICS_CLIENT_SECRET", "DYNAMICS_CERTIFICATE_FILE",
     "DYNAMICS_ACCESS_TOKEN", "WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN",
+    "WHATSAPP_ACCESS_TOKEN",  # issue 14: the system-user token the replies are sent with
 )
 
 # key (last path part) -> the environment variable that must carry it instead
@@ -45,6 +47,8 @@ _SECRET_KEYS = {
     ("whatsapp", "verify_token"): "WHATSAPP_VERIFY_TOKEN",
     ("webhook", "app_secret"): "WHATSAPP_APP_SECRET",
     ("webhook", "verify_token"): "WHATSAPP_VERIFY_TOKEN",
+    ("whatsapp", "access_token"): "WHATSAPP_ACCESS_TOKEN",  # issue 14
+    ("replies", "access_token"): "WHATSAPP_ACCESS_TOKEN",  # issue 14
 }
 _SECRET_WORDS = re.compile(r"(password|passwd|secret|token|api_key|apikey|private_key$)", re.I)
 
@@ -184,6 +188,7 @@ def _cross_checks(settings: Settings) -> Iterator[str]:
         yield from _salesforce_checks(settings)
     if kind == "dynamics":
         yield from _dynamics_checks(settings)
+    yield from replies_config.cross_checks(settings)  # issue 14
 
 
 def _salesforce_checks(settings: Settings) -> Iterator[str]:

@@ -9,6 +9,15 @@ import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from waconsent import domain
+from waconsent.config.replies import (  # issue 14: the reply channel
+    DEFAULT_GRAPH_API_VERSION,
+    DEFAULT_GRAPH_URL,
+    BusinessName,
+    GraphApiVersion,
+    GraphUrl,
+    PhoneNumberId,
+    RepliesConfig,
+)
 from waconsent.keywords import normalize_text
 
 
@@ -110,6 +119,12 @@ class WhatsappConfig(Section):
     #: button ids / quick-reply payloads that the business's own opt-in message uses; a
     #: payload is chosen by the business, so it grants consent only when listed here
     opt_in_button_payloads: tuple[str, ...] = ()
+    # issue 14: the Cloud API sender of the confirmation replies (the token only from
+    # WHATSAPP_ACCESS_TOKEN); graph_url is changed by tests and proxies
+    phone_number_id: PhoneNumberId | None = None
+    graph_api_version: GraphApiVersion = DEFAULT_GRAPH_API_VERSION
+    graph_url: GraphUrl = DEFAULT_GRAPH_URL
+    business_name: BusinessName | None = None
 
     @model_validator(mode="after")
     def _disjoint(self) -> WhatsappConfig:
@@ -188,6 +203,7 @@ class Settings(Section):
     webhook: WebhookConfig = WebhookConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     sync: SyncConfig = SyncConfig()
+    replies: RepliesConfig = RepliesConfig()  # issue 14
 
     def mapped_fields(self) -> dict[str, str]:
         """Logical -> CRM field name; on the ledger every logical field maps to itself."""

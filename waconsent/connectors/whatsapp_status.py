@@ -81,6 +81,7 @@ def status(item: Mapping[str, Any], change: Change) -> Event:
         signal=signal,
         window_expires_at=free_entry_expiry(item, occurred_at),
         detail=f"status:{status}:{STOP_MARKETING_ERROR}" if signal is Signal.OPT_OUT else None,
+        callback_data=text_of(item.get("biz_opaque_callback_data")),  # a reply's, issue 14
     )
 
 

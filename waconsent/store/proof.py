@@ -1,4 +1,5 @@
-"""What `waconsent proof` shows: every event and confirmed write held for a number."""
+"""What `waconsent proof` shows: every event and confirmed write held for a number, and
+(issue 14) each confirmation reply under the message it answered."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from waconsent.phones import mask
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
 from waconsent.store import identity, phone_index
+from waconsent.store import replies as reply_store
 
 
 def person_keys(connection: Connection, keys: list[str]) -> list[str]:
@@ -50,4 +52,6 @@ def evidence_for(connection: Connection, keys: list[str]) -> list[dict[str, Any]
             "at": jsonable(row.created_at), "what": "CRM write confirmed",
             "detail": changes, "id": row.record_id, "source": body.get("crm")}))
     entries.sort(key=lambda e: (e[0], e[1]))
-    return [entry for _, _, entry in entries]
+    shown = [entry for _, _, entry in entries]
+    # issue 14: each confirmation reply under the message it answered, with its statuses
+    return reply_store.under_triggers(shown, reply_store.for_keys(connection, keys))

@@ -204,3 +204,37 @@ locks = Table(
     Column("holder", String(200), nullable=False),
     Column("expires_at", UTC_DATETIME, nullable=False),
 )
+
+# issue 14: the confirmation replies, one row per trigger (its message id is unique, so a
+# redelivery, a restart or a second node never queues a second reply); the states and their
+# moves are drawn in `waconsent.replies.rules`
+replies = Table(
+    "replies", metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("trigger_id", String(200), nullable=False, unique=True),
+    Column("trigger_key", String(300), nullable=False),
+    Column("wa_id", String(64)),
+    Column("user_id", String(128)),
+    Column("phone_key", String(32), index=True),
+    Column("uid_key", String(140), index=True),
+    Column("signal", String(20), nullable=False),
+    Column("keyword", String(100)),
+    Column("text", Text, nullable=False),  # the exact text, as configured, filled in
+    Column("text_sha256", String(64), nullable=False),
+    Column("triggered_at", UTC_DATETIME, nullable=False),
+    Column("queued_at", UTC_DATETIME, nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("next_attempt_at", UTC_DATETIME, nullable=False),
+    Column("rounds", Integer, nullable=False, default=0),  # claims so far
+    Column("holder", String(200)),  # who claimed it last
+    Column("lease_until", UTC_DATETIME),
+    Column("sending_since", UTC_DATETIME),
+    Column("reply_id", String(200), index=True),  # Meta's message id of the reply
+    Column("sent_at", UTC_DATETIME),
+    Column("delivered_at", UTC_DATETIME),
+    Column("read_at", UTC_DATETIME),
+    Column("settled_at", UTC_DATETIME),  # failed or unknown since
+    Column("error_code", String(32)),
+    Column("error", String(300)),  # why, in waconsent's words (never Meta's message text)
+    Index("ix_replies_due", "state", "next_attempt_at"),
+)

@@ -13,10 +13,12 @@ from sqlalchemy import Connection, Engine
 from waconsent.config.schema import Settings
 from waconsent.connectors.webhook_signature import decode_json
 from waconsent.connectors.whatsapp import parse_payload
-from waconsent.domain import Event, SkippedItem
+from waconsent.domain import Event, EventKind, SkippedItem
 from waconsent.keywords import KeywordRules
+from waconsent.replies.rules import PlannedReply, ReplyPolicy, is_reply_status, plan_reply
 from waconsent.store import events as event_store
 from waconsent.store import identity
+from waconsent.store import replies as reply_store
 from waconsent.store.engine import REFUSED_VALUE
 
 
@@ -35,11 +37,18 @@ class IngestReport:
     #: plain statuses of the business's own messages (not `Event.worth_a_row`): understood,
     #: answered 200, not stored; their number-and-user-id pair is kept as an identity link
     acknowledged: int = 0
+    replies_queued: int = 0  # issue 14: confirmations queued for opt-ins / opt-outs typed
+    replies_settled: int = 0  # issue 14: statuses of waconsent's own replies applied
 
 
 def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source: str,
-                   clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> IngestReport:
+                   clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                   replies: ReplyPolicy | None = None) -> IngestReport:
     """Parse one webhook body and commit its events (and their evidence) in one transaction.
+
+    Issue 14, in the same transaction: the statuses of waconsent's own replies settle
+    their reply first, whether or not `worth_a_row` keeps them; with a reply policy, each
+    opt-in or opt-out typed in the chat queues its confirmation (`replies.rules`).
 
     The parser already skips what the store could not hold; should the store still refuse
     a value, the delivery is stored again in halves inside savepoints, down to the single
@@ -57,27 +66,49 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
               for event, kept in zip(parsed.events, worth, strict=True) if not kept]
     events = tuple(event for _, event in located)
     links = identity.pair_links(plain, now)
-    if not events and not links:  # a storm of plain statuses: nothing to write, no lock
+    own = _own_reply_statuses(parsed.events)  # issue 14
+    if not events and not links and not own:  # plain statuses only: nothing to write
         return IngestReport(0, 0, parsed.skipped, (), len(plain))
     source = _storable_source(source)
+    plans = _reply_plans(events, replies, now)  # issue 14
     try:
         with engine.begin() as connection:
+            settled = reply_store.settle(connection, own, now)  # issue 14: first
             counts = event_store.ingest(connection, events, source, now)
             identity.record_links(connection, links)
+            queued = reply_store.enqueue(connection, plans, now)  # issue 14
     except REFUSED_VALUE:
         pass
     else:
         return IngestReport(counts.stored, counts.duplicates, parsed.skipped, events,
-                            len(plain))
+                            len(plain), queued, settled)
     with engine.begin() as connection:
+        settled = reply_store.settle(connection, own, now)  # issue 14: first
         stored, duplicates, refused = _isolate(connection, located, source, now)
         identity.record_links(connection, links)
-    refused_at = {location for location, _ in refused}
-    kept = tuple(event for location, event in located if location not in refused_at)
+        refused_at = {location for location, _ in refused}
+        kept = tuple(event for location, event in located if location not in refused_at)
+        queued = reply_store.enqueue(connection, _reply_plans(kept, replies, now), now)
     skipped = parsed.skipped + tuple(
         SkippedItem(location, f"refused by the store ({type(exc).__name__})")
         for location, exc in refused)
-    return IngestReport(stored, duplicates, skipped, kept, len(plain))
+    return IngestReport(stored, duplicates, skipped, kept, len(plain), queued, settled)
+
+
+def _own_reply_statuses(events: Sequence[Event]) -> list[Event]:
+    """Issue 14: the statuses that may belong to waconsent's own replies: those naming
+    one in their callback data, and failures (Meta may omit the callback data there; they
+    are matched by the reply's message id)."""
+    return [event for event in events if is_reply_status(event)
+            or (event.kind is EventKind.STATUS and event.status == "failed")]
+
+
+def _reply_plans(events: Sequence[Event], replies: ReplyPolicy | None,
+                 now: datetime) -> list[PlannedReply]:
+    """Issue 14: the confirmations the stored events ask for (none without a policy)."""
+    if replies is None:
+        return []
+    return [plan for event in events if (plan := plan_reply(event, replies, now)) is not None]
 
 
 def _isolate(connection: Connection, located: Sequence[tuple[str, Event]], source: str,
