@@ -29,6 +29,7 @@ SECRET_VARIABLES = (
     "SALESFORCE_ACCESS_TOKEN", "DYNAMICS_CLIENT_SECRET", "DYNAMICS_CERTIFICATE_FILE",
     "DYNAMICS_ACCESS_TOKEN", "WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN",
     "WHATSAPP_ACCESS_TOKEN",  # issue 14: the system-user token the replies are sent with
+    "WACONSENT_API_TOKEN",  # the consent API and server-side opt-in requests (web_guard)
 )
 
 # key (last path part) -> the environment variable that must carry it instead
