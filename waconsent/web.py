@@ -52,6 +52,7 @@ from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, decode_json
 from waconsent.domain import CONSENT_SIGNALS, Signal
 from waconsent.errors import ConfigError
 from waconsent.keywords import KeywordRules
+from waconsent.optin_web import optin_routes
 from waconsent.phones import mask
 from waconsent.replies.policy import reply_policy
 from waconsent.replies.rules import ReplyPolicy
@@ -317,6 +318,7 @@ def create_app(config: LoadedConfig, engine: Engine, *,
         Route(webhook.path, receiver.deliver, methods=["POST"]),
         Route(HEALTH_PATH, receiver.health, methods=["GET"]),
     ])
+    app.routes.extend(optin_routes(config, engine))  # issue 15: none unless [optin] enabled
     app.add_middleware(AccessLog, paths=frozenset({webhook.path, HEALTH_PATH}))
     return app
 
