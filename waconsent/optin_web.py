@@ -146,10 +146,22 @@ class OptinSite:
                                             link=link, qr_url=qr_url, expires_at=expires),
                                 status_code=201,
                                 headers={**security_headers(self.optin.allowed_origins), **cors})
-        absolute = str(request.base_url).rstrip("/") + qr_url
+        absolute = self._origin_of(request) + qr_url
         return JSONResponse({"token": token, "link": link, "qr_svg_url": absolute,
                              "expires_at": expires}, status_code=201,
                             headers={"Cache-Control": "no-store", **cors})
+
+    def _origin_of(self, request: Request) -> str:
+        """This server as the visitor reached it: behind a trusted proxy, the scheme and host
+        it forwarded (X-Forwarded-Proto / -Host), else the request's own."""
+        base = str(request.base_url).rstrip("/")
+        peer = request.client.host if request.client else None
+        if peer is None or client_address(peer, "0.0.0.0", self.trusted) == peer:  # noqa: S104
+            return base
+        proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip()
+        host = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
+        scheme = proto if proto in ("http", "https") else request.url.scheme
+        return f"{scheme}://{host or request.url.netloc}"
 
     def _client(self, request: Request, fields: Mapping[str, str]) -> str:
         """The visitor's address: `client_ip` from an authenticated server, else the peer's
