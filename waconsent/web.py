@@ -228,6 +228,9 @@ class _Receiver:
                                kind=event.kind.value,
                                wa_id=mask(event.wa_id) if event.wa_id else None,
                                key=_masked_key(event.key))
+        for confirmation in report.optin:  # issue 15: unknown, used, expired, mismatched too
+            logs.event(logger, "webhook.optin", outcome=confirmation.outcome,
+                       wa_id=mask(confirmation.wa_id) if confirmation.wa_id else None)
         logs.event(logger, "webhook.delivery", bytes=size, events=len(report.events),
                   stored=report.stored, duplicates=report.duplicates,
                   acknowledged=report.acknowledged,
