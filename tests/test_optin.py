@@ -259,3 +259,61 @@ def test_purge_deletes_only_unconfirmed_requests_past_ttl_plus_30_days(
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(optin_requests)).scalar() == 2
         assert not optin_store.is_open(connection, old, now - timedelta(days=33))
+
+
+# ---- configuration, rules, schedule -------------------------------------------------------
+
+
+def test_optin_section_defaults_and_checks() -> None:
+    """`[optin]` defaults as the issue names them; `token_ttl_hours` is no secret; what needs
+    other sections is checked with them, every problem at once."""
+    from waconsent.config.optin import keyword_of
+    from waconsent.errors import ConfigError
+
+    settings = parse({})
+    optin = settings.optin
+    assert (optin.enabled, optin.path, optin.token_ttl_hours, optin.rate_per_minute) == (
+        False, "/optin", 72, 10)
+    assert optin.trusted_proxies == ("127.0.0.1/32", "::1/128") and optin.allowed_origins == ()
+    assert keyword_of(parse({"whatsapp": {"opt_in_keywords": ["Anmelden", "START"]}})) == \
+        "ANMELDEN"
+    assert parse({"optin": {"token_ttl_hours": 24}}).optin.token_ttl_hours == 24
+    with pytest.raises(ConfigError) as refused:
+        parse({"optin": {"enabled": True, "keyword": "JA", "path": WEBHOOK},
+               "webhook": {"path": WEBHOOK}})
+    text = str(refused.value)
+    assert "optin.business_number: required" in text and "optin.keyword" in text
+    assert "optin.path" in text
+    with pytest.raises(ConfigError, match=r"optin\.wording"):
+        parse({"optin": {"wording": "{company} may write"}})
+
+
+def test_rules_write_the_ip_only_from_a_website_confirmation() -> None:
+    """A confirmed website opt-in sets opt_in_ip; a plain keyword opt-in leaves it alone."""
+    from waconsent.domain import LOGICAL_FIELDS, Activity, CrmRecord, Event, EventKind
+    from waconsent.sync.rules import decide
+
+    def opt_in(**extra: Any) -> Event:
+        return Event(key="msg:wamid.A", kind=EventKind.MESSAGE, occurred_at=T0,
+                     wa_id=NUMBER, message_id="wamid.A", signal=Signal.OPT_IN,
+                     keyword="START", opens_session=True, **extra)
+
+    record = CrmRecord("R1", {"opt_in": False, "opt_in_ip": "203.0.113.9"})
+    web = decide(record, Activity.of([opt_in(opt_in_ip="198.51.100.7",
+                                             opt_in_form="form:news:token:0123456789abcdef")]),
+                 LOGICAL_FIELDS, NOW)
+    changed = {c.field: c.new for c in web.changes}
+    assert changed["opt_in_ip"] == "198.51.100.7"
+    assert changed["opt_in_source"] == "website:form:news:token:0123456789abcdef:wamid.A"
+    plain = {c.field for c in decide(record, Activity.of([opt_in()]), LOGICAL_FIELDS,
+                                     NOW).changes}
+    assert "opt_in_ip" not in plain and "opt_in" in plain
+
+
+def test_serve_schedules_the_hourly_purge() -> None:
+    """`serve`'s scheduler carries an hourly job beside the sync runs when given one."""
+    from waconsent.sync.scheduler import build_scheduler
+
+    scheduler = build_scheduler(parse({}).schedule, full_run=lambda: None,
+                                incremental_run=lambda: None, hourly=lambda: None)
+    assert {job.id for job in scheduler.get_jobs()} == {"nightly-full", "incremental", "hourly"}

@@ -151,3 +151,17 @@ def test_page_submitted_in_a_real_browser_shows_link_and_qr(
         row = connection.execute(select(optin_requests)).one()
     assert row.phone_key == "+4915123456789" and row.form_id == "newsletter"
     assert row.client_ip == "127.0.0.1" and row.page is None  # no-referrer: no page sent
+
+
+def test_qr_url_names_the_proxy_scheme_only_behind_a_trusted_proxy(
+        sqlite_engine: Engine, sqlite_url: str) -> None:
+    """Behind the trusted (loopback) proxy, `qr_svg_url` uses X-Forwarded-Proto and the Host
+    the proxy passed; from an untrusted peer those headers are ignored."""
+    forwarded = {"X-Forwarded-Proto": "https", "Host": "consent.acme.example"}
+    with serve_optin(sqlite_engine, sqlite_url) as port:
+        made = httpx.post(f"http://127.0.0.1:{port}/optin", json={}, headers=forwarded).json()
+    assert made["qr_svg_url"].startswith("https://consent.acme.example/optin/")
+    with serve_optin(sqlite_engine, sqlite_url, trusted_proxies=["10.9.9.9"]) as port:
+        made = httpx.post(f"http://127.0.0.1:{port}/optin", json={},
+                          headers={"X-Forwarded-Proto": "https"}).json()
+    assert made["qr_svg_url"].startswith(f"http://127.0.0.1:{port}/optin/")

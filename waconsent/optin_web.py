@@ -155,13 +155,17 @@ class OptinSite:
         """This server as the visitor reached it: behind a trusted proxy, the scheme and host
         it forwarded (X-Forwarded-Proto / -Host), else the request's own."""
         base = str(request.base_url).rstrip("/")
-        peer = request.client.host if request.client else None
-        if peer is None or client_address(peer, "0.0.0.0", self.trusted) == peer:  # noqa: S104
+        if not self._from_trusted_proxy(request):
             return base
         proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip()
         host = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
         scheme = proto if proto in ("http", "https") else request.url.scheme
         return f"{scheme}://{host or request.url.netloc}"
+
+    def _from_trusted_proxy(self, request: Request) -> bool:
+        peer = _ip_or_none(request.client.host) if request.client else None
+        return peer is not None and any(
+            ipaddress.ip_address(peer) in network for network in self.trusted)
 
     def _client(self, request: Request, fields: Mapping[str, str]) -> str:
         """The visitor's address: `client_ip` from an authenticated server, else the peer's
