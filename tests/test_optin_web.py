@@ -150,7 +150,9 @@ def test_page_submitted_in_a_real_browser_shows_link_and_qr(
     with sqlite_engine.connect() as connection:
         row = connection.execute(select(optin_requests)).one()
     assert row.phone_key == "+4915123456789" and row.form_id == "newsletter"
-    assert row.client_ip == "127.0.0.1" and row.page is None  # no-referrer: no page sent
+    assert row.client_ip == "127.0.0.1"
+    assert row.page == f"http://127.0.0.1:{port}/optin"  # the page's own Referer (same-origin)
+    assert row.user_agent and "Chrome" in row.user_agent
 
 
 def test_qr_url_names_the_proxy_scheme_only_behind_a_trusted_proxy(

@@ -39,7 +39,7 @@ def security_headers(frame_origins: Sequence[str] = ()) -> dict[str, str]:
     policy = (f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; img-src 'self'; "
               f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}")
     return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+            "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
 
 
 def _document(title: str, body: str) -> str:
