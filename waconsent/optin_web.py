@@ -126,10 +126,7 @@ class OptinSite:
         try:
             fields, html = _parse(await _read(request), request.headers.get("content-type"))
             client = self._client(request, fields)
-            retry_after = self.limit.admit(client, time.monotonic())
-            if retry_after is not None:
-                logs.event(logger, "optin.rate_limited", logging.WARNING)
-                raise Refused(too_many(retry_after))
+            self._admit(client)
             new = self._new_request(request, fields, client)
         except Refused as refused:
             refused.response.headers.update(cors)
@@ -161,6 +158,13 @@ class OptinSite:
         host = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
         scheme = proto if proto in ("http", "https") else request.url.scheme
         return f"{scheme}://{host or request.url.netloc}"
+
+    def _admit(self, client: str) -> None:
+        """Counts the request against the client's minute; 429 beyond `rate_per_minute`."""
+        retry_after = self.limit.admit(client, time.monotonic())
+        if retry_after is not None:
+            logs.event(logger, "optin.rate_limited", logging.WARNING)
+            raise Refused(too_many(retry_after))
 
     def _from_trusted_proxy(self, request: Request) -> bool:
         peer = _ip_or_none(request.client.host) if request.client else None
