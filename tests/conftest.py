@@ -32,7 +32,7 @@ def postgres_base_url() -> str | None:
         with probe.connect() as connection:
             connection.execute(text("SELECT 1"))
         probe.dispose()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means: skip or fail with the hint
         if os.environ.get("WACONSENT_REQUIRE_POSTGRES"):
             pytest.fail(f"PostgreSQL at {url} is required in CI but unreachable: {exc}")
         return None

@@ -218,7 +218,7 @@ def test_proof_includes_events_known_only_by_user_id(cfg: Path, tmp_path: Path) 
     ["contacts", "export", "--config", "{cfg}"], ["contacts", "--config", "{cfg}", "export"],
     ["report", "missing-proof", "--format", "json", "--config", "{cfg}"],
     ["proof", "+4915123456789", "--config", "{cfg}"],
-], ids=lambda a: " ".join(a))
+], ids=" ".join)
 def test_config_after_the_command_word(cfg: Path, args: list[str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`--config PATH` works after the command (and sub-command) word as well as before it."""

@@ -55,6 +55,7 @@ def clock() -> datetime:
 def dataverse_with_contacts() -> Iterator[FakeDataverse]:
     """The fake Dataverse with 12,000 contacts, opted in with complete proof, edited over
     the 12,000 minutes before T0."""
+    # Not strict: the fake registers every route of the service and a test uses a few.
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         fake = FakeDataverse(clock=clock).install(mock)
         for n in range(CONTACTS):

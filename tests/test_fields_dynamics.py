@@ -48,6 +48,7 @@ def dynamics_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def fake() -> Iterator[FakeDataverse]:
+    # Not strict: the fake registers every route of the service and a test uses a few.
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         fake = FakeDataverse().install(mock)
         # a table with none of the consent columns but the user id, made earlier by hand

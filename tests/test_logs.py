@@ -66,7 +66,7 @@ def test_extra_fields_and_exceptions(captured: io.StringIO) -> None:
     logger = logging.getLogger("waconsent.test.extra")
     logger.warning('he said "stop"\nthen left', extra={"count": 3})
     try:
-        raise ValueError("+4915123456789 in a message")
+        raise ValueError("+4915123456789 in a message")  # noqa: TRY301 - a real traceback
     except ValueError:
         logger.exception("failed")
     first, second = lines(captured)

@@ -110,6 +110,7 @@ def test_salesforce_contact_created_after_the_last_sync(
 
 @pytest.fixture
 def dataverse() -> Iterator[FakeDataverse]:
+    # Not strict: the fake registers every route of the service and a test uses a few.
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         yield FakeDataverse(clock=dyn.clock).install(mock)
 

@@ -112,7 +112,7 @@ def test_two_receivers_and_two_senders_on_postgresql_send_one_reply(postgres_url
                 for body in bodies:
                     barrier.wait()
                     deliver(engine, cfg, body=body)
-            except BaseException as exc:  # reported below, not lost in the thread
+            except BaseException as exc:  # noqa: BLE001 - reported below, not lost in the thread
                 errors.append(exc)
 
         run_all([threading.Thread(target=receive, args=(e,)) for e in nodes])

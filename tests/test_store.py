@@ -115,7 +115,7 @@ def test_concurrent_identical_ingest_stores_once(engine: Engine) -> None:
         try:
             with engine.begin() as connection:
                 event_store.ingest(connection, batch, "test", NOW)
-        except Exception as exc:  # pragma: no cover - the assertion below reports it
+        except Exception as exc:  # noqa: BLE001 - pragma: no cover - the assertion below reports it
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(6)]

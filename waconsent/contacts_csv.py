@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from waconsent import domain
@@ -75,47 +75,63 @@ def read_contacts_csv(text: str, default_region: str, source: str = "<csv>"
     (`report.lines` holds each kept row's line)."""
     report = ContactsImport()
     reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff")))
-    try:
-        header = [h.strip() for h in reader.fieldnames or []]
-    except csv.Error as exc:
-        report.refused.append(f"{source}:1: the header is not readable as CSV ({exc})")
+    if not _header_usable(reader, source, report):
         return [], report
-    if "id" not in header:
-        report.refused.append(f"{source}:1: the header has no 'id' column "
-                              f"(expected some of: {', '.join(CSV_COLUMNS)})")
-        return [], report
-    unknown = [h for h in header if h not in CSV_COLUMNS]
-    if unknown:
-        report.warnings.append(
-            f"{source}:1: unknown column(s) ignored: {printable(', '.join(unknown))}")
     rows: list[dict[str, FieldValue]] = []
     for line_number, raw in _rows(reader, source, report):
-        values = {k.strip(): (v or "") for k, v in raw.items() if k and k.strip() in CSV_COLUMNS}
-        if not values.get("id", "").strip():
-            report.refused.append(f"{source}:{line_number}: no id")
-            continue
+        where = f"{source}:{line_number}"
         try:
-            row = {column: _csv_value(column, text) for column, text in values.items()}
+            row = _contact_row(raw)
         except ValueError as exc:
-            report.refused.append(f"{source}:{line_number}: {exc}")
+            report.refused.append(f"{where}: {exc}")
             continue
-        too_long = [f"{column} ({len(value)} characters, at most {COLUMN_LIMITS[column]})"
-                    for column, value in row.items()
-                    if isinstance(value, str) and len(value) > COLUMN_LIMITS.get(column, 10**6)]
-        if too_long:
-            report.refused.append(f"{source}:{line_number}: too long: {', '.join(too_long)}")
-            continue
-        for phone_field in PHONE_FIELDS:
-            phone = row.get(phone_field)
-            if isinstance(phone, str):
-                try:
-                    phone_key(phone, default_region)
-                except UnparseablePhone:
-                    report.warnings.append(
-                        f"{source}:{line_number}: {phone_field} {mask(phone)} is not a phone "
-                        "number; the contact is kept but its number matches nothing")
+        report.warnings.extend(_phone_warnings(row, default_region, where))
         rows.append(row)
         report.lines.append(line_number)
     return rows, report
 
 
+def _header_usable(reader: csv.DictReader[str], source: str, report: ContactsImport) -> bool:
+    """False (with the reason in `report`) when no row can be read under this header."""
+    try:
+        header = [h.strip() for h in reader.fieldnames or []]
+    except csv.Error as exc:
+        report.refused.append(f"{source}:1: the header is not readable as CSV ({exc})")
+        return False
+    if "id" not in header:
+        report.refused.append(f"{source}:1: the header has no 'id' column "
+                              f"(expected some of: {', '.join(CSV_COLUMNS)})")
+        return False
+    unknown = [h for h in header if h not in CSV_COLUMNS]
+    if unknown:
+        report.warnings.append(
+            f"{source}:1: unknown column(s) ignored: {printable(', '.join(unknown))}")
+    return True
+
+
+def _contact_row(raw: Mapping[str, str | None]) -> dict[str, FieldValue]:
+    """One CSV row as contact values; ValueError says why it cannot be imported."""
+    values = {k.strip(): (v or "") for k, v in raw.items() if k and k.strip() in CSV_COLUMNS}
+    if not values.get("id", "").strip():
+        raise ValueError("no id")
+    row = {column: _csv_value(column, text) for column, text in values.items()}
+    too_long = [f"{column} ({len(value)} characters, at most {COLUMN_LIMITS[column]})"
+                for column, value in row.items()
+                if isinstance(value, str) and len(value) > COLUMN_LIMITS.get(column, 10**6)]
+    if too_long:
+        raise ValueError(f"too long: {', '.join(too_long)}")
+    return row
+
+
+def _phone_warnings(row: Mapping[str, FieldValue], default_region: str,
+                    where: str) -> Iterator[str]:
+    """A number that is no phone number is kept (the CRM may hold it) but said."""
+    for phone_field in PHONE_FIELDS:
+        phone = row.get(phone_field)
+        if not isinstance(phone, str):
+            continue
+        try:
+            phone_key(phone, default_region)
+        except UnparseablePhone:
+            yield (f"{where}: {phone_field} {mask(phone)} is not a phone number; the contact "
+                   "is kept but its number matches nothing")

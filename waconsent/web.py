@@ -200,7 +200,7 @@ class _Receiver:
                       bytes=size)
             return PlainTextResponse("store unavailable, retry later", status_code=503,
                                      headers={"Retry-After": RETRY_AFTER_SECONDS})
-        except Exception as exc:  # a bug here; never the payload's fault (the parser skips)
+        except Exception as exc:  # noqa: BLE001 - a bug here; never the payload's fault (the parser skips)
             logs.event(logger, "webhook.internal_error", logging.ERROR, error=type(exc).__name__,
                       trace=traceback.format_tb(exc.__traceback__))  # no message: may hold data
             return PlainTextResponse("internal error", status_code=500)
@@ -208,7 +208,7 @@ class _Receiver:
         if self.on_ingest is not None and report.stored:
             try:
                 self.on_ingest(report)
-            except Exception as exc:  # the events are committed; a failing hook loses nothing
+            except Exception as exc:  # noqa: BLE001 - the events are committed; a failing hook loses nothing
                 logs.event(logger, "webhook.hook_failed", logging.ERROR, error=type(exc).__name__,
                           trace=traceback.format_tb(exc.__traceback__))
         return JSONResponse({"stored": report.stored, "duplicates": report.duplicates,

@@ -109,7 +109,7 @@ def guarded(fn: F) -> F:
                         EXIT_CANNOT_PROCEED) from None
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the last net: a bug becomes exit 70 with a trace, not a crash
             raise _internal(exc) from None
 
     return wrapper  # type: ignore[return-value]

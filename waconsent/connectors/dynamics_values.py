@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from waconsent import domain
 from waconsent.connectors import dynamics_odata as odata
@@ -19,6 +19,7 @@ from waconsent.domain import FieldValue
 from waconsent.errors import PermanentRecordError
 
 _STRING_TYPES = frozenset({"String", "Memo"})
+T = TypeVar("T")
 
 
 def option_value(value: str | int | None) -> int | None:
@@ -43,11 +44,7 @@ class DataverseValues:
         if raw is None:
             return None
         if logical == domain.OPT_IN and not isinstance(raw, bool) and isinstance(raw, int):
-            if raw == self._opted_in:
-                return True
-            if self._opted_out is None or raw == self._opted_out:
-                return False
-            return None  # some other option: neither granted nor refused
+            return self._option_read(raw)
         if logical in domain.BOOLEAN_FIELDS:
             return bool(raw)
         if logical in domain.DATETIME_FIELDS:
@@ -72,37 +69,62 @@ class DataverseValues:
             body[name] = self._write(record_id, attribute, value)
         return body
 
-    def _write(self, record_id: str, attribute: Attribute, value: FieldValue) -> Any:
-        def refuse(reason: str, code: str = "INVALID_VALUE") -> PermanentRecordError:
-            return PermanentRecordError(f"{attribute.name}: {reason}", record_id=record_id,
-                                        code=code, fields=[attribute.name])
+    def _option_read(self, raw: int) -> bool | None:
+        """A Choice opt-in: True, False, or None for some other option (neither given nor
+        refused)."""
+        if raw == self._opted_in:
+            return True
+        if self._opted_out is None or raw == self._opted_out:
+            return False
+        return None
 
+    def _write(self, record_id: str, attribute: Attribute, value: FieldValue) -> Any:
         if not attribute.updatable:
-            raise refuse("the attribute cannot be updated", "NOT_UPDATABLE")
+            raise _refusal(record_id, attribute, "the attribute cannot be updated",
+                           "NOT_UPDATABLE")
         if value is None:
             return None
         if attribute.type == "Picklist":
-            if not isinstance(value, bool):
-                raise refuse("expected true/false for the Choice opt-in, "
-                             f"got {type(value).__name__}")
-            option = self._opted_in if value else self._opted_out
-            if option is None:
-                raise refuse("no option value configured in [mapping.values] for "
-                             f"{'opted_in' if value else 'opted_out'}", "NO_OPTION_VALUE")
-            return option
+            return self._option_write(record_id, attribute, value)
         if attribute.type == "Boolean":
-            if not isinstance(value, bool):
-                raise refuse(f"expected a boolean, got {type(value).__name__}")
-            return value
+            return _typed(record_id, attribute, value, bool, "a boolean")
         if attribute.type == "DateTime":
-            if not isinstance(value, datetime):
-                raise refuse(f"expected a datetime, got {type(value).__name__}")
-            return odata.format_datetime(value)
+            return odata.format_datetime(
+                _typed(record_id, attribute, value, datetime, "a datetime"))
         if attribute.type in _STRING_TYPES:
-            text = odata.format_datetime(value) if isinstance(value, datetime) else str(value)
-            if attribute.max_length is not None and len(text) > attribute.max_length:
-                # never cut evidence short: report it and let an admin widen the column
-                raise refuse(f"{len(text)} characters, the attribute holds at most "
-                             f"{attribute.max_length}", "STRING_TOO_LONG")
-            return text
-        raise refuse(f"waconsent does not write {attribute.type} attributes", "UNSUPPORTED_TYPE")
+            return _string(record_id, attribute, value)
+        raise _refusal(record_id, attribute,
+                       f"waconsent does not write {attribute.type} attributes", "UNSUPPORTED_TYPE")
+
+    def _option_write(self, record_id: str, attribute: Attribute, value: FieldValue) -> int:
+        if not isinstance(value, bool):
+            raise _refusal(record_id, attribute, "expected true/false for the Choice opt-in, "
+                           f"got {type(value).__name__}")
+        option = self._opted_in if value else self._opted_out
+        if option is None:
+            raise _refusal(record_id, attribute, "no option value configured in "
+                           f"[mapping.values] for {'opted_in' if value else 'opted_out'}",
+                           "NO_OPTION_VALUE")
+        return option
+
+
+def _refusal(record_id: str, attribute: Attribute, reason: str,
+             code: str = "INVALID_VALUE") -> PermanentRecordError:
+    return PermanentRecordError(f"{attribute.name}: {reason}", record_id=record_id,
+                                code=code, fields=[attribute.name])
+
+
+def _typed(record_id: str, attribute: Attribute, value: FieldValue, kind: type[T],
+           expected: str) -> T:
+    if not isinstance(value, kind):
+        raise _refusal(record_id, attribute, f"expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _string(record_id: str, attribute: Attribute, value: FieldValue) -> str:
+    text = odata.format_datetime(value) if isinstance(value, datetime) else str(value)
+    if attribute.max_length is not None and len(text) > attribute.max_length:
+        # never cut evidence short: report it and let an admin widen the column
+        raise _refusal(record_id, attribute, f"{len(text)} characters, the attribute holds at "
+                       f"most {attribute.max_length}", "STRING_TOO_LONG")
+    return text

@@ -108,98 +108,125 @@ def _session_from(token: str, instance: str) -> SalesforceSession:
     return SalesforceSession(token, f"https://{host}")
 
 
-def authenticator(settings: SalesforceConfig, secrets: Secrets) -> Authenticator:
-    """The login of `salesforce.auth`; raises ConfigError naming what is missing."""
-    mode = settings.auth
-    version = settings.api_version
-    domain = _domain_of(settings.domain)
-    problems: list[str] = []
+class _Needs:
+    """Collects every missing setting of one mode, so one error names them all."""
 
-    def need(value: str | None, what: str) -> str:
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.problems: list[str] = []
+
+    def setting(self, value: str | None, what: str) -> str:
         if not value:
-            problems.append(f"{what}: required for salesforce.auth = {mode!r}")
+            self.problems.append(f"{what}: required for salesforce.auth = {self.mode!r}")
         return value or ""
 
-    if mode == "access_token":
-        token = secrets.get("SALESFORCE_ACCESS_TOKEN")
-        if not token:
-            problems.append("SALESFORCE_ACCESS_TOKEN: salesforce.auth = 'access_token' needs the "
-                            "token in the environment (`sf org display` prints it as "
-                            "'Access Token')")
-        instance = need(settings.instance_url, "salesforce.instance_url")
-        _raise(problems)
-        assert token is not None
-        fixed = _session_from(token, instance)
-        return Authenticator(mode, f"the token of {urlsplit(instance).hostname}",
-                             lambda _session: fixed, (token,))
+    def secret(self, secrets: Secrets, name: str, why: str) -> str:
+        value = secrets.get(name)
+        if not value:
+            self.problems.append(f"{name}: salesforce.auth = {self.mode!r} needs {why}")
+        return value or ""
 
-    if mode == "password":
-        username = need(settings.username, "salesforce.username")
-        password = secrets.get("SALESFORCE_PASSWORD")
-        if not password:
-            problems.append("SALESFORCE_PASSWORD: salesforce.auth = 'password' needs the "
-                            "password in the environment")
-        token = secrets.get("SALESFORCE_SECURITY_TOKEN") or ""
-        consumer_secret = secrets.get("SALESFORCE_CONSUMER_SECRET")
-        _raise(problems)
-        assert password is not None
-        if settings.consumer_key and consumer_secret:
-            # OAuth username-password flow (the SOAP login() call is being retired).
-            key = settings.consumer_key
+    def check(self) -> None:
+        _raise(self.problems)
 
-            def oauth_password(session: requests.Session) -> SalesforceSession:
-                return _session_from(*SalesforceLogin(
-                    username=username, password=password + token, consumer_key=key,
-                    consumer_secret=consumer_secret, domain=domain, sf_version=version,
-                    session=session))
-            return Authenticator(mode, f"user {username}", oauth_password,
-                                 (password, token, consumer_secret))
 
-        def soap_password(session: requests.Session) -> SalesforceSession:
-            return _session_from(*SalesforceLogin(
-                username=username, password=password, security_token=token, domain=domain,
-                sf_version=version, session=session))
-        return Authenticator(mode, f"user {username}", soap_password, (password, token))
+def _access_token(settings: SalesforceConfig, secrets: Secrets) -> Authenticator:
+    needs = _Needs("access_token")
+    token = needs.secret(secrets, "SALESFORCE_ACCESS_TOKEN",
+                         "the token in the environment (`sf org display` prints it as "
+                         "'Access Token')")
+    instance = needs.setting(settings.instance_url, "salesforce.instance_url")
+    needs.check()
+    fixed = _session_from(token, instance)
+    return Authenticator("access_token", f"the token of {urlsplit(instance).hostname}",
+                         lambda _session: fixed, (token,))
 
-    if mode == "jwt":
-        username = need(settings.username, "salesforce.username")
-        key = need(settings.consumer_key, "salesforce.consumer_key")
-        key_file = need(settings.private_key_file, "salesforce.private_key_file")
-        _raise(problems)
-        try:
-            private_key = Path(key_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([f"salesforce.private_key_file: cannot read {key_file}: "
-                               f"{exc.__class__.__name__}"]) from None
-        if "PRIVATE KEY" not in private_key:
-            raise ConfigError([f"salesforce.private_key_file: {key_file} holds no PEM private "
-                               "key (expected '-----BEGIN PRIVATE KEY-----')"])
 
-        def jwt_bearer(session: requests.Session) -> SalesforceSession:
-            return _session_from(*SalesforceLogin(
-                username=username, consumer_key=key, privatekey=private_key, domain=domain,
-                sf_version=version, session=session))
-        return Authenticator(mode, f"user {username}", jwt_bearer, ())
-
-    # client_credentials: the token endpoint of the org's My Domain
-    key = need(settings.consumer_key, "salesforce.consumer_key")
+def _password(settings: SalesforceConfig, secrets: Secrets) -> Authenticator:
+    needs = _Needs("password")
+    username = needs.setting(settings.username, "salesforce.username")
+    password = needs.secret(secrets, "SALESFORCE_PASSWORD", "the password in the environment")
+    token = secrets.get("SALESFORCE_SECURITY_TOKEN") or ""
     consumer_secret = secrets.get("SALESFORCE_CONSUMER_SECRET")
-    if not consumer_secret:
-        problems.append("SALESFORCE_CONSUMER_SECRET: salesforce.auth = 'client_credentials' "
-                        "needs the connected app's consumer secret in the environment")
+    needs.check()
+    domain, version = _domain_of(settings.domain), settings.api_version
+    if settings.consumer_key and consumer_secret:
+        # OAuth username-password flow (the SOAP login() call is being retired).
+        key = settings.consumer_key
+
+        def oauth_password(session: requests.Session) -> SalesforceSession:
+            return _session_from(*SalesforceLogin(
+                username=username, password=password + token, consumer_key=key,
+                consumer_secret=consumer_secret, domain=domain, sf_version=version,
+                session=session))
+        return Authenticator("password", f"user {username}", oauth_password,
+                             (password, token, consumer_secret))
+
+    def soap_password(session: requests.Session) -> SalesforceSession:
+        return _session_from(*SalesforceLogin(
+            username=username, password=password, security_token=token, domain=domain,
+            sf_version=version, session=session))
+    return Authenticator("password", f"user {username}", soap_password, (password, token))
+
+
+def _private_key(key_file: str) -> str:
+    try:
+        private_key = Path(key_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"salesforce.private_key_file: cannot read {key_file}: "
+                           f"{exc.__class__.__name__}"]) from None
+    if "PRIVATE KEY" not in private_key:
+        raise ConfigError([f"salesforce.private_key_file: {key_file} holds no PEM private "
+                           "key (expected '-----BEGIN PRIVATE KEY-----')"])
+    return private_key
+
+
+def _jwt(settings: SalesforceConfig, _secrets: Secrets) -> Authenticator:
+    needs = _Needs("jwt")
+    username = needs.setting(settings.username, "salesforce.username")
+    key = needs.setting(settings.consumer_key, "salesforce.consumer_key")
+    key_file = needs.setting(settings.private_key_file, "salesforce.private_key_file")
+    needs.check()
+    private_key = _private_key(key_file)
+    domain, version = _domain_of(settings.domain), settings.api_version
+
+    def jwt_bearer(session: requests.Session) -> SalesforceSession:
+        return _session_from(*SalesforceLogin(
+            username=username, consumer_key=key, privatekey=private_key, domain=domain,
+            sf_version=version, session=session))
+    return Authenticator("jwt", f"user {username}", jwt_bearer, ())
+
+
+def _client_credentials(settings: SalesforceConfig, secrets: Secrets) -> Authenticator:
+    """The token endpoint of the org's My Domain."""
+    needs = _Needs("client_credentials")
+    key = needs.setting(settings.consumer_key, "salesforce.consumer_key")
+    consumer_secret = needs.secret(secrets, "SALESFORCE_CONSUMER_SECRET",
+                                   "the connected app's consumer secret in the environment")
     my_domain = _my_domain(settings.domain) or _my_domain(settings.instance_url or "")
     if not my_domain:
-        problems.append("salesforce.instance_url: the client credentials flow needs the org's "
-                        "My Domain, such as 'https://acme.my.salesforce.com'")
-    _raise(problems)
-    assert consumer_secret is not None
+        needs.problems.append("salesforce.instance_url: the client credentials flow needs the "
+                              "org's My Domain, such as 'https://acme.my.salesforce.com'")
+    needs.check()
+    version = settings.api_version
 
     def client_credentials(session: requests.Session) -> SalesforceSession:
         return _session_from(*SalesforceLogin(
             consumer_key=key, consumer_secret=consumer_secret, domain=my_domain,
             sf_version=version, session=session))
-    return Authenticator(mode, f"the run-as user of consumer key {key[:8]}…",
+    return Authenticator("client_credentials", f"the run-as user of consumer key {key[:8]}…",
                          client_credentials, (consumer_secret,))
+
+
+_MODES: dict[str, Callable[[SalesforceConfig, Secrets], Authenticator]] = {
+    "access_token": _access_token, "password": _password, "jwt": _jwt,
+    "client_credentials": _client_credentials,
+}
+
+
+def authenticator(settings: SalesforceConfig, secrets: Secrets) -> Authenticator:
+    """The login of `salesforce.auth`; raises ConfigError naming what is missing."""
+    return _MODES[settings.auth](settings, secrets)
 
 
 def _my_domain(value: str) -> str | None:

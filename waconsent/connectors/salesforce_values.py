@@ -92,26 +92,18 @@ class SalesforceValues:
 
     def _write(self, record_id: str, logical: str, value: FieldValue,
                fields: Mapping[str, FieldDescription]) -> tuple[str, Written]:
-        def refuse(code: str, message: str) -> PermanentRecordError:
-            return PermanentRecordError(message, record_id=record_id, code=code,
-                                        fields=(logical,))
-
         name = self._mapped.get(logical)
         if name is None:
-            raise refuse("INVALID_FIELD", f"{logical} is not mapped in [mapping.fields]")
+            raise _refusal(record_id, logical, "INVALID_FIELD",
+                           f"{logical} is not mapped in [mapping.fields]")
         described = fields.get(name)
         kind = described.type if described else ""
         if logical == domain.OPT_IN and kind in PICKLIST_TYPES:
-            chosen = self._picklist[0 if value else 1] if value is not None else None
-            if value is not None and chosen is None:
-                raise refuse("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                             f"{name} is a picklist and [mapping.values] names no value for "
-                             f"{'opted in' if value else 'opted out'}")
-            return name, None if chosen is None else str(chosen)
+            return name, self._picklist_value(record_id, name, value)
         if kind == "boolean":
             if value is not None and not isinstance(value, bool):
-                raise refuse("INVALID_TYPE_ON_FIELD_IN_RECORD",
-                              f"{name} is a checkbox; {logical} is not true or false")
+                raise _refusal(record_id, logical, "INVALID_TYPE_ON_FIELD_IN_RECORD",
+                               f"{name} is a checkbox; {logical} is not true or false")
             return name, bool(value)  # a checkbox cannot be null
         if value is None:
             return name, None
@@ -120,13 +112,31 @@ class SalesforceValues:
                           else format_datetime(value))
         if isinstance(value, bool):
             return name, value if kind not in TEXT_TYPES else str(value).lower()
-        text = str(value)
-        if described is not None and described.length and kind in TEXT_TYPES | PICKLIST_TYPES \
-                and len(text) > described.length:
-            raise refuse("STRING_TOO_LONG",
-                         f"{logical} is {len(text)} characters but {self._object}.{name} holds "
-                         f"{described.length}; not truncated (lengthen the field)")
-        return name, text
+        return name, self._text(record_id, logical, name, str(value), described)
+
+    def _picklist_value(self, record_id: str, name: str, value: FieldValue) -> str | None:
+        if value is None:
+            return None
+        chosen = self._picklist[0 if value else 1]
+        if chosen is None:
+            raise _refusal(record_id, domain.OPT_IN, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                           f"{name} is a picklist and [mapping.values] names no value for "
+                           f"{'opted in' if value else 'opted out'}")
+        return str(chosen)
+
+    def _text(self, record_id: str, logical: str, name: str, text: str,
+              described: FieldDescription | None) -> str:
+        """Never cut evidence short: a text longer than its field is refused, not truncated."""
+        if described is not None and described.length \
+                and described.type in TEXT_TYPES | PICKLIST_TYPES and len(text) > described.length:
+            raise _refusal(record_id, logical, "STRING_TOO_LONG",
+                           f"{logical} is {len(text)} characters but {self._object}.{name} "
+                           f"holds {described.length}; not truncated (lengthen the field)")
+        return text
+
+
+def _refusal(record_id: str, logical: str, code: str, message: str) -> PermanentRecordError:
+    return PermanentRecordError(message, record_id=record_id, code=code, fields=(logical,))
 
 
 def csv_cell(value: Written, null: str) -> str:

@@ -15,6 +15,7 @@ so one such item never makes the store refuse its neighbours.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -49,6 +50,24 @@ KNOWN_USER_MESSAGE_TYPES = frozenset({
 })
 
 
+MALFORMED = (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError)
+
+
+@dataclass
+class _Found:
+    """What one payload yields, gathered item by item."""
+
+    events: list[Event] = field(default_factory=list)
+    locations: list[str] = field(default_factory=list)
+    plain: list[PlainStatus] = field(default_factory=list)
+    skipped: list[SkippedItem] = field(default_factory=list)
+    ignored: int = 0
+
+    def parsed(self) -> ParsedPayload:
+        return ParsedPayload(tuple(self.events), tuple(self.skipped), self.ignored,
+                             tuple(self.locations), tuple(self.plain))
+
+
 def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS,
                   now: datetime | None = None) -> ParsedPayload:
     """Turn one webhook body into events; never raises for content it does not understand.
@@ -56,47 +75,53 @@ def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS,
     `now` (the receiver's clock) bounds event times from above: an item stamped more than
     `FUTURE_TOLERANCE` ahead of it is skipped. Without it the bound is `LATEST_WITHOUT_CLOCK`.
     """
-    events: list[Event] = []
-    locations: list[str] = []
-    plain: list[PlainStatus] = []
-    skipped: list[SkippedItem] = []
-    ignored = 0
     latest = LATEST_WITHOUT_CLOCK if now is None else now + FUTURE_TOLERANCE
     if not isinstance(payload, Mapping) or not isinstance(payload.get("entry"), list):
         return ParsedPayload((), (SkippedItem("$", "not a webhook payload: no entry list"),))
-    for e_index, entry in enumerate(payload["entry"]):
+    found = _Found()
+    for where, value in _consent_changes(payload["entry"], found):
+        shared = Change.of(value, latest)
+        for section, location, item in _items(value, where):
+            _read_item(found, section, location, item, shared, keywords)
+    return found.parsed()
+
+
+def _consent_changes(entries: list[Any], found: _Found) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(location, value) of every change that can carry consent; the others are counted or
+    skipped with their location."""
+    for e_index, entry in enumerate(entries):
         changes = entry.get("changes") if isinstance(entry, Mapping) else None
         if not isinstance(changes, list):
-            skipped.append(SkippedItem(f"entry[{e_index}]", "no changes list"))
+            found.skipped.append(SkippedItem(f"entry[{e_index}]", "no changes list"))
             continue
         for c_index, change in enumerate(changes):
             where = f"entry[{e_index}].changes[{c_index}]"
             if not isinstance(change, Mapping) or not isinstance(change.get("value"), Mapping):
-                skipped.append(SkippedItem(where, "change without a value object"))
-                continue
-            field = change.get("field")
-            if field not in CONSENT_FIELDS:
-                ignored += 1  # account, template and call updates carry no consent
-                continue
-            shared = Change.of(change["value"], latest)
-            for section, location, item in _items(change["value"], where):
-                try:
-                    found = statuses.plain(item, shared) if section == "statuses" else None
-                    if found is not None:
-                        plain.append(found)
-                        continue
-                    event = _parse_item(section, item, shared, keywords)
-                except Skip as skip:
-                    skipped.append(SkippedItem(location, str(skip)))
-                    continue
-                except (TypeError, ValueError, KeyError, AttributeError, OverflowError,
-                        RecursionError) as exc:
-                    skipped.append(SkippedItem(location, f"malformed item ({type(exc).__name__})"))
-                    continue
-                if event is not None:
-                    events.append(event)
-                    locations.append(location)
-    return ParsedPayload(tuple(events), tuple(skipped), ignored, tuple(locations), tuple(plain))
+                found.skipped.append(SkippedItem(where, "change without a value object"))
+            elif change.get("field") not in CONSENT_FIELDS:
+                found.ignored += 1  # account, template and call updates carry no consent
+            else:
+                yield where, change["value"]
+
+
+def _read_item(found: _Found, section: str, location: str, item: Any, shared: Change,
+               keywords: KeywordRules) -> None:
+    """One item into `found`: a plain status, an event, nothing, or a skip with its location."""
+    try:
+        plain = statuses.plain(item, shared) if section == "statuses" else None
+        if plain is not None:
+            found.plain.append(plain)
+            return
+        event = _parse_item(section, item, shared, keywords)
+    except Skip as skip:
+        found.skipped.append(SkippedItem(location, str(skip)))
+        return
+    except MALFORMED as exc:
+        found.skipped.append(SkippedItem(location, f"malformed item ({type(exc).__name__})"))
+        return
+    if event is not None:
+        found.events.append(event)
+        found.locations.append(location)
 
 
 def _items(value: Mapping[str, Any], where: str) -> Iterator[tuple[str, str, Any]]:

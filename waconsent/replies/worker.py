@@ -62,7 +62,7 @@ class ReplyWorker:
             wait = self._poll
             try:
                 summary = self._run_pass()
-            except Exception as exc:  # the store busy or gone: try again shortly
+            except Exception as exc:  # noqa: BLE001 - the store busy or gone: try again shortly
                 logs.event(log, "replies.pass_failed", logging.ERROR, error=describe(exc))
                 wait = self._after_failure
             else:

@@ -162,6 +162,18 @@ def chunks(records: Iterable[CrmRecord], size: int) -> Iterator[list[CrmRecord]]
 _DONE = object()
 
 
+def _offer(handoff: queue.Queue[Any], stop: threading.Event, item: Any) -> bool:
+    """Hand `item` over unless the consumer stopped; False if it did."""
+    while not stop.is_set():
+        try:
+            handoff.put(item, timeout=0.2)
+        except queue.Full:
+            continue
+        else:
+            return True
+    return False
+
+
 def read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2
                ) -> Iterator[list[CrmRecord]]:
     """Fetch the next chunks in a thread while this one is decided (connectors whose reads
@@ -174,13 +186,7 @@ def read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2
     stop = threading.Event()
 
     def offer(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _offer(handoff, stop, item)
 
     def produce() -> None:
         try:
@@ -188,7 +194,7 @@ def read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2
                 if not offer(chunk):
                     return
             offer(_DONE)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             offer(exc)
 
     reader = threading.Thread(target=logs.in_context(produce), name="crm-reader", daemon=True)

@@ -185,7 +185,7 @@ def _long_lived_objects_frozen() -> Iterator[None]:
     process-wide, so the first run in progress freezes and the last one to end unfreezes;
     frozen objects are skipped, not leaked, and return to the collector then.
     """
-    global _runs_frozen
+    global _runs_frozen  # noqa: PLW0603 - gc.freeze is process-wide, so is its count
     with _FROZEN:
         if _runs_frozen == 0:
             gc.freeze()

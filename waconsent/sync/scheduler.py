@@ -42,7 +42,7 @@ def _guarded(name: str, job: Callable[[], Any],
             logs.event(log, "scheduler.lock_held", job=name, holder=exc.holder)
             if on_lock_held is not None:
                 on_lock_held()
-        except Exception as exc:  # the outbox keeps what was decided; the next run resumes
+        except Exception as exc:  # noqa: BLE001 - the outbox keeps what was decided; the next run resumes
             logs.event(log, "scheduler.job_failed", logging.ERROR, job=name, error=describe(exc))
     return run
 
@@ -153,7 +153,7 @@ class RevocationDispatcher:
             try:
                 self._run(keys)
                 failures = 0
-            except Exception as exc:  # the worker must outlive any failure of one run
+            except Exception as exc:  # noqa: BLE001 - the worker must outlive any failure of one run
                 failures += 1
                 if failures < self._attempts:
                     pending = keys
