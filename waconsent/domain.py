@@ -98,6 +98,12 @@ class Event:
     #: parse-only (no column; issue 14): a status's `biz_opaque_callback_data`, which names
     #: the trigger of one of waconsent's own replies, so the status settles that reply
     callback_data: str | None = None
+    #: issue 15: a website opt-in confirmed by this message: the form's client IP and
+    #: `form:<form id>:token:<token hash prefix>` (stored); the token as typed is parse-only,
+    #: never stored or shown (only its hash is kept, in the request)
+    opt_in_ip: str | None = None
+    opt_in_form: str | None = None
+    optin_token: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def worth_a_row(self) -> bool:
@@ -120,7 +126,10 @@ class Event:
 
     @property
     def evidence(self) -> str:
-        """The proof string: `whatsapp:keyword:<KEYWORD>:<message id>` (SPEC 5.4) or the signal."""
+        """The proof string: `whatsapp:keyword:<KEYWORD>:<message id>` (SPEC 5.4) or the signal;
+        for a website opt-in `website:form:<form>:token:<hash prefix>:<message id>`."""
+        if self.opt_in_form and self.message_id:
+            return f"website:{self.opt_in_form}:{self.message_id}"
         if self.keyword and self.message_id:
             return f"whatsapp:keyword:{self.keyword}:{self.message_id}"
         return self.detail or self.signal.value

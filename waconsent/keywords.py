@@ -6,6 +6,7 @@ parser classifies replies with it, and nothing here knows a payload's shape.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -14,6 +15,11 @@ from waconsent.domain import Signal
 
 # Meta's marketing opt-out quick reply, as its payload arrives when not localized.
 STOP_BUTTON_PAYLOADS = frozenset({"stop promotions"})
+
+# Issue 15: what a website opt-in token looks like once normalized (case-folded): letters and
+# digits only, so punctuation stripping cannot change it. Real tokens are 32 base32
+# characters; a little either way is still read as a (mistyped, hence unknown) token.
+TOKEN_SHAPE = re.compile(r"[a-z0-9]{16,64}")
 
 # Variation selectors (VS1-16, VS17-256, Mongolian free variation selectors) are
 # combining marks, not format characters, yet just as invisible: "STOP\ufe0f" shows as STOP.
@@ -83,10 +89,35 @@ class KeywordRules:
         for text in said:
             if text in self.opt_in:
                 return Signal.OPT_IN, self.opt_in[text]
+        for text in said:
+            found = self._keyword_with_token(text)
+            if found is not None:
+                return Signal.OPT_IN, found[0]
         for payload in reply.chosen:
             if payload in self.opt_in_payloads:
                 return Signal.OPT_IN, payload
         return Signal.NONE, None
+
+    def optin_token(self, reply: Reply) -> str | None:
+        """Issue 15: the website opt-in token in `<keyword> <token>` (any case, extra spaces,
+        the token anywhere after the keyword), as typed; None for anything else."""
+        for text in reply.said:
+            found = self._keyword_with_token(normalize_text(text))
+            if found is not None:
+                return found[1]
+        return None
+
+    def _keyword_with_token(self, text: str) -> tuple[str, str] | None:
+        """(keyword, token) when `text` opens with an opt-in keyword and a later word has a
+        token's shape. Other words after the keyword grant nothing (rule 5.2): "start the
+        engine" is no opt-in, "start <token>" is the prefilled confirmation."""
+        for normalized, keyword in self.opt_in.items():
+            if text.startswith(normalized + " "):
+                rest = text[len(normalized) + 1:].split()
+                token = next((word for word in rest if TOKEN_SHAPE.fullmatch(word)), None)
+                if token is not None:
+                    return keyword, token
+        return None
 
 
 DEFAULT_KEYWORDS = KeywordRules.build(["START"], ["STOP", "UNSUBSCRIBE"], ["Stop promotions"])

@@ -170,7 +170,10 @@ def uvicorn_config(app: ASGIApp, config: LoadedConfig,
         http=protocol,             # h11 with head deadlines and the connection cap
         access_log=False,          # uvicorn's would print query strings; AccessLog does not
         server_header=False,
-        proxy_headers=True,        # trusts X-Forwarded-* only from FORWARDED_ALLOW_IPS
+        # issue 15: the client's address is `web_guard.client_address`'s one answer (from
+        # `[optin] trusted_proxies`); uvicorn rewriting it first would make X-Forwarded-For
+        # count twice, and from proxies waconsent's own setting does not name
+        proxy_headers=False,
         lifespan="off",
         timeout_keep_alive=limits.keep_alive,  # Meta reuses connections between deliveries
         # a backstop only: the protocol keeps connections at max_connections, so uvicorn's

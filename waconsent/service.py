@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from sqlalchemy import Engine
+
 from waconsent import logs, server, web
 from waconsent.config import LoadedConfig
 from waconsent.replies.sending import send_due, sender_from_config
 from waconsent.replies.worker import ReplyWorker
+from waconsent.store import optin as optin_store
 from waconsent.store.engine import open_engine
 from waconsent.store.runs import node_identity
 from waconsent.sync.ingest import IngestReport
@@ -22,6 +25,15 @@ from waconsent.sync.run import run_once
 from waconsent.sync.scheduler import RevocationDispatcher, build_scheduler
 
 log = logging.getLogger("waconsent.serve")
+
+
+def purge_optin_requests(engine: Engine) -> int:
+    """Issue 15: unconfirmed website opt-in requests go TTL + 30 days after they were made."""
+    with engine.begin() as connection:
+        deleted = optin_store.purge(connection, datetime.now(UTC))
+    if deleted:
+        logs.event(log, "serve.optin_purged", deleted=deleted)
+    return deleted
 
 
 def serve(config: LoadedConfig) -> None:
@@ -40,7 +52,8 @@ def serve(config: LoadedConfig) -> None:
     scheduler = build_scheduler(
         config.settings.schedule,
         full_run=lambda: run_once(config, full=True, engine=engine),
-        incremental_run=lambda: run_once(config, engine=engine))
+        incremental_run=lambda: run_once(config, engine=engine),
+        hourly=lambda: purge_optin_requests(engine))  # issue 15
 
     def on_ingest(report: IngestReport) -> None:
         dispatcher.submit_events(report.events)

@@ -52,6 +52,7 @@ from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, decode_json
 from waconsent.domain import CONSENT_SIGNALS, Signal
 from waconsent.errors import ConfigError
 from waconsent.keywords import KeywordRules
+from waconsent.optin_web import optin_routes
 from waconsent.phones import mask
 from waconsent.replies.policy import reply_policy
 from waconsent.replies.rules import ReplyPolicy
@@ -227,6 +228,9 @@ class _Receiver:
                                kind=event.kind.value,
                                wa_id=mask(event.wa_id) if event.wa_id else None,
                                key=_masked_key(event.key))
+        for confirmation in report.optin:  # issue 15: unknown, used, expired, mismatched too
+            logs.event(logger, "webhook.optin", outcome=confirmation.outcome,
+                       wa_id=mask(confirmation.wa_id) if confirmation.wa_id else None)
         logs.event(logger, "webhook.delivery", bytes=size, events=len(report.events),
                   stored=report.stored, duplicates=report.duplicates,
                   acknowledged=report.acknowledged,
@@ -317,6 +321,7 @@ def create_app(config: LoadedConfig, engine: Engine, *,
         Route(webhook.path, receiver.deliver, methods=["POST"]),
         Route(HEALTH_PATH, receiver.health, methods=["GET"]),
     ])
+    app.routes.extend(optin_routes(config, engine))  # issue 15: none unless [optin] enabled
     app.add_middleware(AccessLog, paths=frozenset({webhook.path, HEALTH_PATH}))
     return app
 

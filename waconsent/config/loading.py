@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from waconsent.config import optin as optin_config
 from waconsent.config import replies as replies_config
 from waconsent.config.schema import Settings
 from waconsent.errors import ConfigError
@@ -51,6 +52,8 @@ _SECRET_KEYS = {
     ("whatsapp", "access_token"): "WHATSAPP_ACCESS_TOKEN",  # issue 14
     ("replies", "access_token"): "WHATSAPP_ACCESS_TOKEN",  # issue 14
 }
+#: keys whose names look like a secret's but are not one
+_NOT_SECRETS = frozenset({("optin", "token_ttl_hours")})  # issue 15: a duration
 _SECRET_WORDS = re.compile(r"(password|passwd|secret|token|api_key|apikey|private_key$)", re.I)
 
 
@@ -147,7 +150,8 @@ def _secret_problems(raw: Mapping[str, Any]) -> Iterator[str]:
                    f"{target} in the environment instead" if target.isupper() else
                    f"{dotted}: secrets must not stand in the file; use {target} instead")
             continue
-        elif _SECRET_WORDS.search(path[-1]) and path[:2] != ("mapping", "fields"):
+        elif (_SECRET_WORDS.search(path[-1]) and path[:2] != ("mapping", "fields")
+              and path not in _NOT_SECRETS):
             yield (f"{dotted}: looks like a secret; secrets come only from the environment "
                    f"({', '.join(SECRET_VARIABLES)})")
             continue
@@ -190,6 +194,7 @@ def _cross_checks(settings: Settings) -> Iterator[str]:
     if kind == "dynamics":
         yield from _dynamics_checks(settings)
     yield from replies_config.cross_checks(settings)  # issue 14
+    yield from optin_config.cross_checks(settings)  # issue 15
 
 
 def _salesforce_checks(settings: Settings) -> Iterator[str]:

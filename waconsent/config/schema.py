@@ -9,6 +9,7 @@ import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from waconsent import domain
+from waconsent.config.optin import OptinConfig  # issue 15: the website opt-in
 from waconsent.config.replies import (  # issue 14: the reply channel
     DEFAULT_GRAPH_API_VERSION,
     DEFAULT_GRAPH_URL,
@@ -204,6 +205,7 @@ class Settings(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     sync: SyncConfig = SyncConfig()
     replies: RepliesConfig = RepliesConfig()  # issue 14
+    optin: OptinConfig = OptinConfig()  # issue 15
 
     def mapped_fields(self) -> dict[str, str]:
         """Logical -> CRM field name; on the ledger every logical field maps to itself."""

@@ -170,7 +170,8 @@ def _message(item: Mapping[str, Any], change: Change, keywords: KeywordRules) ->
     if wa_id is None and user_id is None:
         raise Skip("message without a sender (no from, no from_user_id)")
     occurred_at = time_of(item, change)
-    signal, keyword = keywords.classify(_reply(item, raw_type))
+    reply = _reply(item, raw_type)
+    signal, keyword = keywords.classify(reply)
     referral = item.get("referral")
     return Event(
         key=f"msg:{message_id}",
@@ -185,6 +186,7 @@ def _message(item: Mapping[str, Any], change: Change, keywords: KeywordRules) ->
         opens_session=True,
         referral_source_id=text_of(referral.get("source_id")) if isinstance(referral, Mapping)
         else None,
+        optin_token=keywords.optin_token(reply) if signal is Signal.OPT_IN else None,
     )
 
 

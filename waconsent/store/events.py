@@ -54,6 +54,7 @@ def _row(event: Event, source: str, now: datetime) -> dict[str, Any]:
         "opens_session": event.opens_session, "window_expires_at": event.window_expires_at,
         "referral_source_id": event.referral_source_id, "new_wa_id": event.new_wa_id,
         "detail": event.detail, "source": source[:300], "received_at": now,
+        "opt_in_ip": event.opt_in_ip, "opt_in_form": event.opt_in_form,  # issue 15
     }
 
 
@@ -141,7 +142,9 @@ def _evidence_body(event: Event, source: str) -> dict[str, Any]:
     return {"event_key": event.key, "signal": event.signal.value,
             "occurred_at": event.occurred_at, "keyword": event.keyword,
             "message_id": event.message_id, "evidence": event.evidence,
-            "new_wa_id": event.new_wa_id, "new_user_id": event.new_user_id, "source": source}
+            "new_wa_id": event.new_wa_id, "new_user_id": event.new_user_id, "source": source,
+            **({"opt_in_ip": event.opt_in_ip, "opt_in_form": event.opt_in_form}
+               if event.opt_in_form else {})}  # issue 15: older bodies (and hashes) unchanged
 
 
 _KINDS = {kind.value: kind for kind in EventKind}
@@ -154,7 +157,7 @@ _EVENT_COLUMNS = [events.c[name] for name in (
     "key", "kind", "occurred_at", "wa_id", "user_id", "phone_key", "uid_key",
     "message_id", "message_type", "status", "error_codes", "signal", "keyword",
     "opens_session", "window_expires_at", "referral_source_id", "new_wa_id", "detail",
-    "new_user_id")]
+    "new_user_id", "opt_in_ip", "opt_in_form")]
 
 
 def to_event(row: Row[Any]) -> Event:
@@ -162,7 +165,7 @@ def to_event(row: Row[Any]) -> Event:
     per sync, and attribute access by name costs more than the rest of it."""
     (key, kind, occurred_at, wa_id, user_id, _phone_key, _uid_key, message_id, message_type,
      status, error_codes, signal, keyword, opens_session, window_expires_at,
-     referral_source_id, new_wa_id, detail, new_user_id) = tuple(row)
+     referral_source_id, new_wa_id, detail, new_user_id, opt_in_ip, opt_in_form) = tuple(row)
     return Event(
         key=key, kind=_KINDS[kind], occurred_at=occurred_at, wa_id=wa_id, user_id=user_id,
         message_id=message_id, message_type=message_type, status=status,
@@ -170,6 +173,7 @@ def to_event(row: Row[Any]) -> Event:
         signal=_SIGNALS[signal], keyword=keyword, opens_session=opens_session,
         window_expires_at=window_expires_at, referral_source_id=referral_source_id,
         new_wa_id=new_wa_id, detail=detail, new_user_id=new_user_id,
+        opt_in_ip=opt_in_ip, opt_in_form=opt_in_form,
     )
 
 

@@ -100,6 +100,9 @@ events = Table(
     Column("source", String(300), nullable=False),
     Column("received_at", UTC_DATETIME, nullable=False),
     Column("new_user_id", String(128)),
+    # issue 15: a website opt-in this message confirmed (the form's IP, form and token ref)
+    Column("opt_in_ip", String(64)),
+    Column("opt_in_form", String(200)),
 )
 
 # Keys that name the same person because Meta announced a changed business-scoped user id
@@ -237,4 +240,26 @@ replies = Table(
     Column("error_code", String(32)),
     Column("error", String(300)),  # why, in waconsent's words (never Meta's message text)
     Index("ix_replies_due", "state", "next_attempt_at"),
+)
+
+# issue 15: website opt-in requests: what the form recorded (time, client IP, user agent, page,
+# form, the wording shown and its SHA-256), the hash of the one-time token (never the token),
+# and the message that confirmed it. Unconfirmed rows are deleted after the TTL + 30 days.
+optin_requests = Table(
+    "optin_requests", metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("expires_at", UTC_DATETIME, nullable=False, index=True),
+    Column("client_ip", String(64)),
+    Column("user_agent", String(300)),
+    Column("page", String(500)),
+    Column("form_id", String(64), nullable=False),
+    Column("wording", Text, nullable=False),
+    Column("wording_sha256", String(64), nullable=False),
+    Column("business", String(200), nullable=False),
+    Column("phone_key", String(32)),  # the number typed in the form, if any (E.164 key)
+    Column("confirmed_at", UTC_DATETIME),
+    Column("message_id", String(200), index=True),  # the confirming message
+    Column("confirmed_by", String(64)),  # the confirming number (wa_id)
 )

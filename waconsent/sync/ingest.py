@@ -18,6 +18,7 @@ from waconsent.keywords import KeywordRules
 from waconsent.replies.rules import PlannedReply, ReplyPolicy, is_reply_status, plan_reply
 from waconsent.store import events as event_store
 from waconsent.store import identity
+from waconsent.store import optin as optin_store
 from waconsent.store import replies as reply_store
 from waconsent.store.engine import REFUSED_VALUE
 
@@ -39,6 +40,8 @@ class IngestReport:
     acknowledged: int = 0
     replies_queued: int = 0  # issue 14: confirmations queued for opt-ins / opt-outs typed
     replies_settled: int = 0  # issue 14: statuses of waconsent's own replies applied
+    #: issue 15: what became of each `<keyword> <token>` website opt-in confirmation
+    optin: tuple[optin_store.Confirmation, ...] = ()
 
 
 def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source: str,
@@ -74,16 +77,19 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     try:
         with engine.begin() as connection:
             settled = reply_store.settle(connection, own, now)  # issue 14: first
-            counts = event_store.ingest(connection, events, source, now)
+            joined, confirmations = optin_store.confirm(connection, events, now)  # issue 15
+            counts = event_store.ingest(connection, joined, source, now)
             identity.record_links(connection, links)
             queued = reply_store.enqueue(connection, plans, now)  # issue 14
     except REFUSED_VALUE:
         pass
     else:
-        return IngestReport(counts.stored, counts.duplicates, parsed.skipped, events,
-                            len(plain), queued, settled)
+        return IngestReport(counts.stored, counts.duplicates, parsed.skipped, tuple(joined),
+                            len(plain), queued, settled, tuple(confirmations))
     with engine.begin() as connection:
         settled = reply_store.settle(connection, own, now)  # issue 14: first
+        joined, confirmations = optin_store.confirm(connection, events, now)  # issue 15
+        located = list(zip([location for location, _ in located], joined, strict=True))
         stored, duplicates, refused = _isolate(connection, located, source, now)
         identity.record_links(connection, links)
         refused_at = {location for location, _ in refused}
@@ -92,7 +98,8 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     skipped = parsed.skipped + tuple(
         SkippedItem(location, f"refused by the store ({type(exc).__name__})")
         for location, exc in refused)
-    return IngestReport(stored, duplicates, skipped, kept, len(plain), queued, settled)
+    return IngestReport(stored, duplicates, skipped, kept, len(plain), queued, settled,
+                        tuple(confirmations))
 
 
 def _own_reply_statuses(events: Sequence[Event]) -> list[Event]:

@@ -54,6 +54,8 @@ def has_message_evidence(source: str | None) -> bool:
     if "wamid." in source:
         return True
     parts = source.split(":")
+    if parts[0] == "website":  # issue 15: website:form:<form>:token:<ref>:<message id>
+        return len(parts) >= 6 and parts[1] == "form" and bool(":".join(parts[5:]).strip())
     return (len(parts) == 4 and parts[:2] == ["whatsapp", "keyword"] and bool(parts[2].strip())
             and bool(parts[3].strip()))
 
@@ -116,6 +118,8 @@ def _consent_targets(fields: Mapping[str, FieldValue], events: Sequence[Event]
             targets[OPT_IN] = (True, why)
             targets[OPT_IN_DATE] = (at, why)
             targets[OPT_IN_SOURCE] = (winner.evidence, why)
+            if winner.opt_in_ip:  # issue 15: a website opt-in confirmed in the chat
+                targets[OPT_IN_IP] = (winner.opt_in_ip, why)
     stale = [e for e in signals if not _is_fresh(e, opt_in_date, opt_out_date)]
     return targets, _stale_conflicts(fields, stale, opt_in_date, opt_out_date)
 

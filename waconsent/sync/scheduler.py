@@ -48,7 +48,8 @@ def _guarded(name: str, job: Callable[[], Any],
 
 
 def build_scheduler(schedule: ScheduleConfig, full_run: Callable[[], Any],
-                    incremental_run: Callable[[], Any]) -> BackgroundScheduler:
+                    incremental_run: Callable[[], Any],
+                    hourly: Callable[[], Any] | None = None) -> BackgroundScheduler:
     """Nightly full run on the cron expression, incremental every N minutes, never overlapping.
 
     A nightly run that finds an incremental run holding the lock is tried again every five
@@ -76,6 +77,9 @@ def build_scheduler(schedule: ScheduleConfig, full_run: Callable[[], Any],
                       IntervalTrigger(minutes=schedule.incremental_minutes,
                                       timezone=schedule.timezone),
                       id="incremental", **common)
+    if hourly is not None:  # issue 15: the purge of unconfirmed website opt-in requests
+        scheduler.add_job(_guarded("hourly upkeep", hourly), IntervalTrigger(hours=1),
+                          id="hourly", **common)
     return scheduler
 
 
