@@ -39,6 +39,7 @@ class IngestReport:
     acknowledged: int = 0
     replies_queued: int = 0  # issue 14: confirmations queued for opt-ins / opt-outs typed
     replies_settled: int = 0  # issue 14: statuses of waconsent's own replies applied
+    new_keys: frozenset[str] = frozenset()  # issue 17: the events' keys this delivery stored
 
 
 def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source: str,
@@ -81,10 +82,10 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
         pass
     else:
         return IngestReport(counts.stored, counts.duplicates, parsed.skipped, events,
-                            len(plain), queued, settled)
+                            len(plain), queued, settled, counts.stored_keys)
     with engine.begin() as connection:
         settled = reply_store.settle(connection, own, now)  # issue 14: first
-        stored, duplicates, refused = _isolate(connection, located, source, now)
+        new_keys, duplicates, refused = _isolate(connection, located, source, now)
         identity.record_links(connection, links)
         refused_at = {location for location, _ in refused}
         kept = tuple(event for location, event in located if location not in refused_at)
@@ -92,7 +93,8 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     skipped = parsed.skipped + tuple(
         SkippedItem(location, f"refused by the store ({type(exc).__name__})")
         for location, exc in refused)
-    return IngestReport(stored, duplicates, skipped, kept, len(plain), queued, settled)
+    return IngestReport(len(new_keys), duplicates, skipped, kept, len(plain), queued, settled,
+                        frozenset(new_keys))
 
 
 def _own_reply_statuses(events: Sequence[Event]) -> list[Event]:
@@ -112,9 +114,9 @@ def _reply_plans(events: Sequence[Event], replies: ReplyPolicy | None,
 
 
 def _isolate(connection: Connection, located: Sequence[tuple[str, Event]], source: str,
-             now: datetime) -> tuple[int, int, list[tuple[str, Exception]]]:
+             now: datetime) -> tuple[set[str], int, list[tuple[str, Exception]]]:
     """Store the events in savepoints, halving a part the store refuses until the refused
-    items stand alone: (stored, duplicates, [(location, error)]). k bad items among n
+    items stand alone: (stored keys, duplicates, [(location, error)]). k bad items among n
     cost about k * log2(n) extra statements, not n."""
     try:
         with connection.begin_nested():
@@ -122,12 +124,12 @@ def _isolate(connection: Connection, located: Sequence[tuple[str, Event]], sourc
                                         now)
     except REFUSED_VALUE as exc:
         if len(located) == 1:
-            return 0, 0, [(located[0][0], exc)]
+            return set(), 0, [(located[0][0], exc)]
         middle = len(located) // 2
         first = _isolate(connection, located[:middle], source, now)
         second = _isolate(connection, located[middle:], source, now)
-        return first[0] + second[0], first[1] + second[1], first[2] + second[2]
-    return counts.stored, counts.duplicates, []
+        return first[0] | second[0], first[1] + second[1], first[2] + second[2]
+    return set(counts.stored_keys), counts.duplicates, []
 
 
 def _storable_source(source: str) -> str:
