@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter as Counter_
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -126,11 +127,13 @@ class Metrics:
                    else "acknowledged")
         self._deliveries.labels(outcome).inc()
         self._store_seconds.observe(seconds)
-        for event in report.events:
-            if event.key in new:
-                self._items.labels(event.kind.value).inc()
-                if event.signal is not Signal.NONE:
-                    self._signals.labels(event.signal.value).inc()
+        if new:  # a batch of 1,000 items: one increment per label, not per item
+            fresh = [event for event in report.events if event.key in new]
+            for kind, count in Counter_(event.kind.value for event in fresh).items():
+                self._items.labels(kind).inc(count)
+            for signal, count in Counter_(event.signal.value for event in fresh
+                                          if event.signal is not Signal.NONE).items():
+                self._signals.labels(signal).inc(count)
         if report.acknowledged:
             self._items.labels(PLAIN_STATUS).inc(report.acknowledged)
 
