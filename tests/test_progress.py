@@ -148,6 +148,22 @@ def test_bar_on_a_forced_terminal_shows_counts_totals_and_writes(
     assert "writes sent" in text and "1/1" in text
 
 
+def test_dry_run_bar_has_no_writes_line(engine: Engine, store_url: str) -> None:
+    """A dry run sends nothing, so its bar draws records only."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(12)],
+                    T0 - timedelta(days=3))
+    screen = io.StringIO()
+    bar = SyncBar(Console(file=screen, force_terminal=True, width=160), writes=False)
+    bar.start()
+    try:
+        run_once(cfg, engine=engine, clock=clock, dry_run=True, progress=bar)
+    finally:
+        bar.stop()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "12/12" in text and "writes sent" not in text
+
+
 def _sync_command(tmp_path: Path) -> list[str]:
     db = tmp_path / "cli.db"
     cfg = tmp_path / "waconsent.toml"

@@ -44,14 +44,15 @@ class SyncBar:
 
     active = True
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, *, writes: bool = True) -> None:
         self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                              MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
                              TextColumn("eta"), TimeRemainingColumn(),
                              console=console, transient=True)
         self._lock = threading.Lock()  # `total` may come from the read-ahead thread
         self._records: TaskID = self._bar.add_task("records read and decided", total=None)
-        self._writes: TaskID = self._bar.add_task("writes sent", total=None)
+        # a dry run sends nothing: no line for it
+        self._writes: TaskID = self._bar.add_task("writes sent", total=None, visible=writes)
         self._sent = 0
         self._failed = 0
 
@@ -98,12 +99,12 @@ def wanted(console: Console) -> bool:
 
 
 @contextmanager
-def bar_for(console: Console) -> Iterator[SyncBar | None]:
+def bar_for(console: Console, *, writes: bool = True) -> Iterator[SyncBar | None]:
     """The bar, drawn for the block's duration, or None where none is wanted."""
     if not wanted(console):
         yield None
         return
-    bar = SyncBar(console)
+    bar = SyncBar(console, writes=writes)
     bar.start()
     try:
         yield bar

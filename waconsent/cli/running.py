@@ -47,7 +47,7 @@ def sync(ctx: click.Context, full: bool, dry_run: bool, report_path: str | None)
             diff_rows.append((record.record_id, change.field, _show(change.old),
                               _show(change.new), change.reason))
 
-    with bar_for(err) as bar:  # issue 17: on a terminal only
+    with bar_for(err, writes=not dry_run) as bar:  # issue 17: on a terminal only
         report = run_once(loaded, full=full, dry_run=dry_run,
                           on_decision=on_decision if dry_run else None, progress=bar)
     if dry_run:
