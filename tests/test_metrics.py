@@ -229,15 +229,19 @@ def test_failed_and_locked_runs_are_counted_and_reraised() -> None:
 
 
 def test_unreadable_store_is_a_gauge_not_a_failed_scrape(tmp_path: Path) -> None:
-    """When the store cannot be read, the scrape still answers, with waconsent_store_up 0."""
+    """When the store cannot be reached, a delivery answered 503 counts as failed and the
+    scrape still answers 200, with waconsent_store_up 0 and no store gauges."""
     gone = create_engine(f"sqlite:///{tmp_path}/missing/dir/x.db")
     try:
-        scraped = samples(Metrics(gone, "ledger").exposition().decode())
+        with TestClient(create_app(config("sqlite://"), gone)) as client:
+            assert post(client, p.payload(p.message("4915123456789", T0, "STOP"))) == 503
+            scraped = scrape(client)
     finally:
         gone.dispose()
+    assert value(scraped, "waconsent_webhook_deliveries_total", outcome="failed") == 1
+    assert value(scraped, "waconsent_webhook_deliveries_total", outcome="stored") == 0
     assert value(scraped, "waconsent_store_up") == 0
     assert value(scraped, "waconsent_outbox_rows", crm="ledger", state="pending") is None
-    assert value(scraped, "waconsent_webhook_deliveries_total", outcome="stored") == 0
 
 
 def test_serve_counts_the_targeted_write_back_of_a_stop(tmp_path: Path) -> None:
