@@ -119,13 +119,25 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = self._fixed or sys.stderr
-        as_json = (self._json_lines if self._json_lines is not None
-                   else not getattr(self.stream, "isatty", lambda: False)())
-        self.formatter = _JSON if as_json else _TEXT
+        self.formatter = _JSON if self.writes_json() else _TEXT
         super().emit(record)
+
+    def writes_json(self) -> bool:
+        stream = self._fixed or sys.stderr
+        return (self._json_lines if self._json_lines is not None
+                else not getattr(stream, "isatty", lambda: False)())
 
 
 _JSON, _TEXT = JsonFormatter(), TextFormatter()
+
+
+def writes_json() -> bool:
+    """Whether the installed handler writes JSON lines now (issue 17: a progress bar would
+    break them); True without a handler, where nothing decides yet."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _Handler):
+            return handler.writes_json()
+    return True
 
 
 def configure(level: int = logging.WARNING, *, stream: IO[str] | None = None,

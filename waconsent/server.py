@@ -30,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from waconsent import logs
 from waconsent.config.loading import LoadedConfig
 from waconsent.errors import FatalError
+from waconsent.metrics import Metrics
 from waconsent.server_limits import ServerLimits, Throttled
 from waconsent.store.engine import open_engine
 from waconsent.web import HealthHook, OnIngest, create_app, webhook_secrets
@@ -218,7 +219,7 @@ def _stop(_signum: int, _frame: FrameType | None) -> None:
 
 def serve(config: LoadedConfig, *, engine: Engine | None = None,
           on_ingest: OnIngest | None = None, limits: ServerLimits | None = None,
-          health: HealthHook | None = None) -> None:
+          health: HealthHook | None = None, metrics: Metrics | None = None) -> None:
     """Run the receiver on `[webhook] host:port` until stopped by SIGINT or SIGTERM.
 
     Raises ConfigError without the two WhatsApp secrets, FatalError when the address
@@ -227,7 +228,8 @@ def serve(config: LoadedConfig, *, engine: Engine | None = None,
     stopped, and the handler installed here turns SIGTERM into a return instead of death.
     `waconsent serve` passes its own engine (it keeps it) and an `on_ingest` hook;
     `limits` defaults to `ServerLimits()` (the deadlines and the descriptor-derived cap);
-    `health` adds to `/healthz` (issue 14: the reply sender's state).
+    `health` adds to `/healthz` (issue 14: the reply sender's state); `metrics` is what
+    `/metrics` shows (issue 17: `serve` shares its own with the scheduler and the replies).
     """
     webhook_secrets(config)  # refuse before opening anything
     logs.configure(logging.INFO)
@@ -239,7 +241,8 @@ def serve(config: LoadedConfig, *, engine: Engine | None = None,
     try:
         engine = engine or open_engine(config.settings.store.url)
         limits = limits or ServerLimits()
-        app = create_app(config, engine, on_ingest=on_ingest, limits=limits, health=health)
+        app = create_app(config, engine, on_ingest=on_ingest, limits=limits, health=health,
+                         metrics=metrics)
         logs.event(logger, "webhook.starting", host=webhook.host, port=sock.getsockname()[1],
                   path=webhook.path, store=engine.dialect.name,
                   max_body_bytes=webhook.max_body_bytes)

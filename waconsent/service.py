@@ -3,7 +3,8 @@
 Composition only: the receiver stores deliveries, the scheduler starts the nightly full
 and the periodic incremental runs, and each stored revocation starts a targeted
 write-back for the records of that number at once. With `[replies] enabled`, a reply
-worker sends the confirmations of START and STOP the receiver queues (issue 14).
+worker sends the confirmations of START and STOP the receiver queues (issue 14). The runs
+and the replies are counted into the metrics `/metrics` shows (issue 17).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import Engine
 
 from waconsent import logs, server, web
 from waconsent.config import LoadedConfig
+from waconsent.metrics import Metrics
 from waconsent.replies.sending import send_due, sender_from_config
 from waconsent.replies.worker import ReplyWorker
 from waconsent.store import optin as optin_store
@@ -42,17 +44,20 @@ def serve(config: LoadedConfig) -> None:
     sender = sender_from_config(config) if config.settings.replies.enabled else None
     logs.configure(logging.INFO)
     engine = open_engine(config.settings.store.url)
+    metrics = Metrics(engine, config.settings.crm_name)  # issue 17
     worker = None
     if sender is not None:  # issue 14
         holder = node_identity()
-        worker = ReplyWorker(lambda: send_due(engine, sender, holder,
-                                              lambda: datetime.now(UTC)))
-    dispatcher = RevocationDispatcher(
-        lambda keys: run_once(config, engine=engine, only_keys=keys))
+        worker = ReplyWorker(lambda: metrics.replies(send_due(engine, sender, holder,
+                                                              lambda: datetime.now(UTC))))
+    dispatcher = RevocationDispatcher(lambda keys: metrics.timed_run(
+        "targeted", lambda: run_once(config, engine=engine, only_keys=keys)))
     scheduler = build_scheduler(
         config.settings.schedule,
-        full_run=lambda: run_once(config, full=True, engine=engine),
-        incremental_run=lambda: run_once(config, engine=engine),
+        full_run=lambda: metrics.timed_run(
+            "full", lambda: run_once(config, full=True, engine=engine)),
+        incremental_run=lambda: metrics.timed_run(
+            "incremental", lambda: run_once(config, engine=engine)),
         hourly=lambda: purge_optin_requests(engine))  # issue 15
 
     def on_ingest(report: IngestReport) -> None:
@@ -69,7 +74,7 @@ def serve(config: LoadedConfig) -> None:
                   incremental_minutes=config.settings.schedule.incremental_minutes)
     try:
         server.serve(config, engine=engine, on_ingest=on_ingest,
-                     health=worker.health if worker is not None else None)
+                     health=worker.health if worker is not None else None, metrics=metrics)
     finally:
         scheduler.shutdown(wait=True)
         dispatcher.stop()

@@ -7,6 +7,7 @@ Routes (the webhook path comes from `[webhook] path`):
                     raw bytes, parsed and committed to the ledger before the 200
     GET  /healthz   store reachability, 200 or 503 as JSON (under `serve`, also whether the
                     replies are being sent: a rejected token is "degraded", still 200)
+    GET  /metrics   Prometheus text format (`waconsent.metrics`): every outcome below counted
 
 Status codes of a POST, in the order they are decided:
 
@@ -52,6 +53,7 @@ from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, decode_json
 from waconsent.domain import CONSENT_SIGNALS, Signal
 from waconsent.errors import ConfigError
 from waconsent.keywords import KeywordRules
+from waconsent.metrics import CONTENT_TYPE, Metrics
 from waconsent.optin_web import optin_routes
 from waconsent.phones import mask
 from waconsent.replies.policy import reply_policy
@@ -71,6 +73,7 @@ REQUIRED_VARIABLES = {
                              "when you register the callback URL with Meta",
 }
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
 SOURCE = "webhook"
 RETRY_AFTER_SECONDS = "30"
 MAX_SKIPS_LOGGED = 20  # a 1,000-item batch of junk logs 20 locations and a count, not 1,000 lines
@@ -100,8 +103,9 @@ class _Receiver:
     def __init__(self, engine: Engine, app_secret: str, verify_token: str, max_body: int,
                  keywords: KeywordRules, on_ingest: OnIngest | None,
                  limits: ServerLimits, replies: ReplyPolicy | None = None,
-                 health_hook: HealthHook | None = None) -> None:
+                 health_hook: HealthHook | None = None, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics or Metrics()  # issue 17
         self.replies = replies  # issue 14
         self.health_hook = health_hook  # issue 14
         self.body_timeout = limits.body_timeout
@@ -134,6 +138,7 @@ class _Receiver:
         signature = request.headers.get(SIGNATURE_HEADER)
         if signature is None:
             logs.event(logger, "webhook.unsigned", logging.WARNING)
+            self.metrics.delivery("refused_unsigned")
             return PlainTextResponse(f"missing {SIGNATURE_HEADER}", status_code=401,
                                      headers={"WWW-Authenticate": SIGNATURE_HEADER})
         raw = await self._read_body(request)
@@ -141,11 +146,13 @@ class _Receiver:
             return raw
         if not verify_signature(raw, signature, self.app_secret):
             logs.event(logger, "webhook.forged", logging.WARNING, bytes=len(raw))
+            self.metrics.delivery("refused_signature")
             return PlainTextResponse("signature does not match", status_code=403)
         try:
             payload = decode_json(raw)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
             logs.event(logger, "webhook.not_json", logging.WARNING, bytes=len(raw))
+            self.metrics.delivery("bad_json")
             return PlainTextResponse("body is not JSON", status_code=400)
         return await run_in_threadpool(self._store, payload, len(raw))
 
@@ -156,6 +163,7 @@ class _Receiver:
             try:
                 length = int(declared)
             except ValueError:
+                self.metrics.delivery("bad_request")
                 return PlainTextResponse("bad Content-Length", status_code=400)
             if length > self.max_body:
                 return self._too_large(length)
@@ -167,9 +175,11 @@ class _Receiver:
                     if len(body) > self.max_body:
                         return self._too_large(len(body))
         except ClientDisconnect:
+            self.metrics.delivery("bad_request")
             return PlainTextResponse("client went away", status_code=400)
         except TimeoutError:  # a stalled or trickling body holds a connection: let it go
             self.body_timeouts.note(seconds=self.body_timeout)
+            self.metrics.delivery("too_slow")
             return PlainTextResponse("body too slow", status_code=408,
                                      headers={"Connection": "close"})
         return bytes(body)
@@ -177,6 +187,7 @@ class _Receiver:
     def _too_large(self, size: int) -> Response:
         logs.event(logger, "webhook.too_large", logging.WARNING, bytes_at_least=size,
                   limit=self.max_body)
+        self.metrics.delivery("too_large")
         # The rest of the body stays unread, so the connection cannot be reused.
         return PlainTextResponse(f"body over {self.max_body} bytes", status_code=413,
                                  headers={"Connection": "close"})
@@ -198,13 +209,17 @@ class _Receiver:
             # and then nothing of this delivery was committed: Meta must send it again.
             logs.event(logger, "webhook.store_unavailable", logging.ERROR, error=type(exc).__name__,
                       bytes=size)
+            self.metrics.delivery("failed")
             return PlainTextResponse("store unavailable, retry later", status_code=503,
                                      headers={"Retry-After": RETRY_AFTER_SECONDS})
         except Exception as exc:  # noqa: BLE001 - a bug here; never the payload's fault (the parser skips)
             logs.event(logger, "webhook.internal_error", logging.ERROR, error=type(exc).__name__,
                       trace=traceback.format_tb(exc.__traceback__))  # no message: may hold data
+            self.metrics.delivery("error")
             return PlainTextResponse("internal error", status_code=500)
-        self._log_report(report, size, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._log_report(report, size, seconds)
+        self.metrics.delivered(report, seconds)
         if self.on_ingest is not None and report.stored:
             try:
                 self.on_ingest(report)
@@ -251,6 +266,11 @@ class _Receiver:
             if answer.get("replies") == "stopped":
                 answer["status"] = "degraded"
         return JSONResponse(answer)
+
+    async def scrape(self, request: Request) -> Response:
+        """Issue 17: the Prometheus text; the store's gauges are read in a worker thread."""
+        body = await run_in_threadpool(self.metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE)
 
     def _ping(self) -> None:
         with reading(self.engine) as connection:
@@ -302,27 +322,31 @@ class AccessLog:
 def create_app(config: LoadedConfig, engine: Engine, *,
                on_ingest: OnIngest | None = None,
                limits: ServerLimits | None = None,
-               health: HealthHook | None = None) -> Starlette:
+               health: HealthHook | None = None, metrics: Metrics | None = None) -> Starlette:
     """The receiver as an ASGI app over an open engine; raises ConfigError without its secrets.
 
     `on_ingest` (optional) is called in a worker thread after a delivery that stored new
     events was committed, e.g. for `waconsent serve` to start a targeted write-back of a
     revocation; its failures are logged and do not change the answer. `limits` gives the
     body deadline (the default `ServerLimits` in production). `health` adds to `/healthz`
-    (issue 14: the reply sender's state).
+    (issue 14: the reply sender's state). `metrics` (issue 17): `serve` passes the one its
+    scheduler and reply sender also count into; by default the app makes its own.
     """
     app_secret, verify_token = webhook_secrets(config)
     webhook = config.settings.webhook
+    metrics = metrics or Metrics(engine, config.settings.crm_name)  # issue 17
     receiver = _Receiver(engine, app_secret, verify_token, webhook.max_body_bytes,
                          keyword_rules(config.settings), on_ingest, limits or ServerLimits(),
-                         replies=reply_policy(config.settings), health_hook=health)
+                         replies=reply_policy(config.settings), health_hook=health,
+                         metrics=metrics)
     app = Starlette(routes=[
         Route(webhook.path, receiver.handshake, methods=["GET"]),
         Route(webhook.path, receiver.deliver, methods=["POST"]),
         Route(HEALTH_PATH, receiver.health, methods=["GET"]),
+        Route(METRICS_PATH, receiver.scrape, methods=["GET"]),  # issue 17
     ])
     app.routes.extend(optin_routes(config, engine))  # issue 15: none unless [optin] enabled
-    app.add_middleware(AccessLog, paths=frozenset({webhook.path, HEALTH_PATH}))
+    app.add_middleware(AccessLog, paths=frozenset({webhook.path, HEALTH_PATH, METRICS_PATH}))
     return app
 
 

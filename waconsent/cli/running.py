@@ -14,10 +14,12 @@ from waconsent.cli.base import (
     Failed,
     config_of,
     engine_of,
+    err,
     guarded,
     main,
     out,
 )
+from waconsent.cli.progress import bar_for
 from waconsent.domain import CrmRecord, Decision, jsonable
 from waconsent.store import runs as run_store
 from waconsent.store.engine import reading
@@ -33,7 +35,10 @@ from waconsent.sync.run import run_once
 @click.pass_context
 @guarded
 def sync(ctx: click.Context, full: bool, dry_run: bool, report_path: str | None) -> None:
-    """One reconciliation run: read, match, decide, write back, report."""
+    """One reconciliation run: read, match, decide, write back, report.
+
+    On a terminal a progress bar shows records read and decided, writes sent, the rate and,
+    where the CRM tells the total, an ETA."""
     loaded = config_of(ctx)
     diff_rows: list[tuple[str, str, str, str, str]] = []
 
@@ -42,8 +47,9 @@ def sync(ctx: click.Context, full: bool, dry_run: bool, report_path: str | None)
             diff_rows.append((record.record_id, change.field, _show(change.old),
                               _show(change.new), change.reason))
 
-    report = run_once(loaded, full=full, dry_run=dry_run,
-                      on_decision=on_decision if dry_run else None)
+    with bar_for(err, writes=not dry_run) as bar:  # issue 17: on a terminal only
+        report = run_once(loaded, full=full, dry_run=dry_run,
+                          on_decision=on_decision if dry_run else None, progress=bar)
     if dry_run:
         _print_diff(diff_rows)
     _print_summary(report)

@@ -83,3 +83,19 @@ class CrmConnector(Protocol):
 
     def close(self) -> None:
         """Release sessions and pools."""
+
+
+@runtime_checkable
+class TotalHint(Protocol):
+    """Optional beside `CrmConnector` (issue 17): a connector that can tell how many
+    records its current `read_all` / `read_changed_since` will yield, once the first page is
+    in, without an extra request (Salesforce's `totalSize`). The run asks only while a
+    progress bar is shown; connectors without it simply have no ETA."""
+
+    def total_hint(self) -> int | None:
+        """The number of records the read in progress yields in all; None when unknown."""
+
+
+def total_hint(connector: object) -> int | None:
+    """The connector's hint for the read in progress, if it gives one."""
+    return connector.total_hint() if isinstance(connector, TotalHint) else None

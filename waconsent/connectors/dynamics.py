@@ -105,6 +105,7 @@ class DynamicsConnector:
         self._change_tracking = settings.change_tracking
         #: the delta link of the last complete change-tracking read (`next_cursor`)
         self.delta_link: str | None = None
+        self._total: int | None = None  # issue 17: the size of a one-page read
         self._client = DataverseClient(
             self._base, tokens, policy=policy or RetryPolicy(),
             session=session or new_session(self._concurrency), own_session=own_session,
@@ -204,8 +205,10 @@ class DynamicsConnector:
             if not response.ok:
                 raise_for(response, "query", self._set)
             payload = response.json()
-            yield from payload.get("value", [])
             next_url = payload.get("@odata.nextLink")
+            if len(seen) == 1:  # issue 17: a read that fits one page tells its size
+                self._total = None if next_url else len(payload.get("value", []))
+            yield from payload.get("value", [])
             delta_link = payload.get("@odata.deltaLink") or delta_link
         if track_changes:
             # only a read that reached the last page may move the delta link
@@ -233,6 +236,12 @@ class DynamicsConnector:
                     for phone in self._phones},
             modified_at=odata.parse_datetime(modified) if isinstance(modified, str) else None,
             name=str(name) if name is not None else None)
+
+    def total_hint(self) -> int | None:
+        """The size of a read that fitted one page, else None: `$count=true` would tell no
+        more (Dataverse caps `@odata.count` at 5,000, our page size) and adds a count to
+        every page's query, so it is not requested."""
+        return self._total
 
     def next_cursor(self) -> str | None:
         """The delta link of the last complete tracked read (with change tracking on)."""

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Engine,
     TypeDecorator,
     bindparam,
+    func,
     or_,
     select,
     tuple_,
@@ -93,6 +94,7 @@ class LedgerCrm:
         self.page_size = read_chunk_size
         self._clock = clock or (lambda: datetime.now(UTC))
         self._calls = 0
+        self._reading: Any = None  # issue 17: the query of the read in progress, to count
 
     def mapping_verdicts(self) -> list[Verdict]:
         """The shared checker over the contacts table itself: the ledger's fields are the
@@ -123,13 +125,23 @@ class LedgerCrm:
                 return
 
     def read_all(self) -> Iterator[CrmRecord]:
-        return self._pages(select(contacts), [contacts.c.id])
+        self._reading = select(contacts)
+        return self._pages(self._reading, [contacts.c.id])
 
     def read_changed_since(self, since: datetime,
                            cursor: str | None = None) -> Iterator[CrmRecord]:
         """By `modified_at >= since`; the ledger keeps no cursor of its own."""
-        return self._pages(select(contacts).where(contacts.c.modified_at >= since),
-                           [contacts.c.modified_at, contacts.c.id])
+        self._reading = select(contacts).where(contacts.c.modified_at >= since)
+        return self._pages(self._reading, [contacts.c.modified_at, contacts.c.id])
+
+    def total_hint(self) -> int | None:
+        """The contacts the read in progress yields: one COUNT, asked only for a progress
+        bar (a local query, not counted as an API call)."""
+        if self._reading is None:
+            return None
+        with reading(self._engine) as connection:
+            return int(connection.execute(
+                select(func.count()).select_from(self._reading.subquery())).scalar_one())
 
     def next_cursor(self) -> str | None:
         return None

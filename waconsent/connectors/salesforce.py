@@ -124,6 +124,7 @@ class SalesforceConnector:
         self._api = SalesforceClient(settings, auth, self._policy, session, self._object)
         self._call = self._api.call
         self._described: dict[str, FieldDescription] | None = None
+        self._total: int | None = None  # issue 17: the current read's totalSize
         self._bulk = Bulk2(self._call, self._policy.sleep, timeout=bulk_timeout,
                            page_size=bulk_page_size)
 
@@ -199,6 +200,7 @@ class SalesforceConnector:
     def _read(self, soql: str, bulk_soql: str) -> Iterator[CrmRecord]:
         pages = self._pages(soql)
         first = next(pages)
+        self._total = int(first.get("totalSize", 0))
         if not first.get("done", True) and \
                 int(first.get("totalSize", 0)) > self._settings.bulk_query_threshold:
             # The first page told the size (no separate COUNT() call): leave its cursor
@@ -221,6 +223,9 @@ class SalesforceConnector:
         """By SystemModstamp >= since; Salesforce keeps no cursor for us."""
         return self._read(select_changed_since(self._object, self._fields, since),
                           select_changed_since_unordered(self._object, self._fields, since))
+
+    def total_hint(self) -> int | None:
+        return self._total
 
     def next_cursor(self) -> str | None:
         return None

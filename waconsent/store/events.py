@@ -40,6 +40,7 @@ _KEYS_PER_QUERY = 2_000  # bound as one array (see `store.engine.among`)
 class IngestCounts:
     stored: int
     duplicates: int
+    stored_keys: frozenset[str] = frozenset()  # the keys of the events new to the store
 
 
 def _row(event: Event, source: str, now: datetime) -> dict[str, Any]:
@@ -135,7 +136,8 @@ def ingest(connection: Connection, batch: Sequence[Event], source: str,
     evidence_store.append(connection, entries, now)
     identity.record(connection, [e for e in unique if e.key in stored_keys
                                  and e.signal is Signal.USER_ID_CHANGED])
-    return IngestCounts(stored=len(stored_keys), duplicates=len(batch) - len(stored_keys))
+    return IngestCounts(stored=len(stored_keys), duplicates=len(batch) - len(stored_keys),
+                        stored_keys=frozenset(stored_keys))
 
 
 def _evidence_body(event: Event, source: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class ChunkDecider:
         if self._plan.writes:
             self._queue(chunk, decisions, now)
             self._scope.keep_lock()
+        self._scope.progress.decided(len(chunk.keyed))
 
     def _decide_one(self, record: CrmRecord, keys: matching.RecordKeys, chunk: Prepared,
                     now: datetime) -> Decision | None:

@@ -42,6 +42,7 @@ class IngestReport:
     replies_settled: int = 0  # issue 14: statuses of waconsent's own replies applied
     #: issue 15: what became of each `<keyword> <token>` website opt-in confirmation
     optin: tuple[optin_store.Confirmation, ...] = ()
+    new_keys: frozenset[str] = frozenset()  # issue 17: the events' keys this delivery stored
 
 
 def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source: str,
@@ -85,12 +86,13 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
         pass
     else:
         return IngestReport(counts.stored, counts.duplicates, parsed.skipped, tuple(joined),
-                            len(plain), queued, settled, tuple(confirmations))
+                            len(plain), queued, settled, optin=tuple(confirmations),
+                            new_keys=frozenset(counts.stored_keys))
     with engine.begin() as connection:
         settled = reply_store.settle(connection, own, now)  # issue 14: first
         joined, confirmations = optin_store.confirm(connection, events, now)  # issue 15
         located = list(zip([location for location, _ in located], joined, strict=True))
-        stored, duplicates, refused = _isolate(connection, located, source, now)
+        new_keys, duplicates, refused = _isolate(connection, located, source, now)
         identity.record_links(connection, links)
         refused_at = {location for location, _ in refused}
         kept = tuple(event for location, event in located if location not in refused_at)
@@ -98,8 +100,8 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     skipped = parsed.skipped + tuple(
         SkippedItem(location, f"refused by the store ({type(exc).__name__})")
         for location, exc in refused)
-    return IngestReport(stored, duplicates, skipped, kept, len(plain), queued, settled,
-                        tuple(confirmations))
+    return IngestReport(len(new_keys), duplicates, skipped, kept, len(plain), queued, settled,
+                        optin=tuple(confirmations), new_keys=frozenset(new_keys))
 
 
 def _own_reply_statuses(events: Sequence[Event]) -> list[Event]:
@@ -119,9 +121,9 @@ def _reply_plans(events: Sequence[Event], replies: ReplyPolicy | None,
 
 
 def _isolate(connection: Connection, located: Sequence[tuple[str, Event]], source: str,
-             now: datetime) -> tuple[int, int, list[tuple[str, Exception]]]:
+             now: datetime) -> tuple[set[str], int, list[tuple[str, Exception]]]:
     """Store the events in savepoints, halving a part the store refuses until the refused
-    items stand alone: (stored, duplicates, [(location, error)]). k bad items among n
+    items stand alone: (stored keys, duplicates, [(location, error)]). k bad items among n
     cost about k * log2(n) extra statements, not n."""
     try:
         with connection.begin_nested():
@@ -129,12 +131,12 @@ def _isolate(connection: Connection, located: Sequence[tuple[str, Event]], sourc
                                         now)
     except REFUSED_VALUE as exc:
         if len(located) == 1:
-            return 0, 0, [(located[0][0], exc)]
+            return set(), 0, [(located[0][0], exc)]
         middle = len(located) // 2
         first = _isolate(connection, located[:middle], source, now)
         second = _isolate(connection, located[middle:], source, now)
-        return first[0] + second[0], first[1] + second[1], first[2] + second[2]
-    return counts.stored, counts.duplicates, []
+        return first[0] | second[0], first[1] + second[1], first[2] + second[2]
+    return set(counts.stored_keys), counts.duplicates, []
 
 
 def _storable_source(source: str) -> str:

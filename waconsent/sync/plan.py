@@ -18,6 +18,7 @@ from waconsent.config.schema import Settings
 from waconsent.connectors import CrmConnector
 from waconsent.store import runs as run_store
 from waconsent.store.runs import Watermarks
+from waconsent.sync.progress import SILENT, Progress
 
 Clock = Callable[[], datetime]
 
@@ -80,6 +81,7 @@ class RunScope:
     holder: str  # this run's identity in the run lock
     run_id: int  # 0 for a dry run, which records no run
     mapped: frozenset[str]
+    progress: Progress = SILENT  # issue 17: told how far the run has got
 
     @property
     def region(self) -> str:

@@ -17,6 +17,7 @@ from itertools import islice
 from typing import Any
 
 from waconsent import logs
+from waconsent.connectors.base import total_hint
 from waconsent.domain import Activity, CrmRecord
 from waconsent.errors import WaconsentError
 from waconsent.store import events as event_store
@@ -96,11 +97,43 @@ def records_to_read(scope: RunScope, plan: RunPlan, targets: Targets | None,
     choice = choose_read(scope, plan)
     report.read_plan, report.read_plan_reason = choice.plan, choice.reason
     if choice.plan == "full":
-        return scope.connector.read_all()
+        records = scope.connector.read_all()
+        return _telling_total(scope, records, 0, full=True) if scope.progress.active else records
     if choice.plan == "targeted":
         assert targets is not None
         return _targeted(scope, targets, report)
-    return _changed_and_active(scope, plan, choice.active_ids)
+    records = _changed_and_active(scope, plan, choice.active_ids)
+    return (_telling_total(scope, records, len(choice.active_ids), full=False)
+            if scope.progress.active else records)
+
+
+def _telling_total(scope: RunScope, records: Iterator[CrmRecord], extra: int, *,
+                   full: bool) -> Iterator[CrmRecord]:
+    """Issue 17: tells the progress bar the run's total once the CRM's first page is in:
+    the CRM's own count (plus `extra`, the records with activity read by id, an upper
+    bound), else for a full read the ledger's last full size as an estimate."""
+    told = False
+    for record in records:
+        if not told:
+            told = True
+            _tell_total(scope, extra, full)
+        yield record
+    if not told:
+        _tell_total(scope, extra, full)
+
+
+def _tell_total(scope: RunScope, extra: int, full: bool) -> None:
+    hint = total_hint(scope.connector)
+    if hint is not None:
+        scope.progress.total(hint + extra)
+        return
+    if full:
+        with reading(scope.engine) as connection:
+            size = run_store.last_full_size(connection, scope.crm)
+        if size:
+            scope.progress.total(size, estimated=True)
+            return
+    scope.progress.total(None)
 
 
 def _changed_and_active(scope: RunScope, plan: RunPlan,

@@ -40,6 +40,7 @@ from waconsent.store.engine import open_engine, reading
 from waconsent.sync import reading as read
 from waconsent.sync.deciding import ChunkDecider, DecisionSink
 from waconsent.sync.plan import Clock, Mode, RunPlan, RunScope
+from waconsent.sync.progress import SILENT, Progress
 from waconsent.sync.report import RunReport, note_identity_changes, note_unmatched
 from waconsent.sync.sending import OutboxSender
 
@@ -51,12 +52,14 @@ log = logging.getLogger("waconsent.sync")
 def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
              connector: CrmConnector | None = None, engine: Engine | None = None,
              clock: Clock | None = None, on_decision: DecisionSink | None = None,
-             only_keys: Collection[str] | None = None) -> RunReport:
+             only_keys: Collection[str] | None = None,
+             progress: Progress | None = None) -> RunReport:
     """The one entry point of the CLI, the scheduler and the webhook's targeted write-back.
 
     `only_keys` makes a *targeted* run: only the records behind those match keys are read,
     decided and written; watermarks do not move, so the next scheduled run still sees
-    everything it would have seen.
+    everything it would have seen. `progress` is told how far the run has got (issue 17:
+    the CLI's progress bar; silent by default).
     """
     clock = clock or (lambda: datetime.now(UTC))
     own_engine = engine is None
@@ -70,7 +73,8 @@ def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
         plan = RunPlan.choose(marks, event_upto, full=full, dry_run=dry_run,
                               only_keys=only_keys)
         with _long_lived_objects_frozen():
-            return _run(config, engine, connector, clock, plan, on_decision)
+            return _run(config, engine, connector, clock, plan, on_decision,
+                        progress or SILENT)
     finally:
         if own_connector and connector is not None:
             connector.close()
@@ -79,7 +83,7 @@ def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
 
 
 def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: Clock,
-         plan: RunPlan, on_decision: DecisionSink | None) -> RunReport:
+         plan: RunPlan, on_decision: DecisionSink | None, progress: Progress) -> RunReport:
     settings = config.settings
     crm = settings.crm_name
     report = RunReport(mode=plan.mode.value, dry_run=plan.dry_run)
@@ -93,7 +97,7 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
             run_id = report.run_id = run_store.start_run(engine, crm, plan.mode.value, holder,
                                                          clock())
         scope = RunScope(settings, engine, connector, clock, crm, holder, run_id,
-                         frozenset(settings.mapped_fields()))
+                         frozenset(settings.mapped_fields()), progress)
         with logs.bound(run_id=run_id or None, crm=crm, mode=plan.mode.value):
             _steps(scope, plan, report, on_decision)
     except Exception as exc:  # any failure: the run record says so, the outbox keeps its rows

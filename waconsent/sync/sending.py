@@ -38,6 +38,7 @@ class OutboxSender:
         only = sorted(record_ids) if record_ids is not None else None
         with reading(scope.engine) as connection:
             backlog = outbox_store.count_sendable(connection, scope.crm, record_ids=only)
+        scope.progress.sending(backlog)
         size = max(1, scope.connector.batch_size(backlog))
         cursor = (0, 0)  # (priority, id) of the last row read, so the pass moves on
         while True:
@@ -79,6 +80,8 @@ class OutboxSender:
     def _settle(self, outcomes: Sequence[tuple[QueuedWrite, WriteResult]]) -> None:
         scope, report = self._scope, self._report
         entries = []
+        scope.progress.sent(sum(1 for _, r in outcomes if r.ok),
+                            sum(1 for _, r in outcomes if not r.ok))
         for queued, result in outcomes:
             if result.ok:
                 report.writes_sent += 1
