@@ -41,7 +41,7 @@ def test_migrations_create_every_table_from_empty(engine: Engine) -> None:
             "locks", "replies", "alembic_version"} <= names
     with engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() \
-            == "0006"
+            == "0007"
 
 
 def test_upgrade_from_first_revision_keeps_data(store_url: str) -> None:

@@ -2,9 +2,17 @@
 mapping; each module beside it adds the commands of one kind; `--config` is accepted
 after every command word once they are all registered."""
 
-from waconsent.cli import data, replies, reports, running, services, setup  # replies: issue 14
+from waconsent.cli import (  # replies: issue 14; audience: issue 16
+    audience,
+    data,
+    replies,
+    reports,
+    running,
+    services,
+    setup,
+)
 from waconsent.cli.base import accept_config_everywhere, main
 
 accept_config_everywhere(main)
 
-__all__ = ["data", "main", "replies", "reports", "running", "services", "setup"]
+__all__ = ["audience", "data", "main", "replies", "reports", "running", "services", "setup"]

@@ -210,23 +210,34 @@ def activity_of(connection: Connection, keys_by_record: Mapping[str, Collection[
     return found
 
 
-def _activity_by_group(connection: Connection, keys: Iterable[str]) -> dict[Group, Activity]:
+def activity_since(connection: Connection, keys: Iterable[str],
+                   since: datetime | None) -> dict[Group, Activity]:
+    """The activity of each (phone key, user-id key) group under `keys`, of the events
+    received since `since` only (issue 16: what arrived after the last sync)."""
+    return _activity_by_group(connection, keys, since)
+
+
+def _activity_by_group(connection: Connection, keys: Iterable[str],
+                       since: datetime | None = None) -> dict[Group, Activity]:
     """One aggregate row per group; consent events and user-id changes themselves are read
     only for the groups that have any (most numbers never sent STOP or START)."""
+    newer = events.c.received_at >= since if since is not None else None
     wanted = set(keys)
     facts: dict[Group, tuple[int, datetime | None, datetime | None,
                              tuple[datetime, str] | None]] = {}
     with_whole: set[str] = set()
     for matches in _under_keys(connection, wanted):
+        query = _ACTIVITY.where(matches) if newer is None else _ACTIVITY.where(matches, newer)
         for (phone_key, uid_key, count, whole_count, inbound, window, uid_at,
-             user_id) in connection.execute(_ACTIVITY.where(matches)).all():
+             user_id) in connection.execute(query).all():
             facts[(phone_key, uid_key)] = (
                 count, inbound, window, (uid_at, user_id) if uid_at and user_id else None)
             if whole_count:
                 with_whole.add(phone_key if phone_key in wanted else uid_key)
     whole: dict[Group, dict[str, Event]] = defaultdict(dict)
     for matches in _under_keys(connection, with_whole):
-        for row in connection.execute(_WHOLE.where(matches)).all():
+        query = _WHOLE.where(matches) if newer is None else _WHOLE.where(matches, newer)
+        for row in connection.execute(query).all():
             event = to_event(row)
             whole[(row[5], row[6])][event.key] = event
     activities = {}

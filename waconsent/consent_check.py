@@ -1,0 +1,129 @@
+"""The pre-send check over the store (issue 16): numbers in, answers out, a batch at a time.
+
+For each batch the store is asked twice, whatever its size: which records carry the batch's
+numbers (the consent snapshot, one indexed lookup by key) and what arrived on WhatsApp for
+those records since they were synced (`store.events.activity_since`). The answer itself is
+`sync.audience.answer`, pure. The CLI (`audience check`) and the HTTP API (`/v1/consent`) are
+thin shells over `ConsentChecker.check`.
+
+A number is read the quick way when it is written as a wa_id or as E.164 (`phones.quick_key`);
+in any other form (a national number, a user id) by `phones.lookup_keys`. A quick key that no
+record carries, while some record's number ends with the same digits, is parsed in full
+(a trunk "(0)" typed after the country code still finds its record).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine
+
+from waconsent.domain import NO_ACTIVITY, Activity
+from waconsent.phones import lookup_keys, quick_key
+from waconsent.store import events as event_store
+from waconsent.store import snapshot as snapshot_store
+from waconsent.store.engine import reading
+from waconsent.sync import audience
+
+#: events received this long before a record's sync are applied again (harmless: the rules
+#: are idempotent), so a delivery still committing while the sync read is never missed
+MARGIN = timedelta(minutes=5)
+#: a number no record carries can only have an open service window from events this recent
+#: (a free entry point window ends at most 7 days after its status, see README "Times")
+UNMATCHED_REACH = timedelta(days=8)
+BATCH = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    key: str | None  # None: unparseable
+    quick: bool
+
+
+class ConsentChecker:
+    """Answers batches of numbers (or user ids) for one CRM's snapshot."""
+
+    def __init__(self, engine: Engine, crm: str, default_region: str) -> None:
+        self.engine = engine
+        self.crm = crm
+        self.region = default_region
+
+    def _read(self, value: str) -> _Read:
+        key = quick_key(value)
+        if key is not None:
+            return _Read(key, True)
+        try:
+            return _Read(lookup_keys(value, self.region)[0], False)
+        except ValueError:
+            return _Read(None, False)
+
+    def check(self, values: Sequence[str], purpose: str, now: datetime
+              ) -> list[audience.Answer]:
+        """One answer per value, in order; `purpose` is "marketing" or "service"."""
+        reads = [self._read(value) for value in values]
+        keys = {read.key for read in reads if read.key is not None}
+        tails = {t for read in reads if read.quick and read.key
+                 and (t := snapshot_store.tail_of(read.key))}
+        with reading(self.engine) as connection:
+            by_key, tails_found = snapshot_store.by_keys(connection, self.crm, keys, tails)
+            reads = self._second_look(values, reads, by_key, tails_found)
+            missing = {r.key for r in reads if r.key is not None and r.key not in by_key}
+            if missing - keys:
+                found, _ = snapshot_store.by_keys(connection, self.crm, missing - keys)
+                by_key.update(found)
+            rows = {row.record_id: row for found in by_key.values() for row in found}
+            wanted = {key for row in rows.values() for key in row.keys}
+            moments = [row.synced_at - MARGIN for row in rows.values()]
+            unmatched = {r.key for r in reads if r.key is not None and r.key not in by_key}
+            if purpose == audience.SERVICE and unmatched:
+                wanted |= unmatched
+                moments.append(now - UNMATCHED_REACH)
+            groups = (event_store.activity_since(connection, wanted, min(moments))
+                      if wanted else {})
+        by_group_key: dict[str, list[Activity]] = {}
+        for (phone, uid), activity in groups.items():
+            for key in (phone, uid):
+                if key is not None:
+                    by_group_key.setdefault(key, []).append(activity)
+        since = {record_id: _merged(row.keys, by_group_key) for record_id, row in rows.items()}
+        answers = []
+        for read in reads:
+            if read.key is None:
+                answers.append(audience.UNPARSEABLE)
+                continue
+            carried = by_key.get(read.key, [])
+            records = [(_held(row), since[row.record_id])
+                       for row in {row.record_id: row for row in carried}.values()]
+            loose = NO_ACTIVITY if records else _merged({read.key}, by_group_key)
+            answers.append(audience.answer(purpose, records, loose, now))
+        return answers
+
+    def _second_look(self, values: Sequence[str], reads: list[_Read],
+                     by_key: dict[str, list[snapshot_store.SnapshotRow]],
+                     tails_found: set[str]) -> list[_Read]:
+        """Quick keys no record carries, whose digits end like a record's number: parsed in
+        full (a parse that fails keeps the quick key: a wa_id is never refused)."""
+        again = []
+        for value, read in zip(values, reads, strict=True):
+            tail = snapshot_store.tail_of(read.key) if read.quick and read.key else None
+            if read.key in by_key or tail is None or tail not in tails_found:
+                again.append(read)
+                continue
+            try:
+                again.append(_Read(lookup_keys(value, self.region)[0], False))
+            except ValueError:
+                again.append(read)
+        return again
+
+
+def _merged(keys: set[str] | frozenset[str], by_key: dict[str, list[Activity]]) -> Activity:
+    """The activity of the groups carrying any of the keys, each group once."""
+    parts = {id(a): a for key in keys for a in by_key.get(key, ())}
+    return Activity.merged(list(parts.values()))
+
+
+def _held(row: snapshot_store.SnapshotRow) -> audience.Held:
+    return audience.Held(row.record_id, row.opt_in, row.opt_in_date, row.opt_out_date,
+                         row.proof_complete, row.session_expires)

@@ -1,0 +1,127 @@
+"""The consent snapshot (issue 16): what the last sync knew of each record's consent, found
+again by match key for the pre-send check.
+
+One row per (CRM, match key, record): a number on three records is three rows, a record with
+two numbers and a user id is three rows. A sync writes the rows of the records whose keys or
+consent changed (it reads what is held first, so an idle full sync writes nothing); a full
+sync drops the rows of records it no longer saw.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, exists, func, or_, select
+
+from waconsent.phones import USER_ID_PREFIX, search_digits
+from waconsent.store.engine import among
+from waconsent.store.tables import consent_snapshot, phone_index
+
+_CHUNK = 1_000  # keys or ids per statement (bound as one array, see `among`)
+#: (record's keys, opt_in, opt_in_date, opt_out_date, proof_complete, session_expires)
+Fields = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRow:
+    """A record as the sync leaves it, with all its match keys."""
+
+    record_id: str
+    keys: frozenset[str]
+    opt_in: bool | None
+    opt_in_date: datetime | None
+    opt_out_date: datetime | None
+    proof_complete: bool
+    session_expires: datetime | None
+    synced_at: datetime
+
+
+def tail_of(key: str) -> str | None:
+    """The last digits of a phone key (the same in every spelling the matching accepts)."""
+    return None if key.startswith(USER_ID_PREFIX) else search_digits(key)
+
+
+def held_records(connection: Connection, crm: str, record_ids: Sequence[str]
+                 ) -> dict[str, SnapshotRow]:
+    """What the snapshot holds for these records (for the sync to write only changes)."""
+    found: dict[str, SnapshotRow] = {}
+    for start in range(0, len(record_ids), _CHUNK):
+        query = _ROWS.where(consent_snapshot.c.crm == crm, among(
+            connection, consent_snapshot.c.record_id, record_ids[start:start + _CHUNK]))
+        for row in connection.execute(query):
+            found.setdefault(row.record_id, _to_row(row))
+    return found
+
+
+def replace(connection: Connection, crm: str, record_ids: Sequence[str],
+            rows: Iterable[SnapshotRow], run_id: int | None) -> None:
+    """Replace the snapshot of `record_ids` with `rows` (a record without keys has none)."""
+    for start in range(0, len(record_ids), _CHUNK):
+        connection.execute(delete(consent_snapshot).where(
+            consent_snapshot.c.crm == crm,
+            among(connection, consent_snapshot.c.record_id, record_ids[start:start + _CHUNK])))
+    values = [{"crm": crm, "key": key, "record_id": row.record_id, "tail": tail_of(key),
+               "keys": json.dumps(sorted(row.keys)), "opt_in": row.opt_in,
+               "opt_in_date": row.opt_in_date, "opt_out_date": row.opt_out_date,
+               "proof_complete": row.proof_complete, "session_expires": row.session_expires,
+               "synced_at": row.synced_at, "run_id": run_id or None}
+              for row in rows for key in sorted(row.keys)]
+    if values:
+        connection.execute(consent_snapshot.insert(), values)
+
+
+def drop_unseen(connection: Connection, crm: str) -> int:
+    """After a full read: records the phone index no longer knows leave the snapshot."""
+    known = exists().where(phone_index.c.crm == crm,
+                           phone_index.c.record_id == consent_snapshot.c.record_id)
+    return int(connection.execute(delete(consent_snapshot).where(
+        consent_snapshot.c.crm == crm, ~known)).rowcount)
+
+
+def by_keys(connection: Connection, crm: str, keys: Collection[str],
+            tails: Collection[str] = ()) -> tuple[dict[str, list[SnapshotRow]], set[str]]:
+    """(key -> the records carrying it, the tails some record's number ends with), for the
+    keys and tails of a batch; one statement per `_CHUNK` of them."""
+    by_key: dict[str, list[SnapshotRow]] = {}
+    tails_found: set[str] = set()
+    wanted, wanted_tails = sorted(set(keys)), sorted(set(tails))
+    for start in range(0, max(len(wanted), len(wanted_tails)), _CHUNK):
+        conditions = []
+        if part := wanted[start:start + _CHUNK]:
+            conditions.append(among(connection, consent_snapshot.c.key, part))
+        if part := wanted_tails[start:start + _CHUNK]:
+            conditions.append(among(connection, consent_snapshot.c.tail, part))
+        query = _ROWS.add_columns(consent_snapshot.c.key, consent_snapshot.c.tail).where(
+            consent_snapshot.c.crm == crm, or_(*conditions))
+        for row in connection.execute(query):
+            if row.tail is not None:
+                tails_found.add(row.tail)
+            by_key.setdefault(row.key, []).append(_to_row(row))
+    return by_key, tails_found
+
+
+def coverage(connection: Connection, crm: str) -> tuple[int, int]:
+    """(records in the snapshot, records in the phone index): fewer in the first means no
+    full sync ran since the snapshot was introduced."""
+    held = connection.execute(select(func.count(func.distinct(consent_snapshot.c.record_id)))
+                              .where(consent_snapshot.c.crm == crm)).scalar_one()
+    indexed = connection.execute(select(func.count(func.distinct(phone_index.c.record_id)))
+                                 .where(phone_index.c.crm == crm)).scalar_one()
+    return int(held), int(indexed)
+
+
+_ROWS = select(consent_snapshot.c.record_id, consent_snapshot.c["keys"].label("record_keys"),
+               consent_snapshot.c.opt_in,
+               consent_snapshot.c.opt_in_date, consent_snapshot.c.opt_out_date,
+               consent_snapshot.c.proof_complete, consent_snapshot.c.session_expires,
+               consent_snapshot.c.synced_at)
+
+
+def _to_row(row: Any) -> SnapshotRow:
+    return SnapshotRow(row.record_id, frozenset(json.loads(row.record_keys)), row.opt_in,
+                       row.opt_in_date, row.opt_out_date, row.proof_complete,
+                       row.session_expires, row.synced_at)
