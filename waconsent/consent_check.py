@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 
+from waconsent.csvfiles import is_utf8
 from waconsent.domain import NO_ACTIVITY, Activity
 from waconsent.phones import lookup_keys, quick_key
 from waconsent.store import events as event_store
@@ -51,6 +52,8 @@ class ConsentChecker:
         self.region = default_region
 
     def _read(self, value: str) -> _Read:
+        if not is_utf8(value):  # bytes that were not UTF-8: no number, and no store holds it
+            return _Read(None, False)
         key = quick_key(value)
         if key is not None:
             return _Read(key, True)
