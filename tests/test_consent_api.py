@@ -83,7 +83,7 @@ def test_a_stop_by_webhook_after_the_sync_answers_no_at_once(client: TestClient,
     delivered = client.post(PATH, content=body, headers={
         SIGNATURE_HEADER: sign(body, "app-secret"), "Content-Type": "application/json"})
     assert delivered.status_code == 200
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="waconsent"):
         one = client.get(f"/v1/consent/{NUMBER}", headers=AUTH).json()
         many = client.post("/v1/consent/check", headers=AUTH, json={
             "numbers": [NUMBER, OTHER, "n/a", "+49 170 0000000"]}).json()

@@ -14,7 +14,7 @@ record carries, while some record's number ends with the same digits, is parsed 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -66,16 +66,17 @@ class ConsentChecker:
               ) -> list[audience.Answer]:
         """One answer per value, in order; `purpose` is "marketing" or "service"."""
         reads = [self._read(value) for value in values]
-        keys = {read.key for read in reads if read.key is not None}
-        tails = {t for read in reads if read.quick and read.key
-                 and (t := snapshot_store.tail_of(read.key))}
         with reading(self.engine) as connection:
-            by_key, tails_found = snapshot_store.by_keys(connection, self.crm, keys, tails)
-            reads = self._second_look(values, reads, by_key, tails_found)
-            missing = {r.key for r in reads if r.key is not None and r.key not in by_key}
-            if missing - keys:
-                found, _ = snapshot_store.by_keys(connection, self.crm, missing - keys)
-                by_key.update(found)
+            by_key = snapshot_store.by_keys(
+                connection, self.crm, {r.key for r in reads if r.key is not None})
+            tails = {t for r in reads if r.quick and r.key is not None and r.key not in by_key
+                     and (t := snapshot_store.tail_of(r.key))}
+            if tails:
+                carried = snapshot_store.tails_carried(connection, self.crm, tails)
+                reads = self._second_look(values, reads, by_key.keys(), carried)
+                again = {r.key for r in reads if r.key is not None and r.key not in by_key}
+                if again:
+                    by_key.update(snapshot_store.by_keys(connection, self.crm, again))
             rows = {row.record_id: row for found in by_key.values() for row in found}
             wanted = {key for row in rows.values() for key in row.keys}
             moments = [row.synced_at - MARGIN for row in rows.values()]
@@ -96,22 +97,21 @@ class ConsentChecker:
             if read.key is None:
                 answers.append(audience.UNPARSEABLE)
                 continue
-            carried = by_key.get(read.key, [])
+            held = by_key.get(read.key, [])
             records = [(_held(row), since[row.record_id])
-                       for row in {row.record_id: row for row in carried}.values()]
+                       for row in {row.record_id: row for row in held}.values()]
             loose = NO_ACTIVITY if records else _merged({read.key}, by_group_key)
             answers.append(audience.answer(purpose, records, loose, now))
         return answers
 
-    def _second_look(self, values: Sequence[str], reads: list[_Read],
-                     by_key: dict[str, list[snapshot_store.SnapshotRow]],
-                     tails_found: set[str]) -> list[_Read]:
+    def _second_look(self, values: Sequence[str], reads: list[_Read], found: Collection[str],
+                     carried: set[str]) -> list[_Read]:
         """Quick keys no record carries, whose digits end like a record's number: parsed in
         full (a parse that fails keeps the quick key: a wa_id is never refused)."""
         again = []
         for value, read in zip(values, reads, strict=True):
             tail = snapshot_store.tail_of(read.key) if read.quick and read.key else None
-            if read.key in by_key or tail is None or tail not in tails_found:
+            if tail is None or read.key in found or tail not in carried:
                 again.append(read)
                 continue
             try:

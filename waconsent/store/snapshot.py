@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, exists, func, or_, select
+from sqlalchemy import Connection, delete, exists, func, select
 
-from waconsent.phones import USER_ID_PREFIX, search_digits
+from waconsent.phones import SEARCH_DIGITS, USER_ID_PREFIX
 from waconsent.store.engine import among
 from waconsent.store.tables import consent_snapshot, phone_index
 
@@ -41,8 +41,9 @@ class SnapshotRow:
 
 
 def tail_of(key: str) -> str | None:
-    """The last digits of a phone key (the same in every spelling the matching accepts)."""
-    return None if key.startswith(USER_ID_PREFIX) else search_digits(key)
+    """The last digits of a phone key ("+" and digits; the last eight are the same in every
+    spelling the matching accepts, see `phones.SEARCH_DIGITS`)."""
+    return None if key.startswith(USER_ID_PREFIX) else key[-SEARCH_DIGITS:]
 
 
 def held_records(connection: Connection, crm: str, record_ids: Sequence[str]
@@ -82,26 +83,32 @@ def drop_unseen(connection: Connection, crm: str) -> int:
         consent_snapshot.c.crm == crm, ~known)).rowcount)
 
 
-def by_keys(connection: Connection, crm: str, keys: Collection[str],
-            tails: Collection[str] = ()) -> tuple[dict[str, list[SnapshotRow]], set[str]]:
-    """(key -> the records carrying it, the tails some record's number ends with), for the
-    keys and tails of a batch; one statement per `_CHUNK` of them."""
+def by_keys(connection: Connection, crm: str, keys: Collection[str]
+            ) -> dict[str, list[SnapshotRow]]:
+    """key -> the records carrying it, for a batch of keys; one indexed statement per
+    `_CHUNK` of them."""
     by_key: dict[str, list[SnapshotRow]] = {}
-    tails_found: set[str] = set()
-    wanted, wanted_tails = sorted(set(keys)), sorted(set(tails))
-    for start in range(0, max(len(wanted), len(wanted_tails)), _CHUNK):
-        conditions = []
-        if part := wanted[start:start + _CHUNK]:
-            conditions.append(among(connection, consent_snapshot.c.key, part))
-        if part := wanted_tails[start:start + _CHUNK]:
-            conditions.append(among(connection, consent_snapshot.c.tail, part))
-        query = _ROWS.add_columns(consent_snapshot.c.key, consent_snapshot.c.tail).where(
-            consent_snapshot.c.crm == crm, or_(*conditions))
+    wanted = sorted(set(keys))
+    for start in range(0, len(wanted), _CHUNK):
+        query = _ROWS.add_columns(consent_snapshot.c.key).where(
+            consent_snapshot.c.crm == crm,
+            among(connection, consent_snapshot.c.key, wanted[start:start + _CHUNK]))
         for row in connection.execute(query):
-            if row.tail is not None:
-                tails_found.add(row.tail)
             by_key.setdefault(row.key, []).append(_to_row(row))
-    return by_key, tails_found
+    return by_key
+
+
+def tails_carried(connection: Connection, crm: str, tails: Collection[str]) -> set[str]:
+    """Which of the tails some record's number ends with."""
+    found: set[str] = set()
+    wanted = sorted(set(tails))
+    for start in range(0, len(wanted), _CHUNK):
+        found.update(connection.execute(
+            select(consent_snapshot.c.tail).distinct().where(
+                consent_snapshot.c.crm == crm,
+                among(connection, consent_snapshot.c.tail, wanted[start:start + _CHUNK])))
+            .scalars())
+    return found
 
 
 def coverage(connection: Connection, crm: str) -> tuple[int, int]:

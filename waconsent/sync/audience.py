@@ -124,6 +124,10 @@ class Now:
 
 def consent_now(held: Held, since: Activity, now: datetime) -> Now:
     """The held record with the events received since applied by the sync's own rules."""
+    if not since:  # nothing arrived: the held record is the answer (most numbers, most days)
+        opted_in = held.opt_in is True
+        return Now(held.record_id, opted_in, not opted_in and held.opt_out_date is not None,
+                   opted_in and held.proof_complete, held.session_expires)
     fields: dict[str, FieldValue] = {OPT_IN: held.opt_in, OPT_IN_DATE: held.opt_in_date,
                                      OPT_OUT_DATE: held.opt_out_date,
                                      SESSION_EXPIRES: held.session_expires}
