@@ -91,17 +91,23 @@ class ConsentChecker:
             for key in (phone, uid):
                 if key is not None:
                     by_group_key.setdefault(key, []).append(activity)
-        since = {record_id: _merged(row.keys, by_group_key) for record_id, row in rows.items()}
+        since = ({record_id: _merged(row.keys, by_group_key) for record_id, row in rows.items()}
+                 if by_group_key else {})
+        nobody = audience.Answer(False, audience.NO_RECORD)
         answers = []
         for read in reads:
             if read.key is None:
                 answers.append(audience.UNPARSEABLE)
                 continue
-            held = by_key.get(read.key, [])
-            records = [(_held(row), since[row.record_id])
-                       for row in {row.record_id: row for row in held}.values()]
-            loose = NO_ACTIVITY if records else _merged({read.key}, by_group_key)
-            answers.append(audience.answer(purpose, records, loose, now))
+            held = by_key.get(read.key)
+            if held is None:  # most of a bought list; service still looks for a window
+                answers.append(audience.answer(purpose, [], _merged({read.key}, by_group_key),
+                                               now) if by_group_key else nobody)
+                continue
+            records = [(_held(row), since.get(row.record_id, NO_ACTIVITY))
+                       for row in ({row.record_id: row for row in held}.values()
+                                   if len(held) > 1 else held)]
+            answers.append(audience.answer(purpose, records, NO_ACTIVITY, now))
         return answers
 
     def _second_look(self, values: Sequence[str], reads: list[_Read], found: Collection[str],

@@ -242,7 +242,7 @@ replies = Table(
 # issue 16: what the last sync knew of each record's consent, one row per (record, match key),
 # so the pre-send check finds a number's records in one indexed lookup. The fields are the
 # record as the sync left it (read, with its decided writes applied); `keys` lists all the
-# record's match keys (JSON), `tail` the last digits of a phone key (a misspelt number is
+# record's match keys (one a line), `tail` the last digits of a phone key (a misspelt number is
 # parsed in full only when some record's number ends like it).
 consent_snapshot = Table(
     "consent_snapshot", metadata,
