@@ -84,15 +84,20 @@ class ConsentChecker:
             if purpose == audience.SERVICE and unmatched:
                 wanted |= unmatched
                 moments.append(now - UNMATCHED_REACH)
-            groups = (event_store.activity_since(connection, wanted, min(moments))
-                      if wanted else {})
+            since = min(moments, default=now)
+            active = (event_store.keys_with_events_since(connection, wanted, since)
+                      if wanted else set())
+            # a record's activity needs all its keys once one of them has news
+            wanted = {key for row in rows.values() if row.keys & active for key in row.keys
+                      } | (active & unmatched)
+            groups = event_store.activity_since(connection, wanted, since) if wanted else {}
         by_group_key: dict[str, list[Activity]] = {}
         for (phone, uid), activity in groups.items():
             for key in (phone, uid):
                 if key is not None:
                     by_group_key.setdefault(key, []).append(activity)
-        since = ({record_id: _merged(row.keys, by_group_key) for record_id, row in rows.items()}
-                 if by_group_key else {})
+        news = ({record_id: _merged(row.keys, by_group_key) for record_id, row in rows.items()}
+                if by_group_key else {})
         nobody = audience.Answer(False, audience.NO_RECORD)
         answers = []
         for read in reads:
@@ -104,7 +109,7 @@ class ConsentChecker:
                 answers.append(audience.answer(purpose, [], _merged({read.key}, by_group_key),
                                                now) if by_group_key else nobody)
                 continue
-            records = [(_held(row), since.get(row.record_id, NO_ACTIVITY))
+            records = [(_held(row), news.get(row.record_id, NO_ACTIVITY))
                        for row in ({row.record_id: row for row in held}.values()
                                    if len(held) > 1 else held)]
             answers.append(audience.answer(purpose, records, NO_ACTIVITY, now))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -10,7 +11,19 @@ from itertools import chain
 from operator import attrgetter
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Row, String, case, func, or_, select
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Connection,
+    Row,
+    String,
+    any_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent.domain import (
@@ -215,6 +228,39 @@ def activity_since(connection: Connection, keys: Iterable[str],
     """The activity of each (phone key, user-id key) group under `keys`, of the events
     received since `since` only (issue 16: what arrived after the last sync)."""
     return _activity_by_group(connection, keys, since)
+
+
+def keys_with_events_since(connection: Connection, keys: Collection[str],
+                           since: datetime) -> set[str]:
+    """Which of the keys have events received since `since` (issue 16: most numbers have
+    none, and then the aggregates need not run). Statements built once: this runs per
+    request of the consent API."""
+    sqlite = connection.dialect.name == "sqlite"
+    found: set[str] = set()
+    for column in ("phone_key", "uid_key"):
+        wanted = sorted(k for k in keys if k.startswith(USER_ID_PREFIX) == (column == "uid_key"))
+        statement = _SINCE[(column, sqlite)]
+        for start in range(0, len(wanted), _KEYS_PER_QUERY):
+            chunk = wanted[start:start + _KEYS_PER_QUERY]
+            found.update(connection.execute(statement, {
+                "keys": json.dumps(chunk) if sqlite else chunk, "since": since}).scalars())
+    return found
+
+
+def _since_statement(column: str, sqlite: bool) -> Any:
+    matched = events.c[column]
+    among_keys: ColumnElement[bool]
+    if sqlite:
+        listed = func.json_each(bindparam("keys", type_=String)).table_valued("value")
+        among_keys = matched.in_(select(listed.c.value))
+    else:
+        among_keys = matched == any_(bindparam("keys", type_=ARRAY(String())))
+    return select(matched).distinct().where(among_keys,
+                                            events.c.received_at >= bindparam("since"))
+
+
+_SINCE = {(column, sqlite): _since_statement(column, sqlite)
+          for column in ("phone_key", "uid_key") for sqlite in (True, False)}
 
 
 def _activity_by_group(connection: Connection, keys: Iterable[str],

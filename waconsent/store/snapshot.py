@@ -9,12 +9,13 @@ sync drops the rows of records it no longer saw.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, exists, func, select
+from sqlalchemy import ARRAY, Connection, String, any_, bindparam, delete, exists, func, select
 
 from waconsent.phones import SEARCH_DIGITS, USER_ID_PREFIX
 from waconsent.store.engine import among
@@ -92,11 +93,12 @@ def by_keys(connection: Connection, crm: str, keys: Collection[str]
     `_CHUNK` of them."""
     by_key: dict[str, list[SnapshotRow]] = {}
     wanted = sorted(set(keys))
+    sqlite = connection.dialect.name == "sqlite"
+    statement = _BY_KEYS_SQLITE if sqlite else _BY_KEYS_ARRAY
     for start in range(0, len(wanted), _CHUNK):
-        query = _ROWS.add_columns(consent_snapshot.c.key).where(
-            consent_snapshot.c.crm == crm,
-            among(connection, consent_snapshot.c.key, wanted[start:start + _CHUNK]))
-        for row in connection.execute(query).all():
+        chunk = wanted[start:start + _CHUNK]
+        params = {"crm": crm, "keys": json.dumps(chunk) if sqlite else chunk}
+        for row in connection.execute(statement, params).all():
             by_key.setdefault(row[-1], []).append(_to_row(row))
     return by_key
 
@@ -105,12 +107,12 @@ def tails_carried(connection: Connection, crm: str, tails: Collection[str]) -> s
     """Which of the tails some record's number ends with."""
     found: set[str] = set()
     wanted = sorted(set(tails))
+    sqlite = connection.dialect.name == "sqlite"
+    statement = _TAILS_SQLITE if sqlite else _TAILS_ARRAY
     for start in range(0, len(wanted), _CHUNK):
-        found.update(connection.execute(
-            select(consent_snapshot.c.tail).distinct().where(
-                consent_snapshot.c.crm == crm,
-                among(connection, consent_snapshot.c.tail, wanted[start:start + _CHUNK])))
-            .scalars())
+        chunk = wanted[start:start + _CHUNK]
+        found.update(connection.execute(statement, {
+            "crm": crm, "keys": json.dumps(chunk) if sqlite else chunk}).scalars())
     return found
 
 
@@ -129,6 +131,24 @@ _ROWS = select(consent_snapshot.c.record_id, consent_snapshot.c["keys"].label("r
                consent_snapshot.c.opt_in_date, consent_snapshot.c.opt_out_date,
                consent_snapshot.c.proof_complete, consent_snapshot.c.session_expires,
                consent_snapshot.c.synced_at)
+
+
+# `by_keys` runs per API request: its statement is built once (the keys bound as one
+# parameter, as `store.engine.among` binds them), so SQLAlchemy finds it compiled
+_BY_KEYS_SQLITE = _ROWS.add_columns(consent_snapshot.c.key).where(
+    consent_snapshot.c.crm == bindparam("crm"), consent_snapshot.c.key.in_(select(
+        func.json_each(bindparam("keys", type_=String)).table_valued("value").c.value)))
+_BY_KEYS_ARRAY = _ROWS.add_columns(consent_snapshot.c.key).where(
+    consent_snapshot.c.crm == bindparam("crm"),
+    consent_snapshot.c.key == any_(bindparam("keys", type_=ARRAY(String()))))
+
+
+_TAILS_SQLITE = select(consent_snapshot.c.tail).distinct().where(
+    consent_snapshot.c.crm == bindparam("crm"), consent_snapshot.c.tail.in_(select(
+        func.json_each(bindparam("keys", type_=String)).table_valued("value").c.value)))
+_TAILS_ARRAY = select(consent_snapshot.c.tail).distinct().where(
+    consent_snapshot.c.crm == bindparam("crm"),
+    consent_snapshot.c.tail == any_(bindparam("keys", type_=ARRAY(String()))))
 
 
 def _to_row(row: Any) -> SnapshotRow:
