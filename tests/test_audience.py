@@ -254,3 +254,19 @@ def test_cli_names_a_missing_column(cli_config: Path, synced: Any) -> None:
     result = run(cli_config, "audience", "check", "-", stdin="mobile\n123\n")
     assert result.exit_code == 1
     assert "no column 'phone'" in result.output and "mobile" in result.output
+
+
+def test_cli_long_list_in_worker_processes_keeps_order(cli_config: Path, synced: Any,
+                                                       tmp_path: Path) -> None:
+    """A list of more than ten batches is checked in worker processes; every row comes back
+    in its place with its own answer."""
+    numbers = [A_NUMBER, B_NUMBER, "n/a", "+49 170 1234567"]
+    expected = ["opted_in", "no_consent", "unparseable_number", "no_record"]
+    listing = tmp_path / "long.csv"
+    listing.write_text("n,phone\n" + "".join(f"{i},{numbers[i % 4]}\n" for i in range(12_001)),
+                       encoding="utf-8")
+    result = run(cli_config, "audience", "check", str(listing), "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["n"] for row in rows] == [str(i) for i in range(12_001)]
+    assert [row["reason"] for row in rows] == [expected[i % 4] for i in range(12_001)]

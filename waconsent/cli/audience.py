@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -15,7 +15,7 @@ from typing import IO, Any
 import click
 
 from waconsent.cli.base import config_of, engine_of, err, guarded, main, now
-from waconsent.consent_check import BATCH, ConsentChecker
+from waconsent.consent_check import BATCH, ConsentChecker, check_batches, default_workers
 from waconsent.csvfiles import LINE_END, csv_cell, csv_value
 from waconsent.domain import jsonable
 from waconsent.errors import InputError
@@ -82,7 +82,7 @@ def check(ctx: click.Context, file: str, column: str, purpose: str, only_allowed
             index = header.index(column)
             sink = _output()
             writer = _CsvOut(sink, header) if fmt == "csv" else _JsonOut(sink, header)
-            for rows, answers in _batches(reader, index, checker, purpose):
+            for rows, answers in _batches(reader, index, checker, settings.store.url, purpose):
                 for row, answer in zip(rows, answers, strict=True):
                     counts[answer.reason] += 1
                     if answer.may_send or not only_allowed:
@@ -107,12 +107,19 @@ def _warn_if_incomplete(checker: ConsentChecker) -> None:
                   "it (the others answer no_record)")
 
 
-def _batches(reader: Iterator[list[str]], index: int, checker: ConsentChecker, purpose: str
-             ) -> Iterator[tuple[list[list[str]], list[Answer]]]:
-    """Rows a batch at a time, so memory stays flat however long the list is."""
-    while rows := list(islice(reader, BATCH)):
-        values = [csv_value(row[index]) if index < len(row) else "" for row in rows]
-        yield rows, checker.check(values, purpose, now())
+def _batches(reader: Iterator[list[str]], index: int, checker: ConsentChecker, url: str,
+             purpose: str) -> Iterator[tuple[list[list[str]], list[Answer]]]:
+    """Rows a batch at a time, so memory stays flat however long the list is; a long list
+    is checked in worker processes (`consent_check.check_batches`), answers in order."""
+    waiting: deque[list[list[str]]] = deque()
+
+    def values() -> Iterator[list[str]]:
+        while rows := list(islice(reader, BATCH)):
+            waiting.append(rows)
+            yield [csv_value(row[index]) if index < len(row) else "" for row in rows]
+
+    for answers in check_batches(checker, url, values(), purpose, now, default_workers()):
+        yield waiting.popleft(), answers
 
 
 def _until(answer: Answer) -> str:
