@@ -94,12 +94,13 @@ def sync_once(url: str) -> None:
 
 
 def cli_check(cfg: Path, listing: Path) -> tuple[float, int]:
-    """Seconds and peak RSS of one `audience check` in a child process."""
+    """Seconds and peak RSS (of the reader or of its largest worker process, whichever is
+    larger) of one `audience check` in a child process."""
     child = (f"import resource, sys, runpy; sys.argv = ['waconsent', '--config', {str(cfg)!r}, "
              f"'audience', 'check', {str(listing)!r}]\n"
              "try:\n    runpy.run_module('waconsent', run_name='__main__')\n"
-             "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-             " file=sys.stderr)")
+             "finally:\n    print(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+             " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", child], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, check=False)
@@ -249,9 +250,12 @@ def main() -> None:
         for count in (max(1, args.numbers // 10), args.numbers):
             listing = folder / f"list-{count}.csv"
             write_list(listing, args.contacts, count)
+            cpu_before = os.times()
             seconds, peak = cli_check(cfg, listing)
+            cpu = sum(os.times()[2:4]) - sum(cpu_before[2:4])
             print(f"audience check: {count:,} numbers in {seconds:.1f} s = "
-                  f"{count / seconds:,.0f} numbers/s, peak RSS {peak / 2**20:,.0f} MiB")
+                  f"{count / seconds:,.0f} numbers/s, peak RSS {peak / 2**20:,.0f} MiB, "
+                  f"CPU {cpu:.1f} s (load average {os.getloadavg()[0]:.1f})")
         with server(url) as port:
             print(asyncio.run(api_open_loop(port, args.contacts, args.rate, args.duration))
                   .line())
