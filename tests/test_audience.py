@@ -270,3 +270,19 @@ def test_cli_long_list_in_worker_processes_keeps_order(cli_config: Path, synced:
     rows = json.loads(result.stdout)
     assert [row["n"] for row in rows] == [str(i) for i in range(12_001)]
     assert [row["reason"] for row in rows] == [expected[i % 4] for i in range(12_001)]
+
+
+def test_cli_malformed_csv_names_the_line(cli_config: Path, synced: Any,
+                                          tmp_path: Path) -> None:
+    """A row the csv module cannot read (a cell over its size limit) exits 1 naming the
+    line; bytes that are not UTF-8 cost only their own row, and come back as they were."""
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"phone,note\n" + A_NUMBER.encode() + b",ok\nx," + b"a" * 200_000 + b"\n")
+    result = run(cli_config, "audience", "check", str(bad))
+    assert result.exit_code == 1
+    assert "line 3" in result.output and "field larger than field limit" in result.output
+    odd = tmp_path / "odd.csv"
+    odd.write_bytes(b"phone,note\n" + A_NUMBER.encode() + b",\xff\xfe\n\xff,x\n")
+    lines = run(cli_config, "audience", "check", str(odd)).stdout_bytes.split(b"\r\n")
+    assert lines[1] == A_NUMBER.encode() + b",\xff\xfe,true,opted_in,,A"
+    assert lines[2] == b"\xff,x,false,unparseable_number,,"

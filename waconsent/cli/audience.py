@@ -82,11 +82,18 @@ def check(ctx: click.Context, file: str, column: str, purpose: str, only_allowed
             index = header.index(column)
             sink = _output()
             writer = _CsvOut(sink, header) if fmt == "csv" else _JsonOut(sink, header)
-            for rows, answers in _batches(reader, index, checker, settings.store.url, purpose):
-                for row, answer in zip(rows, answers, strict=True):
-                    counts[answer.reason] += 1
-                    if answer.may_send or not only_allowed:
-                        writer.row(row, answer)
+            try:
+                for rows, answers in _batches(reader, index, checker, settings.store.url,
+                                              purpose):
+                    for row, answer in zip(rows, answers, strict=True):
+                        counts[answer.reason] += 1
+                        if answer.may_send or not only_allowed:
+                            writer.row(row, answer)
+            except csv.Error as exc:  # a cell over the csv module's limit, say: say where
+                sink.flush()
+                sink.detach()
+                raise InputError(f"{file}: line {reader.line_num}: {exc}; stopped there (the "
+                                 f"batches of {BATCH} rows before it were written)") from None
             writer.close()
             sink.flush()
             sink.detach()
