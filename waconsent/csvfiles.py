@@ -16,6 +16,7 @@ LINE_END = "\r\n"
 # OWASP's CSV injection list: a cell starting with one of these is a formula to a
 # spreadsheet (=cmd|' /C calc'!A0, =HYPERLINK(...), +SUM(...), @SUM(...)).
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+_FIRST_OF_CONCERN = frozenset("".join(FORMULA_TRIGGERS) + "'")
 
 
 def csv_cell(value: str) -> str:
@@ -23,6 +24,8 @@ def csv_cell(value: str) -> str:
     makes a would-be formula plain text. A value that already starts with apostrophes
     before a trigger gets one more, so `csv_value` restores every value exactly (a phone
     number such as +49 151 ... round-trips through export and import)."""
+    if not value or value[0] not in _FIRST_OF_CONCERN:  # most cells: one look (hot path)
+        return value
     return "'" + value if value.lstrip("'").startswith(FORMULA_TRIGGERS) else value
 
 

@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from waconsent import logs
 from waconsent.config.loading import LoadedConfig
 from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, decode_json, verify_signature
+from waconsent.consent_api import consent_routes
 from waconsent.domain import CONSENT_SIGNALS, Signal
 from waconsent.errors import ConfigError
 from waconsent.keywords import KeywordRules
@@ -344,6 +345,7 @@ def create_app(config: LoadedConfig, engine: Engine, *,
         Route(webhook.path, receiver.deliver, methods=["POST"]),
         Route(HEALTH_PATH, receiver.health, methods=["GET"]),
         Route(METRICS_PATH, receiver.scrape, methods=["GET"]),  # issue 17
+        *consent_routes(config, engine),  # issue 16: only while WACONSENT_API_TOKEN is set
     ])
     app.routes.extend(optin_routes(config, engine))  # issue 15: none unless [optin] enabled
     app.add_middleware(AccessLog, paths=frozenset({webhook.path, HEALTH_PATH, METRICS_PATH}))

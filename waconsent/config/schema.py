@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -194,6 +195,25 @@ class SyncConfig(Section):
     read_chunk_size: int = Field(default=2_000, ge=1)
 
 
+class ApiConfig(Section):
+    """The consent API (`/v1/consent/...`, issue 16); on only while WACONSENT_API_TOKEN is set."""
+
+    rate_per_minute: int = Field(default=600, ge=1, le=1_000_000)
+    #: proxies whose X-Forwarded-For names the client (addresses or networks); loopback by
+    #: default, like `[optin] trusted_proxies`: a proxy on the same host
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
+
+
 class Settings(Section):
     store: StoreConfig = StoreConfig()
     crm: CrmConfig = CrmConfig()
@@ -206,6 +226,7 @@ class Settings(Section):
     sync: SyncConfig = SyncConfig()
     replies: RepliesConfig = RepliesConfig()  # issue 14
     optin: OptinConfig = OptinConfig()  # issue 15
+    api: ApiConfig = ApiConfig()  # issue 16
 
     def mapped_fields(self) -> dict[str, str]:
         """Logical -> CRM field name; on the ledger every logical field maps to itself."""

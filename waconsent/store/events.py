@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -10,7 +11,19 @@ from itertools import chain
 from operator import attrgetter
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Row, String, case, func, or_, select
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Connection,
+    Row,
+    String,
+    any_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent.domain import (
@@ -216,23 +229,67 @@ def activity_of(connection: Connection, keys_by_record: Mapping[str, Collection[
     return found
 
 
-def _activity_by_group(connection: Connection, keys: Iterable[str]) -> dict[Group, Activity]:
+def activity_since(connection: Connection, keys: Iterable[str],
+                   since: datetime | None) -> dict[Group, Activity]:
+    """The activity of each (phone key, user-id key) group under `keys`, of the events
+    received since `since` only (issue 16: what arrived after the last sync)."""
+    return _activity_by_group(connection, keys, since)
+
+
+def keys_with_events_since(connection: Connection, keys: Collection[str],
+                           since: datetime) -> set[str]:
+    """Which of the keys have events received since `since` (issue 16: most numbers have
+    none, and then the aggregates need not run). Statements built once: this runs per
+    request of the consent API."""
+    sqlite = connection.dialect.name == "sqlite"
+    found: set[str] = set()
+    for column in ("phone_key", "uid_key"):
+        wanted = sorted(k for k in keys if k.startswith(USER_ID_PREFIX) == (column == "uid_key"))
+        statement = _SINCE[(column, sqlite)]
+        for start in range(0, len(wanted), _KEYS_PER_QUERY):
+            chunk = wanted[start:start + _KEYS_PER_QUERY]
+            found.update(connection.execute(statement, {
+                "keys": json.dumps(chunk) if sqlite else chunk, "since": since}).scalars())
+    return found
+
+
+def _since_statement(column: str, sqlite: bool) -> Any:
+    matched = events.c[column]
+    among_keys: ColumnElement[bool]
+    if sqlite:
+        listed = func.json_each(bindparam("keys", type_=String)).table_valued("value")
+        among_keys = matched.in_(select(listed.c.value))
+    else:
+        among_keys = matched == any_(bindparam("keys", type_=ARRAY(String())))
+    return select(matched).distinct().where(among_keys,
+                                            events.c.received_at >= bindparam("since"))
+
+
+_SINCE = {(column, sqlite): _since_statement(column, sqlite)
+          for column in ("phone_key", "uid_key") for sqlite in (True, False)}
+
+
+def _activity_by_group(connection: Connection, keys: Iterable[str],
+                       since: datetime | None = None) -> dict[Group, Activity]:
     """One aggregate row per group; consent events and user-id changes themselves are read
     only for the groups that have any (most numbers never sent STOP or START)."""
+    newer = events.c.received_at >= since if since is not None else None
     wanted = set(keys)
     facts: dict[Group, tuple[int, datetime | None, datetime | None,
                              tuple[datetime, str] | None]] = {}
     with_whole: set[str] = set()
     for matches in _under_keys(connection, wanted):
+        query = _ACTIVITY.where(matches) if newer is None else _ACTIVITY.where(matches, newer)
         for (phone_key, uid_key, count, whole_count, inbound, window, uid_at,
-             user_id) in connection.execute(_ACTIVITY.where(matches)).all():
+             user_id) in connection.execute(query).all():
             facts[(phone_key, uid_key)] = (
                 count, inbound, window, (uid_at, user_id) if uid_at and user_id else None)
             if whole_count:
                 with_whole.add(phone_key if phone_key in wanted else uid_key)
     whole: dict[Group, dict[str, Event]] = defaultdict(dict)
     for matches in _under_keys(connection, with_whole):
-        for row in connection.execute(_WHOLE.where(matches)).all():
+        query = _WHOLE.where(matches) if newer is None else _WHOLE.where(matches, newer)
+        for row in connection.execute(query).all():
             event = to_event(row)
             whole[(row[5], row[6])][event.key] = event
     activities = {}

@@ -263,3 +263,26 @@ optin_requests = Table(
     Column("message_id", String(200), index=True),  # the confirming message
     Column("confirmed_by", String(64)),  # the confirming number (wa_id)
 )
+
+# issue 16: what the last sync knew of each record's consent, one row per (record, match key),
+# so the pre-send check finds a number's records in one indexed lookup. The fields are the
+# record as the sync left it (read, with its decided writes applied); `keys` lists all the
+# record's match keys (one a line), `tail` the last digits of a phone key (a misspelt number is
+# parsed in full only when some record's number ends like it).
+consent_snapshot = Table(
+    "consent_snapshot", metadata,
+    Column("crm", String(300), primary_key=True),
+    Column("key", String(140), primary_key=True),
+    Column("record_id", String(100), primary_key=True),
+    Column("tail", String(8)),
+    Column("keys", Text, nullable=False),
+    Column("opt_in", Boolean),
+    Column("opt_in_date", UTC_DATETIME),
+    Column("opt_out_date", UTC_DATETIME),
+    Column("proof_complete", Boolean, nullable=False),
+    Column("session_expires", UTC_DATETIME),
+    Column("synced_at", UTC_DATETIME, nullable=False),
+    Column("run_id", ID),
+    Index("ix_consent_snapshot_record", "crm", "record_id"),
+    Index("ix_consent_snapshot_tail", "crm", "tail"),
+)

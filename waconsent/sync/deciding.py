@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from waconsent.domain import NO_ACTIVITY, CrmRecord, Decision
+from waconsent.domain import NO_ACTIVITY, Activity, CrmRecord, Decision
+from waconsent.phones import user_id_key
 from waconsent.store import outbox as outbox_store
 from waconsent.store import phone_index
-from waconsent.sync import matching, rules
+from waconsent.store import snapshot as snapshot_store
+from waconsent.sync import audience, matching, rules
 from waconsent.sync.plan import RunPlan, RunScope
 from waconsent.sync.reading import KnownKeys, Prepared
 from waconsent.sync.report import RunReport
@@ -30,13 +32,15 @@ class ChunkDecider:
         self.newest_modified: datetime | None = None
         #: a dry run writes no index, so it remembers the keys of what it read
         self.seen_keys: set[str] = set()
+        self._snapshot: list[snapshot_store.SnapshotRow] = []  # the chunk's (issue 16)
 
     def decide(self, chunk: Prepared) -> None:
         now = self._scope.clock()
+        self._snapshot = []
         decided = (self._decide_one(record, keys, chunk, now) for record, keys in chunk.keyed)
         decisions = [decision for decision in decided if decision is not None]
         if self._plan.writes:
-            self._queue(chunk, decisions, now)
+            self._queue(chunk, decisions, now, self._snapshot)
             self._scope.keep_lock()
         self._scope.progress.decided(len(chunk.keyed))
 
@@ -59,13 +63,17 @@ class ChunkDecider:
             self._report.tally_undecided(record, exc)
             return None
         self._report.tally(record, decision)
+        if self._plan.writes:
+            self._snapshot.append(_snapshot_row(record, keys, decision, activity, now))
         if self._on_decision is not None:
             self._on_decision(record, decision)
         return decision
 
-    def _queue(self, chunk: Prepared, decisions: list[Decision], now: datetime) -> None:
+    def _queue(self, chunk: Prepared, decisions: list[Decision], now: datetime,
+               snapshot: list[snapshot_store.SnapshotRow]) -> None:
         """Index rows of records whose numbers changed are replaced, the others only marked
-        seen; decisions go to the outbox. One transaction."""
+        seen; decisions go to the outbox; the consent snapshot of records whose keys or
+        consent changed is replaced (issue 16). One transaction."""
         scope = self._scope
         changed = [(record, keys) for record, keys in chunk.keyed
                    if _index_rows(record, keys) != _known_rows(chunk.known.get(record.record_id,
@@ -80,6 +88,33 @@ class ChunkDecider:
             phone_index.mark_seen(connection, scope.crm, unchanged, scope.run_id)
             self._report.writes_queued += outbox_store.enqueue(connection, scope.crm, decisions,
                                                                scope.run_id, now)
+            moved = [row for row in snapshot if _snapshot_changed(row, chunk.held)]
+            snapshot_store.replace(connection, scope.crm, [row.record_id for row in moved],
+                                   moved, scope.run_id)
+
+
+def _snapshot_row(record: CrmRecord, keys: matching.RecordKeys, decision: Decision,
+                  activity: Activity, now: datetime) -> snapshot_store.SnapshotRow:
+    """The record as this run leaves it, found by its keys and by the user id its numbers
+    last wrote with (a later STOP that carries only that id still reaches it)."""
+    held = audience.held_after(record, decision, activity)
+    seen = user_id_key(activity.newest_user_id[1]) if activity.newest_user_id else None
+    return snapshot_store.SnapshotRow(
+        record.record_id, keys.key_set | {seen} if seen else keys.key_set, held.opt_in,
+        held.opt_in_date, held.opt_out_date, held.proof_complete, held.session_expires, now)
+
+
+def _snapshot_changed(row: snapshot_store.SnapshotRow,
+                      held: dict[str, snapshot_store.SnapshotRow]) -> bool:
+    before = held.get(row.record_id)
+    if before is None:
+        return bool(row.keys)  # a record without a number or user id cannot be looked up
+    return before.keys != row.keys or _values(before) != _values(row)
+
+
+def _values(row: snapshot_store.SnapshotRow) -> tuple[object, ...]:
+    return audience.Held(row.record_id, row.opt_in, row.opt_in_date, row.opt_out_date,
+                         row.proof_complete, row.session_expires).values()
 
 
 def _index_rows(record: CrmRecord, keys: matching.RecordKeys) -> set[tuple[str, str, str]]:

@@ -23,6 +23,7 @@ from waconsent.errors import WaconsentError
 from waconsent.store import events as event_store
 from waconsent.store import identity, phone_index
 from waconsent.store import runs as run_store
+from waconsent.store import snapshot as snapshot_store
 from waconsent.store.engine import reading
 from waconsent.sync import matching
 from waconsent.sync.plan import Mode, RunPlan, RunScope
@@ -251,6 +252,8 @@ class Prepared:
     keyed: list[tuple[CrmRecord, matching.RecordKeys]]
     known: dict[str, KnownKeys]
     activity: dict[str, Activity]  # by record id; records without events are left out
+    #: issue 16: what the consent snapshot holds for these records (a run writes changes only)
+    held: dict[str, snapshot_store.SnapshotRow] = field(default_factory=dict)
 
 
 def prepare(scope: RunScope, chunk: Sequence[CrmRecord]) -> Prepared:
@@ -262,7 +265,8 @@ def prepare(scope: RunScope, chunk: Sequence[CrmRecord]) -> Prepared:
                  for record in fresh]
         activity = event_store.activity_of(
             connection, {record.record_id: keys.key_set for record, keys in keyed})
-    return Prepared(keyed, known, activity)
+        held = snapshot_store.held_records(connection, scope.crm, [r.record_id for r in fresh])
+    return Prepared(keyed, known, activity, held)
 
 
 def record_keys(record: CrmRecord, default_region: str,

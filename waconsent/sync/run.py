@@ -36,6 +36,7 @@ from waconsent.errors import describe
 from waconsent.store import events as event_store
 from waconsent.store import phone_index
 from waconsent.store import runs as run_store
+from waconsent.store import snapshot as snapshot_store
 from waconsent.store.engine import open_engine, reading
 from waconsent.sync import reading as read
 from waconsent.sync.deciding import ChunkDecider, DecisionSink
@@ -164,6 +165,7 @@ def _finish(scope: RunScope, plan: RunPlan, report: RunReport, decider: ChunkDec
     with scope.engine.begin() as connection:
         if plan.mode is Mode.FULL:
             phone_index.drop_unseen(connection, scope.crm, scope.run_id)
+            snapshot_store.drop_unseen(connection, scope.crm)  # issue 16
         run_store.finish_run(connection, scope.run_id, report.status, scope.clock(),
                              report.counts(), new_marks)
 

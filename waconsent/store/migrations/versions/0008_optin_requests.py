@@ -5,7 +5,7 @@ is never stored. `events.opt_in_ip` / `events.opt_in_form` carry the form's IP a
 `form:<form id>:token:<hash prefix>` into the rules with the confirming message.
 
 Revision ID: 0008
-Revises: 0006 (re-chained onto 0007 when merged beside it)
+Revises: 0007
 Create Date: 2026-11-29
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
