@@ -45,8 +45,11 @@ from benchmarks.sync_full_ledger import add_events, build  # noqa: E402
 from benchmarks.webhook_throughput import Connection, Phase  # noqa: E402
 
 TOKEN = "benchmark-api-token"
-SECRETS = {"WHATSAPP_APP_SECRET": "benchmark-app-secret",
-           "WHATSAPP_VERIFY_TOKEN": "benchmark-verify-token", "WACONSENT_API_TOKEN": TOKEN}
+SECRETS = {
+    "WHATSAPP_APP_SECRET": "benchmark-app-secret",
+    "WHATSAPP_VERIFY_TOKEN": "benchmark-verify-token",
+    "WACONSENT_API_TOKEN": TOKEN,
+}
 
 
 def number(i: int, style: int) -> str:
@@ -67,15 +70,18 @@ def write_list(path: Path, contacts: int, count: int, seed: int = 3) -> None:
     with path.open("w", encoding="utf-8", newline="") as out:
         out.write("name,phone,segment\r\n")
         for n in range(count):
-            out.write(f"Person {n},{number(rnd.randrange(2 * contacts), rnd.randrange(100))},"
-                      f"s{n % 7}\r\n")
+            out.write(
+                f"Person {n},{number(rnd.randrange(2 * contacts), rnd.randrange(100))},s{n % 7}\r\n"
+            )
 
 
 def config_file(folder: Path, url: str, port: int = 8080) -> Path:
     path = folder / "waconsent.toml"
-    path.write_text(f'[store]\nurl = "{url}"\n\n[crm]\nkind = "ledger"\n\n'
-                    f"[webhook]\nport = {port}\n\n[api]\nrate_per_minute = 1000000\n",
-                    encoding="utf-8")
+    path.write_text(
+        f'[store]\nurl = "{url}"\n\n[crm]\nkind = "ledger"\n\n'
+        f"[webhook]\nport = {port}\n\n[api]\nrate_per_minute = 1000000\n",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -86,8 +92,9 @@ def sync_once(url: str) -> None:
     from waconsent.sync.run import run_once
 
     engine = open_engine(url)
-    cfg = LoadedConfig(config.parse({"store": {"url": url}, "crm": {"kind": "ledger"}}),
-                       Secrets(), None)
+    cfg = LoadedConfig(
+        config.parse({"store": {"url": url}, "crm": {"kind": "ledger"}}), Secrets(), None
+    )
     report = run_once(cfg, full=True, engine=engine)
     engine.dispose()
     print(f"full sync: {report.records_read:,} records, {report.writes_sent:,} writes")
@@ -96,14 +103,21 @@ def sync_once(url: str) -> None:
 def cli_check(cfg: Path, listing: Path) -> tuple[float, int]:
     """Seconds and peak RSS (of the reader or of its largest worker process, whichever is
     larger) of one `audience check` in a child process."""
-    child = (f"import resource, sys, runpy; sys.argv = ['waconsent', '--config', {str(cfg)!r}, "
-             f"'audience', 'check', {str(listing)!r}]\n"
-             "try:\n    runpy.run_module('waconsent', run_name='__main__')\n"
-             "finally:\n    print(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-             " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)")
+    child = (
+        f"import resource, sys, runpy; sys.argv = ['waconsent', '--config', {str(cfg)!r}, "
+        f"'audience', 'check', {str(listing)!r}]\n"
+        "try:\n    runpy.run_module('waconsent', run_name='__main__')\n"
+        "finally:\n    print(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)"
+    )
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", child], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", child],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"audience check failed: {result.stderr}")
@@ -126,9 +140,17 @@ def run_server(store_url: str, port_file: str) -> None:
     from waconsent.store.engine import open_engine
     from waconsent.web import create_app
 
-    config = LoadedConfig(parse({"store": {"url": store_url}, "crm": {"kind": "ledger"},
-                                 "api": {"rate_per_minute": 1_000_000}}),
-                          Secrets(SECRETS), None)
+    config = LoadedConfig(
+        parse(
+            {
+                "store": {"url": store_url},
+                "crm": {"kind": "ledger"},
+                "api": {"rate_per_minute": 1_000_000},
+            }
+        ),
+        Secrets(SECRETS),
+        None,
+    )
     logs.configure(logging.INFO)  # as in production: one check line and one access line
     app = create_app(config, open_engine(store_url))
     sock = listen("127.0.0.1", 0)
@@ -140,8 +162,10 @@ def run_server(store_url: str, port_file: str) -> None:
 def server(store_url: str) -> Iterator[int]:
     with tempfile.TemporaryDirectory() as folder:
         port_file = os.path.join(folder, "port")
-        process = subprocess.Popen([sys.executable, __file__, "--serve", store_url,
-                                    "--port-file", port_file], stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", store_url, "--port-file", port_file],
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(port_file) or not Path(port_file).read_text():
@@ -162,19 +186,24 @@ def server(store_url: str) -> Iterator[int]:
 
 
 def get_request(port: int, value: str) -> bytes:
-    return (f"GET /v1/consent/{value} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Authorization: Bearer {TOKEN}\r\n\r\n").encode()
+    return (
+        f"GET /v1/consent/{value} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n\r\n"
+    ).encode()
 
 
 def post_request(port: int, values: list[str]) -> bytes:
     body = json.dumps({"numbers": values}).encode()
-    return (f"POST /v1/consent/check HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    return (
+        f"POST /v1/consent/check HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
-async def api_open_loop(port: int, contacts: int, rate: float, duration: float,
-                        connections: int = 32) -> Phase:
+async def api_open_loop(
+    port: int, contacts: int, rate: float, duration: float, connections: int = 32
+) -> Phase:
     """GETs started on schedule over a fixed set of keep-alive connections (a sending tool's
     HTTP client pool); a request waits for a free connection, and that wait counts."""
     phase = Phase(f"GET open loop at {rate:.0f}/s")
@@ -254,10 +283,18 @@ def main() -> None:
         started = time.perf_counter()
         build(url, args.contacts, args.events)
         sync_once(url)
-        add_events(url, args.contacts, max(1, args.events // 100), "N",
-                   datetime.now(UTC) - timedelta(hours=2), seed=2)
-        print(f"ledger built and synced in {time.perf_counter() - started:.1f} s; "
-              f"{max(1, args.events // 100):,} events arrived since the sync")
+        add_events(
+            url,
+            args.contacts,
+            max(1, args.events // 100),
+            "N",
+            datetime.now(UTC) - timedelta(hours=2),
+            seed=2,
+        )
+        print(
+            f"ledger built and synced in {time.perf_counter() - started:.1f} s; "
+            f"{max(1, args.events // 100):,} events arrived since the sync"
+        )
         cfg = config_file(folder, url)
         for count in (max(1, args.numbers // 10), args.numbers):
             listing = folder / f"list-{count}.csv"
@@ -265,13 +302,14 @@ def main() -> None:
             cpu_before = os.times()
             seconds, peak = cli_check(cfg, listing)
             cpu = sum(os.times()[2:4]) - sum(cpu_before[2:4])
-            print(f"audience check: {count:,} numbers in {seconds:.1f} s = "
-                  f"{count / seconds:,.0f} numbers/s, peak RSS {peak / 2**20:,.0f} MiB, "
-                  f"CPU {cpu:.1f} s (load average {os.getloadavg()[0]:.1f})")
+            print(
+                f"audience check: {count:,} numbers in {seconds:.1f} s = "
+                f"{count / seconds:,.0f} numbers/s, peak RSS {peak / 2**20:,.0f} MiB, "
+                f"CPU {cpu:.1f} s (load average {os.getloadavg()[0]:.1f})"
+            )
         with server(url) as port:
             asyncio.run(api_open_loop(port, args.contacts, args.rate, 2))  # warm-up, not kept
-            print(asyncio.run(api_open_loop(port, args.contacts, args.rate, args.duration))
-                  .line())
+            print(asyncio.run(api_open_loop(port, args.contacts, args.rate, args.duration)).line())
             print(asyncio.run(api_posts(port, args.contacts)).line())
 
 

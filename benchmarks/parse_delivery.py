@@ -38,19 +38,34 @@ BASE_TS = 1_780_000_000
 
 def delivery(messages: int, contacts: int) -> bytes:
     senders = [f"49151{i:08d}" for i in range(messages)]
-    items = [{"from": wa_id, "id": f"wamid.BENCH{i:06d}", "timestamp": str(BASE_TS + i),
-              "type": "text", "text": {"body": "STOP" if i % 10 == 0 else "hello"}}
-             for i, wa_id in enumerate(senders)]
-    listed = [{"profile": {"name": f"Kunde {i}"}, "wa_id": wa_id, "user_id": f"DE.{i}"}
-              for i, wa_id in enumerate(senders)]
-    listed += [{"profile": {"name": "Other"}, "wa_id": f"49170{i:08d}", "user_id": f"DE.x{i}"}
-               for i in range(max(0, contacts - messages))]
-    value = {"messaging_product": "whatsapp",
-             "metadata": {"display_phone_number": "15550001111", "phone_number_id": "1"},
-             "contacts": listed[:contacts] if contacts >= messages else listed,
-             "messages": items}
-    document = {"object": "whatsapp_business_account",
-                "entry": [{"id": "WABA", "changes": [{"field": "messages", "value": value}]}]}
+    items = [
+        {
+            "from": wa_id,
+            "id": f"wamid.BENCH{i:06d}",
+            "timestamp": str(BASE_TS + i),
+            "type": "text",
+            "text": {"body": "STOP" if i % 10 == 0 else "hello"},
+        }
+        for i, wa_id in enumerate(senders)
+    ]
+    listed = [
+        {"profile": {"name": f"Kunde {i}"}, "wa_id": wa_id, "user_id": f"DE.{i}"}
+        for i, wa_id in enumerate(senders)
+    ]
+    listed += [
+        {"profile": {"name": "Other"}, "wa_id": f"49170{i:08d}", "user_id": f"DE.x{i}"}
+        for i in range(max(0, contacts - messages))
+    ]
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550001111", "phone_number_id": "1"},
+        "contacts": listed[:contacts] if contacts >= messages else listed,
+        "messages": items,
+    }
+    document = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "WABA", "changes": [{"field": "messages", "value": value}]}],
+    }
     return json.dumps(document, separators=(",", ":")).encode()
 
 
@@ -69,8 +84,12 @@ def best(fn: Callable[[], Any], budget: float = 2.0, most: int = 7) -> float:
 def parser_at(revision: str) -> Callable[..., Any]:
     """`parse_payload` from whatsapp.py at `revision`, as its own module."""
     source = subprocess.run(
-        ["git", "show", f"{revision}:waconsent/connectors/whatsapp.py"], cwd=ROOT,
-        check=True, capture_output=True, text=True).stdout
+        ["git", "show", f"{revision}:waconsent/connectors/whatsapp.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     module = types.ModuleType(f"whatsapp_at_{revision}")
     sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(source, f"{revision}:whatsapp.py", "exec"), module.__dict__)
@@ -81,8 +100,11 @@ def parser_at(revision: str) -> Callable[..., Any]:
 def main() -> None:
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("--messages", type=int, default=1000)
-    options.add_argument("--contacts", default="1000,20000",
-                         help="comma-separated sizes of contacts[] (default 1000,20000)")
+    options.add_argument(
+        "--contacts",
+        default="1000,20000",
+        help="comma-separated sizes of contacts[] (default 1000,20000)",
+    )
     options.add_argument("--before", metavar="REV", help="also time the parser at REV")
     args = options.parse_args()
     before = parser_at(args.before) if args.before else None
@@ -98,11 +120,13 @@ def main() -> None:
         parsed = parse_payload(document, DEFAULT_KEYWORDS)
         assert len(parsed.events) == args.messages and not parsed.skipped
         now = best(lambda document=document: parse_payload(document, DEFAULT_KEYWORDS))
-        line = (f"{contacts:>8}  {decode * 1000:>7.1f}ms  {now * 1000:>7.1f}ms  "
-                f"{now / decode:>11.1f}x")
+        line = (
+            f"{contacts:>8}  {decode * 1000:>7.1f}ms  {now * 1000:>7.1f}ms  {now / decode:>11.1f}x"
+        )
         if before is not None:
-            then = best(lambda document=document: before(document, DEFAULT_KEYWORDS),
-                        budget=5.0, most=3)
+            then = best(
+                lambda document=document: before(document, DEFAULT_KEYWORDS), budget=5.0, most=3
+            )
             line += f"  {then * 1000:>7.0f}ms  {then / now:>9.0f}x"
         print(line)
 

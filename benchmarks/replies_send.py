@@ -89,35 +89,73 @@ def run_target(target: str, count: int, postgres_url: str) -> list[tuple[str, in
 
         def queue(chunk: list[str]) -> int:
             body = p.payload(*[p.message(u, now - timedelta(seconds=5), "STOP") for u in chunk])
-            return ingest_payload(engine, body, keywords, "bench", lambda: now,
-                                  replies=policy).replies_queued
+            return ingest_payload(
+                engine, body, keywords, "bench", lambda: now, replies=policy
+            ).replies_queued
 
         engine = open_engine(url)
         try:
-            results.append(("queue (100 STOPs a delivery)", *timed(
-                lambda: sum(queue(users[i:i + BATCH]) for i in range(0, count, BATCH)))))
+            results.append(
+                (
+                    "queue (100 STOPs a delivery)",
+                    *timed(
+                        lambda: sum(queue(users[i : i + BATCH]) for i in range(0, count, BATCH))
+                    ),
+                )
+            )
             half = count // 2
             fake = FakeCloudApi()
             with responses.RequestsMock() as mock:
                 fake.register(mock)
                 floor = sender()
-                results.append(("floor: sender alone, in-process fake", *timed(lambda: sum(
-                    floor.send_text(wa_id=u, user_id=None, text="x", reply_to=f"w.{u}",
-                                    callback_data=f"c.{u}") is not None for u in users[:half]))))
-                results.append(("send, in-process fake", *timed(
-                    lambda: drain(engine, sender(), now, half))))
+                results.append(
+                    (
+                        "floor: sender alone, in-process fake",
+                        *timed(
+                            lambda: sum(
+                                floor.send_text(
+                                    wa_id=u,
+                                    user_id=None,
+                                    text="x",
+                                    reply_to=f"w.{u}",
+                                    callback_data=f"c.{u}",
+                                )
+                                is not None
+                                for u in users[:half]
+                            )
+                        ),
+                    )
+                )
+                results.append(
+                    ("send, in-process fake", *timed(lambda: drain(engine, sender(), now, half)))
+                )
             with fake.serve_http() as graph:
                 http_sender = CloudApiSender(
-                    graph_url=graph, api_version="v27.0", phone_number_id="106540352242922",
-                    access_token="EAAG-fake-system-user-token", policy=RetryPolicy())
-                results.append(("send, HTTP fake on loopback", *timed(
-                    lambda: drain(engine, http_sender, now, count - half))))
+                    graph_url=graph,
+                    api_version="v27.0",
+                    phone_number_id="106540352242922",
+                    access_token="EAAG-fake-system-user-token",
+                    policy=RetryPolicy(),
+                )
+                results.append(
+                    (
+                        "send, HTTP fake on loopback",
+                        *timed(lambda: drain(engine, http_sender, now, count - half)),
+                    )
+                )
             sent = fake.sent[half:]  # the floor's messages are no replies
-            results.append(("settle (3 statuses a reply, 100 a delivery)", *timed(
-                lambda: settle(engine, fake, sent, keywords, now))))
+            results.append(
+                (
+                    "settle (3 statuses a reply, 100 a delivery)",
+                    *timed(lambda: settle(engine, fake, sent, keywords, now)),
+                )
+            )
             with engine.connect() as connection:
-                states = dict(connection.execute(
-                    select(replies.c.state, func.count()).group_by(replies.c.state)).all())
+                states = dict(
+                    connection.execute(
+                        select(replies.c.state, func.count()).group_by(replies.c.state)
+                    ).all()
+                )
             assert states == {"read": count}, states
         finally:
             engine.dispose()
@@ -133,15 +171,15 @@ def drain(engine: Any, reply_sender: Any, now: datetime, expected: int) -> int:
     return done
 
 
-def settle(engine: Any, fake: FakeCloudApi, sent: list[Any], keywords: Any,
-           now: datetime) -> int:
+def settle(engine: Any, fake: FakeCloudApi, sent: list[Any], keywords: Any, now: datetime) -> int:
     statuses = 0
     for state in ("sent", "delivered", "read"):
         for i in range(0, len(sent), BATCH):
-            changes = [fake.status_payload(m, state, now)["entry"][0]["changes"][0]
-                       for m in sent[i:i + BATCH]]
-            report = ingest_payload(engine, p.payload(*changes), keywords, "bench",
-                                    lambda: now)
+            changes = [
+                fake.status_payload(m, state, now)["entry"][0]["changes"][0]
+                for m in sent[i : i + BATCH]
+            ]
+            report = ingest_payload(engine, p.payload(*changes), keywords, "bench", lambda: now)
             statuses += report.replies_settled
     return statuses
 

@@ -50,12 +50,18 @@ def build(url: str, n_contacts: int, n_events: int, seed: int = 1) -> None:
         for i in range(n_contacts):
             a, b = f"{i // 10000:04d}", f"{i % 10000:04d}"
             opted = i % 3 == 0
-            batch.append({
-                "id": f"C{i:08d}", "name": f"Contact {i}",
-                "mobile_phone": FORMATS[i % len(FORMATS)].format(a=a, b=b),
-                "opt_in": opted, "opt_in_date": now - timedelta(days=90) if opted else None,
-                "opt_in_ip": "203.0.113.1" if i % 6 == 0 else None,
-                "opt_in_source": "web-form" if opted else None, "modified_at": now})
+            batch.append(
+                {
+                    "id": f"C{i:08d}",
+                    "name": f"Contact {i}",
+                    "mobile_phone": FORMATS[i % len(FORMATS)].format(a=a, b=b),
+                    "opt_in": opted,
+                    "opt_in_date": now - timedelta(days=90) if opted else None,
+                    "opt_in_ip": "203.0.113.1" if i % 6 == 0 else None,
+                    "opt_in_source": "web-form" if opted else None,
+                    "modified_at": now,
+                }
+            )
             if len(batch) == 20_000:
                 connection.execute(insert(contacts), batch)
                 batch = []
@@ -65,8 +71,9 @@ def build(url: str, n_contacts: int, n_events: int, seed: int = 1) -> None:
     add_events(url, n_contacts, n_events, "B", NOW, seed)
 
 
-def add_events(url: str, n_contacts: int, n_events: int, prefix: str, start: datetime,
-               seed: int) -> None:
+def add_events(
+    url: str, n_contacts: int, n_events: int, prefix: str, start: datetime, seed: int
+) -> None:
     """Messages from a fifth of the numbers, one in twenty a STOP, a second apart."""
     rnd = random.Random(seed)
     engine = open_engine(url)
@@ -77,13 +84,22 @@ def add_events(url: str, n_contacts: int, n_events: int, prefix: str, start: dat
             i = rnd.randrange(active)
             wa_id = f"49151{i // 10000:04d}{i % 10000:04d}"
             stop = j % 20 == 0
-            batch.append({
-                "key": f"msg:wamid.{prefix}{j:09d}", "kind": "message",
-                "occurred_at": start + timedelta(seconds=j), "wa_id": wa_id,
-                "phone_key": wa_id_key(wa_id), "message_id": f"wamid.{prefix}{j:09d}",
-                "message_type": "text", "signal": "opt_out" if stop else "none",
-                "keyword": "STOP" if stop else None, "opens_session": True,
-                "source": "benchmark", "received_at": start})
+            batch.append(
+                {
+                    "key": f"msg:wamid.{prefix}{j:09d}",
+                    "kind": "message",
+                    "occurred_at": start + timedelta(seconds=j),
+                    "wa_id": wa_id,
+                    "phone_key": wa_id_key(wa_id),
+                    "message_id": f"wamid.{prefix}{j:09d}",
+                    "message_type": "text",
+                    "signal": "opt_out" if stop else "none",
+                    "keyword": "STOP" if stop else None,
+                    "opens_session": True,
+                    "source": "benchmark",
+                    "received_at": start,
+                }
+            )
             if len(batch) == 20_000:
                 connection.execute(insert(events), batch)
                 batch = []
@@ -121,8 +137,9 @@ print(json.dumps({"step": step, "records": count, "seconds": elapsed, "peak_byte
 
 
 def measure(url: str, step: str) -> dict[str, float]:
-    result = subprocess.run([sys.executable, "-c", CHILD, url, step], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, url, step], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -135,19 +152,29 @@ def main() -> None:
         url = f"sqlite:///{Path(folder) / 'bench.db'}"
         started = time.perf_counter()
         build(url, args.contacts, args.events)
-        print(f"built {args.contacts:,} contacts and {args.events:,} events in "
-              f"{time.perf_counter() - started:.1f} s")
+        print(
+            f"built {args.contacts:,} contacts and {args.events:,} events in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
         baseline = measure(url, "baseline")
         rows = [baseline, measure(url, "first")]
-        add_events(url, args.contacts, max(1, args.events // 100), "N",
-                   NOW + timedelta(seconds=args.events + 86_400), seed=2)
+        add_events(
+            url,
+            args.contacts,
+            max(1, args.events // 100),
+            "N",
+            NOW + timedelta(seconds=args.events + 86_400),
+            seed=2,
+        )
         rows += [measure(url, "nightly"), measure(url, "idle")]
     for row in rows:
         rate = row["records"] / row["seconds"]
-        print(f"{row['step']:>8}: {row['records']:,} contacts in {row['seconds']:.1f} s = "
-              f"{rate:,.0f} contacts/s, peak RSS {row['peak_bytes'] / 2**20:,.0f} MiB, "
-              f"{row['seconds'] / baseline['seconds']:.2f}x the baseline"
-              + (f", writes {row['writes_sent']:,}" if "writes_sent" in row else ""))
+        print(
+            f"{row['step']:>8}: {row['records']:,} contacts in {row['seconds']:.1f} s = "
+            f"{rate:,.0f} contacts/s, peak RSS {row['peak_bytes'] / 2**20:,.0f} MiB, "
+            f"{row['seconds'] / baseline['seconds']:.2f}x the baseline"
+            + (f", writes {row['writes_sent']:,}" if "writes_sent" in row else "")
+        )
 
 
 if __name__ == "__main__":

@@ -76,15 +76,18 @@ def run_server(target: str, store_url: str, port_file: str) -> None:
     config = LoadedConfig(
         parse({"store": {"url": store_url}, "webhook": {"path": PATH}}),
         Secrets({"WHATSAPP_APP_SECRET": APP_SECRET, "WHATSAPP_VERIFY_TOKEN": VERIFY_TOKEN}),
-        None)
+        None,
+    )
     logs.configure(logging.INFO)  # INFO events as in production (2 lines per delivery)
     if target == "baseline":
+
         async def bare(request: Request) -> Response:
             await request.body()
             return PlainTextResponse("ok")
 
-        app = Starlette(routes=[Route(PATH, bare, methods=["POST"]),
-                                Route("/healthz", bare, methods=["GET"])])
+        app = Starlette(
+            routes=[Route(PATH, bare, methods=["POST"]), Route("/healthz", bare, methods=["GET"])]
+        )
     else:
         app = create_app(config, open_engine(store_url))
     sock = listen("127.0.0.1", 0)  # the production listener (TCP_NODELAY, backlog)
@@ -108,16 +111,22 @@ class Phase:
         ordered = sorted(self.latencies)
         p50 = statistics.median(ordered) * 1000 if ordered else float("nan")
         p99 = ordered[int(len(ordered) * 0.99) - 1] * 1000 if ordered else float("nan")
-        return (f"{self.name:<28} {self.ok / self.seconds:8.0f}/s  median {p50:6.2f} ms  "
-                f"p99 {p99:6.2f} ms  ok {self.ok}  non-200 {self.failed}"
-                + (f"  not sent (too far behind) {self.shed}" if self.shed else ""))
+        return (
+            f"{self.name:<28} {self.ok / self.seconds:8.0f}/s  median {p50:6.2f} ms  "
+            f"p99 {p99:6.2f} ms  ok {self.ok}  non-200 {self.failed}"
+            + (f"  not sent (too far behind) {self.shed}" if self.shed else "")
+        )
 
     def summary(self) -> dict[str, float]:
         ordered = sorted(self.latencies)
-        return {"per_second": self.ok / self.seconds,
-                "median_ms": statistics.median(ordered) * 1000,
-                "p99_ms": ordered[int(len(ordered) * 0.99) - 1] * 1000,
-                "ok": self.ok, "failed": self.failed, "shed": self.shed}
+        return {
+            "per_second": self.ok / self.seconds,
+            "median_ms": statistics.median(ordered) * 1000,
+            "p99_ms": ordered[int(len(ordered) * 0.99) - 1] * 1000,
+            "ok": self.ok,
+            "failed": self.failed,
+            "shed": self.shed,
+        }
 
 
 class Deliveries:
@@ -133,35 +142,60 @@ class Deliveries:
 
     def _status(self, n: int, i: int) -> dict[str, object]:
         wa_id = f"49171{(n * self.statuses + i) % 9_000_000 + 1_000_000:07d}"
-        return {"id": f"wamid.out.{self.run}.{n}.{i // 3}",
-                "status": ("sent", "delivered", "read")[i % 3],
-                "timestamp": str(1_760_000_000 + n), "recipient_id": wa_id,
-                "pricing": {"billable": True, "pricing_model": "PMP", "type": "regular",
-                            "category": "marketing"}}
+        return {
+            "id": f"wamid.out.{self.run}.{n}.{i // 3}",
+            "status": ("sent", "delivered", "read")[i % 3],
+            "timestamp": str(1_760_000_000 + n),
+            "recipient_id": wa_id,
+            "pricing": {
+                "billable": True,
+                "pricing_model": "PMP",
+                "type": "regular",
+                "category": "marketing",
+            },
+        }
 
     def next(self) -> bytes:
         n = next(self.counter)
         wa_id = f"49170{n % 9_000_000 + 1_000_000:07d}"
         value: dict[str, object] = {
             "messaging_product": "whatsapp",
-            "metadata": {"display_phone_number": "15550001111",
-                         "phone_number_id": "106540352242922"},
+            "metadata": {
+                "display_phone_number": "15550001111",
+                "phone_number_id": "106540352242922",
+            },
             "contacts": [{"profile": {"name": "Kunde"}, "wa_id": wa_id}],
-            "messages": [{"from": wa_id, "id": f"wamid.bench.{self.run}.{n}",
-                          "timestamp": str(1_760_000_000 + n), "type": "text",
-                          "text": {"body": "STOP" if n % 10 == 0 else "Hallo, eine Frage"}}]}
+            "messages": [
+                {
+                    "from": wa_id,
+                    "id": f"wamid.bench.{self.run}.{n}",
+                    "timestamp": str(1_760_000_000 + n),
+                    "type": "text",
+                    "text": {"body": "STOP" if n % 10 == 0 else "Hallo, eine Frage"},
+                }
+            ],
+        }
         if self.statuses:
             with_stop = n % 10 == 0
-            value["statuses"] = [self._status(n, i)
-                                 for i in range(self.statuses - (1 if with_stop else 0))]
+            value["statuses"] = [
+                self._status(n, i) for i in range(self.statuses - (1 if with_stop else 0))
+            ]
             if not with_stop:
                 del value["messages"], value["contacts"]
-        body = json.dumps({"object": "whatsapp_business_account", "entry": [{
-            "id": "102290129340398", "changes": [{"field": "messages", "value": value}]}]},
-            separators=(",", ":")).encode()
-        head = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-                f"Content-Type: application/json\r\n{SIGNATURE_HEADER}: "
-                f"{sign(body, APP_SECRET)}\r\nContent-Length: {len(body)}\r\n\r\n")
+        body = json.dumps(
+            {
+                "object": "whatsapp_business_account",
+                "entry": [
+                    {"id": "102290129340398", "changes": [{"field": "messages", "value": value}]}
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
+        head = (
+            f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"Content-Type: application/json\r\n{SIGNATURE_HEADER}: "
+            f"{sign(body, APP_SECRET)}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
         return head.encode() + body
 
 
@@ -192,8 +226,7 @@ class Connection:
         self.writer.close()
 
 
-async def closed_loop(port: int, connections: int, duration: float,
-                      statuses: int = 0) -> Phase:
+async def closed_loop(port: int, connections: int, duration: float, statuses: int = 0) -> Phase:
     phase = Phase(f"closed loop x{connections}")
     deliveries = Deliveries(port, statuses)
     stop_at = time.perf_counter() + duration
@@ -216,8 +249,9 @@ async def closed_loop(port: int, connections: int, duration: float,
     return phase
 
 
-async def open_loop(port: int, rate: float, duration: float, max_connections: int,
-                    statuses: int = 0) -> Phase:
+async def open_loop(
+    port: int, rate: float, duration: float, max_connections: int, statuses: int = 0
+) -> Phase:
     phase = Phase(f"open loop at {rate:.0f}/s")
     deliveries = Deliveries(port, statuses)
     idle: list[Connection] = [await Connection.open(port) for _ in range(16)]
@@ -287,8 +321,18 @@ def server(target: str, store_url: str) -> Iterator[int]:
     with tempfile.TemporaryDirectory() as folder:
         port_file = os.path.join(folder, "port")
         process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", target, "--store-url", store_url,
-             "--port-file", port_file], stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                target,
+                "--store-url",
+                store_url,
+                "--port-file",
+                port_file,
+            ],
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(port_file) or not Path(port_file).read_text():
@@ -332,20 +376,27 @@ def bench(target: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
         asyncio.run(closed_loop(port, args.connections, 1.5, args.statuses))  # warm-up
         closed = asyncio.run(closed_loop(port, args.connections, args.duration, args.statuses))
         print(f"{target:<11}" + closed.line() + _items(closed, items), flush=True)
-        results["closed"] = {**closed.summary(), "items_per_second": closed.ok * items
-                             / closed.seconds}
+        results["closed"] = {
+            **closed.summary(),
+            "items_per_second": closed.ok * items / closed.seconds,
+        }
         for rate in (float(r) for r in args.rates.split(",")):
             opened = asyncio.run(open_loop(port, rate, args.duration, 256, args.statuses))
             print(f"{target:<11}" + opened.line() + _items(opened, items), flush=True)
-            results[f"open {rate:.0f}/s"] = {**opened.summary(), "items_per_second":
-                                             opened.ok * items / opened.seconds}
+            results[f"open {rate:.0f}/s"] = {
+                **opened.summary(),
+                "items_per_second": opened.ok * items / opened.seconds,
+            }
         if target != "baseline":
             stored = stored_events(store_url)
             # each 200 stored its message; in a status storm only every tenth delivery has
             # one (the STOP), its statuses are acknowledged without a row
             sent = sum(int(r["ok"]) // (10 if args.statuses else 1) for r in results.values())
-            print(f"{'':<11}stored events: {stored} (expected from the measured phases' 200s: "
-                  f"at least {sent}, plus the warm-up's)", flush=True)
+            print(
+                f"{'':<11}stored events: {stored} (expected from the measured phases' 200s: "
+                f"at least {sent}, plus the warm-up's)",
+                flush=True,
+            )
             if stored < sent:
                 raise SystemExit("fewer events stored than deliveries answered 200")
     return results
@@ -356,11 +407,16 @@ def main() -> None:
     parser.add_argument("--targets", default="baseline,sqlite,postgresql")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--connections", type=int, default=8, help="closed-loop clients")
-    parser.add_argument("--rates", default="250,500",
-                        help="open-loop deliveries per second, comma-separated")
+    parser.add_argument(
+        "--rates", default="250,500", help="open-loop deliveries per second, comma-separated"
+    )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
-    parser.add_argument("--statuses", type=int, default=0,
-                        help="a status storm: updates per delivery (N - 1 statuses, 1 STOP)")
+    parser.add_argument(
+        "--statuses",
+        type=int,
+        default=0,
+        help="a status storm: updates per delivery (N - 1 statuses, 1 STOP)",
+    )
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--store-url", help=argparse.SUPPRESS)
@@ -369,15 +425,19 @@ def main() -> None:
     if args.serve:
         run_server(args.serve, args.store_url, args.port_file)
         return
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"{args.duration:.0f} s per phase", flush=True)
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.duration:.0f} s per phase",
+        flush=True,
+    )
     results = {target: bench(target, args) for target in args.targets.split(",")}
     if "baseline" in results:
         base = results["baseline"]["closed"]["per_second"]
         for target, numbers in results.items():
             if target != "baseline":
-                print(f"{target}: {numbers['closed']['per_second'] / base:.2f} x the bare "
-                      f"endpoint's capacity")
+                print(
+                    f"{target}: {numbers['closed']['per_second'] / base:.2f} x the bare "
+                    f"endpoint's capacity"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -83,10 +83,17 @@ BROWSER_HINT = (
     "(Debian) and `pip install -e '.[test]'` for selenium, or run .ci/run, which installs them; "
     "set WACONSENT_REQUIRE_BROWSER=1 to make their absence a failure"
 )
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic",
-                  "--window-size=1200,1600")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--window-size=1200,1600",
+)
 
 
 def _browser_required() -> bool:
@@ -107,11 +114,20 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     except ImportError:
         webdriver = None  # type: ignore[assignment]
     if chromium is None or driver_path is None or webdriver is None:
-        missing = ", ".join(name for name, found in (("chromium", chromium), (
-            "chromedriver", driver_path), ("selenium", webdriver)) if found is None)
+        missing = ", ".join(
+            name
+            for name, found in (
+                ("chromium", chromium),
+                ("chromedriver", driver_path),
+                ("selenium", webdriver),
+            )
+            if found is None
+        )
         if _browser_required():
-            pytest.fail(f"a browser is required here (CI or WACONSENT_REQUIRE_BROWSER=1) but "
-                        f"{missing} is missing; {BROWSER_HINT}")
+            pytest.fail(
+                f"a browser is required here (CI or WACONSENT_REQUIRE_BROWSER=1) but "
+                f"{missing} is missing; {BROWSER_HINT}"
+            )
         pytest.skip(f"{missing} not installed: {BROWSER_HINT}")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium

@@ -28,13 +28,20 @@ BUSINESS = "Kaffeehaus Nord"
 
 
 def settings_raw(url: str, **replies_keys: Any) -> dict[str, Any]:
-    return {"store": {"url": url}, "crm": {"kind": "ledger"},
-            "whatsapp": {"opt_in_keywords": ["START", "ANMELDEN"],
-                         "opt_out_keywords": ["STOP", "STOPP"],
-                         "stop_button_labels": ["Stop promotions", "Werbung stoppen"],
-                         "phone_number_id": PHONE_NUMBER_ID, "graph_url": GRAPH,
-                         "graph_api_version": VERSION, "business_name": BUSINESS},
-            "replies": {"enabled": True, **replies_keys}}
+    return {
+        "store": {"url": url},
+        "crm": {"kind": "ledger"},
+        "whatsapp": {
+            "opt_in_keywords": ["START", "ANMELDEN"],
+            "opt_out_keywords": ["STOP", "STOPP"],
+            "stop_button_labels": ["Stop promotions", "Werbung stoppen"],
+            "phone_number_id": PHONE_NUMBER_ID,
+            "graph_url": GRAPH,
+            "graph_api_version": VERSION,
+            "business_name": BUSINESS,
+        },
+        "replies": {"enabled": True, **replies_keys},
+    }
 
 
 def replies_config(url: str, token: str | None = TOKEN, **replies_keys: Any) -> LoadedConfig:
@@ -42,21 +49,43 @@ def replies_config(url: str, token: str | None = TOKEN, **replies_keys: Any) -> 
     return LoadedConfig(config.parse(settings_raw(url, **replies_keys)), secrets, None)
 
 
-def deliver(engine: Engine, cfg: LoadedConfig, *changes: dict[str, Any],
-            now: datetime = NOW, body: dict[str, Any] | None = None) -> IngestReport:
+def deliver(
+    engine: Engine,
+    cfg: LoadedConfig,
+    *changes: dict[str, Any],
+    now: datetime = NOW,
+    body: dict[str, Any] | None = None,
+) -> IngestReport:
     """One delivery through the path the receiver and `import` share."""
-    return ingest_payload(engine, body or p.payload(*changes), keyword_rules(cfg.settings),
-                          "webhook", lambda: now, replies=reply_policy(cfg.settings))
+    return ingest_payload(
+        engine,
+        body or p.payload(*changes),
+        keyword_rules(cfg.settings),
+        "webhook",
+        lambda: now,
+        replies=reply_policy(cfg.settings),
+    )
 
 
 def sender(waits: list[float] | None = None, token: str = TOKEN) -> CloudApiSender:
     """The real sender, its policy's sleep recorded instead of slept."""
     recorded = waits if waits is not None else []
-    policy = RetryPolicy(attempts=4, base_delay=1.0, max_delay=15.0, max_retry_after=60.0,
-                         max_total_delay=60.0, sleep=recorded.append,
-                         jitter=lambda low, high: high)
-    return CloudApiSender(graph_url=GRAPH, api_version=VERSION, phone_number_id=PHONE_NUMBER_ID,
-                          access_token=token, policy=policy)
+    policy = RetryPolicy(
+        attempts=4,
+        base_delay=1.0,
+        max_delay=15.0,
+        max_retry_after=60.0,
+        max_total_delay=60.0,
+        sleep=recorded.append,
+        jitter=lambda low, high: high,
+    )
+    return CloudApiSender(
+        graph_url=GRAPH,
+        api_version=VERSION,
+        phone_number_id=PHONE_NUMBER_ID,
+        access_token=token,
+        policy=policy,
+    )
 
 
 @contextmanager
@@ -68,8 +97,12 @@ def meta(strict: bool = True) -> Iterator[FakeCloudApi]:
         yield fake
 
 
-def send_pass(engine: Engine, fake_sender: CloudApiSender | None = None,
-              now: datetime = NOW, holder: str = "test-node") -> PassSummary:
+def send_pass(
+    engine: Engine,
+    fake_sender: CloudApiSender | None = None,
+    now: datetime = NOW,
+    holder: str = "test-node",
+) -> PassSummary:
     return send_due(engine, fake_sender or sender(), holder, lambda: now)
 
 

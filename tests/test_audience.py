@@ -27,8 +27,9 @@ from waconsent.sync.run import run_once
 A_NUMBER, B_NUMBER, C_NUMBER = "4915111111111", "4915122222222", "4915133333333"
 
 
-def check(engine: Engine, cfg: LoadedConfig, *values: str, purpose: str = "marketing",
-          now: datetime = NOW) -> list[Answer]:
+def check(
+    engine: Engine, cfg: LoadedConfig, *values: str, purpose: str = "marketing", now: datetime = NOW
+) -> list[Answer]:
     checker = ConsentChecker(engine, cfg.settings.crm_name, cfg.settings.mapping.default_region)
     return checker.check(list(values), purpose, now)
 
@@ -41,16 +42,28 @@ def reasons(answers: list[Answer]) -> list[tuple[bool, str]]:
 def ledger(engine: Engine, store_url: str) -> LoadedConfig:
     """One record per reason, synced once."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [
-        opted_in("A", "+49 151 11111111"),
-        {"id": "B", "name": "B", "mobile_phone": "0151 22222222"},             # never asked
-        opted_in("C", "0151 33333333"),                                       # sends STOP
-        {"id": "D", "mobile_phone": "0151 44444444", "opt_in": True,
-         "opt_in_date": T0 - timedelta(days=3)},                              # no source, no IP
-        {"id": "E", "mobile_phone": "0151 55555555"},                          # wrote an hour ago
-    ], NOW)
-    deliver(engine, cfg, p.message(C_NUMBER, T0, "STOP"),
-            p.message("4915155555555", NOW - timedelta(hours=1), "hello?"))
+    upsert_contacts(
+        engine,
+        [
+            opted_in("A", "+49 151 11111111"),
+            {"id": "B", "name": "B", "mobile_phone": "0151 22222222"},  # never asked
+            opted_in("C", "0151 33333333"),  # sends STOP
+            {
+                "id": "D",
+                "mobile_phone": "0151 44444444",
+                "opt_in": True,
+                "opt_in_date": T0 - timedelta(days=3),
+            },  # no source, no IP
+            {"id": "E", "mobile_phone": "0151 55555555"},  # wrote an hour ago
+        ],
+        NOW,
+    )
+    deliver(
+        engine,
+        cfg,
+        p.message(C_NUMBER, T0, "STOP"),
+        p.message("4915155555555", NOW - timedelta(hours=1), "hello?"),
+    )
     run_once(cfg, engine=engine, clock=clock)
     return cfg
 
@@ -58,90 +71,130 @@ def ledger(engine: Engine, store_url: str) -> LoadedConfig:
 def test_each_marketing_reason(engine: Engine, ledger: LoadedConfig) -> None:
     """opted_in, no_consent, revoked, proof_missing, no_record and unparseable_number, each
     from the record built to produce it; the records are named."""
-    answers = check(engine, ledger, A_NUMBER, B_NUMBER, C_NUMBER, "+49 151 44444444",
-                    "+49 170 9999999", "n/a")
-    assert reasons(answers) == [(True, "opted_in"), (False, "no_consent"), (False, "revoked"),
-                                (False, "proof_missing"), (False, "no_record"),
-                                (False, "unparseable_number")]
+    answers = check(
+        engine, ledger, A_NUMBER, B_NUMBER, C_NUMBER, "+49 151 44444444", "+49 170 9999999", "n/a"
+    )
+    assert reasons(answers) == [
+        (True, "opted_in"),
+        (False, "no_consent"),
+        (False, "revoked"),
+        (False, "proof_missing"),
+        (False, "no_record"),
+        (False, "unparseable_number"),
+    ]
     assert [a.records for a in answers] == [("A",), ("B",), ("C",), ("D",), (), ()]
 
 
 def test_service_reasons_and_the_window_end(engine: Engine, ledger: LoadedConfig) -> None:
     """Service: session_open until the user's message + 24 h; session_closed without one;
     no_record for a number nobody carries and that never wrote."""
-    answers = check(engine, ledger, "4915155555555", A_NUMBER, "4917099999999",
-                    purpose="service")
-    assert reasons(answers) == [(True, "session_open"), (False, "session_closed"),
-                                (False, "no_record")]
+    answers = check(engine, ledger, "4915155555555", A_NUMBER, "4917099999999", purpose="service")
+    assert reasons(answers) == [
+        (True, "session_open"),
+        (False, "session_closed"),
+        (False, "no_record"),
+    ]
     assert answers[0].session_open_until == NOW + timedelta(hours=23)
-    later = check(engine, ledger, "4915155555555", purpose="service",
-                  now=NOW + timedelta(hours=24))
+    later = check(engine, ledger, "4915155555555", purpose="service", now=NOW + timedelta(hours=24))
     assert reasons(later) == [(False, "session_closed")]
 
 
-def test_a_stop_after_the_last_sync_answers_no_at_once(engine: Engine,
-                                                       ledger: LoadedConfig) -> None:
+def test_a_stop_after_the_last_sync_answers_no_at_once(
+    engine: Engine, ledger: LoadedConfig
+) -> None:
     """A STOP, a user_preferences stop and a 131050 received after the sync revoke before
     any sync runs."""
-    upsert_contacts(engine, [opted_in("F", "0151 66666666"), opted_in("G", "0151 77777777")],
-                    NOW)
+    upsert_contacts(engine, [opted_in("F", "0151 66666666"), opted_in("G", "0151 77777777")], NOW)
     run_once(ledger, engine=engine, clock=clock)
     numbers = [A_NUMBER, "4915166666666", "4915177777777"]
     assert reasons(check(engine, ledger, *numbers)) == [(True, "opted_in")] * 3
-    deliver(engine, ledger, p.message(A_NUMBER, NOW - timedelta(minutes=1), "Stop"),
-            p.preference("4915166666666", NOW - timedelta(minutes=1), "stop"),
-            p.status("4915177777777", NOW - timedelta(minutes=1), "failed", codes=(131050,)))
+    deliver(
+        engine,
+        ledger,
+        p.message(A_NUMBER, NOW - timedelta(minutes=1), "Stop"),
+        p.preference("4915166666666", NOW - timedelta(minutes=1), "stop"),
+        p.status("4915177777777", NOW - timedelta(minutes=1), "failed", codes=(131050,)),
+    )
     assert reasons(check(engine, ledger, *numbers)) == [(False, "revoked")] * 3
 
 
-def test_a_start_after_the_last_sync_is_consent_with_its_proof(engine: Engine,
-                                                               ledger: LoadedConfig) -> None:
+def test_a_start_after_the_last_sync_is_consent_with_its_proof(
+    engine: Engine, ledger: LoadedConfig
+) -> None:
     """An opt-in keyword typed after the sync is consent at once (its message id is proof);
     a plain message is not."""
-    deliver(engine, ledger, p.message(B_NUMBER, NOW - timedelta(minutes=2), "START"),
-            p.message("4915144444444", NOW - timedelta(minutes=2), "yes please"))
+    deliver(
+        engine,
+        ledger,
+        p.message(B_NUMBER, NOW - timedelta(minutes=2), "START"),
+        p.message("4915144444444", NOW - timedelta(minutes=2), "yes please"),
+    )
     assert reasons(check(engine, ledger, B_NUMBER, "4915144444444")) == [
-        (True, "opted_in"), (False, "proof_missing")]
+        (True, "opted_in"),
+        (False, "proof_missing"),
+    ]
 
 
 def test_a_number_on_two_records_one_revoked(engine: Engine, store_url: str) -> None:
     """Allowed only if none of its records is revoked."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [
-        opted_in("H1", "0151 88888888"),
-        {"id": "H2", "phone": "+49 151 88888888", "opt_in": False,
-         "opt_out_date": T0 - timedelta(days=1)},
-        opted_in("J1", "0151 99999999"), {"id": "J2", "phone": "0151 99999999"},
-    ], NOW)
+    upsert_contacts(
+        engine,
+        [
+            opted_in("H1", "0151 88888888"),
+            {
+                "id": "H2",
+                "phone": "+49 151 88888888",
+                "opt_in": False,
+                "opt_out_date": T0 - timedelta(days=1),
+            },
+            opted_in("J1", "0151 99999999"),
+            {"id": "J2", "phone": "0151 99999999"},
+        ],
+        NOW,
+    )
     run_once(cfg, engine=engine, clock=clock)
     answers = check(engine, cfg, "4915188888888", "4915199999999")
     assert reasons(answers) == [(False, "revoked"), (True, "opted_in")]
     assert answers[0].records == ("H1", "H2") and answers[1].records == ("J1", "J2")
 
 
-def test_brazil_mexico_spellings_user_ids_and_a_trunk_zero(engine: Engine,
-                                                           store_url: str) -> None:
+def test_brazil_mexico_spellings_user_ids_and_a_trunk_zero(engine: Engine, store_url: str) -> None:
     """The wa_id spellings WhatsApp uses find the CRM's numbers; a user id finds its record,
     and a stop sent under the user id alone after the sync revokes it."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [
-        opted_in("BR", "+55 11 98765 4321"), opted_in("MX", "+52 55 1234 5678"),
-        opted_in("U", "", whatsapp_user_id="US.13491208655302741918"),
-        opted_in("DE", "+49 151 23456789"),
-    ], NOW)
+    upsert_contacts(
+        engine,
+        [
+            opted_in("BR", "+55 11 98765 4321"),
+            opted_in("MX", "+52 55 1234 5678"),
+            opted_in("U", "", whatsapp_user_id="US.13491208655302741918"),
+            opted_in("DE", "+49 151 23456789"),
+        ],
+        NOW,
+    )
     run_once(cfg, engine=engine, clock=clock)
-    values = ["551187654321", "+55 (11) 8765-4321", "5215512345678", "+52 1 55 1234 5678",
-              "US.13491208655302741918", "+49 (0)151 2345 6789", "0151 23456789"]
+    values = [
+        "551187654321",
+        "+55 (11) 8765-4321",
+        "5215512345678",
+        "+52 1 55 1234 5678",
+        "US.13491208655302741918",
+        "+49 (0)151 2345 6789",
+        "0151 23456789",
+    ]
     answers = check(engine, cfg, *values)
     assert reasons(answers) == [(True, "opted_in")] * len(values)
     assert [a.records[0] for a in answers] == ["BR", "BR", "MX", "MX", "U", "DE", "DE"]
-    deliver(engine, cfg, p.user_preference("US.13491208655302741918",
-                                           NOW - timedelta(minutes=1), "stop"))
+    deliver(
+        engine,
+        cfg,
+        p.user_preference("US.13491208655302741918", NOW - timedelta(minutes=1), "stop"),
+    )
     assert reasons(check(engine, cfg, "US.13491208655302741918")) == [(False, "revoked")]
 
 
-def test_a_stop_by_user_id_reaches_the_number_it_came_with(engine: Engine,
-                                                           store_url: str) -> None:
+def test_a_stop_by_user_id_reaches_the_number_it_came_with(engine: Engine, store_url: str) -> None:
     """A record known by number only: its number wrote with a user id before the sync, so a
     later stop carrying only that user id still answers no for the number."""
     cfg = loaded(store_url)
@@ -154,16 +207,16 @@ def test_a_stop_by_user_id_reaches_the_number_it_came_with(engine: Engine,
 
 def snapshot_rows(engine: Engine) -> int:
     with engine.connect() as connection:
-        return int(connection.execute(select(func.count()).select_from(consent_snapshot))
-                   .scalar_one())
+        return int(
+            connection.execute(select(func.count()).select_from(consent_snapshot)).scalar_one()
+        )
 
 
 def test_the_snapshot_follows_the_ledger(engine: Engine, store_url: str) -> None:
     """An idle full sync rewrites nothing; a deleted record leaves the snapshot at the next
     full sync; a dry run writes no snapshot."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in("A", "0151 11111111"), opted_in("B", "0151 22222222")],
-                    NOW)
+    upsert_contacts(engine, [opted_in("A", "0151 11111111"), opted_in("B", "0151 22222222")], NOW)
     run_once(cfg, dry_run=True, engine=engine, clock=clock)
     assert snapshot_rows(engine) == 0
     run_once(cfg, engine=engine, clock=clock)
@@ -174,6 +227,7 @@ def test_the_snapshot_follows_the_ledger(engine: Engine, store_url: str) -> None
     with engine.connect() as connection:
         assert connection.execute(select(consent_snapshot.c.synced_at)).scalars().all() == before
     from waconsent.store.tables import contacts
+
     with engine.begin() as connection:
         connection.execute(contacts.delete().where(contacts.c.id == "B"))
     run_once(cfg, full=True, engine=engine, clock=clock)
@@ -187,14 +241,14 @@ def test_the_snapshot_follows_the_ledger(engine: Engine, store_url: str) -> None
 @pytest.fixture
 def cli_config(tmp_path: Path, sqlite_url: str) -> Path:
     path = tmp_path / "waconsent.toml"
-    path.write_text(f'[store]\nurl = "{sqlite_url}"\n\n[crm]\nkind = "ledger"\n',
-                    encoding="utf-8")
+    path.write_text(f'[store]\nurl = "{sqlite_url}"\n\n[crm]\nkind = "ledger"\n', encoding="utf-8")
     return path
 
 
 def run(config: Path, *args: str, stdin: str | None = None) -> Result:
-    return CliRunner().invoke(main, ["--config", str(config), *args], input=stdin,
-                              catch_exceptions=False)
+    return CliRunner().invoke(
+        main, ["--config", str(config), *args], input=stdin, catch_exceptions=False
+    )
 
 
 @pytest.fixture
@@ -203,19 +257,25 @@ def synced(cli_config: Path, sqlite_url: str) -> tuple[Engine, LoadedConfig]:
 
     engine = open_engine(sqlite_url)
     cfg = loaded(sqlite_url)
-    upsert_contacts(engine, [opted_in("A", "+49 151 11111111"),
-                             {"id": "B", "mobile_phone": "0151 22222222"}], NOW)
+    upsert_contacts(
+        engine,
+        [opted_in("A", "+49 151 11111111"), {"id": "B", "mobile_phone": "0151 22222222"}],
+        NOW,
+    )
     run_once(cfg, engine=engine, clock=clock)
     return engine, cfg
 
 
-def test_cli_keeps_every_column_and_adds_the_answer(cli_config: Path, synced: Any,
-                                                    tmp_path: Path) -> None:
+def test_cli_keeps_every_column_and_adds_the_answer(
+    cli_config: Path, synced: Any, tmp_path: Path
+) -> None:
     """CSV in, CSV out: every input column kept (spreadsheet-safe), the four columns added;
     an unparseable number costs only its own row."""
     listing = tmp_path / "list.csv"
-    listing.write_text("name,phone,segment\r\nAnna,+49 151 11111111,=vip\r\nBen,n/a,x\r\n"
-                       f"Cem,{B_NUMBER},y\r\n", encoding="utf-8")
+    listing.write_text(
+        f"name,phone,segment\r\nAnna,+49 151 11111111,=vip\r\nBen,n/a,x\r\nCem,{B_NUMBER},y\r\n",
+        encoding="utf-8",
+    )
     result = run(cli_config, "audience", "check", str(listing))
     assert result.exit_code == 0, result.output
     lines = result.stdout_bytes.decode().split("\r\n")
@@ -226,25 +286,63 @@ def test_cli_keeps_every_column_and_adds_the_answer(cli_config: Path, synced: An
     assert "3 numbers for marketing: 1 may be sent" in result.stderr
 
 
-def test_cli_stop_after_sync_only_allowed_json_and_stdin(cli_config: Path,
-                                                         synced: Any) -> None:
+def test_cli_stop_after_sync_only_allowed_json_and_stdin(cli_config: Path, synced: Any) -> None:
     """A STOP received after the last sync answers no at once; --only-allowed drops the
     rest; --format json is a list of objects; - reads standard input; --column picks."""
     engine, cfg = synced
     listing = f"number\n{A_NUMBER}\n{B_NUMBER}\n"
-    first = run(cli_config, "audience", "check", "-", "--column", "number", "--only-allowed",
-                "--format", "json", stdin=listing)
+    first = run(
+        cli_config,
+        "audience",
+        "check",
+        "-",
+        "--column",
+        "number",
+        "--only-allowed",
+        "--format",
+        "json",
+        stdin=listing,
+    )
     assert first.exit_code == 0, first.output
-    assert json.loads(first.stdout) == [{"number": A_NUMBER, "may_send": True,
-                                         "reason": "opted_in", "session_open_until": None,
-                                         "records": ["A"]}]
-    ingest_payload(engine, p.payload(p.message(A_NUMBER, datetime.now(UTC), "STOP")),
-                   keyword_rules(cfg.settings), "test", lambda: datetime.now(UTC))
-    again = run(cli_config, "audience", "check", "-", "--column", "number", "--format",
-                "json", stdin=listing)
+    assert json.loads(first.stdout) == [
+        {
+            "number": A_NUMBER,
+            "may_send": True,
+            "reason": "opted_in",
+            "session_open_until": None,
+            "records": ["A"],
+        }
+    ]
+    ingest_payload(
+        engine,
+        p.payload(p.message(A_NUMBER, datetime.now(UTC), "STOP")),
+        keyword_rules(cfg.settings),
+        "test",
+        lambda: datetime.now(UTC),
+    )
+    again = run(
+        cli_config,
+        "audience",
+        "check",
+        "-",
+        "--column",
+        "number",
+        "--format",
+        "json",
+        stdin=listing,
+    )
     assert [row["reason"] for row in json.loads(again.stdout)] == ["revoked", "no_consent"]
-    service = run(cli_config, "audience", "check", "-", "--column", "number", "--purpose",
-                  "service", stdin=listing)
+    service = run(
+        cli_config,
+        "audience",
+        "check",
+        "-",
+        "--column",
+        "number",
+        "--purpose",
+        "service",
+        stdin=listing,
+    )
     second_line = service.stdout_bytes.decode().split("\r\n")[1]
     assert second_line.startswith(f"{A_NUMBER},true,session_open,")
 
@@ -256,15 +354,17 @@ def test_cli_names_a_missing_column(cli_config: Path, synced: Any) -> None:
     assert "no column 'phone'" in result.output and "mobile" in result.output
 
 
-def test_cli_long_list_in_worker_processes_keeps_order(cli_config: Path, synced: Any,
-                                                       tmp_path: Path) -> None:
+def test_cli_long_list_in_worker_processes_keeps_order(
+    cli_config: Path, synced: Any, tmp_path: Path
+) -> None:
     """A list of more than ten batches is checked in worker processes; every row comes back
     in its place with its own answer."""
     numbers = [A_NUMBER, B_NUMBER, "n/a", "+49 170 1234567"]
     expected = ["opted_in", "no_consent", "unparseable_number", "no_record"]
     listing = tmp_path / "long.csv"
-    listing.write_text("n,phone\n" + "".join(f"{i},{numbers[i % 4]}\n" for i in range(12_001)),
-                       encoding="utf-8")
+    listing.write_text(
+        "n,phone\n" + "".join(f"{i},{numbers[i % 4]}\n" for i in range(12_001)), encoding="utf-8"
+    )
     result = run(cli_config, "audience", "check", str(listing), "--format", "json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
@@ -272,14 +372,20 @@ def test_cli_long_list_in_worker_processes_keeps_order(cli_config: Path, synced:
     assert [row["reason"] for row in rows] == [expected[i % 4] for i in range(12_001)]
 
 
-def test_cli_malformed_csv_names_the_line(cli_config: Path, synced: Any,
-                                          tmp_path: Path) -> None:
+def test_cli_malformed_csv_names_the_line(cli_config: Path, synced: Any, tmp_path: Path) -> None:
     """A row the csv module cannot read (a cell over its size limit) is skipped naming its
     line, its neighbours are answered, and the exit code is 1; bytes that are not UTF-8
     cost only their own row, and come back as they were."""
     bad = tmp_path / "bad.csv"
-    bad.write_bytes(b"phone,note\n" + A_NUMBER.encode() + b",ok\nx," + b"a" * 200_000
-                    + b"\n" + A_NUMBER.encode() + b",after\n")
+    bad.write_bytes(
+        b"phone,note\n"
+        + A_NUMBER.encode()
+        + b",ok\nx,"
+        + b"a" * 200_000
+        + b"\n"
+        + A_NUMBER.encode()
+        + b",after\n"
+    )
     result = run(cli_config, "audience", "check", str(bad))
     assert result.exit_code == 1
     assert f"{bad}:3: not readable as CSV" in result.stderr

@@ -22,14 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def cfg(tmp_path: Path) -> Path:
     path = tmp_path / "waconsent.toml"
     demo = (ROOT / "examples/waconsent.toml").read_text(encoding="utf-8")
-    path.write_text(demo.replace("sqlite:///waconsent-demo.db", f"sqlite:///{tmp_path / 'w.db'}"),
-                    encoding="utf-8")
+    path.write_text(
+        demo.replace("sqlite:///waconsent-demo.db", f"sqlite:///{tmp_path / 'w.db'}"),
+        encoding="utf-8",
+    )
     return path
 
 
 def run(cfg: Path, *args: str, stdin: str | None = None) -> Result:
-    return CliRunner().invoke(main, ["--config", str(cfg), *args], input=stdin,
-                              catch_exceptions=False)
+    return CliRunner().invoke(
+        main, ["--config", str(cfg), *args], input=stdin, catch_exceptions=False
+    )
 
 
 def test_init_writes_a_loadable_config_and_refuses_overwrite(tmp_path: Path) -> None:
@@ -52,8 +55,12 @@ def test_missing_config_exit_1_with_hint(tmp_path: Path) -> None:
 def test_import_is_idempotent_and_counts(cfg: Path, tmp_path: Path) -> None:
     """Importing the same archive twice stores nothing new the second time."""
     archive = tmp_path / "a.ndjson"
-    archive.write_text("\n".join(json.dumps(p.payload(p.message(f"49151234567{i:02d}", T0, "hi")))
-                                 for i in range(5)) + "\n")
+    archive.write_text(
+        "\n".join(
+            json.dumps(p.payload(p.message(f"49151234567{i:02d}", T0, "hi"))) for i in range(5)
+        )
+        + "\n"
+    )
     first = run(cfg, "import", str(archive))
     assert first.exit_code == 0
     assert "5 stored, 0 duplicates, 0 acknowledged, 0 skipped" in first.output
@@ -66,8 +73,14 @@ def test_import_accepts_object_array_and_stdin(cfg: Path, tmp_path: Path) -> Non
     single = tmp_path / "one.json"
     single.write_text(json.dumps(p.payload(p.message("4915123456701", T0, "STOP")), indent=2))
     array = tmp_path / "many.json"
-    array.write_text(json.dumps([p.payload(p.message("4915123456702", T0, "x")),
-                                 p.payload(p.status("4915123456702", T0))]))
+    array.write_text(
+        json.dumps(
+            [
+                p.payload(p.message("4915123456702", T0, "x")),
+                p.payload(p.status("4915123456702", T0)),
+            ]
+        )
+    )
     assert "1 stored" in run(cfg, "import", str(single)).output
     # both payloads read: the message stored, the plain status acknowledged without a row
     assert "1 stored, 0 duplicates, 1 acknowledged" in run(cfg, "import", str(array)).output
@@ -95,7 +108,8 @@ def test_contacts_import_reports_bad_rows_by_line(cfg: Path, tmp_path: Path) -> 
         ",Nobody,0151 1,true,\n"
         "B,Ben,0151 2,maybe,\n"
         "C,Cem,0151 3,true,yesterday\n"
-        "D,Dora,n/a,false,\n")
+        "D,Dora,n/a,false,\n"
+    )
     result = run(cfg, "contacts", "import", str(csv_file))
     assert result.exit_code == 1
     assert f"{csv_file}:3: no id" in result.output
@@ -119,8 +133,7 @@ def test_demo_flow_sync_proof_runs_verify(cfg: Path) -> None:
     assert report["writes_failed"] == 0 and len(report["conflicts"]) == 1
     proof = json.loads(run(cfg, "proof", "0160 1234567", "--format", "json").output)
     assert proof[0]["what"] == "whatsapp message: opt_out"
-    assert {row["id"] for row in proof if row["what"] == "CRM write confirmed"} == {"C015",
-                                                                                   "C016"}
+    assert {row["id"] for row in proof if row["what"] == "CRM write confirmed"} == {"C015", "C016"}
     assert "evidence chain intact" in run(cfg, "verify-ledger").output
     assert "full" in run(cfg, "runs").output
     missing = json.loads(run(cfg, "report", "missing-proof", "--format", "json").output)
@@ -133,8 +146,12 @@ def test_dry_run_prints_diff(cfg: Path) -> None:
     """sync --dry-run prints record, field, old -> new and why, and writes nothing."""
     run(cfg, "contacts", "import", str(ROOT / "examples/contacts.csv"))
     run(cfg, "import", str(ROOT / "examples/webhooks.ndjson"))
-    result = CliRunner().invoke(main, ["--config", str(cfg), "sync", "--dry-run"],
-                                terminal_width=250, catch_exceptions=False)
+    result = CliRunner().invoke(
+        main,
+        ["--config", str(cfg), "sync", "--dry-run"],
+        terminal_width=250,
+        catch_exceptions=False,
+    )
     assert "nothing written" in result.output
     assert "opt-out by whatsapp:keyword:STOP" in result.output
     assert "(dry run)" in result.output
@@ -144,8 +161,13 @@ def test_dry_run_prints_diff(cfg: Path) -> None:
 def test_verify_ledger_exit_1_on_tampering(cfg: Path, tmp_path: Path) -> None:
     """verify-ledger exits 1 and names the row when evidence was altered."""
     archive = tmp_path / "a.json"
-    archive.write_text(json.dumps(p.payload(p.message("4915123456789", T0, "STOP"),
-                                            p.message("4915123456788", T0, "STOP"))))
+    archive.write_text(
+        json.dumps(
+            p.payload(
+                p.message("4915123456789", T0, "STOP"), p.message("4915123456788", T0, "STOP")
+            )
+        )
+    )
     run(cfg, "import", str(archive))
     assert run(cfg, "verify-ledger").exit_code == 0
     engine = open_engine(f"sqlite:///{tmp_path / 'w.db'}")
@@ -185,11 +207,13 @@ def test_check_ledger_passes(cfg: Path) -> None:
 def test_contacts_import_line_numbers_bom_and_lengths(cfg: Path, tmp_path: Path) -> None:
     """Line numbers stay right after a quoted newline, a BOM on stdin is ignored, and an
     over-long value is refused by line instead of failing the whole import."""
-    text = ("\ufeffid,name,mobile_phone,opt_in\n"
-            'A,"Anna\nMarie",0151 23456789,true\n'
-            "B,Ben,0151 2,maybe\n"
-            f"C,{'x' * 400},0151 3,true\n"
-            "D,Dora,0151 4,false\n")
+    text = (
+        "\ufeffid,name,mobile_phone,opt_in\n"
+        'A,"Anna\nMarie",0151 23456789,true\n'
+        "B,Ben,0151 2,maybe\n"
+        f"C,{'x' * 400},0151 3,true\n"
+        "D,Dora,0151 4,false\n"
+    )
     result = run(cfg, "contacts", "import", "-", stdin=text)
     assert result.exit_code == 1
     assert "-:4: opt_in: expected true or false" in result.output
@@ -209,18 +233,24 @@ def test_proof_includes_events_known_only_by_user_id(cfg: Path, tmp_path: Path) 
     archive.write_text(json.dumps([p.payload(with_both), p.payload(only_uid)]))
     run(cfg, "import", str(archive))
     rows = json.loads(run(cfg, "proof", "+49 151 23456789", "--format", "json").output)
-    assert [row["what"] for row in rows] == ["whatsapp message: none",
-                                             "whatsapp message: opt_out"]
+    assert [row["what"] for row in rows] == ["whatsapp message: none", "whatsapp message: opt_out"]
 
 
-@pytest.mark.parametrize("args", [
-    ["sync", "--config", "{cfg}"], ["--config", "{cfg}", "sync"],
-    ["contacts", "export", "--config", "{cfg}"], ["contacts", "--config", "{cfg}", "export"],
-    ["report", "missing-proof", "--format", "json", "--config", "{cfg}"],
-    ["proof", "+4915123456789", "--config", "{cfg}"],
-], ids=" ".join)
-def test_config_after_the_command_word(cfg: Path, args: list[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sync", "--config", "{cfg}"],
+        ["--config", "{cfg}", "sync"],
+        ["contacts", "export", "--config", "{cfg}"],
+        ["contacts", "--config", "{cfg}", "export"],
+        ["report", "missing-proof", "--format", "json", "--config", "{cfg}"],
+        ["proof", "+4915123456789", "--config", "{cfg}"],
+    ],
+    ids=" ".join,
+)
+def test_config_after_the_command_word(
+    cfg: Path, args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`--config PATH` works after the command (and sub-command) word as well as before it."""
     moved = cfg.rename(cfg.parent / "prod.toml")
     monkeypatch.chdir(cfg.parent)  # no ./waconsent.toml here to fall back on

@@ -77,7 +77,9 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 
 def test_all_errors_reported_at_once(tmp_path: Path) -> None:
     """Several problems in one file come back together, each with its key path."""
-    message = problems(tmp_path, """
+    message = problems(
+        tmp_path,
+        """
 [crm]
 kind = "sap"
 [webhook]
@@ -87,7 +89,8 @@ prot = 1
 default_region = "XX"
 [schedule]
 timezone = "Mars/Olympus"
-""")
+""",
+    )
     assert "5 problems" in message
     assert "crm.kind: expected one of 'salesforce', 'dynamics' or 'ledger', got 'sap'" in message
     assert "webhook.port" in message
@@ -96,18 +99,22 @@ timezone = "Mars/Olympus"
     assert "schedule.timezone" in message and "Europe/Berlin" in message
 
 
-@pytest.mark.parametrize(("section", "key", "variable"), [
-    ("salesforce", "password", "SALESFORCE_PASSWORD"),
-    ("salesforce", "security_token", "SALESFORCE_SECURITY_TOKEN"),
-    ("salesforce", "consumer_secret", "SALESFORCE_CONSUMER_SECRET"),
-    ("salesforce", "access_token", "SALESFORCE_ACCESS_TOKEN"),
-    ("dynamics", "client_secret", "DYNAMICS_CLIENT_SECRET"),
-    ("dynamics", "access_token", "DYNAMICS_ACCESS_TOKEN"),
-    ("whatsapp", "app_secret", "WHATSAPP_APP_SECRET"),
-    ("webhook", "verify_token", "WHATSAPP_VERIFY_TOKEN"),
-])
-def test_secret_in_file_names_the_variable(tmp_path: Path, section: str, key: str,
-                                           variable: str) -> None:
+@pytest.mark.parametrize(
+    ("section", "key", "variable"),
+    [
+        ("salesforce", "password", "SALESFORCE_PASSWORD"),
+        ("salesforce", "security_token", "SALESFORCE_SECURITY_TOKEN"),
+        ("salesforce", "consumer_secret", "SALESFORCE_CONSUMER_SECRET"),
+        ("salesforce", "access_token", "SALESFORCE_ACCESS_TOKEN"),
+        ("dynamics", "client_secret", "DYNAMICS_CLIENT_SECRET"),
+        ("dynamics", "access_token", "DYNAMICS_ACCESS_TOKEN"),
+        ("whatsapp", "app_secret", "WHATSAPP_APP_SECRET"),
+        ("webhook", "verify_token", "WHATSAPP_VERIFY_TOKEN"),
+    ],
+)
+def test_secret_in_file_names_the_variable(
+    tmp_path: Path, section: str, key: str, variable: str
+) -> None:
     """A secret-looking key is refused with the environment variable to use instead."""
     message = problems(tmp_path, f'[{section}]\n{key} = "hunter2"\n')
     assert f"{section}.{key}" in message and variable in message
@@ -165,7 +172,9 @@ def test_mapping_without_rule_fields_names_them(tmp_path: Path) -> None:
 
 def test_dynamics_url_must_be_https(tmp_path: Path) -> None:
     """A Dynamics org URL that is not https is a configuration error."""
-    message = problems(tmp_path, """
+    message = problems(
+        tmp_path,
+        """
 [crm]
 kind = "dynamics"
 [dynamics]
@@ -177,14 +186,16 @@ object = "contacts"
 opt_in = "a"
 opt_in_date = "b"
 opt_out_date = "c"
-""")
+""",
+    )
     assert "dynamics.url: expected an https:// organization URL" in message
 
 
 def test_keyword_in_both_lists_is_refused(tmp_path: Path) -> None:
     """A keyword cannot both opt in and opt out."""
-    message = problems(tmp_path, '[whatsapp]\nopt_in_keywords = ["Stop!"]\n'
-                                 'opt_out_keywords = ["STOP"]\n')
+    message = problems(
+        tmp_path, '[whatsapp]\nopt_in_keywords = ["Stop!"]\nopt_out_keywords = ["STOP"]\n'
+    )
     assert "whatsapp" in message and "stop" in message
 
 

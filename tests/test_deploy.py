@@ -17,11 +17,21 @@ SERVICES = ("waconsent-serve.service", "waconsent-webhook.service", "waconsent-s
 Unit = dict[str, dict[str, list[str]]]
 # the sandbox every service must carry, as systemd spells it
 HARDENING = {
-    "DynamicUser": "yes", "ProtectSystem": "strict", "StateDirectory": "waconsent",
-    "NoNewPrivileges": "yes", "PrivateTmp": "yes", "ProtectHome": "yes",
-    "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-    "ProtectControlGroups": "yes", "RestrictNamespaces": "yes", "RestrictSUIDSGID": "yes",
-    "LockPersonality": "yes", "CapabilityBoundingSet": "", "UMask": "0077",
+    "DynamicUser": "yes",
+    "ProtectSystem": "strict",
+    "StateDirectory": "waconsent",
+    "NoNewPrivileges": "yes",
+    "PrivateTmp": "yes",
+    "ProtectHome": "yes",
+    "PrivateDevices": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectControlGroups": "yes",
+    "RestrictNamespaces": "yes",
+    "RestrictSUIDSGID": "yes",
+    "LockPersonality": "yes",
+    "CapabilityBoundingSet": "",
+    "UMask": "0077",
     "SystemCallArchitectures": "native",
 }
 
@@ -73,9 +83,14 @@ def test_every_service_is_sandboxed_and_reads_secrets_from_a_file(name: str) -> 
     assert "~@privileged @resources" in service["SystemCallFilter"]
 
 
-@pytest.mark.parametrize(("name", "command"), [
-    ("waconsent-serve.service", ["serve"]), ("waconsent-webhook.service", ["webhook"]),
-    ("waconsent-sync.service", ["sync", "--full"])])
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [
+        ("waconsent-serve.service", ["serve"]),
+        ("waconsent-webhook.service", ["webhook"]),
+        ("waconsent-sync.service", ["sync", "--full"]),
+    ],
+)
 def test_each_unit_starts_a_real_waconsent_command(name: str, command: list[str]) -> None:
     """ExecStart names a command (and options) the CLI really has."""
     executable, *args = _one(_unit(name), "Service", "ExecStart").split()
@@ -109,13 +124,23 @@ def test_the_timer_starts_the_sync_nightly_and_catches_up() -> None:
 def test_the_env_example_names_every_secret_and_no_value() -> None:
     """The EnvironmentFile template lists the secrets the README names, all empty."""
     lines = (DEPLOY / "waconsent.env.example").read_text().splitlines()
-    keys = {line.lstrip("#").split("=")[0] for line in lines if "=" in line
-            and not line.startswith("# ")}
-    assert {"WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN", "SALESFORCE_PASSWORD",
-            "DYNAMICS_CLIENT_SECRET", "PGPASSWORD"} <= keys
-    assert all(line.split("=", 1)[1] in ("", "/run/credentials/waconsent-serve.service/"
-                                               "dynamics.pem")
-               for line in lines if "=" in line and not line.startswith("# "))
+    keys = {
+        line.lstrip("#").split("=")[0]
+        for line in lines
+        if "=" in line and not line.startswith("# ")
+    }
+    assert {
+        "WHATSAPP_APP_SECRET",
+        "WHATSAPP_VERIFY_TOKEN",
+        "SALESFORCE_PASSWORD",
+        "DYNAMICS_CLIENT_SECRET",
+        "PGPASSWORD",
+    } <= keys
+    assert all(
+        line.split("=", 1)[1] in ("", "/run/credentials/waconsent-serve.service/dynamics.pem")
+        for line in lines
+        if "=" in line and not line.startswith("# ")
+    )
 
 
 def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
@@ -131,8 +156,16 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
         text = text.replace("/opt/waconsent/venv/bin/waconsent", str(waconsent))
         text = text.replace("EnvironmentFile=/", "EnvironmentFile=-/")  # not on this machine
         (tmp_path / name).write_text(text, encoding="utf-8")
-    result = subprocess.run([analyze, "verify", *(str(tmp_path / n) for n in names)],
-                            capture_output=True, text=True, timeout=120, check=False)
-    complaints = [line for line in (result.stdout + result.stderr).splitlines()
-                  if any(name in line for name in names)]
+    result = subprocess.run(
+        [analyze, "verify", *(str(tmp_path / n) for n in names)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    complaints = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if any(name in line for name in names)
+    ]
     assert result.returncode == 0 and complaints == [], result.stdout + result.stderr

@@ -37,11 +37,18 @@ METADATA_CALLS = 3  # preflight each run: entity, attributes, string lengths
 
 
 def config_for(store_url: str, **sync: Any) -> LoadedConfig:
-    raw = tomllib.loads(resources.files("waconsent.config").joinpath(
-        "presets/dynamics.toml").read_text("utf-8"))
+    raw = tomllib.loads(
+        resources.files("waconsent.config").joinpath("presets/dynamics.toml").read_text("utf-8")
+    )
     raw["store"] = {"url": store_url}
-    raw["dynamics"].update({"url": ORG_URL, "tenant_id": TENANT_ID, "client_id": CLIENT_ID,
-                            "authority_host": AUTHORITY_HOST})
+    raw["dynamics"].update(
+        {
+            "url": ORG_URL,
+            "tenant_id": TENANT_ID,
+            "client_id": CLIENT_ID,
+            "authority_host": AUTHORITY_HOST,
+        }
+    )
     if sync:
         raw["sync"] = sync
     return LoadedConfig(parse(raw), Secrets({"DYNAMICS_CLIENT_SECRET": CLIENT_SECRET}), None)
@@ -61,11 +68,15 @@ def dataverse_with_contacts() -> Iterator[FakeDataverse]:
         for n in range(CONTACTS):
             fake.add_contact(
                 record_id=f"00000000-0000-4000-8000-{n:012d}",
-                modified=T0 - timedelta(minutes=n), fullname=f"Contact {n}",
-                mobilephone=f"+4915100{n:06d}", new_whatsappoptin=True,
+                modified=T0 - timedelta(minutes=n),
+                fullname=f"Contact {n}",
+                mobilephone=f"+4915100{n:06d}",
+                new_whatsappoptin=True,
                 new_whatsappoptindate=T0 - timedelta(days=30),
-                new_whatsappoptinip="203.0.113.7", new_whatsappoptinsource="web form",
-                new_whatsappproofmissing=False)
+                new_whatsappoptinip="203.0.113.7",
+                new_whatsappoptinsource="web form",
+                new_whatsappproofmissing=False,
+            )
         yield fake
 
 
@@ -77,14 +88,15 @@ def fake() -> Iterator[FakeDataverse]:
 
 def stop_messages(engine: Engine, cfg: LoadedConfig, numbers: range) -> None:
     changes = [p.message(f"4915100{n:06d}", STOP_AT, "STOP") for n in numbers]
-    ingest_payload(engine, p.payload(*changes), keyword_rules(cfg.settings), "test",
-                   lambda: NOW)
+    ingest_payload(engine, p.payload(*changes), keyword_rules(cfg.settings), "test", lambda: NOW)
 
 
-def run(cfg: LoadedConfig, engine: Engine, waits: list[float] | None = None,
-        **kwargs: Any) -> tuple[Any, DynamicsConnector]:
+def run(
+    cfg: LoadedConfig, engine: Engine, waits: list[float] | None = None, **kwargs: Any
+) -> tuple[Any, DynamicsConnector]:
     connector = DynamicsConnector.from_config(
-        cfg, policy=RetryPolicy(sleep=(waits if waits is not None else []).append))
+        cfg, policy=RetryPolicy(sleep=(waits if waits is not None else []).append)
+    )
     try:
         return run_once(cfg, engine=engine, clock=clock, connector=connector, **kwargs), connector
     finally:
@@ -92,7 +104,8 @@ def run(cfg: LoadedConfig, engine: Engine, waits: list[float] | None = None,
 
 
 def test_full_run_of_twelve_thousand_contacts_with_three_hundred_stops(
-        fake: FakeDataverse, engine: Engine, store_url: str) -> None:
+    fake: FakeDataverse, engine: Engine, store_url: str
+) -> None:
     """12,000 contacts and 300 STOPs: 3 query pages, 1 $batch, 300 revocations written."""
     cfg = config_for(store_url)
     stop_messages(engine, cfg, range(0, CONTACTS, CONTACTS // STOPS))
@@ -109,14 +122,19 @@ def test_full_run_of_twelve_thousand_contacts_with_three_hundred_stops(
     assert revoked["new_whatsappoptin"] is False
     assert revoked["new_whatsappoptoutdate"] == STOP_AT
     assert revoked["modifiedon"] == NOW
-    assert set(fake.patched[0]) <= {"new_whatsappoptin", "new_whatsappoptoutdate",
-                                    "new_whatsapplastinbound", "new_whatsappsessionexpires"}
+    assert set(fake.patched[0]) <= {
+        "new_whatsappoptin",
+        "new_whatsappoptoutdate",
+        "new_whatsapplastinbound",
+        "new_whatsappsessionexpires",
+    }
     untouched = fake.records["00000000-0000-4000-8000-000000000041"]
     assert untouched["new_whatsappoptin"] is True and untouched["modifiedon"] < T0
 
 
 def test_next_incremental_run_reads_one_page_and_writes_nothing(
-        fake: FakeDataverse, engine: Engine, store_url: str) -> None:
+    fake: FakeDataverse, engine: Engine, store_url: str
+) -> None:
     """After write-back, the records we touched cost one page and zero writes, not a loop."""
     cfg = config_for(store_url)
     stop_messages(engine, cfg, range(0, CONTACTS, CONTACTS // STOPS))
@@ -133,11 +151,13 @@ def test_next_incremental_run_reads_one_page_and_writes_nothing(
     assert report.api_calls == METADATA_CALLS + 1
     [*_, incremental] = fake.filters
     assert [(c.attribute, c.operator, c.value) for c in incremental] == [
-        ("modifiedon", "ge", T0 - timedelta(seconds=120))]
+        ("modifiedon", "ge", T0 - timedelta(seconds=120))
+    ]
 
 
 def test_run_survives_a_429_storm_and_a_token_expiry(
-        fake: FakeDataverse, engine: Engine, store_url: str) -> None:
+    fake: FakeDataverse, engine: Engine, store_url: str
+) -> None:
     """Throttling waits its Retry-After and an expired token is renewed; the run completes."""
     cfg = config_for(store_url)
     stop_messages(engine, cfg, range(5))
@@ -155,7 +175,8 @@ def test_run_survives_a_429_storm_and_a_token_expiry(
 
 
 def test_one_rejected_record_fails_alone_and_the_run_reports_it(
-        fake: FakeDataverse, engine: Engine, store_url: str) -> None:
+    fake: FakeDataverse, engine: Engine, store_url: str
+) -> None:
     """A record a plugin refuses fails with its Dataverse code; the other revocations land."""
     cfg = config_for(store_url)
     stop_messages(engine, cfg, range(10))
@@ -171,7 +192,8 @@ def test_one_rejected_record_fails_alone_and_the_run_reports_it(
 
 
 def test_dry_run_reads_but_sends_no_batch(
-        fake: FakeDataverse, engine: Engine, store_url: str) -> None:
+    fake: FakeDataverse, engine: Engine, store_url: str
+) -> None:
     """--dry-run decides the revocations and sends nothing to Dataverse."""
     cfg = config_for(store_url)
     stop_messages(engine, cfg, range(3))
@@ -182,13 +204,15 @@ def test_dry_run_reads_but_sends_no_batch(
 
 
 def test_change_tracking_delta_link_survives_between_processes(
-        fake: FakeDataverse, engine: Engine, store_url: str) -> None:
+    fake: FakeDataverse, engine: Engine, store_url: str
+) -> None:
     """With change tracking on, the delta link is stored with the run, so the next `sync`
     (a new process, a new connector) follows it instead of filtering on modifiedon."""
     cfg = config_for(store_url)
     raw_dynamics = cfg.settings.dynamics.model_copy(update={"change_tracking": True})
-    cfg = LoadedConfig(cfg.settings.model_copy(update={"dynamics": raw_dynamics}),
-                       cfg.secrets, None)
+    cfg = LoadedConfig(
+        cfg.settings.model_copy(update={"dynamics": raw_dynamics}), cfg.secrets, None
+    )
     run(cfg, engine)  # full, tracked: the run stores the delta link
     with engine.connect() as connection:
         from waconsent.store import runs as run_store

@@ -28,16 +28,26 @@ from waconsent.connectors.dynamics import DynamicsConnector
 from waconsent.connectors.http import RetryPolicy
 from waconsent.errors import FatalError
 
-DATAVERSE_TYPES = {"Microsoft.Dynamics.CRM.BooleanAttributeMetadata": "Boolean",
-                   "Microsoft.Dynamics.CRM.DateTimeAttributeMetadata": "DateTime",
-                   "Microsoft.Dynamics.CRM.StringAttributeMetadata": "String",
-                   "Microsoft.Dynamics.CRM.PicklistAttributeMetadata": "Picklist"}
+DATAVERSE_TYPES = {
+    "Microsoft.Dynamics.CRM.BooleanAttributeMetadata": "Boolean",
+    "Microsoft.Dynamics.CRM.DateTimeAttributeMetadata": "DateTime",
+    "Microsoft.Dynamics.CRM.StringAttributeMetadata": "String",
+    "Microsoft.Dynamics.CRM.PicklistAttributeMetadata": "Picklist",
+}
 
 
 def _dynamics_raw(**mapping: Any) -> dict[str, Any]:
-    return preset("dynamics", dynamics={
-        "url": ORG_URL, "tenant_id": TENANT_ID, "client_id": CLIENT_ID, "auth": "client_secret",
-        "authority_host": AUTHORITY_HOST}, mapping=mapping)
+    return preset(
+        "dynamics",
+        dynamics={
+            "url": ORG_URL,
+            "tenant_id": TENANT_ID,
+            "client_id": CLIENT_ID,
+            "auth": "client_secret",
+            "authority_host": AUTHORITY_HOST,
+        },
+        mapping=mapping,
+    )
 
 
 @pytest.fixture
@@ -52,8 +62,11 @@ def fake() -> Iterator[FakeDataverse]:
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         fake = FakeDataverse().install(mock)
         # a table with none of the consent columns but the user id, made earlier by hand
-        fake.attributes = {name: attribute for name, attribute in fake.attributes.items()
-                           if not name.startswith("new_") or name == "new_whatsappuserid"}
+        fake.attributes = {
+            name: attribute
+            for name, attribute in fake.attributes.items()
+            if not name.startswith("new_") or name == "new_whatsappuserid"
+        }
         yield fake
 
 
@@ -68,12 +81,10 @@ def _label(body: Mapping[str, Any], key: str) -> str:
     return str(label["Label"])
 
 
-def test_dataverse_bodies_have_the_web_api_shapes(dynamics_config: Path, tmp_path: Path
-                                                  ) -> None:
+def test_dataverse_bodies_have_the_web_api_shapes(dynamics_config: Path, tmp_path: Path) -> None:
     """Each column body has the Web API's @odata.type, SchemaName, labels and type settings."""
     out = tmp_path / "dv"
-    assert cli(dynamics_config, "fields", "--crm", "dynamics", "--out", str(out)
-                ).exit_code == 0
+    assert cli(dynamics_config, "fields", "--crm", "dynamics", "--out", str(out)).exit_code == 0
     bodies = _bodies(out)
     assert len(bodies) == 9
     for name, body in bodies.items():
@@ -91,17 +102,24 @@ def test_dataverse_bodies_have_the_web_api_shapes(dynamics_config: Path, tmp_pat
     date = bodies["new_whatsappoptindate"]
     assert date["@odata.type"] == "Microsoft.Dynamics.CRM.DateTimeAttributeMetadata"
     assert (date["Format"], date["DateTimeBehavior"]) == ("DateAndTime", {"Value": "UserLocal"})
-    lengths = {name: b.get("MaxLength") for name, b in bodies.items()
-               if b["AttributeType"] == "String"}
-    assert lengths == {"new_whatsappoptinip": 45, "new_whatsappoptinsource": 255,
-                       "new_whatsappuserid": 64}
+    lengths = {
+        name: b.get("MaxLength") for name, b in bodies.items() if b["AttributeType"] == "String"
+    }
+    assert lengths == {
+        "new_whatsappoptinip": 45,
+        "new_whatsappoptinsource": 255,
+        "new_whatsappuserid": 64,
+    }
     requests_txt = (out / "requests.txt").read_text()
-    assert (f"POST {ORG_URL}/api/data/v9.2/EntityDefinitions(LogicalName='contact')/Attributes"
-            "  < new_whatsappoptin.json") in requests_txt
+    assert (
+        f"POST {ORG_URL}/api/data/v9.2/EntityDefinitions(LogicalName='contact')/Attributes"
+        "  < new_whatsappoptin.json"
+    ) in requests_txt
 
 
 def test_a_choice_opt_in_is_a_picklist_column_with_the_mapped_option_values(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With integer [mapping.values] the opt-in is a local Choice of exactly those options."""
     raw = _dynamics_raw(values={"opted_in": OPTED_IN, "opted_out": OPTED_OUT})
     out = tmp_path / "dv"
@@ -114,25 +132,40 @@ def test_a_choice_opt_in_is_a_picklist_column_with_the_mapped_option_values(
 
 
 def test_apply_creates_the_missing_columns_and_then_check_passes(
-        dynamics_config: Path, fake: FakeDataverse, tmp_path: Path) -> None:
+    dynamics_config: Path, fake: FakeDataverse, tmp_path: Path
+) -> None:
     """--apply creates only the missing columns, in the solution; then check and preflight pass."""
     assert cli(dynamics_config, "check").exit_code == 1
     existing = fake.attributes["new_whatsappuserid"]
-    result = cli(dynamics_config, "fields", "--out", str(tmp_path / "dv"), "--apply",
-                  "--solution", "WaconsentFields")
+    result = cli(
+        dynamics_config,
+        "fields",
+        "--out",
+        str(tmp_path / "dv"),
+        "--apply",
+        "--solution",
+        "WaconsentFields",
+    )
     assert result.exit_code == 0, result.output
     assert "exists already, left as it is: new_whatsappuserid" in result.output
     assert [schema for schema, _ in fake.created_columns] == [
-        "new_WhatsAppOptIn", "new_WhatsAppOptInDate", "new_WhatsAppOptInIP",
-        "new_WhatsAppOptInSource", "new_WhatsAppOptOutDate", "new_WhatsAppLastInbound",
-        "new_WhatsAppSessionExpires", "new_WhatsAppProofMissing"]
+        "new_WhatsAppOptIn",
+        "new_WhatsAppOptInDate",
+        "new_WhatsAppOptInIP",
+        "new_WhatsAppOptInSource",
+        "new_WhatsAppOptOutDate",
+        "new_WhatsAppLastInbound",
+        "new_WhatsAppSessionExpires",
+        "new_WhatsAppProofMissing",
+    ]
     assert {solution for _, solution in fake.created_columns} == {"WaconsentFields"}
     assert fake.attributes["new_whatsappuserid"] is existing
     assert fake.attributes["new_whatsappoptinsource"].max_length == 255
     check = cli(dynamics_config, "check")
     assert check.exit_code == 0, check.output
-    loaded = LoadedConfig(parse(_dynamics_raw()), Secrets({
-        "DYNAMICS_CLIENT_SECRET": CLIENT_SECRET}), None)
+    loaded = LoadedConfig(
+        parse(_dynamics_raw()), Secrets({"DYNAMICS_CLIENT_SECRET": CLIENT_SECRET}), None
+    )
     connector = DynamicsConnector.from_config(loaded, policy=RetryPolicy(sleep=lambda _: None))
     try:
         connector.preflight()
@@ -140,8 +173,9 @@ def test_apply_creates_the_missing_columns_and_then_check_passes(
         connector.close()
 
 
-def test_apply_twice_creates_nothing_the_second_time(dynamics_config: Path,
-                                                     fake: FakeDataverse, tmp_path: Path) -> None:
+def test_apply_twice_creates_nothing_the_second_time(
+    dynamics_config: Path, fake: FakeDataverse, tmp_path: Path
+) -> None:
     """A second --apply finds every column and POSTs nothing."""
     cli(dynamics_config, "fields", "--out", str(tmp_path / "a"), "--apply")
     posts = len(fake.column_bodies)
@@ -163,8 +197,7 @@ class _Client:
     def existing_columns(self) -> list[str]:
         return []
 
-    def post_metadata(self, path: str, body: Mapping[str, Any],
-                      headers: Mapping[str, str]) -> Any:
+    def post_metadata(self, path: str, body: Mapping[str, Any], headers: Mapping[str, str]) -> Any:
         self.posted.append((path, headers))
         status, code = self.answers.pop(0)
         return _Answer(status, json.dumps({"error": {"code": code, "message": "said"}}))
@@ -184,5 +217,7 @@ def test_apply_takes_a_duplicate_answer_as_existing_and_stops_on_another_refusal
     client = _Client((204, ""), (400, "0x80047013"), (204, ""))
     applied = dynamics_fields.apply(client, wanted, "Sol")
     assert (applied.created, applied.existing) == (("new_c0", "new_c2"), ("new_c1",))
-    assert client.posted[0] == ("EntityDefinitions(LogicalName='contact')/Attributes",
-                                {"MSCRM.SolutionUniqueName": "Sol"})
+    assert client.posted[0] == (
+        "EntityDefinitions(LogicalName='contact')/Attributes",
+        {"MSCRM.SolutionUniqueName": "Sol"},
+    )

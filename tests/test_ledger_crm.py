@@ -30,15 +30,20 @@ def test_apply_answers_per_record_and_spares_neighbours(engine: Engine) -> None:
     """A missing id and an unknown field fail alone; the other writes land."""
     upsert_contacts(engine, [{"id": "A", "opt_in": True}, {"id": "B", "opt_in": True}], T0)
     crm = LedgerCrm(engine, clock=lambda: T0 + timedelta(days=1))
-    results = crm.write([
-        WriteRequest("A", {"opt_in": False, "opt_out_date": T0}),
-        WriteRequest("GONE", {"opt_in": False}),
-        WriteRequest("B", {"colour": "blue"}),
-        WriteRequest("B", {"last_inbound": T0}),
-    ])
+    results = crm.write(
+        [
+            WriteRequest("A", {"opt_in": False, "opt_out_date": T0}),
+            WriteRequest("GONE", {"opt_in": False}),
+            WriteRequest("B", {"colour": "blue"}),
+            WriteRequest("B", {"last_inbound": T0}),
+        ]
+    )
     assert [(r.record_id, r.ok, r.code, r.permanent) for r in results] == [
-        ("A", True, "", False), ("GONE", False, "NOT_FOUND", True),
-        ("B", False, "INVALID_FIELD", True), ("B", True, "", False)]
+        ("A", True, "", False),
+        ("GONE", False, "NOT_FOUND", True),
+        ("B", False, "INVALID_FIELD", True),
+        ("B", True, "", False),
+    ]
     rows = {r.record_id: r for r in crm.read_all()}
     assert rows["A"].fields["opt_in"] is False and rows["A"].fields["opt_out_date"] == T0
     assert rows["B"].fields["opt_in"] is True and rows["B"].fields["last_inbound"] == T0

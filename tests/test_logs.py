@@ -40,9 +40,16 @@ def lines(stream: io.StringIO) -> list[dict[str, object]]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(), st.dictionaries(st.text(min_size=1, max_size=10).filter(
-    lambda k: k not in ("event", "ts", "level", "logger")), st.text() | st.integers(),
-    max_size=4))
+@given(
+    st.text(),
+    st.dictionaries(
+        st.text(min_size=1, max_size=10).filter(
+            lambda k: k not in ("event", "ts", "level", "logger")
+        ),
+        st.text() | st.integers(),
+        max_size=4,
+    ),
+)
 def test_every_line_is_one_json_object(name: str, fields: dict[str, object]) -> None:
     """Quotes, newlines, non-ASCII or control characters in the event or fields never break
     the line: one JSON object per line, every field kept."""
@@ -91,8 +98,7 @@ def test_bound_fields_reach_worker_threads(captured: io.StringIO) -> None:
     """Fields bound in a block reach threads started through `in_context`, and end with it."""
     logger = logging.getLogger("waconsent.test.bound")
     with logs.bound(run_id=7):
-        worker = threading.Thread(target=logs.in_context(
-            lambda: logs.event(logger, "in.thread")))
+        worker = threading.Thread(target=logs.in_context(lambda: logs.event(logger, "in.thread")))
         worker.start()
         worker.join()
         plain = threading.Thread(target=lambda: logs.event(logger, "plain.thread"))
@@ -114,15 +120,15 @@ class ChattyLedger(LedgerCrm):
         yield from super().read_all()
 
 
-def test_every_line_of_a_run_carries_its_run_id(engine: Engine, store_url: str,
-                                                captured: io.StringIO) -> None:
+def test_every_line_of_a_run_carries_its_run_id(
+    engine: Engine, store_url: str, captured: io.StringIO
+) -> None:
     """A sync run's lines, the read-ahead thread's included, carry its run id."""
     cfg = loaded(store_url)
     upsert_contacts(engine, [opted_in("A", "0151 23456789")], T0)
     deliver(engine, cfg, p.message("4915123456789", T0, "STOP"))
     report = run_once(cfg, engine=engine, clock=clock, connector=ChattyLedger(engine))
-    run_lines = [line for line in lines(captured) if line["event"] in ("crm.page",
-                                                                       "sync.finished")]
+    run_lines = [line for line in lines(captured) if line["event"] in ("crm.page", "sync.finished")]
     assert {line["event"] for line in run_lines} == {"crm.page", "sync.finished"}
     assert all(line["run_id"] == report.run_id for line in run_lines)
     assert "4915123456789" not in captured.getvalue()

@@ -45,8 +45,9 @@ from waconsent.errors import ConfigError
 from waconsent.store.engine import open_engine
 
 USER, PASSWORD, TOKEN = "integration@acme.example", "s3cret-Pa55", "TOKEN123456"
-DYNAMICS_PRESET = resources.files("waconsent.config").joinpath(
-    "presets/dynamics.toml").read_text("utf-8")
+DYNAMICS_PRESET = (
+    resources.files("waconsent.config").joinpath("presets/dynamics.toml").read_text("utf-8")
+)
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "waconsent.toml"
 
 PHONES = "mapping.phone_fields"
@@ -99,10 +100,16 @@ def _kinds(crm: str) -> list[Any]:
 
 def _toml(document: Mapping[str, Any], prefix: str = "") -> str:
     """A config document as TOML (JSON spells these strings, numbers and lists alike)."""
-    scalars = [f"{key} = {json.dumps(value)}\n" for key, value in document.items()
-               if not isinstance(value, Mapping)]
-    tables = [_toml(value, f"{prefix}{key}.") for key, value in document.items()
-              if isinstance(value, Mapping)]
+    scalars = [
+        f"{key} = {json.dumps(value)}\n"
+        for key, value in document.items()
+        if not isinstance(value, Mapping)
+    ]
+    tables = [
+        _toml(value, f"{prefix}{key}.")
+        for key, value in document.items()
+        if isinstance(value, Mapping)
+    ]
     return (f"[{prefix.rstrip('.')}]\n" if prefix else "") + "".join(scalars + tables)
 
 
@@ -110,8 +117,9 @@ def _every_key_to(name: str) -> dict[str, Any]:
     return {"fields": {logical: name for logical in LOGICAL_FIELDS}, "phone_fields": [name]}
 
 
-def _both_paths(path: Path, connect: Callable[[config.LoadedConfig], CrmConnector]
-                ) -> tuple[tuple[str, ...], Result]:
+def _both_paths(
+    path: Path, connect: Callable[[config.LoadedConfig], CrmConnector]
+) -> tuple[tuple[str, ...], Result]:
     """The preflight's problems (none when it passes) and the `check` command's result."""
     connector = connect(config.load(path))
     problems: tuple[str, ...] = ()
@@ -138,39 +146,60 @@ def _assert_same(problems: tuple[str, ...], result: Result, path: Path) -> set[s
 
 # ---- Salesforce -----------------------------------------------------------------------------
 
+
 @pytest.fixture
 def salesforce_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SALESFORCE_PASSWORD", PASSWORD)
     monkeypatch.setenv("SALESFORCE_SECURITY_TOKEN", TOKEN)
 
 
-def _salesforce(tmp_path: Path, mapping: Mapping[str, Any], *extra: FakeField
-                ) -> tuple[tuple[str, ...], Result, Path]:
+def _salesforce(
+    tmp_path: Path, mapping: Mapping[str, Any], *extra: FakeField
+) -> tuple[tuple[str, ...], Result, Path]:
     schema = default_schema()
     schema["Contact"].update({field.name: field for field in extra})
     org = FakeSalesforce(schema=schema)
     org.users[USER] = PASSWORD + TOKEN
     path = tmp_path / "salesforce.toml"
-    path.write_text(_toml({
-        "store": {"url": f"sqlite:///{tmp_path / 'w.db'}"}, "crm": {"kind": "salesforce"},
-        "salesforce": {"auth": "password", "username": USER, "instance_url": INSTANCE},
-        "mapping": {"object": "Contact", **mapping}}), encoding="utf-8")
+    path.write_text(
+        _toml(
+            {
+                "store": {"url": f"sqlite:///{tmp_path / 'w.db'}"},
+                "crm": {"kind": "salesforce"},
+                "salesforce": {"auth": "password", "username": USER, "instance_url": INSTANCE},
+                "mapping": {"object": "Contact", **mapping},
+            }
+        ),
+        encoding="utf-8",
+    )
     with org.active():
-        problems, result = _both_paths(path, lambda loaded: SalesforceConnector.from_config(
-            loaded, policy=RetryPolicy(sleep=lambda _: None)))
+        problems, result = _both_paths(
+            path,
+            lambda loaded: SalesforceConnector.from_config(
+                loaded, policy=RetryPolicy(sleep=lambda _: None)
+            ),
+        )
     return problems, result, path
 
 
 @pytest.mark.parametrize("kind", _kinds("salesforce"))
 @pytest.mark.usefixtures("salesforce_env")
-def test_salesforce_check_and_preflight_agree_on_every_field_type(kind: Kind,
-                                                                  tmp_path: Path) -> None:
+def test_salesforce_check_and_preflight_agree_on_every_field_type(
+    kind: Kind, tmp_path: Path
+) -> None:
     """Each Salesforce field type is refused for the same keys, in the same words, by both."""
-    field = FakeField("Matrix__c", kind.salesforce or "", 255, updateable=kind.updateable,
-                      picklist=("Yes", "No") if "picklist" in str(kind.salesforce) else ())
+    field = FakeField(
+        "Matrix__c",
+        kind.salesforce or "",
+        255,
+        updateable=kind.updateable,
+        picklist=("Yes", "No") if "picklist" in str(kind.salesforce) else (),
+    )
     problems, result, path = _salesforce(
-        tmp_path, {**_every_key_to("Matrix__c"), "values": {"opted_in": "Yes",
-                                                            "opted_out": "No"}}, field)
+        tmp_path,
+        {**_every_key_to("Matrix__c"), "values": {"opted_in": "Yes", "opted_out": "No"}},
+        field,
+    )
     assert _assert_same(problems, result, path) == KEYS - kind.holds
 
 
@@ -178,22 +207,39 @@ def test_salesforce_check_and_preflight_agree_on_every_field_type(kind: Kind,
 def test_salesforce_near_names_wrong_case_and_picklist_values_agree(tmp_path: Path) -> None:
     """Near-name and case hints and a picklist's wrong or missing values read alike in both."""
     consent = FakeField("Consent__c", "picklist", 255, picklist=("Yes", "No"))
-    problems, result, path = _salesforce(tmp_path, {
-        "phone_fields": ["mobilephone", "Fax"],
-        "fields": {"opt_in": "Consent__c", "opt_in_date": "WhatsApp_Opt_In_Dte__c",
-                   "opt_out_date": "whatsapp_opt_out_date__c"},
-        "values": {"opted_in": "Maybe"}}, consent)
+    problems, result, path = _salesforce(
+        tmp_path,
+        {
+            "phone_fields": ["mobilephone", "Fax"],
+            "fields": {
+                "opt_in": "Consent__c",
+                "opt_in_date": "WhatsApp_Opt_In_Dte__c",
+                "opt_out_date": "whatsapp_opt_out_date__c",
+            },
+            "values": {"opted_in": "Maybe"},
+        },
+        consent,
+    )
     assert _assert_same(problems, result, path) == {
-        PHONES, "mapping.fields.opt_in_date", "mapping.fields.opt_out_date",
-        "mapping.values.opted_in", "mapping.values.opted_out"}
-    assert ("mapping.phone_fields: object Contact has no field 'mobilephone' "
-            "(did you mean 'MobilePhone'? the case matters)") in problems
+        PHONES,
+        "mapping.fields.opt_in_date",
+        "mapping.fields.opt_out_date",
+        "mapping.values.opted_in",
+        "mapping.values.opted_out",
+    }
+    assert (
+        "mapping.phone_fields: object Contact has no field 'mobilephone' "
+        "(did you mean 'MobilePhone'? the case matters)"
+    ) in problems
     assert "mapping.phone_fields: object Contact has no field 'Fax'" in problems
-    assert ("mapping.fields.opt_in_date: object Contact has no field 'WhatsApp_Opt_In_Dte__c' "
-            "(did you mean 'WhatsApp_Opt_In_Date__c'?)") in problems
+    assert (
+        "mapping.fields.opt_in_date: object Contact has no field 'WhatsApp_Opt_In_Dte__c' "
+        "(did you mean 'WhatsApp_Opt_In_Date__c'?)"
+    ) in problems
 
 
 # ---- Dataverse ------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def dataverse_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,72 +253,113 @@ def mock() -> Iterator[responses.RequestsMock]:
         yield rsps
 
 
-def _dataverse(tmp_path: Path, fake: FakeDataverse, mapping: Mapping[str, Any],
-               **dynamics: Any) -> tuple[tuple[str, ...], Result, Path]:
+def _dataverse(
+    tmp_path: Path, fake: FakeDataverse, mapping: Mapping[str, Any], **dynamics: Any
+) -> tuple[tuple[str, ...], Result, Path]:
     document = tomllib.loads(DYNAMICS_PRESET)
     document["store"]["url"] = f"sqlite:///{tmp_path / 'w.db'}"
-    document["dynamics"].update({"url": ORG_URL, "tenant_id": TENANT_ID,
-                                 "client_id": CLIENT_ID, "authority_host": AUTHORITY_HOST,
-                                 **dynamics})
+    document["dynamics"].update(
+        {
+            "url": ORG_URL,
+            "tenant_id": TENANT_ID,
+            "client_id": CLIENT_ID,
+            "authority_host": AUTHORITY_HOST,
+            **dynamics,
+        }
+    )
     document["mapping"].update(mapping)
     path = tmp_path / "dynamics.toml"
     path.write_text(_toml(document), encoding="utf-8")
-    problems, result = _both_paths(path, lambda loaded: DynamicsConnector.from_config(
-        loaded, policy=RetryPolicy(sleep=lambda _: None)))
+    problems, result = _both_paths(
+        path,
+        lambda loaded: DynamicsConnector.from_config(
+            loaded, policy=RetryPolicy(sleep=lambda _: None)
+        ),
+    )
     return problems, result, path
 
 
-_OPTIONS = {"Picklist": ((OPTED_IN, "Opted in"), (OPTED_OUT, "Opted out")),
-            "Virtual": ((OPTED_IN, "WhatsApp"), (OPTED_OUT, "Email")),
-            "State": ((0, "Active"), (1, "Inactive")),
-            "Status": ((1, "Active"), (2, "Inactive"))}
+_OPTIONS = {
+    "Picklist": ((OPTED_IN, "Opted in"), (OPTED_OUT, "Opted out")),
+    "Virtual": ((OPTED_IN, "WhatsApp"), (OPTED_OUT, "Email")),
+    "State": ((0, "Active"), (1, "Inactive")),
+    "Status": ((1, "Active"), (2, "Inactive")),
+}
 
 
 @pytest.mark.parametrize("kind", _kinds("dataverse"))
 @pytest.mark.usefixtures("dataverse_env")
 def test_dataverse_check_and_preflight_agree_on_every_attribute_type(
-        kind: Kind, tmp_path: Path, mock: responses.RequestsMock) -> None:
+    kind: Kind, tmp_path: Path, mock: responses.RequestsMock
+) -> None:
     """Each Dataverse attribute type is refused for the same keys, in the same words, by both."""
     fake = FakeDataverse().install(mock)
     kind_type = kind.dataverse or ""
     fake.attributes["new_matrix"] = FakeAttribute(
-        "new_matrix", kind_type, updatable=kind.updateable,
+        "new_matrix",
+        kind_type,
+        updatable=kind.updateable,
         max_length=100 if kind_type in ("String", "Memo") else None,
         options=_OPTIONS.get(kind_type, ()),
-        metadata_type="MultiSelectPicklist" if kind_type == "Virtual" else None)
-    problems, result, path = _dataverse(tmp_path, fake, {
-        **_every_key_to("new_matrix"), "values": {"opted_in": OPTED_IN,
-                                                  "opted_out": OPTED_OUT}})
+        metadata_type="MultiSelectPicklist" if kind_type == "Virtual" else None,
+    )
+    problems, result, path = _dataverse(
+        tmp_path,
+        fake,
+        {**_every_key_to("new_matrix"), "values": {"opted_in": OPTED_IN, "opted_out": OPTED_OUT}},
+    )
     assert _assert_same(problems, result, path) == KEYS - kind.holds
 
 
 @pytest.mark.usefixtures("dataverse_env")
 def test_dataverse_near_names_choice_values_and_change_tracking_agree(
-        tmp_path: Path, mock: responses.RequestsMock) -> None:
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
     """Hints, a foreign Choice value and change tracking off read alike in check and preflight."""
     fake = FakeDataverse(opt_in_choice=True, change_tracking_enabled=False).install(mock)
-    problems, result, path = _dataverse(tmp_path, fake, {
-        "phone_fields": ["MobilePhone", "telephone1"],
-        "fields": {"opt_in": "new_whatsappoptin", "opt_in_date": "new_whatsappoptindte",
-                   "opt_out_date": "new_whatsappoptoutdate"},
-        "values": {"opted_in": 1, "opted_out": OPTED_OUT}}, change_tracking=True)
+    problems, result, path = _dataverse(
+        tmp_path,
+        fake,
+        {
+            "phone_fields": ["MobilePhone", "telephone1"],
+            "fields": {
+                "opt_in": "new_whatsappoptin",
+                "opt_in_date": "new_whatsappoptindte",
+                "opt_out_date": "new_whatsappoptoutdate",
+            },
+            "values": {"opted_in": 1, "opted_out": OPTED_OUT},
+        },
+        change_tracking=True,
+    )
     assert _assert_same(problems, result, path) == {
-        PHONES, "mapping.fields.opt_in_date", "mapping.values.opted_in",
-        "dynamics.change_tracking"}
-    assert ("mapping.phone_fields: the contact entity (entity set 'contacts') has no attribute "
-            "'MobilePhone' (did you mean 'mobilephone'? the case matters)") in problems
+        PHONES,
+        "mapping.fields.opt_in_date",
+        "mapping.values.opted_in",
+        "dynamics.change_tracking",
+    }
+    assert (
+        "mapping.phone_fields: the contact entity (entity set 'contacts') has no attribute "
+        "'MobilePhone' (did you mean 'mobilephone'? the case matters)"
+    ) in problems
     assert any("did you mean 'new_whatsappoptindate'" in p for p in problems)
-    assert ("mapping.values.opted_in: 1 is not an option value of 'new_whatsappoptin' "
-            f"(expected one of {OPTED_IN}, {OPTED_OUT}, 100000002)") in problems
+    assert (
+        "mapping.values.opted_in: 1 is not an option value of 'new_whatsappoptin' "
+        f"(expected one of {OPTED_IN}, {OPTED_OUT}, 100000002)"
+    ) in problems
 
 
 # ---- the ledger -----------------------------------------------------------------------------
 
+
 def test_ledger_check_and_preflight_agree_its_table_fits(tmp_path: Path) -> None:
     """The ledger's own table passes check and preflight, every key and phone column ok."""
     path = tmp_path / "ledger.toml"
-    path.write_text(EXAMPLE.read_text(encoding="utf-8").replace(
-        "sqlite:///waconsent-demo.db", f"sqlite:///{tmp_path / 'w.db'}"), encoding="utf-8")
+    path.write_text(
+        EXAMPLE.read_text(encoding="utf-8").replace(
+            "sqlite:///waconsent-demo.db", f"sqlite:///{tmp_path / 'w.db'}"
+        ),
+        encoding="utf-8",
+    )
     engine = open_engine(f"sqlite:///{tmp_path / 'w.db'}")
     try:
         problems, result = _both_paths(path, lambda _: LedgerCrm(engine))
@@ -287,9 +374,12 @@ def test_ledger_check_and_preflight_agree_its_table_fits(tmp_path: Path) -> None
 @pytest.mark.parametrize("kind", _kinds("ledger"))
 def test_ledger_types_hold_what_the_matrix_says(kind: Kind) -> None:
     """The ledger column of the type table holds the same keys as its peers' rows."""
-    mapping = MappingUnderCheck(LEDGER, "the ledger's contacts table",
-                                {logical: "matrix" for logical in LOGICAL_FIELDS}, ["matrix"])
+    mapping = MappingUnderCheck(
+        LEDGER,
+        "the ledger's contacts table",
+        {logical: "matrix" for logical in LOGICAL_FIELDS},
+        ["matrix"],
+    )
     described = {"matrix": FieldDescription("matrix", kind.ledger or "", kind.updateable)}
-    refused = {line.split(": ", 1)[0] for line in problem_lines(check_mapping(mapping,
-                                                                              described))}
+    refused = {line.split(": ", 1)[0] for line in problem_lines(check_mapping(mapping, described))}
     assert refused == KEYS - kind.holds

@@ -48,16 +48,24 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def config(url: str) -> LoadedConfig:
-    raw = {"store": {"url": url}, "crm": {"kind": "ledger"}, "webhook": {"path": PATH},
-           "whatsapp": {"opt_out_keywords": ["STOP"], "opt_in_keywords": ["START"]}}
-    return LoadedConfig(parse(raw), Secrets({"WHATSAPP_APP_SECRET": SECRET,
-                                             "WHATSAPP_VERIFY_TOKEN": "vt"}), None)
+    raw = {
+        "store": {"url": url},
+        "crm": {"kind": "ledger"},
+        "webhook": {"path": PATH},
+        "whatsapp": {"opt_out_keywords": ["STOP"], "opt_in_keywords": ["START"]},
+    }
+    return LoadedConfig(
+        parse(raw), Secrets({"WHATSAPP_APP_SECRET": SECRET, "WHATSAPP_VERIFY_TOKEN": "vt"}), None
+    )
 
 
 def samples(text: str) -> Samples:
     """Every sample of a scrape by (name, sorted labels); the parser refuses malformed text."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(scraped: Samples, name: str, **labels: str) -> float | None:
@@ -73,9 +81,11 @@ def scrape(client: TestClient) -> Samples:
 
 def post(client: TestClient, document: Any, secret: str = SECRET) -> int:
     body = json.dumps(document).encode()
-    return client.post(PATH, content=body, headers={SIGNATURE_HEADER: sign(body, secret),
-                                                    "Content-Type": "application/json"}
-                       ).status_code
+    return client.post(
+        PATH,
+        content=body,
+        headers={SIGNATURE_HEADER: sign(body, secret), "Content-Type": "application/json"},
+    ).status_code
 
 
 @pytest.fixture
@@ -86,17 +96,21 @@ def store(sqlite_url: str) -> Iterator[tuple[LoadedConfig, Engine]]:
 
 
 def test_deliveries_items_and_signals_are_counted_once_per_new_item(
-        store: tuple[LoadedConfig, Engine]) -> None:
+    store: tuple[LoadedConfig, Engine],
+) -> None:
     """A signed delivery counts as stored with its items by kind and its consent signals;
     the same delivery again counts as a duplicate and adds no item or signal; plain statuses
     count as acknowledged; every refusal counts under its own outcome."""
     cfg, engine = store
     app = create_app(cfg, engine)
-    delivery = p.payload(p.message("4915123456789", T0, "STOP"),
-                         p.message("4915123456788", T0, "hello"),
-                         p.preference("4915123456787", T0, "stop"))
-    statuses = p.payload(p.status("4915123456789", T0, "delivered"),
-                         p.status("4915123456789", T0, "read"))
+    delivery = p.payload(
+        p.message("4915123456789", T0, "STOP"),
+        p.message("4915123456788", T0, "hello"),
+        p.preference("4915123456787", T0, "stop"),
+    )
+    statuses = p.payload(
+        p.status("4915123456789", T0, "delivered"), p.status("4915123456789", T0, "read")
+    )
     with TestClient(app) as client:
         before = scrape(client)
         assert value(before, "waconsent_webhook_deliveries_total", outcome="stored") == 0
@@ -106,15 +120,36 @@ def test_deliveries_items_and_signals_are_counted_once_per_new_item(
         assert post(client, delivery, secret="forged") == 403
         assert client.post(PATH, content=b"{}").status_code == 401
         not_json = b"not json"
-        assert client.post(PATH, content=not_json,
-                           headers={SIGNATURE_HEADER: sign(not_json, SECRET)}).status_code == 400
+        assert (
+            client.post(
+                PATH, content=not_json, headers={SIGNATURE_HEADER: sign(not_json, SECRET)}
+            ).status_code
+            == 400
+        )
         scraped = scrape(client)
-    deliveries = {outcome: value(scraped, "waconsent_webhook_deliveries_total", outcome=outcome)
-                  for outcome in ("stored", "duplicate", "acknowledged", "refused_signature",
-                                  "refused_unsigned", "bad_json", "too_large", "failed")}
-    assert deliveries == {"stored": 1, "duplicate": 1, "acknowledged": 1,
-                          "refused_signature": 1, "refused_unsigned": 1, "bad_json": 1,
-                          "too_large": 0, "failed": 0}
+    deliveries = {
+        outcome: value(scraped, "waconsent_webhook_deliveries_total", outcome=outcome)
+        for outcome in (
+            "stored",
+            "duplicate",
+            "acknowledged",
+            "refused_signature",
+            "refused_unsigned",
+            "bad_json",
+            "too_large",
+            "failed",
+        )
+    }
+    assert deliveries == {
+        "stored": 1,
+        "duplicate": 1,
+        "acknowledged": 1,
+        "refused_signature": 1,
+        "refused_unsigned": 1,
+        "bad_json": 1,
+        "too_large": 0,
+        "failed": 0,
+    }
     assert value(scraped, "waconsent_webhook_items_total", kind="message") == 2
     assert value(scraped, "waconsent_webhook_items_total", kind="preference") == 1
     assert value(scraped, "waconsent_webhook_items_total", kind="plain_status") == 2
@@ -127,16 +162,23 @@ def test_deliveries_items_and_signals_are_counted_once_per_new_item(
 def test_oversized_delivery_counts_as_too_large(sqlite_url: str) -> None:
     """A body over the limit is refused (413) and counted as too_large."""
     raw = {"store": {"url": sqlite_url}, "webhook": {"path": PATH, "max_body_bytes": 1024}}
-    cfg = LoadedConfig(parse(raw), Secrets({"WHATSAPP_APP_SECRET": SECRET,
-                                            "WHATSAPP_VERIFY_TOKEN": "vt"}), None)
+    cfg = LoadedConfig(
+        parse(raw), Secrets({"WHATSAPP_APP_SECRET": SECRET, "WHATSAPP_VERIFY_TOKEN": "vt"}), None
+    )
     engine = open_engine(sqlite_url)
     try:
         with TestClient(create_app(cfg, engine)) as client:
             body = b"x" * 2048
-            assert client.post(PATH, content=body,
-                               headers={SIGNATURE_HEADER: sign(body, SECRET)}).status_code == 413
-            assert value(scrape(client), "waconsent_webhook_deliveries_total",
-                         outcome="too_large") == 1
+            assert (
+                client.post(
+                    PATH, content=body, headers={SIGNATURE_HEADER: sign(body, SECRET)}
+                ).status_code
+                == 413
+            )
+            assert (
+                value(scrape(client), "waconsent_webhook_deliveries_total", outcome="too_large")
+                == 1
+            )
     finally:
         engine.dispose()
 
@@ -156,26 +198,36 @@ def test_sync_runs_outbox_and_last_success_after_a_run(engine: Engine, store_url
     writes as pending outbox rows with the oldest one's age, and the run's finish time as the
     CRM's last success; the next run empties the outbox and moves the time (both stores)."""
     cfg = config(store_url)
-    upsert_contacts(engine, [opted_in("A", "0151 23456789"), opted_in("B", "0170 1112233")],
-                    NOW)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789"), opted_in("B", "0170 1112233")], NOW)
     app_metrics_now = [NOW + timedelta(hours=2)]
     metrics = Metrics(engine, cfg.settings.crm_name, clock=lambda: app_metrics_now[0])
     app = create_app(cfg, engine, metrics=metrics)
     with TestClient(app) as client:
-        assert post(client, p.payload(p.message("4915123456789", T0, "STOP"),
-                                      p.message("491701112233", T0, "STOP"))) == 200
+        assert (
+            post(
+                client,
+                p.payload(
+                    p.message("4915123456789", T0, "STOP"), p.message("491701112233", T0, "STOP")
+                ),
+            )
+            == 200
+        )
 
         class Refusing(LedgerCrm):
             refuse: ClassVar[bool] = True
 
             def write(self, writes: Any) -> list[WriteResult]:
                 if self.refuse:
-                    return [WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK")
-                            for w in writes]
+                    return [
+                        WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK")
+                        for w in writes
+                    ]
                 return super().write(writes)
 
-        first = metrics.timed_run("incremental", lambda: run_once(
-            cfg, engine=engine, clock=clock, connector=Refusing(engine)))
+        first = metrics.timed_run(
+            "incremental",
+            lambda: run_once(cfg, engine=engine, clock=clock, connector=Refusing(engine)),
+        )
         assert first.status == "partial" and first.mode == "full"
         scraped = scrape(client)
         assert value(scraped, "waconsent_sync_runs_total", mode="full", outcome="partial") == 1
@@ -183,22 +235,37 @@ def test_sync_runs_outbox_and_last_success_after_a_run(engine: Engine, store_url
         assert value(scraped, "waconsent_outbox_rows", crm="ledger", state="pending") == 2
         assert value(scraped, "waconsent_outbox_rows", crm="ledger", state="permanent") == 0
         assert value(scraped, "waconsent_outbox_oldest_age_seconds", crm="ledger") == 7200
-        assert value(scraped, "waconsent_sync_last_success_timestamp_seconds", crm="ledger",
-                     mode="full") == NOW.timestamp()
+        assert (
+            value(
+                scraped, "waconsent_sync_last_success_timestamp_seconds", crm="ledger", mode="full"
+            )
+            == NOW.timestamp()
+        )
 
         Refusing.refuse = False
         later = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
-        second = metrics.timed_run("incremental", lambda: run_once(
-            cfg, engine=engine, clock=lambda: later, connector=Refusing(engine)))
+        second = metrics.timed_run(
+            "incremental",
+            lambda: run_once(cfg, engine=engine, clock=lambda: later, connector=Refusing(engine)),
+        )
         assert second.status == "ok" and contact(engine, "A").opt_in is False
         scraped = scrape(client)
     assert value(scraped, "waconsent_sync_runs_total", mode="incremental", outcome="ok") == 1
     assert value(scraped, "waconsent_outbox_rows", crm="ledger", state="pending") == 0
     assert value(scraped, "waconsent_outbox_oldest_age_seconds", crm="ledger") == 0
-    assert value(scraped, "waconsent_sync_last_success_timestamp_seconds", crm="ledger",
-                 mode="incremental") == later.timestamp()
-    assert value(scraped, "waconsent_sync_last_success_timestamp_seconds", crm="ledger",
-                 mode="full") == NOW.timestamp()
+    assert (
+        value(
+            scraped,
+            "waconsent_sync_last_success_timestamp_seconds",
+            crm="ledger",
+            mode="incremental",
+        )
+        == later.timestamp()
+    )
+    assert (
+        value(scraped, "waconsent_sync_last_success_timestamp_seconds", crm="ledger", mode="full")
+        == NOW.timestamp()
+    )
 
 
 def test_failed_and_locked_runs_are_counted_and_reraised() -> None:
@@ -220,8 +287,7 @@ def test_failed_and_locked_runs_are_counted_and_reraised() -> None:
     metrics.replies(PassSummary(sent=1, deferred=2))
     scraped = samples(metrics.exposition().decode())
     assert value(scraped, "waconsent_sync_runs_total", mode="full", outcome="failed") == 1
-    assert value(scraped, "waconsent_sync_runs_total", mode="incremental",
-                 outcome="lock_held") == 1
+    assert value(scraped, "waconsent_sync_runs_total", mode="incremental", outcome="lock_held") == 1
     assert value(scraped, "waconsent_replies_total", outcome="sent") == 4
     assert value(scraped, "waconsent_replies_total", outcome="failed") == 1
     assert value(scraped, "waconsent_replies_total", outcome="deferred") == 2
@@ -250,15 +316,23 @@ def test_serve_counts_the_targeted_write_back_of_a_stop(tmp_path: Path) -> None:
     port = free_port()
     db = tmp_path / "serve.db"
     cfg = tmp_path / "waconsent.toml"
-    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n[webhook]\nport = {port}\n'
-                   '[schedule]\nincremental_minutes = 600\n', encoding="utf-8")
+    cfg.write_text(
+        f'[store]\nurl = "sqlite:///{db}"\n[webhook]\nport = {port}\n'
+        "[schedule]\nincremental_minutes = 600\n",
+        encoding="utf-8",
+    )
     engine = open_engine(f"sqlite:///{db}")
     upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
     run_once(config(f"sqlite:///{db}"), engine=engine)
     env = {**os.environ, "WHATSAPP_APP_SECRET": SECRET, "WHATSAPP_VERIFY_TOKEN": "vt"}
-    process = subprocess.Popen([sys.executable, "-m", "waconsent", "--config", str(cfg),
-                                "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "waconsent", "--config", str(cfg), "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -268,11 +342,18 @@ def test_serve_counts_the_targeted_write_back_of_a_stop(tmp_path: Path) -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        body = json.dumps(p.payload(p.message(
-            "4915123456789", datetime.now(UTC).replace(microsecond=0), "STOP"))).encode()
-        assert httpx.post(f"{base}{PATH}", content=body, timeout=10,
-                          headers={SIGNATURE_HEADER: sign(body, SECRET),
-                                   "Content-Type": "application/json"}).status_code == 200
+        body = json.dumps(
+            p.payload(p.message("4915123456789", datetime.now(UTC).replace(microsecond=0), "STOP"))
+        ).encode()
+        assert (
+            httpx.post(
+                f"{base}{PATH}",
+                content=body,
+                timeout=10,
+                headers={SIGNATURE_HEADER: sign(body, SECRET), "Content-Type": "application/json"},
+            ).status_code
+            == 200
+        )
         scraped: Samples = {}
         while time.monotonic() < deadline:
             scraped = samples(httpx.get(f"{base}/metrics", timeout=5).text)
@@ -287,7 +368,8 @@ def test_serve_counts_the_targeted_write_back_of_a_stop(tmp_path: Path) -> None:
     assert value(scraped, "waconsent_sync_runs_total", mode="targeted", outcome="ok") == 1
     assert value(scraped, "waconsent_webhook_deliveries_total", outcome="stored") == 1
     assert value(scraped, "waconsent_consent_signals_total", signal="opt_out") == 1
-    targeted = value(scraped, "waconsent_sync_last_success_timestamp_seconds", crm="ledger",
-                     mode="targeted")
+    targeted = value(
+        scraped, "waconsent_sync_last_success_timestamp_seconds", crm="ledger", mode="targeted"
+    )
     assert targeted is not None and abs(targeted - time.time()) < 60
     assert value(scraped, "waconsent_outbox_rows", crm="ledger", state="pending") == 0

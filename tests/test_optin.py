@@ -41,18 +41,21 @@ API_TOKEN = "api-token-for-tests"
 
 def optin_config(store_url: str, **optin: Any) -> LoadedConfig:
     raw: dict[str, Any] = {
-        "store": {"url": store_url}, "crm": {"kind": "ledger"},
+        "store": {"url": store_url},
+        "crm": {"kind": "ledger"},
         "webhook": {"path": WEBHOOK},
         "whatsapp": {"business_name": "Acme Shoes"},
-        "optin": {"enabled": True, "business_number": BUSINESS, "form_id": "newsletter",
-                  **optin}}
-    return LoadedConfig(parse(raw), Secrets({**SECRETS, "WACONSENT_API_TOKEN": API_TOKEN}),
-                        None)
+        "optin": {"enabled": True, "business_number": BUSINESS, "form_id": "newsletter", **optin},
+    }
+    return LoadedConfig(parse(raw), Secrets({**SECRETS, "WACONSENT_API_TOKEN": API_TOKEN}), None)
 
 
 def new_contact(engine: Engine, record_id: str = "R1", mobile: str = "0151 23456789") -> None:
-    upsert_contacts(engine, [{"id": record_id, "name": record_id, "mobile_phone": mobile}],
-                    T0 - timedelta(days=3))
+    upsert_contacts(
+        engine,
+        [{"id": record_id, "name": record_id, "mobile_phone": mobile}],
+        T0 - timedelta(days=3),
+    )
 
 
 def signed(document: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
@@ -69,15 +72,18 @@ def site(engine: Engine, store_url: str) -> Iterator[tuple[str, LoadedConfig]]:
 
 
 def test_whole_flow_form_message_sync_gives_ip_and_complete_proof(
-        site: tuple[str, LoadedConfig], engine: Engine) -> None:
+    site: tuple[str, LoadedConfig], engine: Engine
+) -> None:
     """Form request behind a trusted proxy -> signed `START <token>` -> sync: the record
     is opted in at the message's time with the form's IP and a source naming form, token
     and message; its proof is complete, the evidence chain holds, `proof` shows the request."""
     url, cfg = site
     new_contact(engine)
-    answer = httpx.post(url + "/optin", json={"form": "newsletter", "page": "https://acme/x"},
-                        headers={"X-Forwarded-For": "192.0.2.1, 198.51.100.7",
-                                 "User-Agent": "Firefox/140"})
+    answer = httpx.post(
+        url + "/optin",
+        json={"form": "newsletter", "page": "https://acme/x"},
+        headers={"X-Forwarded-For": "192.0.2.1, 198.51.100.7", "User-Agent": "Firefox/140"},
+    )
     assert answer.status_code == 201, answer.text
     made = answer.json()
     assert set(made) == {"token", "link", "qr_svg_url", "expires_at"}
@@ -101,8 +107,7 @@ def test_whole_flow_form_message_sync_gives_ip_and_complete_proof(
     report = run_once(cfg, engine=engine, clock=lambda: sent_at + timedelta(minutes=1))
     assert report.writes_sent == 1
     record = contact(engine, "R1")
-    assert (record.opt_in, record.opt_in_date, record.opt_in_ip) == (True, sent_at,
-                                                                     "198.51.100.7")
+    assert (record.opt_in, record.opt_in_date, record.opt_in_ip) == (True, sent_at, "198.51.100.7")
     ref = row.token_hash[:16]
     assert record.opt_in_source == f"website:form:newsletter:token:{ref}:wamid.CONFIRM1"
     assert not record.proof_missing and proof_gaps(record._mapping) == []
@@ -117,19 +122,20 @@ def test_whole_flow_form_message_sync_gives_ip_and_complete_proof(
     assert request["request"]["client_ip"] == "198.51.100.7"
     assert request["request"]["wording_sha256"] == row.wording_sha256
     assert request["id"] == "wamid.CONFIRM1"
-    assert shown.index(request) < next(i for i, e in enumerate(shown)
-                                       if e["id"] == "wamid.CONFIRM1" and e is not request)
+    assert shown.index(request) < next(
+        i for i, e in enumerate(shown) if e["id"] == "wamid.CONFIRM1" and e is not request
+    )
     assert run_once(cfg, engine=engine, clock=lambda: sent_at).writes_sent == 0
 
 
-def test_forwarded_for_from_an_untrusted_peer_is_ignored(engine: Engine,
-                                                        store_url: str) -> None:
+def test_forwarded_for_from_an_untrusted_peer_is_ignored(engine: Engine, store_url: str) -> None:
     """With loopback not among the trusted proxies, X-Forwarded-For proves nothing: the
     request records the peer's own address."""
     cfg = optin_config(store_url, trusted_proxies=["10.9.9.9"])
     with running(create_app(cfg, engine), cfg) as port:
-        answer = httpx.post(f"http://127.0.0.1:{port}/optin", json={},
-                            headers={"X-Forwarded-For": "198.51.100.7"})
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/optin", json={}, headers={"X-Forwarded-For": "198.51.100.7"}
+        )
     assert answer.status_code == 201
     with engine.connect() as connection:
         assert connection.execute(select(optin_requests.c.client_ip)).scalar() == "127.0.0.1"
@@ -138,24 +144,42 @@ def test_forwarded_for_from_an_untrusted_peer_is_ignored(engine: Engine,
 # ---- tokens that do not confirm -----------------------------------------------------------
 
 
-def request_at(engine: Engine, created: datetime, *, hours: int = 72,
-               phone_key: str | None = None) -> str:
+def request_at(
+    engine: Engine, created: datetime, *, hours: int = 72, phone_key: str | None = None
+) -> str:
     token = optin_store.new_token()
     with engine.begin() as connection:
-        optin_store.record(connection, optin_store.NewRequest(
-            created, created + timedelta(hours=hours), "198.51.100.7", "UA", "https://acme/",
-            "newsletter", "I agree", "Acme", phone_key), token)
+        optin_store.record(
+            connection,
+            optin_store.NewRequest(
+                created,
+                created + timedelta(hours=hours),
+                "198.51.100.7",
+                "UA",
+                "https://acme/",
+                "newsletter",
+                "I agree",
+                "Acme",
+                phone_key,
+            ),
+            token,
+        )
     return token
 
 
-def confirm(engine: Engine, cfg: LoadedConfig, wa_id: str, at: datetime,
-            text: str) -> IngestReport:
-    return ingest_payload(engine, p.payload(p.message(wa_id, at, text)),
-                          keyword_rules(cfg.settings), "test", lambda: NOW)
+def confirm(engine: Engine, cfg: LoadedConfig, wa_id: str, at: datetime, text: str) -> IngestReport:
+    return ingest_payload(
+        engine,
+        p.payload(p.message(wa_id, at, text)),
+        keyword_rules(cfg.settings),
+        "test",
+        lambda: NOW,
+    )
 
 
-def outcome_and_record(engine: Engine, cfg: LoadedConfig, report: IngestReport,
-                       record_id: str = "R1") -> tuple[str, Any]:
+def outcome_and_record(
+    engine: Engine, cfg: LoadedConfig, report: IngestReport, record_id: str = "R1"
+) -> tuple[str, Any]:
     run_once(cfg, engine=engine, clock=lambda: NOW)
     return report.optin[0].outcome, contact(engine, record_id)
 
@@ -165,8 +189,9 @@ def test_expired_token_is_a_plain_keyword_opt_in(engine: Engine, store_url: str)
     cfg = loaded(store_url)
     new_contact(engine)
     token = request_at(engine, T0 - timedelta(hours=73))
-    outcome, record = outcome_and_record(engine, cfg, confirm(engine, cfg, NUMBER, T0,
-                                                              f"START {token}"))
+    outcome, record = outcome_and_record(
+        engine, cfg, confirm(engine, cfg, NUMBER, T0, f"START {token}")
+    )
     assert outcome == "expired"
     assert record.opt_in is True and record.opt_in_ip is None
     assert record.opt_in_source.startswith("whatsapp:keyword:START:wamid.")
@@ -181,19 +206,21 @@ def test_reused_token_confirms_once(engine: Engine, store_url: str) -> None:
     new_contact(engine, "R2", "0151 23456788")
     token = request_at(engine, T0 - timedelta(hours=1))
     first = confirm(engine, cfg, NUMBER, T0, f"START {token}")
-    second = confirm(engine, cfg, "4915123456788", T0 + timedelta(minutes=5),
-                     f"start {token}")
+    second = confirm(engine, cfg, "4915123456788", T0 + timedelta(minutes=5), f"start {token}")
     assert first.optin[0].outcome == "confirmed"
     outcome, record = outcome_and_record(engine, cfg, second, "R2")
     assert outcome == "used" and record.opt_in is True and record.opt_in_ip is None
     assert contact(engine, "R1").opt_in_ip == "198.51.100.7"
 
 
-@pytest.mark.parametrize("text", ["START a2b3c4d5e6f7a2b3c4d5e6f7a2b3c4d5",
-                                  "START {mistyped}", "START   please  {short}"],
-                         ids=["unknown", "mistyped", "truncated"])
-def test_unknown_or_mistyped_token_is_a_plain_keyword_opt_in(engine: Engine, store_url: str,
-                                                             text: str) -> None:
+@pytest.mark.parametrize(
+    "text",
+    ["START a2b3c4d5e6f7a2b3c4d5e6f7a2b3c4d5", "START {mistyped}", "START   please  {short}"],
+    ids=["unknown", "mistyped", "truncated"],
+)
+def test_unknown_or_mistyped_token_is_a_plain_keyword_opt_in(
+    engine: Engine, store_url: str, text: str
+) -> None:
     """A token no request has (made up, one character wrong, cut short) still opts in by the
     message, without an IP, reported as unknown; the real request stays open."""
     cfg = loaded(store_url)
@@ -207,15 +234,15 @@ def test_unknown_or_mistyped_token_is_a_plain_keyword_opt_in(engine: Engine, sto
         assert optin_store.is_open(connection, token, T0)
 
 
-def test_phone_typed_in_the_form_differs_from_the_sender(engine: Engine,
-                                                        store_url: str) -> None:
+def test_phone_typed_in_the_form_differs_from_the_sender(engine: Engine, store_url: str) -> None:
     """The sender's own message stands (opt-in with the form's IP); the mismatch is reported
     in the outcome and the evidence."""
     cfg = loaded(store_url)
     new_contact(engine)
     token = request_at(engine, T0 - timedelta(hours=1), phone_key="+4917099999999")
-    outcome, record = outcome_and_record(engine, cfg, confirm(engine, cfg, NUMBER, T0,
-                                                              f"START {token}"))
+    outcome, record = outcome_and_record(
+        engine, cfg, confirm(engine, cfg, NUMBER, T0, f"START {token}")
+    )
     assert outcome == "phone_mismatch"
     assert record.opt_in is True and record.opt_in_ip == "198.51.100.7"
     with engine.connect() as connection:
@@ -242,7 +269,8 @@ def test_keyword_with_token_reads_as_an_opt_in() -> None:
 
 
 def test_purge_deletes_only_unconfirmed_requests_past_ttl_plus_30_days(
-        engine: Engine, store_url: str, tmp_path: Path) -> None:
+    engine: Engine, store_url: str, tmp_path: Path
+) -> None:
     """`waconsent optin purge`: the old unconfirmed request goes; a recent one and a
     confirmed old one stay."""
     cfg = loaded(store_url)
@@ -273,14 +301,21 @@ def test_optin_section_defaults_and_checks() -> None:
     settings = parse({})
     optin = settings.optin
     assert (optin.enabled, optin.path, optin.token_ttl_hours, optin.rate_per_minute) == (
-        False, "/optin", 72, 10)
+        False,
+        "/optin",
+        72,
+        10,
+    )
     assert optin.trusted_proxies == ("127.0.0.1/32", "::1/128") and optin.allowed_origins == ()
-    assert keyword_of(parse({"whatsapp": {"opt_in_keywords": ["Anmelden", "START"]}})) == \
-        "ANMELDEN"
+    assert keyword_of(parse({"whatsapp": {"opt_in_keywords": ["Anmelden", "START"]}})) == "ANMELDEN"
     assert parse({"optin": {"token_ttl_hours": 24}}).optin.token_ttl_hours == 24
     with pytest.raises(ConfigError) as refused:
-        parse({"optin": {"enabled": True, "keyword": "JA", "path": WEBHOOK},
-               "webhook": {"path": WEBHOOK}})
+        parse(
+            {
+                "optin": {"enabled": True, "keyword": "JA", "path": WEBHOOK},
+                "webhook": {"path": WEBHOOK},
+            }
+        )
     text = str(refused.value)
     assert "optin.business_number: required" in text and "optin.keyword" in text
     assert "optin.path" in text
@@ -294,19 +329,31 @@ def test_rules_write_the_ip_only_from_a_website_confirmation() -> None:
     from waconsent.sync.rules import decide
 
     def opt_in(**extra: Any) -> Event:
-        return Event(key="msg:wamid.A", kind=EventKind.MESSAGE, occurred_at=T0,
-                     wa_id=NUMBER, message_id="wamid.A", signal=Signal.OPT_IN,
-                     keyword="START", opens_session=True, **extra)
+        return Event(
+            key="msg:wamid.A",
+            kind=EventKind.MESSAGE,
+            occurred_at=T0,
+            wa_id=NUMBER,
+            message_id="wamid.A",
+            signal=Signal.OPT_IN,
+            keyword="START",
+            opens_session=True,
+            **extra,
+        )
 
     record = CrmRecord("R1", {"opt_in": False, "opt_in_ip": "203.0.113.9"})
-    web = decide(record, Activity.of([opt_in(opt_in_ip="198.51.100.7",
-                                             opt_in_form="form:news:token:0123456789abcdef")]),
-                 LOGICAL_FIELDS, NOW)
+    web = decide(
+        record,
+        Activity.of(
+            [opt_in(opt_in_ip="198.51.100.7", opt_in_form="form:news:token:0123456789abcdef")]
+        ),
+        LOGICAL_FIELDS,
+        NOW,
+    )
     changed = {c.field: c.new for c in web.changes}
     assert changed["opt_in_ip"] == "198.51.100.7"
     assert changed["opt_in_source"] == "website:form:news:token:0123456789abcdef:wamid.A"
-    plain = {c.field for c in decide(record, Activity.of([opt_in()]), LOGICAL_FIELDS,
-                                     NOW).changes}
+    plain = {c.field for c in decide(record, Activity.of([opt_in()]), LOGICAL_FIELDS, NOW).changes}
     assert "opt_in_ip" not in plain and "opt_in" in plain
 
 
@@ -314,6 +361,7 @@ def test_serve_schedules_the_hourly_purge() -> None:
     """`serve`'s scheduler carries an hourly job beside the sync runs when given one."""
     from waconsent.sync.scheduler import build_scheduler
 
-    scheduler = build_scheduler(parse({}).schedule, full_run=lambda: None,
-                                incremental_run=lambda: None, hourly=lambda: None)
+    scheduler = build_scheduler(
+        parse({}).schedule, full_run=lambda: None, incremental_run=lambda: None, hourly=lambda: None
+    )
     assert {job.id for job in scheduler.get_jobs()} == {"nightly-full", "incremental", "hourly"}

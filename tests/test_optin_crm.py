@@ -36,9 +36,12 @@ FORM_IP = "198.51.100.7"
 
 
 def with_optin(cfg: LoadedConfig) -> LoadedConfig:
-    settings = cfg.settings.model_copy(update={
-        "optin": OptinConfig(enabled=True, business_number=BUSINESS, form_id="newsletter"),
-        "webhook": cfg.settings.webhook.model_copy(update={"path": WEBHOOK})})
+    settings = cfg.settings.model_copy(
+        update={
+            "optin": OptinConfig(enabled=True, business_number=BUSINESS, form_id="newsletter"),
+            "webhook": cfg.settings.webhook.model_copy(update={"path": WEBHOOK}),
+        }
+    )
     return LoadedConfig(settings, Secrets({**cfg.secrets.values, **SECRETS}), None)
 
 
@@ -48,14 +51,23 @@ def confirmed_through_the_receiver(cfg: LoadedConfig, engine: Engine) -> Iterato
     yields the message's time."""
     with running(create_app(cfg, engine), cfg) as port:
         url = f"http://127.0.0.1:{port}"
-        made = httpx.post(url + "/optin", json={"page": "https://acme.example/news"},
-                          headers={"X-Forwarded-For": FORM_IP})
+        made = httpx.post(
+            url + "/optin",
+            json={"page": "https://acme.example/news"},
+            headers={"X-Forwarded-For": FORM_IP},
+        )
         assert made.status_code == 201
         sent_at = (datetime.now(UTC) + timedelta(seconds=2)).replace(microsecond=0)
-        body = json.dumps(p.payload(p.message(NUMBER, sent_at, f"START {made.json()['token']}",
-                                              message_id="wamid.WEB1"))).encode()
-        delivered = httpx.post(url + WEBHOOK, content=body, headers={
-            SIGNATURE_HEADER: sign(body, APP_SECRET), "Content-Type": "application/json"})
+        body = json.dumps(
+            p.payload(
+                p.message(NUMBER, sent_at, f"START {made.json()['token']}", message_id="wamid.WEB1")
+            )
+        ).encode()
+        delivered = httpx.post(
+            url + WEBHOOK,
+            content=body,
+            headers={SIGNATURE_HEADER: sign(body, APP_SECRET), "Content-Type": "application/json"},
+        )
         assert delivered.status_code == 200
         yield sent_at
 
@@ -72,12 +84,17 @@ def test_salesforce_record_gets_date_ip_and_source(engine: Engine, store_url: st
     org = FakeSalesforce(clock=Clock(datetime.now(UTC) - timedelta(days=1)))
     org.users[USER] = "pwtok"
     with org.active():
-        record_id = org.add("Contact", LastName="Web", MobilePhone="+49 151 23456789",
-                            WhatsApp_Opt_In__c=False)
+        record_id = org.add(
+            "Contact", LastName="Web", MobilePhone="+49 151 23456789", WhatsApp_Opt_In__c=False
+        )
         with confirmed_through_the_receiver(cfg, engine) as sent_at:
             org.clock.now = sent_at + timedelta(minutes=1)  # type: ignore[attr-defined]
-            report = run_once(cfg, connector=salesforce_connector(cfg), engine=engine,
-                              clock=lambda: sent_at + timedelta(minutes=1))
+            report = run_once(
+                cfg,
+                connector=salesforce_connector(cfg),
+                engine=engine,
+                clock=lambda: sent_at + timedelta(minutes=1),
+            )
         record = org.get(record_id)
     assert report.writes_sent == 1 and org.collection_calls == 1
     assert record["WhatsApp_Opt_In__c"] is True
@@ -92,16 +109,24 @@ def test_dataverse_record_gets_date_ip_and_source(engine: Engine, store_url: str
     cfg = with_optin(config_for(store_url))
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         fake = FakeDataverse().install(mock)
-        record_id = fake.add_contact(mobilephone="+4915123456789", fullname="Web",
-                                     new_whatsappoptin=False,
-                                     modified=datetime.now(UTC) - timedelta(days=1))
+        record_id = fake.add_contact(
+            mobilephone="+4915123456789",
+            fullname="Web",
+            new_whatsappoptin=False,
+            modified=datetime.now(UTC) - timedelta(days=1),
+        )
         with confirmed_through_the_receiver(cfg, engine) as sent_at:
             fake.clock = lambda: sent_at + timedelta(minutes=1)
-            connector = DynamicsConnector.from_config(cfg, policy=RetryPolicy(
-                sleep=lambda _s: None))
+            connector = DynamicsConnector.from_config(
+                cfg, policy=RetryPolicy(sleep=lambda _s: None)
+            )
             try:
-                report = run_once(cfg, connector=connector, engine=engine,
-                                  clock=lambda: sent_at + timedelta(minutes=1))
+                report = run_once(
+                    cfg,
+                    connector=connector,
+                    engine=engine,
+                    clock=lambda: sent_at + timedelta(minutes=1),
+                )
             finally:
                 connector.close()
         record = fake.records[record_id]

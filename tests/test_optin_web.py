@@ -48,8 +48,9 @@ def test_client_ip_only_with_the_api_token(sqlite_engine: Engine, sqlite_url: st
         assert ips(sqlite_engine) == []
         good = httpx.post(url, json=body, headers={"Authorization": f"Bearer {API_TOKEN}"})
         assert good.status_code == 201
-        bad = httpx.post(url, json={**body, "client_ip": "x"},
-                         headers={"Authorization": f"Bearer {API_TOKEN}"})
+        bad = httpx.post(
+            url, json={**body, "client_ip": "x"}, headers={"Authorization": f"Bearer {API_TOKEN}"}
+        )
         assert bad.status_code == 400
     assert ips(sqlite_engine) == ["2001:db8::7"]
 
@@ -60,8 +61,12 @@ def test_rate_limit_per_client_address(sqlite_engine: Engine, sqlite_url: str) -
     with serve_optin(sqlite_engine, sqlite_url, rate_per_minute=3) as port:
         url = f"http://127.0.0.1:{port}/optin"
         one = {"X-Forwarded-For": "198.51.100.1"}
-        assert [httpx.post(url, json={}, headers=one).status_code
-                for _ in range(4)] == [201, 201, 201, 429]
+        assert [httpx.post(url, json={}, headers=one).status_code for _ in range(4)] == [
+            201,
+            201,
+            201,
+            429,
+        ]
         refused = httpx.post(url, json={}, headers=one)
         assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
         other = httpx.post(url, json={}, headers={"X-Forwarded-For": "198.51.100.2"})
@@ -75,23 +80,32 @@ def test_body_size_and_type_are_checked(sqlite_engine: Engine, sqlite_url: str) 
         url = f"http://127.0.0.1:{port}/optin"
         big = httpx.post(url, json={"page": "x" * 17_000})
         assert big.status_code == 413
-        assert httpx.post(url, content=b"form=a", headers={
-            "Content-Type": "text/plain"}).status_code == 415
-        assert httpx.post(url, content=b"{not json", headers={
-            "Content-Type": "application/json"}).status_code == 400
+        assert (
+            httpx.post(url, content=b"form=a", headers={"Content-Type": "text/plain"}).status_code
+            == 415
+        )
+        assert (
+            httpx.post(
+                url, content=b"{not json", headers={"Content-Type": "application/json"}
+            ).status_code
+            == 400
+        )
         assert httpx.post(url, json={"phone": "n/a"}).status_code == 400
         assert httpx.post(url, json={"form": "a:b"}).status_code == 400
     assert ips(sqlite_engine) == []
 
 
-def test_cors_preflight_for_allowed_and_foreign_origins(sqlite_engine: Engine,
-                                                        sqlite_url: str) -> None:
+def test_cors_preflight_for_allowed_and_foreign_origins(
+    sqlite_engine: Engine, sqlite_url: str
+) -> None:
     """The configured origin gets the CORS headers (preflight and POST); a foreign one none."""
     allowed, foreign = "https://www.acme.example", "https://evil.example"
     with serve_optin(sqlite_engine, sqlite_url, allowed_origins=[allowed]) as port:
         url = f"http://127.0.0.1:{port}/optin"
-        asks = {"Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "content-type"}
+        asks = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        }
         ok = httpx.options(url, headers={"Origin": allowed, **asks})
         assert ok.status_code == 204
         assert ok.headers["access-control-allow-origin"] == allowed
@@ -101,8 +115,10 @@ def test_cors_preflight_for_allowed_and_foreign_origins(sqlite_engine: Engine,
         assert "access-control-allow-origin" not in refused.headers
         posted = httpx.post(url, json={}, headers={"Origin": allowed})
         assert posted.headers["access-control-allow-origin"] == allowed
-        assert "access-control-allow-origin" not in httpx.post(
-            url, json={}, headers={"Origin": foreign}).headers
+        assert (
+            "access-control-allow-origin"
+            not in httpx.post(url, json={}, headers={"Origin": foreign}).headers
+        )
 
 
 def test_page_headers_and_qr_code(sqlite_engine: Engine, sqlite_url: str) -> None:
@@ -124,7 +140,8 @@ def test_page_headers_and_qr_code(sqlite_engine: Engine, sqlite_url: str) -> Non
 
 
 def test_page_submitted_in_a_real_browser_shows_link_and_qr(
-        browser: Any, sqlite_engine: Engine, sqlite_url: str, tmp_path: Path) -> None:
+    browser: Any, sqlite_engine: Engine, sqlite_url: str, tmp_path: Path
+) -> None:
     """Headless Chromium: load the page, tick the box, submit; the answer shows the wa.me
     link with the token and the QR image rendered; the console shows no CSP violation."""
     from selenium.webdriver.common.by import By
@@ -141,11 +158,15 @@ def test_page_submitted_in_a_real_browser_shows_link_and_qr(
         assert link.startswith(f"https://wa.me/{BUSINESS}?text=START%20")
         image = browser.find_element(By.ID, "qr")
         width = browser.execute_script(
-            "const i = arguments[0]; return i.complete ? i.naturalWidth : 0;", image)
+            "const i = arguments[0]; return i.complete ? i.naturalWidth : 0;", image
+        )
         assert width > 0
-        console = [entry for entry in browser.get_log("browser")
-                   if (entry["level"] == "SEVERE" or "Content Security" in entry["message"])
-                   and "favicon.ico" not in entry["message"]]  # the browser's own guess
+        console = [
+            entry
+            for entry in browser.get_log("browser")
+            if (entry["level"] == "SEVERE" or "Content Security" in entry["message"])
+            and "favicon.ico" not in entry["message"]
+        ]  # the browser's own guess
     assert console == []
     with sqlite_engine.connect() as connection:
         row = connection.execute(select(optin_requests)).one()
@@ -156,7 +177,8 @@ def test_page_submitted_in_a_real_browser_shows_link_and_qr(
 
 
 def test_qr_url_names_the_proxy_scheme_only_behind_a_trusted_proxy(
-        sqlite_engine: Engine, sqlite_url: str) -> None:
+    sqlite_engine: Engine, sqlite_url: str
+) -> None:
     """Behind the trusted (loopback) proxy, `qr_svg_url` uses X-Forwarded-Proto and the Host
     the proxy passed; from an untrusted peer those headers are ignored."""
     forwarded = {"X-Forwarded-Proto": "https", "Host": "consent.acme.example"}
@@ -164,6 +186,7 @@ def test_qr_url_names_the_proxy_scheme_only_behind_a_trusted_proxy(
         made = httpx.post(f"http://127.0.0.1:{port}/optin", json={}, headers=forwarded).json()
     assert made["qr_svg_url"].startswith("https://consent.acme.example/optin/")
     with serve_optin(sqlite_engine, sqlite_url, trusted_proxies=["10.9.9.9"]) as port:
-        made = httpx.post(f"http://127.0.0.1:{port}/optin", json={},
-                          headers={"X-Forwarded-Proto": "https"}).json()
+        made = httpx.post(
+            f"http://127.0.0.1:{port}/optin", json={}, headers={"X-Forwarded-Proto": "https"}
+        ).json()
     assert made["qr_svg_url"].startswith(f"http://127.0.0.1:{port}/optin/")

@@ -57,14 +57,17 @@ class Recorded:
 
 
 def test_ledger_run_tells_its_count_first_then_records_and_writes(
-        engine: Engine, store_url: str) -> None:
+    engine: Engine, store_url: str
+) -> None:
     """On the ledger the total is the contacts' count, told before any record is decided;
     every record read is told decided and every write sent, as the report counts them."""
     cfg = loaded(store_url, read_chunk_size=10)
-    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(35)],
-                    T0 - timedelta(days=3))
-    deliver(engine, cfg, p.message("4915123450003", T0, "STOP"),
-            p.message("4915123450007", T0, "STOP"))
+    upsert_contacts(
+        engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(35)], T0 - timedelta(days=3)
+    )
+    deliver(
+        engine, cfg, p.message("4915123450003", T0, "STOP"), p.message("4915123450007", T0, "STOP")
+    )
     seen = Recorded()
     report = run_once(cfg, engine=engine, clock=clock, progress=seen)
     assert seen.totals == [(35, False, 0)]
@@ -83,21 +86,24 @@ def test_ledger_run_tells_its_count_first_then_records_and_writes(
 
 
 def test_salesforce_total_is_the_first_pages_total_size(
-        engine: Engine, store_url: str, fake: FakeSalesforce, org_clock: Clock) -> None:
+    engine: Engine, store_url: str, fake: FakeSalesforce, org_clock: Clock
+) -> None:
     """Salesforce: the total is `totalSize` of the first of three query pages (no extra
     call), told before the first record is decided."""
     cfg = sf.loaded(store_url)
     sf.populate(fake, org_clock)
     seen = Recorded()
-    report = run_once(cfg, connector=sf.connector(cfg), engine=engine, clock=lambda: NOW,
-                      progress=seen)
+    report = run_once(
+        cfg, connector=sf.connector(cfg), engine=engine, clock=lambda: NOW, progress=seen
+    )
     assert seen.totals == [(sf.CONTACTS, False, 0)]
     assert seen.decided_records == report.records_read == sf.CONTACTS
     assert fake.query_calls == 3
 
 
 def test_dataverse_total_is_estimated_from_the_last_full_run(
-        fake_dataverse: object, engine: Engine, store_url: str) -> None:
+    fake_dataverse: object, engine: Engine, store_url: str
+) -> None:
     """Dataverse beyond one page tells no total (`@odata.count` stops at 5,000): the first
     full run has none, the next full run the ledger's last full size, marked estimated."""
     cfg = dv.config_for(store_url)
@@ -129,12 +135,14 @@ def fake_dataverse() -> Iterator[object]:
 
 
 def test_bar_on_a_forced_terminal_shows_counts_totals_and_writes(
-        engine: Engine, store_url: str) -> None:
+    engine: Engine, store_url: str
+) -> None:
     """The renderer, on a console forced to be a terminal, draws records decided out of the
     total and the writes sent."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(40)],
-                    T0 - timedelta(days=3))
+    upsert_contacts(
+        engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(40)], T0 - timedelta(days=3)
+    )
     deliver(engine, cfg, p.message("4915123450003", T0, "STOP"))
     screen = io.StringIO()
     bar = SyncBar(Console(file=screen, force_terminal=True, width=160))
@@ -151,8 +159,9 @@ def test_bar_on_a_forced_terminal_shows_counts_totals_and_writes(
 def test_dry_run_bar_has_no_writes_line(engine: Engine, store_url: str) -> None:
     """A dry run sends nothing, so its bar draws records only."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(12)],
-                    T0 - timedelta(days=3))
+    upsert_contacts(
+        engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(12)], T0 - timedelta(days=3)
+    )
     screen = io.StringIO()
     bar = SyncBar(Console(file=screen, force_terminal=True, width=160), writes=False)
     bar.start()
@@ -167,8 +176,7 @@ def test_dry_run_bar_has_no_writes_line(engine: Engine, store_url: str) -> None:
 def _sync_command(tmp_path: Path) -> list[str]:
     db = tmp_path / "cli.db"
     cfg = tmp_path / "waconsent.toml"
-    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n[crm]\nkind = "ledger"\n',
-                   encoding="utf-8")
+    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n[crm]\nkind = "ledger"\n', encoding="utf-8")
     return [sys.executable, "-m", "waconsent", "--config", str(cfg), "sync"]
 
 
@@ -177,8 +185,9 @@ def cli_store(tmp_path: Path) -> Path:
     from waconsent.store.engine import open_engine
 
     engine = open_engine(f"sqlite:///{tmp_path / 'cli.db'}")
-    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(25)],
-                    T0 - timedelta(days=3))
+    upsert_contacts(
+        engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(25)], T0 - timedelta(days=3)
+    )
     engine.dispose()
     return tmp_path
 
@@ -186,8 +195,9 @@ def cli_store(tmp_path: Path) -> Path:
 def test_sync_on_a_pipe_draws_no_bar(cli_store: Path) -> None:
     """`waconsent sync` with standard error on a pipe writes nothing there (no bar, no
     escape codes); the summary goes to standard output as before."""
-    done = subprocess.run(_sync_command(cli_store),
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        _sync_command(cli_store), cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "records read" in done.stdout
@@ -200,9 +210,14 @@ def test_sync_on_a_terminal_draws_the_bar(cli_store: Path) -> None:
     primary, secondary = os.openpty()
     env = {**os.environ, "COLUMNS": "150", "LINES": "40", "TERM": "xterm"}
     env.pop("NO_COLOR", None)
-    process = subprocess.Popen(_sync_command(cli_store),
-                               cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=secondary, env=env)
+    process = subprocess.Popen(
+        _sync_command(cli_store),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        env=env,
+    )
     os.close(secondary)
     drawn = bytearray()
     while True:

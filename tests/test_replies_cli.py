@@ -23,9 +23,10 @@ from waconsent.replies.policy import reply_policy
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
     path = tmp_path / "waconsent.toml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         [store]
-        url = "sqlite:///{tmp_path / 'w.db'}"
+        url = "sqlite:///{tmp_path / "w.db"}"
         [whatsapp]
         phone_number_id = "{PHONE_NUMBER_ID}"
         graph_url = "{GRAPH}"
@@ -33,25 +34,29 @@ def cfg(tmp_path: Path) -> Path:
         business_name = "{BUSINESS}"
         [replies]
         enabled = true
-    """), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     return path
 
 
 def run(cfg: Path, *args: str, token: str | None = TOKEN) -> Result:
     env = {"WHATSAPP_ACCESS_TOKEN": token}
-    return CliRunner(env=env).invoke(main, ["--config", str(cfg), *args],
-                                     catch_exceptions=False)
+    return CliRunner(env=env).invoke(main, ["--config", str(cfg), *args], catch_exceptions=False)
 
 
 def archive(tmp_path: Path, at: datetime, *users: str) -> str:
     path = tmp_path / f"archive-{at:%H%M%S}.ndjson"
-    path.write_text("\n".join(json.dumps(p.payload(p.message(user, at, "STOP")))
-                              for user in users) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(json.dumps(p.payload(p.message(user, at, "STOP"))) for user in users) + "\n",
+        encoding="utf-8",
+    )
     return str(path)
 
 
-def test_import_of_old_events_answers_nobody_and_send_lists_what_went(cfg: Path,
-                                                                      tmp_path: Path) -> None:
+def test_import_of_old_events_answers_nobody_and_send_lists_what_went(
+    cfg: Path, tmp_path: Path
+) -> None:
     """An archive of old STOPs queues no reply; a fresh one does, `replies send` sends it
     (exit 0) and `replies list` shows it sent, the number masked."""
     old = archive(tmp_path, datetime.now(UTC) - timedelta(days=3), "4915123456701")
@@ -63,8 +68,9 @@ def test_import_of_old_events_answers_nobody_and_send_lists_what_went(cfg: Path,
         sent = run(cfg, "replies", "send")
     assert sent.exit_code == 0 and "1 sent, 0 failed" in sent.output and fake.calls == 1
     listed = json.loads(run(cfg, "replies", "list", "--format", "json").output)
-    assert [(r["state"], r["keyword"], r["to"]) for r in listed] == \
-        [("sent", "STOP", "**********789")]
+    assert [(r["state"], r["keyword"], r["to"]) for r in listed] == [
+        ("sent", "STOP", "**********789")
+    ]
     table = run(cfg, "replies", "list", "--state", "sent")
     assert "1 sent" in table.output and USER not in table.output
 
@@ -80,8 +86,7 @@ def test_send_refuses_without_token_or_with_replies_off(cfg: Path, tmp_path: Pat
     assert refused.exit_code == 1 and "[replies] enabled = true" in refused.output
 
 
-def test_send_with_a_rejected_token_exits_3_and_says_how_to_fix(cfg: Path,
-                                                               tmp_path: Path) -> None:
+def test_send_with_a_rejected_token_exits_3_and_says_how_to_fix(cfg: Path, tmp_path: Path) -> None:
     """A token Meta rejects stops `replies send` with exit 3, the reason and the fix; the
     reply stays queued."""
     run(cfg, "import", archive(tmp_path, datetime.now(UTC).replace(microsecond=0), USER))
@@ -97,8 +102,9 @@ def test_send_with_a_rejected_token_exits_3_and_says_how_to_fix(cfg: Path,
 def test_configuration_checks_name_the_key_and_what_is_expected() -> None:
     """Replies on need a phone number id and a business name; placeholders are checked;
     a keyword text must belong to a configured keyword; the token may not stand in the file."""
-    raw = settings_raw("sqlite:////tmp/x.db", opt_out="Bye {company}",
-                       keywords={"HALT": "Stopped."})
+    raw = settings_raw(
+        "sqlite:////tmp/x.db", opt_out="Bye {company}", keywords={"HALT": "Stopped."}
+    )
     raw["whatsapp"].pop("phone_number_id")
     raw["whatsapp"]["access_token"] = "EAAG..."
     with pytest.raises(ConfigError) as caught:

@@ -20,16 +20,7 @@ from sqlalchemy import Engine, select
 
 from tests import payloads as p
 from tests.fakes.meta_messages import PHONE_NUMBER_ID, TOKEN, VERSION, FakeCloudApi, SentMessage
-from tests.replies_support import (
-    BUSINESS,
-    NOW,
-    USER,
-    deliver,
-    meta,
-    replies_config,
-    rows,
-    sender,
-)
+from tests.replies_support import BUSINESS, NOW, USER, deliver, meta, replies_config, rows, sender
 from tests.replies_support import send_pass as one_pass
 from tests.test_serve import free_port
 from waconsent.connectors.webhook_signature import sign
@@ -66,16 +57,23 @@ DYING_SENDER = textwrap.dedent("""
 """)
 
 
-def test_sigkill_after_the_send_never_sends_twice(engine: Engine, store_url: str,
-                                                  tmp_path: Path) -> None:
+def test_sigkill_after_the_send_never_sends_twice(
+    engine: Engine, store_url: str, tmp_path: Path
+) -> None:
     """Killed after Meta took the reply and before the commit: the restarted sender sends
     nothing, and the reply's own status (by its callback data) settles the row, with its
     evidence recorded once."""
     cfg = replies_config(store_url)
     deliver(engine, cfg, p.message(USER, NOW, "STOP"))
     record = tmp_path / "sent.json"
-    died = subprocess.run([sys.executable, "-c", DYING_SENDER, store_url, str(record)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    died = subprocess.run(
+        [sys.executable, "-c", DYING_SENDER, store_url, str(record)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     sent = [SentMessage(**message) for message in json.loads(record.read_text())]
     assert len(sent) == 1 and rows(engine)[0].state == "sending"
@@ -90,8 +88,11 @@ def test_sigkill_after_the_send_never_sends_twice(engine: Engine, store_url: str
         later = one_pass(engine, now=NOW + UNKNOWN_AFTER + timedelta(hours=1))
     assert (later.marked_unknown, fake.calls) == (0, 0)
     with engine.connect() as connection:
-        replies_evidence = connection.execute(select(evidence.c.body).where(
-            evidence.c.kind == "reply")).scalars().all()
+        replies_evidence = (
+            connection.execute(select(evidence.c.body).where(evidence.c.kind == "reply"))
+            .scalars()
+            .all()
+        )
         assert evidence_store.verify(connection) == []
     assert len(replies_evidence) == 1
     assert json.loads(replies_evidence[0])["learnt_from"] == "status"
@@ -118,15 +119,19 @@ def test_two_receivers_and_two_senders_on_postgresql_send_one_reply(postgres_url
         run_all([threading.Thread(target=receive, args=(e,)) for e in nodes])
         assert errors == [] and len(rows(nodes[0])) == 20
         with meta() as fake:
+
             def drain(engine: Engine, holder: str) -> None:
                 barrier.wait()
                 while send_due(engine, sender(), holder, lambda: NOW).looked_at:
                     pass
-            run_all([threading.Thread(target=drain, args=(e, f"node-{i}"))
-                     for i, e in enumerate(nodes)])
+
+            run_all(
+                [threading.Thread(target=drain, args=(e, f"node-{i}")) for i, e in enumerate(nodes)]
+            )
         assert fake.calls == 20
         assert sorted(m.to or "" for m in fake.sent) == sorted(
-            f"49151234560{n:02d}" for n in range(20))
+            f"49151234560{n:02d}" for n in range(20)
+        )
         assert {r.state for r in rows(nodes[0])} == {"sent"}
     finally:
         for engine in nodes:
@@ -143,7 +148,8 @@ def run_all(threads: list[threading.Thread]) -> None:
 def start_serve(tmp_path: Path, db: Path, graph: str, token: str) -> tuple[Any, str]:
     port = free_port()
     cfg = tmp_path / "waconsent.toml"
-    cfg.write_text(textwrap.dedent(f"""
+    cfg.write_text(
+        textwrap.dedent(f"""
         [store]
         url = "sqlite:///{db}"
         [webhook]
@@ -157,12 +163,23 @@ def start_serve(tmp_path: Path, db: Path, graph: str, token: str) -> tuple[Any, 
         business_name = "{BUSINESS}"
         [replies]
         enabled = true
-    """), encoding="utf-8")
-    env = {**os.environ, "WHATSAPP_APP_SECRET": "app-secret", "WHATSAPP_VERIFY_TOKEN": "vt",
-           "WHATSAPP_ACCESS_TOKEN": token}
-    process = subprocess.Popen([sys.executable, "-m", "waconsent", "--config", str(cfg),
-                                "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    """),
+        encoding="utf-8",
+    )
+    env = {
+        **os.environ,
+        "WHATSAPP_APP_SECRET": "app-secret",
+        "WHATSAPP_VERIFY_TOKEN": "vt",
+        "WHATSAPP_ACCESS_TOKEN": token,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "waconsent", "--config", str(cfg), "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -176,9 +193,15 @@ def start_serve(tmp_path: Path, db: Path, graph: str, token: str) -> tuple[Any, 
 
 def post(base: str, body: dict[str, Any]) -> None:
     raw = json.dumps(body).encode()
-    answer = httpx.post(f"{base}/webhooks/whatsapp", content=raw, timeout=10,
-                        headers={"X-Hub-Signature-256": sign(raw, "app-secret"),
-                                 "Content-Type": "application/json"})
+    answer = httpx.post(
+        f"{base}/webhooks/whatsapp",
+        content=raw,
+        timeout=10,
+        headers={
+            "X-Hub-Signature-256": sign(raw, "app-secret"),
+            "Content-Type": "application/json",
+        },
+    )
     assert answer.status_code == 200
 
 
@@ -214,8 +237,7 @@ def test_serve_drains_at_start_and_answers_within_a_second(tmp_path: Path) -> No
             post(base, p.payload(p.message(USER, datetime.now(UTC), "STOP")))
             answered = wait_for(lambda: len(fake.sent) == 2, 10)
             post(base, fake.status_payload(fake.sent[1], "delivered", datetime.now(UTC)))
-            settled = wait_for(lambda: {r.state for r in rows(engine)} == {"sent", "delivered"},
-                               10)
+            settled = wait_for(lambda: {r.state for r in rows(engine)} == {"sent", "delivered"}, 10)
         finally:
             err = stop(process)
             engine.dispose()

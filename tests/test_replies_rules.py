@@ -27,10 +27,12 @@ from waconsent.replies.rules import (
 )
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-POLICY = ReplyPolicy(opt_in="IN", opt_out="OUT", by_keyword={"stopp": "GESTOPPT"},
-                     max_age=timedelta(minutes=60))
-KEYWORDS = KeywordRules.build(["START", "ANMELDEN"], ["STOP", "STOPP"],
-                              ["Stop promotions", "Werbung stoppen"])
+POLICY = ReplyPolicy(
+    opt_in="IN", opt_out="OUT", by_keyword={"stopp": "GESTOPPT"}, max_age=timedelta(minutes=60)
+)
+KEYWORDS = KeywordRules.build(
+    ["START", "ANMELDEN"], ["STOP", "STOPP"], ["Stop promotions", "Werbung stoppen"]
+)
 
 
 def events(*changes: dict[str, object]) -> tuple[Event, ...]:
@@ -38,39 +40,53 @@ def events(*changes: dict[str, object]) -> tuple[Event, ...]:
 
 
 def planned(*changes: dict[str, object]) -> list[str | None]:
-    return [None if (plan := plan_reply(e, POLICY, NOW)) is None else plan.text
-            for e in events(*changes)]
+    return [
+        None if (plan := plan_reply(e, POLICY, NOW)) is None else plan.text
+        for e in events(*changes)
+    ]
 
 
 def test_what_the_user_sent_in_the_chat_is_answered() -> None:
     """Typed START and STOP, a keyword's own text, and a localized Stop promotions tap are
     answered; the reply names the trigger and its sender."""
-    assert planned(p.message("491511", NOW, "start"), p.message("491512", NOW, "STOP"),
-                   p.message("491513", NOW, "Stopp"),
-                   p.button("491514", NOW, "Stop promotions", "Werbung stoppen")) == \
-        ["IN", "OUT", "GESTOPPT", "OUT"]
+    assert planned(
+        p.message("491511", NOW, "start"),
+        p.message("491512", NOW, "STOP"),
+        p.message("491513", NOW, "Stopp"),
+        p.button("491514", NOW, "Stop promotions", "Werbung stoppen"),
+    ) == ["IN", "OUT", "GESTOPPT", "OUT"]
     [event] = events(p.message("491511", NOW, "START", message_id="wamid.T", user_id="US.7"))
     plan = plan_reply(event, POLICY, NOW)
     assert plan is not None
-    assert (plan.trigger_id, plan.wa_id, plan.user_id, plan.keyword) == \
-        ("wamid.T", "491511", "US.7", "START")
+    assert (plan.trigger_id, plan.wa_id, plan.user_id, plan.keyword) == (
+        "wamid.T",
+        "491511",
+        "US.7",
+        "START",
+    )
 
 
 def test_nothing_the_user_did_not_write_is_answered() -> None:
     """user_preferences, a 131050 failure, a system preference change, a plain message and
     a button whose payload only the business chose get no reply."""
-    assert planned(p.preference("491511", NOW, "stop"),
-                   p.status("491511", NOW, "failed", codes=(131050,)),
-                   p.system("491511", NOW, type="user_preference_changed", marketing="stop"),
-                   p.message("491511", NOW, "hello"),
-                   p.button("491511", NOW, "START", "Get started")) == [None] * 5
+    assert (
+        planned(
+            p.preference("491511", NOW, "stop"),
+            p.status("491511", NOW, "failed", codes=(131050,)),
+            p.system("491511", NOW, type="user_preference_changed", marketing="stop"),
+            p.message("491511", NOW, "hello"),
+            p.button("491511", NOW, "START", "Get started"),
+        )
+        == [None] * 5
+    )
 
 
 @pytest.mark.parametrize(("age", "answered"), [(59, True), (60, True), (61, False)])
 def test_events_older_than_max_age_are_not_answered(age: int, answered: bool) -> None:
     """Up to max_age old a STOP is answered; older (an import, a late redelivery) not."""
-    assert (planned(p.message("491511", NOW - timedelta(minutes=age), "STOP")) == ["OUT"]) \
-        is answered
+    assert (
+        planned(p.message("491511", NOW - timedelta(minutes=age), "STOP")) == ["OUT"]
+    ) is answered
 
 
 def test_callback_data_names_the_trigger() -> None:
@@ -79,21 +95,25 @@ def test_callback_data_names_the_trigger() -> None:
     assert trigger_of("campaign-42") is None and trigger_of(None) is None
 
 
-STATES = st.sampled_from([ReplyState.SENT, ReplyState.DELIVERED, ReplyState.READ,
-                          ReplyState.FAILED, ReplyState.UNKNOWN])
+STATES = st.sampled_from(
+    [ReplyState.SENT, ReplyState.DELIVERED, ReplyState.READ, ReplyState.FAILED, ReplyState.UNKNOWN]
+)
 
 
 @given(st.lists(STATES, max_size=8), st.randoms())
-def test_statuses_in_any_order_reach_the_same_state(seen: list[ReplyState],
-                                                    shuffle: object) -> None:
+def test_statuses_in_any_order_reach_the_same_state(
+    seen: list[ReplyState], shuffle: object
+) -> None:
     """Property: a row's state after a set of observations does not depend on their order,
     and never falls back below what was observed."""
+
     def final(order: list[ReplyState]) -> ReplyState:
         state = ReplyState.SENDING
         for new in order:
             before, state = state, advance(state, new)
             assert advance(state, before) == state  # never back
         return state
+
     shuffled = list(seen)
     shuffle.shuffle(shuffled)  # type: ignore[attr-defined]
     assert final(seen) == final(shuffled)
@@ -125,6 +145,14 @@ def test_retry_waits_grow_and_are_capped(rounds: int) -> None:
 def test_a_system_message_and_a_status_never_plan_a_reply_even_with_a_keyword() -> None:
     """Whatever a status or system event carries, only a user's message is answered."""
     for kind, message_type in ((EventKind.STATUS, None), (EventKind.MESSAGE, "system")):
-        event = Event(key="k", kind=kind, occurred_at=NOW, wa_id="491511", message_id="w",
-                      message_type=message_type, signal=Signal.OPT_OUT, keyword="STOP")
+        event = Event(
+            key="k",
+            kind=kind,
+            occurred_at=NOW,
+            wa_id="491511",
+            message_id="w",
+            message_type=message_type,
+            signal=Signal.OPT_OUT,
+            keyword="STOP",
+        )
         assert plan_reply(event, POLICY, NOW) is None

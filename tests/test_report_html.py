@@ -33,26 +33,36 @@ def _run(run_id: int, day: int, mode: str, status: str = "ok", **counts: Any) ->
 
 # ---- the model ------------------------------------------------------------------------------
 
+
 def test_trend_adds_changes_per_day_and_carries_missing_proof_from_full_runs() -> None:
     """Per day: changes add up over finished runs; missing proof is the last full run's, carried."""
-    days = trend([
-        _run(1, 20, "incremental", revocations=1, opt_ins=1, proof_missing=2),
-        _run(2, 20, "full", revocations=2, proof_missing=7),
-        _run(3, 21, "targeted", revocations=1),
-        _run(4, 21, "incremental", status="failed", revocations=50),
-        _run(5, 21, "incremental", status="partial", opt_ins=3, proof_missing=1),
-        _run(6, 23, "full", proof_missing=5),
-    ])
+    days = trend(
+        [
+            _run(1, 20, "incremental", revocations=1, opt_ins=1, proof_missing=2),
+            _run(2, 20, "full", revocations=2, proof_missing=7),
+            _run(3, 21, "targeted", revocations=1),
+            _run(4, 21, "incremental", status="failed", revocations=50),
+            _run(5, 21, "incremental", status="partial", opt_ins=3, proof_missing=1),
+            _run(6, 23, "full", proof_missing=5),
+        ]
+    )
     assert [(d.day, d.runs, d.revocations, d.opt_ins, d.proof_missing) for d in days] == [
-        (date(2026, 11, 20), 2, 3, 1, 7), (date(2026, 11, 21), 2, 1, 3, 7),
-        (date(2026, 11, 23), 1, 0, 0, 5)]
+        (date(2026, 11, 20), 2, 3, 1, 7),
+        (date(2026, 11, 21), 2, 1, 3, 7),
+        (date(2026, 11, 23), 1, 0, 0, 5),
+    ]
     assert trend([_run(1, 20, "incremental", proof_missing=3)])[0].proof_missing is None
 
 
 def test_the_last_run_is_the_newest_finished_scheduled_one_and_a_later_failure_is_named() -> None:
     """A targeted run's few records are not the org's numbers; a failed newest run is shown."""
-    data = ReportData(T, "ledger", [_run(1, 20, "full"), _run(2, 20, "targeted"),
-                                    _run(3, 21, "incremental", status="failed")], [], 0)
+    data = ReportData(
+        T,
+        "ledger",
+        [_run(1, 20, "full"), _run(2, 20, "targeted"), _run(3, 21, "incremental", status="failed")],
+        [],
+        0,
+    )
     assert data.last is not None and data.last.id == 1
     assert data.failed_since is not None and data.failed_since.id == 3
     page = render(data)
@@ -61,9 +71,17 @@ def test_the_last_run_is_the_newest_finished_scheduled_one_and_a_later_failure_i
 
 # ---- the page, statically ---------------------------------------------------------------------
 
+
 def _hostile_data() -> ReportData:
-    last = _run(9, 21, "full", revocations=2, unmatched_numbers=1,
-                conflicts=[{"record": HOSTILE, "conflict": "a & b"}], unmatched=["*****<b>"])
+    last = _run(
+        9,
+        21,
+        "full",
+        revocations=2,
+        unmatched_numbers=1,
+        conflicts=[{"record": HOSTILE, "conflict": "a & b"}],
+        unmatched=["*****<b>"],
+    )
     flagged = [Flagged("C1", HOSTILE, None, '"><b>bold</b>', ("opt_in_date",))]
     return ReportData(T, "salesforce:<x>", [last], flagged, 1)
 
@@ -78,7 +96,8 @@ def test_every_text_is_escaped_and_the_page_loads_nothing() -> None:
     assert urls == {"http://www.w3.org/2000/svg"}  # the SVG namespace name, never fetched
     csp = content_security_policy()
     assert f'<meta http-equiv="Content-Security-Policy" content="{csp}">' in page.replace(
-        "&#x27;", "'")
+        "&#x27;", "'"
+    )
     assert "default-src 'none'" in csp and "script-src 'none'" in csp
     assert f"<style>{CSS}</style>" in page
 
@@ -95,6 +114,7 @@ def test_the_page_is_written_for_its_owner_only(tmp_path: Path) -> None:
 
 # ---- the demo, end to end -----------------------------------------------------------------------
 
+
 @pytest.fixture
 def demo(tmp_path: Path) -> Path:
     """The README's demo: sample contacts and webhook archive in a fresh ledger."""
@@ -104,8 +124,10 @@ def demo(tmp_path: Path) -> Path:
     text = re.sub(r'url = "sqlite:///[^"]*"', f'url = "sqlite:///{tmp_path / "demo.db"}"', text)
     config = tmp_path / "waconsent.toml"
     config.write_text(text, encoding="utf-8")
-    for args in (["contacts", "import", str(tmp_path / "contacts.csv")],
-                 ["import", str(tmp_path / "webhooks.ndjson")]):
+    for args in (
+        ["contacts", "import", str(tmp_path / "contacts.csv")],
+        ["import", str(tmp_path / "webhooks.ndjson")],
+    ):
         _cli(config, *args)
     return config
 
@@ -134,7 +156,8 @@ def _console_errors(browser: Any) -> list[dict[str, Any]]:
 
 
 def test_the_page_renders_in_chromium_with_the_run_reports_numbers(
-        browser: Any, demo: Path, tmp_path: Path) -> None:
+    browser: Any, demo: Path, tmp_path: Path
+) -> None:
     """In Chromium: the chart renders, no console error or fetch, numbers equal the run report's."""
     from selenium.webdriver.common.by import By
 
@@ -147,28 +170,41 @@ def test_the_page_renders_in_chromium_with_the_run_reports_numbers(
     assert _console_errors(browser) == []
     chart = browser.find_element(By.ID, "trend-chart")
     assert chart.is_displayed() and chart.size["width"] > 300
-    points = {(c.get_attribute("data-series"), int(c.get_attribute("data-value") or -1))
-              for c in chart.find_elements(By.CSS_SELECTOR, "circle")}
-    assert points == {("revocations", report["revocations"]), ("opt_ins", report["opt_ins"]),
-                      ("proof_missing", report["proof_missing"])}
-    shown = {cell.get_attribute("data-key"): cell.text for cell in
-             browser.find_elements(By.CSS_SELECTOR, "#last-run td[data-key]")}
-    assert shown == {**{key: str(report[key]) for key, _ in HEADLINE},
-                     "conflicts": str(len(report["conflicts"]))}
+    points = {
+        (c.get_attribute("data-series"), int(c.get_attribute("data-value") or -1))
+        for c in chart.find_elements(By.CSS_SELECTOR, "circle")
+    }
+    assert points == {
+        ("revocations", report["revocations"]),
+        ("opt_ins", report["opt_ins"]),
+        ("proof_missing", report["proof_missing"]),
+    }
+    shown = {
+        cell.get_attribute("data-key"): cell.text
+        for cell in browser.find_elements(By.CSS_SELECTOR, "#last-run td[data-key]")
+    }
+    assert shown == {
+        **{key: str(report[key]) for key, _ in HEADLINE},
+        "conflicts": str(len(report["conflicts"])),
+    }
     assert report["revocations"] > 0 and report["proof_missing"] > 0
     conflict_rows = browser.find_elements(By.CSS_SELECTOR, "#conflicts tbody tr")
     assert [row.find_elements(By.TAG_NAME, "td")[0].text for row in conflict_rows] == [
-        c["record"] for c in report["conflicts"]]
-    assert [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#unmatched li")] == \
-        report["unmatched"]
-    assert [row.get_attribute("data-record") for row in browser.find_elements(
-        By.CSS_SELECTOR, "#flagged tbody tr")] == [row["id"] for row in missing]
-    assert browser.find_element(By.CSS_SELECTOR, "[data-key=flagged_total]").text == \
-        str(len(missing))
+        c["record"] for c in report["conflicts"]
+    ]
+    assert [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#unmatched li")] == report[
+        "unmatched"
+    ]
+    assert [
+        row.get_attribute("data-record")
+        for row in browser.find_elements(By.CSS_SELECTOR, "#flagged tbody tr")
+    ] == [row["id"] for row in missing]
+    assert browser.find_element(By.CSS_SELECTOR, "[data-key=flagged_total]").text == str(
+        len(missing)
+    )
     header = browser.find_element(By.CSS_SELECTOR, "#trend-table th")
     assert header.value_of_css_property("font-weight") == "600"  # the hashed style applied
-    assert browser.execute_script(
-        "return performance.getEntriesByType('resource').length") == 0
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
 
 
 def test_a_hostile_name_stays_text_in_chromium(browser: Any, tmp_path: Path) -> None:
@@ -180,9 +216,7 @@ def test_a_hostile_name_stays_text_in_chromium(browser: Any, tmp_path: Path) -> 
     write_private(page, render(_hostile_data()))
     browser.get(page.as_uri())
     assert _console_errors(browser) == []
-    assert browser.execute_script("return document.scripts.length + document.images.length") \
-        == 0
-    assert browser.find_element(By.CSS_SELECTOR, "#flagged tbody td:nth-child(2)").text == \
-        HOSTILE
+    assert browser.execute_script("return document.scripts.length + document.images.length") == 0
+    assert browser.find_element(By.CSS_SELECTOR, "#flagged tbody td:nth-child(2)").text == HOSTILE
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert.text  # noqa: B018

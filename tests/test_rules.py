@@ -31,12 +31,25 @@ def at(hours: float) -> datetime:
     return T + timedelta(hours=hours)
 
 
-def msg(hours: float, signal: Signal = Signal.NONE, keyword: str | None = None,
-        user_id: str | None = None) -> Event:
+def msg(
+    hours: float,
+    signal: Signal = Signal.NONE,
+    keyword: str | None = None,
+    user_id: str | None = None,
+) -> Event:
     i = next(_n)
-    return Event(key=f"msg:wamid.{i}", kind=EventKind.MESSAGE, occurred_at=at(hours), wa_id=WA,
-                 user_id=user_id, message_id=f"wamid.{i}", message_type="text", signal=signal,
-                 keyword=keyword, opens_session=True)
+    return Event(
+        key=f"msg:wamid.{i}",
+        kind=EventKind.MESSAGE,
+        occurred_at=at(hours),
+        wa_id=WA,
+        user_id=user_id,
+        message_id=f"wamid.{i}",
+        message_type="text",
+        signal=signal,
+        keyword=keyword,
+        opens_session=True,
+    )
 
 
 def stop(hours: float) -> Event:
@@ -49,34 +62,58 @@ def start(hours: float) -> Event:
 
 def failed_131050(hours: float) -> Event:
     i = next(_n)
-    return Event(key=f"status:wamid.s{i}:failed", kind=EventKind.STATUS, occurred_at=at(hours),
-                 wa_id=WA, message_id=f"wamid.s{i}", status="failed", error_codes=(131050,),
-                 signal=Signal.OPT_OUT, detail="status:failed:131050")
+    return Event(
+        key=f"status:wamid.s{i}:failed",
+        kind=EventKind.STATUS,
+        occurred_at=at(hours),
+        wa_id=WA,
+        message_id=f"wamid.s{i}",
+        status="failed",
+        error_codes=(131050,),
+        signal=Signal.OPT_OUT,
+        detail="status:failed:131050",
+    )
 
 
 def preference(hours: float, value: str) -> Event:
     signal = {"stop": Signal.OPT_OUT, "resume": Signal.RESUME}[value]
-    return Event(key=f"pref:{WA}:{value}:{hours}", kind=EventKind.PREFERENCE,
-                 occurred_at=at(hours), wa_id=WA, signal=signal,
-                 detail=f"user_preferences:{value}")
+    return Event(
+        key=f"pref:{WA}:{value}:{hours}",
+        kind=EventKind.PREFERENCE,
+        occurred_at=at(hours),
+        wa_id=WA,
+        signal=signal,
+        detail=f"user_preferences:{value}",
+    )
 
 
 def fep_status(hours: float, expires_hours: float) -> Event:
     i = next(_n)
-    return Event(key=f"status:wamid.f{i}:sent", kind=EventKind.STATUS, occurred_at=at(hours),
-                 wa_id=WA, status="sent", window_expires_at=at(expires_hours))
+    return Event(
+        key=f"status:wamid.f{i}:sent",
+        kind=EventKind.STATUS,
+        occurred_at=at(hours),
+        wa_id=WA,
+        status="sent",
+        window_expires_at=at(expires_hours),
+    )
 
 
 def record(**fields: FieldValue) -> CrmRecord:
     return CrmRecord("R1", fields, {"MobilePhone": "+" + WA})
 
 
-OPTED_IN = {"opt_in": True, "opt_in_date": at(-100), "opt_in_ip": "203.0.113.1",
-            "opt_in_source": "web-form"}
+OPTED_IN = {
+    "opt_in": True,
+    "opt_in_date": at(-100),
+    "opt_in_ip": "203.0.113.1",
+    "opt_in_source": "web-form",
+}
 
 
-def decide_events(rec: CrmRecord, events: list[Event], mapped: frozenset[str],
-                  now: datetime) -> Decision:
+def decide_events(
+    rec: CrmRecord, events: list[Event], mapped: frozenset[str], now: datetime
+) -> Decision:
     return decide(rec, Activity.of(events), mapped, now)
 
 
@@ -85,6 +122,7 @@ def changes(rec: CrmRecord, events: list[Event], mapped: frozenset[str] = ALL) -
 
 
 # ---- the table -------------------------------------------------------------------------------
+
 
 def test_stop_revokes_an_opted_in_record() -> None:
     """A STOP newer than the consent revokes it at the event's time."""
@@ -107,14 +145,17 @@ def test_start_grants_with_message_proof() -> None:
     assert "proof_missing" not in result
 
 
-@pytest.mark.parametrize(("events", "expected"), [
-    (lambda: [stop(1), start(2)], True),                   # STOP then START
-    (lambda: [start(1), stop(2)], False),                  # START then STOP
-    (lambda: [stop(1), msg(2)], False),                    # plain chat after STOP
-    (lambda: [start(1), failed_131050(2)], False),         # 131050 after START
-    (lambda: [preference(1, "stop"), preference(2, "resume")], False),  # resume after stop
-    (lambda: [start(1), stop(1)], False),                  # same second: the opt-out wins
-])
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        (lambda: [stop(1), start(2)], True),  # STOP then START
+        (lambda: [start(1), stop(2)], False),  # START then STOP
+        (lambda: [stop(1), msg(2)], False),  # plain chat after STOP
+        (lambda: [start(1), failed_131050(2)], False),  # 131050 after START
+        (lambda: [preference(1, "stop"), preference(2, "resume")], False),  # resume after stop
+        (lambda: [start(1), stop(1)], False),  # same second: the opt-out wins
+    ],
+)
 def test_conflicting_signals(events, expected: bool) -> None:  # type: ignore[no-untyped-def]
     """The newest consent signal decides; resume restores nothing; ties go to the opt-out."""
     result = apply(record(opt_in=False), decide_events(record(opt_in=False), events(), ALL, NOW))
@@ -131,8 +172,13 @@ def test_crm_resubscription_after_stop_stands_and_is_reported() -> None:
 
 def test_recorded_stop_then_resubscription_is_no_conflict() -> None:
     """A STOP already written before the CRM re-subscription is history, not a conflict."""
-    rec = record(opt_in=True, opt_in_date=at(5), opt_out_date=at(1), opt_in_ip="1.2.3.4",
-                 opt_in_source="form")
+    rec = record(
+        opt_in=True,
+        opt_in_date=at(5),
+        opt_out_date=at(1),
+        opt_in_ip="1.2.3.4",
+        opt_in_source="form",
+    )
     assert decide_events(rec, [stop(1)], ALL, NOW).conflicts == ()
 
 
@@ -148,8 +194,9 @@ def test_event_at_the_same_second_as_crm_change_is_not_newer() -> None:
     assert "opt_in" not in changes(rec, [stop(1)])
 
 
-@pytest.mark.parametrize("revoker", [lambda: stop(1), lambda: failed_131050(1),
-                                     lambda: preference(1, "stop")])
+@pytest.mark.parametrize(
+    "revoker", [lambda: stop(1), lambda: failed_131050(1), lambda: preference(1, "stop")]
+)
 def test_every_opt_out_signal_revokes(revoker) -> None:  # type: ignore[no-untyped-def]
     """Keyword, 131050 failure and user_preferences stop all revoke."""
     assert changes(record(**OPTED_IN), [revoker()])["opt_in"] is False
@@ -181,20 +228,26 @@ def test_session_never_moves_backwards() -> None:
 def test_session_open_flag_uses_now() -> None:
     """The decision says whether the window is open at `now`."""
     recent = NOW - timedelta(hours=2)
-    event = Event(key="msg:x", kind=EventKind.MESSAGE, occurred_at=recent, wa_id=WA,
-                  opens_session=True)
+    event = Event(
+        key="msg:x", kind=EventKind.MESSAGE, occurred_at=recent, wa_id=WA, opens_session=True
+    )
     assert decide_events(record(), [event], ALL, NOW).session_open
     assert not decide_events(record(), [msg(1)], ALL, NOW).session_open
 
 
-@pytest.mark.parametrize(("fields", "gaps"), [
-    ({"opt_in_date": T, "opt_in_source": "form", "opt_in_ip": "1.2.3.4"}, []),
-    ({"opt_in_date": T, "opt_in_source": "whatsapp:keyword:START:wamid.1"}, []),
-    ({"opt_in_date": T, "opt_in_source": "import"}, ["opt_in_ip or a WhatsApp message id in "
-                                                     "opt_in_source"]),
-    ({"opt_in_source": "form", "opt_in_ip": "1.2.3.4"}, ["opt_in_date"]),
-    ({"opt_in_date": T, "opt_in_ip": "1.2.3.4"}, ["opt_in_source"]),
-])
+@pytest.mark.parametrize(
+    ("fields", "gaps"),
+    [
+        ({"opt_in_date": T, "opt_in_source": "form", "opt_in_ip": "1.2.3.4"}, []),
+        ({"opt_in_date": T, "opt_in_source": "whatsapp:keyword:START:wamid.1"}, []),
+        (
+            {"opt_in_date": T, "opt_in_source": "import"},
+            ["opt_in_ip or a WhatsApp message id in opt_in_source"],
+        ),
+        ({"opt_in_source": "form", "opt_in_ip": "1.2.3.4"}, ["opt_in_date"]),
+        ({"opt_in_date": T, "opt_in_ip": "1.2.3.4"}, ["opt_in_source"]),
+    ],
+)
 def test_proof_gaps(fields: dict, gaps: list[str]) -> None:
     """Complete proof: date, source, and an IP or a WhatsApp message id in the source."""
     assert proof_gaps(fields) == gaps
@@ -236,31 +289,50 @@ def test_unmapped_fields_are_not_written() -> None:
     """Only mapped fields appear in the changes."""
     mapped = frozenset({"opt_in", "opt_in_date", "opt_out_date"})
     assert changes(record(**OPTED_IN), [stop(1), msg(2)], mapped) == {
-        "opt_in": False, "opt_out_date": at(1)}
+        "opt_in": False,
+        "opt_out_date": at(1),
+    }
 
 
 def test_user_id_written_once() -> None:
     """A business-scoped user id seen on WhatsApp is written when the field is empty."""
     assert changes(record(), [msg(1, user_id="US.9")])["whatsapp_user_id"] == "US.9"
-    assert "whatsapp_user_id" not in changes(record(whatsapp_user_id="US.1"),
-                                             [msg(1, user_id="US.9")])
+    assert "whatsapp_user_id" not in changes(
+        record(whatsapp_user_id="US.1"), [msg(1, user_id="US.9")]
+    )
 
 
 # ---- properties ------------------------------------------------------------------------------
 
 hours = st.integers(min_value=-48, max_value=48).map(float)
 event_strategy = st.one_of(
-    hours.map(msg), hours.map(stop), hours.map(start), hours.map(failed_131050),
-    hours.map(lambda h: preference(h, "stop")), hours.map(lambda h: preference(h, "resume")),
+    hours.map(msg),
+    hours.map(stop),
+    hours.map(start),
+    hours.map(failed_131050),
+    hours.map(lambda h: preference(h, "stop")),
+    hours.map(lambda h: preference(h, "resume")),
     st.tuples(hours, hours).map(lambda hh: fep_status(hh[0], hh[0] + abs(hh[1]))),
 )
 maybe_time = st.none() | hours.map(at)
 record_strategy = st.builds(
     lambda opt_in, d_in, d_out, ip, src, flag, last: record(
-        opt_in=opt_in, opt_in_date=d_in, opt_out_date=d_out, opt_in_ip=ip,
-        opt_in_source=src, proof_missing=flag, last_inbound=last),
-    st.none() | st.booleans(), maybe_time, maybe_time, st.none() | st.just("1.2.3.4"),
-    st.none() | st.just("form"), st.none() | st.booleans(), maybe_time)
+        opt_in=opt_in,
+        opt_in_date=d_in,
+        opt_out_date=d_out,
+        opt_in_ip=ip,
+        opt_in_source=src,
+        proof_missing=flag,
+        last_inbound=last,
+    ),
+    st.none() | st.booleans(),
+    maybe_time,
+    maybe_time,
+    st.none() | st.just("1.2.3.4"),
+    st.none() | st.just("form"),
+    st.none() | st.booleans(),
+    maybe_time,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -299,8 +371,9 @@ def test_opt_out_newer_than_everything_revokes(rec: CrmRecord, events: list[Even
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(event_strategy, max_size=8), st.lists(event_strategy, max_size=8))
-def test_activity_of_parts_merges_to_the_activity_of_all(first: list[Event],
-                                                         second: list[Event]) -> None:
+def test_activity_of_parts_merges_to_the_activity_of_all(
+    first: list[Event], second: list[Event]
+) -> None:
     """A record matched by several keys: merging each key's activity equals reducing all of
     its events at once (what lets the store aggregate per number)."""
     second = [event for event in second if event.key not in {e.key for e in first}]

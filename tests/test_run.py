@@ -42,14 +42,20 @@ def loaded(url: str, **sync: Any) -> LoadedConfig:
 
 
 def opted_in(record_id: str, mobile: str, **extra: Any) -> dict[str, Any]:
-    return {"id": record_id, "name": record_id, "mobile_phone": mobile, "opt_in": True,
-            "opt_in_date": T0 - timedelta(days=30), "opt_in_ip": "203.0.113.1",
-            "opt_in_source": "web-form", **extra}
+    return {
+        "id": record_id,
+        "name": record_id,
+        "mobile_phone": mobile,
+        "opt_in": True,
+        "opt_in_date": T0 - timedelta(days=30),
+        "opt_in_ip": "203.0.113.1",
+        "opt_in_source": "web-form",
+        **extra,
+    }
 
 
 def deliver(engine: Engine, cfg: LoadedConfig, *changes: dict[str, Any]) -> None:
-    ingest_payload(engine, p.payload(*changes), keyword_rules(cfg.settings), "test",
-                   lambda: NOW)
+    ingest_payload(engine, p.payload(*changes), keyword_rules(cfg.settings), "test", lambda: NOW)
 
 
 def contact(engine: Engine, record_id: str) -> Any:
@@ -64,9 +70,15 @@ def clock() -> datetime:
 def test_stop_reaches_every_record_with_the_number(engine: Engine, store_url: str) -> None:
     """A STOP revokes every record carrying the number in any phone field and spelling."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in("A", "0151 23456789"),
-                             {**opted_in("B", ""), "phone": "+49 151 234 567 89"},
-                             opted_in("C", "0170 1112233")], NOW)
+    upsert_contacts(
+        engine,
+        [
+            opted_in("A", "0151 23456789"),
+            {**opted_in("B", ""), "phone": "+49 151 234 567 89"},
+            opted_in("C", "0170 1112233"),
+        ],
+        NOW,
+    )
     deliver(engine, cfg, p.message("4915123456789", T0, "Stop!"))
     report = run_once(cfg, engine=engine, clock=clock)
     assert report.revocations == 2 and report.writes_sent == 2 and report.writes_failed == 0
@@ -79,11 +91,18 @@ def test_stop_reaches_every_record_with_the_number(engine: Engine, store_url: st
 def test_second_run_with_nothing_new_writes_nothing(engine: Engine, store_url: str) -> None:
     """Idempotence end to end: the next sync sends zero writes."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in("A", "0151 23456789"), {"id": "B", "mobile_phone": "0170 1"},
-                             {"id": "D", "mobile_phone": "+43 664 1234567", "opt_in": True}],
-                    NOW)
-    deliver(engine, cfg, p.message("4915123456789", T0, "STOP"),
-            p.message("436641234567", T0, "hi"))
+    upsert_contacts(
+        engine,
+        [
+            opted_in("A", "0151 23456789"),
+            {"id": "B", "mobile_phone": "0170 1"},
+            {"id": "D", "mobile_phone": "+43 664 1234567", "opt_in": True},
+        ],
+        NOW,
+    )
+    deliver(
+        engine, cfg, p.message("4915123456789", T0, "STOP"), p.message("436641234567", T0, "hi")
+    )
     first = run_once(cfg, engine=engine, clock=clock)
     assert first.writes_sent == 2
     second = run_once(cfg, engine=engine, clock=clock)
@@ -92,12 +111,12 @@ def test_second_run_with_nothing_new_writes_nothing(engine: Engine, store_url: s
     assert full.writes_sent == 0
 
 
-def test_incremental_run_reads_changed_and_active_records(engine: Engine,
-                                                          store_url: str) -> None:
+def test_incremental_run_reads_changed_and_active_records(engine: Engine, store_url: str) -> None:
     """Incremental: records changed since the watermark plus those whose numbers had activity."""
     cfg = loaded(store_url, lookback_seconds=0)
-    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(50)],
-                    T0 - timedelta(days=3))
+    upsert_contacts(
+        engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(50)], T0 - timedelta(days=3)
+    )
     upsert_contacts(engine, [opted_in("Z", "0170 1112233")], T0 - timedelta(days=2))
     run_once(cfg, engine=engine, clock=clock)
     deliver(engine, cfg, p.message("4915123450007", T0, "STOP"))
@@ -116,9 +135,13 @@ def test_dry_run_writes_nothing_anywhere(engine: Engine, store_url: str) -> None
     seen: list[tuple[str, str, Any]] = []
     with engine.connect() as connection:
         chain_before = evidence_store.chain_length(connection)
-    report = run_once(cfg, dry_run=True, engine=engine, clock=clock,
-                      on_decision=lambda r, d: seen.extend(
-                          (r.record_id, c.field, c.new) for c in d.changes))
+    report = run_once(
+        cfg,
+        dry_run=True,
+        engine=engine,
+        clock=clock,
+        on_decision=lambda r, d: seen.extend((r.record_id, c.field, c.new) for c in d.changes),
+    )
     assert ("A", "opt_in", False) in seen and report.revocations == 1
     assert contact(engine, "A").opt_in is True
     with engine.connect() as connection:
@@ -130,13 +153,19 @@ def test_dry_run_writes_nothing_anywhere(engine: Engine, store_url: str) -> None
 def test_unparseable_phone_is_reported_not_fatal(engine: Engine, store_url: str) -> None:
     """A junk phone value is reported masked with record and field; the run goes on."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [{"id": "J", "mobile_phone": "n/a Tom"},
-                             opted_in("A", "0151 23456789")], NOW)
+    upsert_contacts(
+        engine, [{"id": "J", "mobile_phone": "n/a Tom"}, opted_in("A", "0151 23456789")], NOW
+    )
     deliver(engine, cfg, p.message("4915123456789", T0, "STOP"))
     report = run_once(cfg, engine=engine, clock=clock)
-    assert report.phone_problems == [{"record_id": "J", "field": "mobile_phone",
-                                      "value": "****Tom", "reason": report.phone_problems[0][
-                                          "reason"]}]
+    assert report.phone_problems == [
+        {
+            "record_id": "J",
+            "field": "mobile_phone",
+            "value": "****Tom",
+            "reason": report.phone_problems[0]["reason"],
+        }
+    ]
     assert report.revocations == 1
 
 
@@ -144,8 +173,12 @@ def test_unmatched_numbers_are_counted_never_created(engine: Engine, store_url: 
     """Activity from a number without a record is listed (masked) and no record is invented."""
     cfg = loaded(store_url)
     upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
-    deliver(engine, cfg, p.message("4917099999999", T0, "START"),
-            p.message("4915123456789", T0, "hi", user_id="US.1"))
+    deliver(
+        engine,
+        cfg,
+        p.message("4917099999999", T0, "START"),
+        p.message("4915123456789", T0, "hi", user_id="US.1"),
+    )
     report = run_once(cfg, engine=engine, clock=clock)
     assert report.unmatched_numbers == 1 and report.unmatched == [mask("+4917099999999")]
     with engine.connect() as connection:
@@ -156,9 +189,17 @@ def test_number_change_is_reported_and_moves_nothing(engine: Engine, store_url: 
     """user_changed_number is reported for the admin and changes no consent."""
     cfg = loaded(store_url)
     upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
-    deliver(engine, cfg, p.message("4915123456789", T0, None, type_="system",
-                                   system={"type": "user_changed_number",
-                                           "wa_id": "4915199999999", "body": "x"}))
+    deliver(
+        engine,
+        cfg,
+        p.message(
+            "4915123456789",
+            T0,
+            None,
+            type_="system",
+            system={"type": "user_changed_number", "wa_id": "4915199999999", "body": "x"},
+        ),
+    )
     report = run_once(cfg, engine=engine, clock=clock)
     assert report.number_changes[0]["to"] == "**********999"
     assert report.writes_sent == 0 and contact(engine, "A").opt_in is True
@@ -167,22 +208,26 @@ def test_number_change_is_reported_and_moves_nothing(engine: Engine, store_url: 
 def test_conflict_is_reported_and_crm_stands(engine: Engine, store_url: str) -> None:
     """A CRM re-subscription newer than a STOP stands; the report names the conflict."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in("A", "0151 23456789", opt_in_date=T0 + timedelta(days=1))],
-                    NOW)
+    upsert_contacts(
+        engine, [opted_in("A", "0151 23456789", opt_in_date=T0 + timedelta(days=1))], NOW
+    )
     deliver(engine, cfg, p.message("4915123456789", T0, "STOP"))
     report = run_once(cfg, engine=engine, clock=clock)
     assert len(report.conflicts) == 1 and contact(engine, "A").opt_in is True
 
 
-def test_failed_write_stays_queued_and_revocations_go_first(engine: Engine,
-                                                           store_url: str) -> None:
+def test_failed_write_stays_queued_and_revocations_go_first(engine: Engine, store_url: str) -> None:
     """A failed write stays in the outbox; the next run sends revocations before others."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in("A", "0151 23456789"), {"id": "B",
-                                                               "mobile_phone": "0170 1112233"}],
-                    NOW)
-    deliver(engine, cfg, p.message("4917011122 33".replace(" ", ""), T0, "START"),
-            p.message("4915123456789", T0, "STOP"))
+    upsert_contacts(
+        engine, [opted_in("A", "0151 23456789"), {"id": "B", "mobile_phone": "0170 1112233"}], NOW
+    )
+    deliver(
+        engine,
+        cfg,
+        p.message("4917011122 33".replace(" ", ""), T0, "START"),
+        p.message("4915123456789", T0, "STOP"),
+    )
 
     class Flaky(LedgerCrm):
         calls: ClassVar[list[list[str]]] = []
@@ -190,8 +235,9 @@ def test_failed_write_stays_queued_and_revocations_go_first(engine: Engine,
         def write(self, writes: Any) -> list[WriteResult]:
             self.calls.append([w.record_id for w in writes])
             if len(self.calls) == 1:
-                return [WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK")
-                        for w in writes]
+                return [
+                    WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK") for w in writes
+                ]
             return super().write(writes)
 
     flaky = Flaky(engine)
@@ -241,8 +287,14 @@ CRASHING_RUN = textwrap.dedent("""
 
 
 def crash(url: str, kill_at: int) -> int:
-    result = subprocess.run([sys.executable, "-c", CRASHING_RUN, url, str(kill_at)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", CRASHING_RUN, url, str(kill_at)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     return result.returncode
 
 
@@ -262,8 +314,11 @@ def test_sigkill_never_loses_a_revocation(engine: Engine, store_url: str) -> Non
     assert report.writes_sent == 7
     assert all(contact(engine, f"R{i}").opt_in is False for i in range(10))
     with engine.connect() as connection:
-        writes = connection.execute(select(evidence.c.record_id).where(
-            evidence.c.kind == "write")).scalars().all()
+        writes = (
+            connection.execute(select(evidence.c.record_id).where(evidence.c.kind == "write"))
+            .scalars()
+            .all()
+        )
         assert sorted(writes) == sorted(f"R{i}" for i in range(10))  # each exactly once
         assert evidence_store.verify(connection) == []
         assert outbox_store.count(connection, cfg.settings.crm_name) == 0
@@ -273,9 +328,20 @@ def test_report_json_has_the_documented_keys(engine: Engine, store_url: str) -> 
     """The JSON report carries every count the README documents."""
     cfg = loaded(store_url)
     report = run_once(cfg, engine=engine, clock=clock).as_dict()
-    for key in ("records_read", "events_considered", "revocations", "opt_ins",
-                "sessions_updated", "proof_missing", "proof_cleared", "conflicts",
-                "unmatched_numbers", "writes_sent", "writes_failed", "api_calls"):
+    for key in (
+        "records_read",
+        "events_considered",
+        "revocations",
+        "opt_ins",
+        "sessions_updated",
+        "proof_missing",
+        "proof_cleared",
+        "conflicts",
+        "unmatched_numbers",
+        "writes_sent",
+        "writes_failed",
+        "api_calls",
+    ):
         assert key in report
     json.dumps(report)
 
@@ -321,23 +387,21 @@ def test_read_failure_mid_run_fails_cleanly(engine: Engine, store_url: str) -> N
     assert again.writes_sent == 1 and contact(engine, "R0").opt_in is False
 
 
-def test_queued_write_is_never_sent_over_a_newer_crm_change(engine: Engine,
-                                                            store_url: str) -> None:
+def test_queued_write_is_never_sent_over_a_newer_crm_change(engine: Engine, store_url: str) -> None:
     """A queued opt-in that failed is dropped, not sent, once an agent records an opt-out in
     the CRM afterwards; the CRM's newer change stands."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [{"id": "A", "mobile_phone": "0151 23456789", "opt_in": False}],
-                    NOW)
+    upsert_contacts(engine, [{"id": "A", "mobile_phone": "0151 23456789", "opt_in": False}], NOW)
     deliver(engine, cfg, p.message("4915123456789", T0, "START"))
 
     class Failing(LedgerCrm):
         def write(self, writes: Any) -> list[WriteResult]:
-            return [WriteResult(w.record_id, False, "locked", "UNABLE_TO_LOCK_ROW")
-                    for w in writes]
+            return [WriteResult(w.record_id, False, "locked", "UNABLE_TO_LOCK_ROW") for w in writes]
 
     assert run_once(cfg, engine=engine, clock=clock, connector=Failing(engine)).writes_failed == 1
-    upsert_contacts(engine, [{"id": "A", "opt_in": False,
-                              "opt_out_date": T0 + timedelta(hours=2)}], NOW)  # the agent
+    upsert_contacts(
+        engine, [{"id": "A", "opt_in": False, "opt_out_date": T0 + timedelta(hours=2)}], NOW
+    )  # the agent
     report = run_once(cfg, engine=engine, clock=clock)
     assert report.writes_superseded == 1 and report.superseded == ["A"]
     row = contact(engine, "A")
@@ -346,8 +410,9 @@ def test_queued_write_is_never_sent_over_a_newer_crm_change(engine: Engine,
         assert outbox_store.count(connection, cfg.settings.crm_name) == 0
 
 
-def test_write_the_crm_already_holds_is_confirmed_without_sending(engine: Engine,
-                                                                  store_url: str) -> None:
+def test_write_the_crm_already_holds_is_confirmed_without_sending(
+    engine: Engine, store_url: str
+) -> None:
     """A run killed between the CRM's answer and the commit: the next run sees the values in
     the CRM, confirms the row without sending it again, and records its evidence once."""
     cfg = loaded(store_url)
@@ -371,13 +436,17 @@ def test_write_the_crm_already_holds_is_confirmed_without_sending(engine: Engine
     report = run_once(cfg, engine=engine, clock=clock, connector=Recording(engine))
     assert sent == [] and report.writes_sent == 1
     with engine.connect() as connection:
-        writes = connection.execute(select(evidence.c.record_id).where(
-            evidence.c.kind == "write")).scalars().all()
+        writes = (
+            connection.execute(select(evidence.c.record_id).where(evidence.c.kind == "write"))
+            .scalars()
+            .all()
+        )
         assert writes == ["A"] and outbox_store.count(connection, cfg.settings.crm_name) == 0
 
 
-def test_permanent_failure_is_reported_once_not_retried_every_run(engine: Engine,
-                                                                  store_url: str) -> None:
+def test_permanent_failure_is_reported_once_not_retried_every_run(
+    engine: Engine, store_url: str
+) -> None:
     """A write the CRM refuses for good stays in the outbox, marked, and is not resent while
     the decision is the same."""
     cfg = loaded(store_url)
@@ -388,8 +457,10 @@ def test_permanent_failure_is_reported_once_not_retried_every_run(engine: Engine
     class Refusing(LedgerCrm):
         def write(self, writes: Any) -> list[WriteResult]:
             attempts.extend(w.record_id for w in writes)
-            return [WriteResult(w.record_id, False, "bad field", "INVALID_FIELD",
-                                permanent=True) for w in writes]
+            return [
+                WriteResult(w.record_id, False, "bad field", "INVALID_FIELD", permanent=True)
+                for w in writes
+            ]
 
     first = run_once(cfg, engine=engine, clock=clock, connector=Refusing(engine))
     second = run_once(cfg, full=True, engine=engine, clock=clock, connector=Refusing(engine))
@@ -417,8 +488,9 @@ def test_lost_lease_stops_the_run(engine: Engine, store_url: str) -> None:
     assert sum(contact(engine, f"R{i}").opt_in is False for i in range(4)) == 2
 
 
-def test_event_committed_late_below_the_watermark_is_not_missed(engine: Engine,
-                                                                store_url: str) -> None:
+def test_event_committed_late_below_the_watermark_is_not_missed(
+    engine: Engine, store_url: str
+) -> None:
     """A delivery whose row id lies below the last run's event watermark (it committed after
     the run read the newest id, as PostgreSQL allows) is still picked up incrementally."""
     from sqlalchemy import insert
@@ -428,11 +500,16 @@ def test_event_committed_late_below_the_watermark_is_not_missed(engine: Engine,
     from waconsent.store.tables import events
 
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in("A", "0151 23456789"), opted_in("B", "0170 1112233")],
-                    NOW - timedelta(days=1))
+    upsert_contacts(
+        engine,
+        [opted_in("A", "0151 23456789"), opted_in("B", "0170 1112233")],
+        NOW - timedelta(days=1),
+    )
     upsert_contacts(engine, [opted_in("C", "0170 9998877")], NOW - timedelta(hours=1))
-    early, late = (parse_payload(p.payload(p.message(wa, T0, "STOP"))).events[0]
-                   for wa in ("491701112299", "4915123456789"))
+    early, late = (
+        parse_payload(p.payload(p.message(wa, T0, "STOP"))).events[0]
+        for wa in ("491701112299", "4915123456789")
+    )
     with engine.begin() as connection:
         connection.execute(insert(events).values(id=1000, **event_store._row(early, "t", NOW)))
     run_once(cfg, engine=engine, clock=clock)  # watermark: event id 1000
@@ -449,8 +526,7 @@ def test_collector_freeze_spans_overlapping_runs(engine: Engine, store_url: str)
     process (as under `serve`), the first to end must not unfreeze the other's, and the
     last to end unfreezes everything."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in("A", "0151 23456789"), opted_in("B", "0170 1112233")],
-                    NOW)
+    upsert_contacts(engine, [opted_in("A", "0151 23456789"), opted_in("B", "0170 1112233")], NOW)
     assert gc.get_freeze_count() == 0
     seen: list[tuple[str, bool]] = []
 
@@ -472,20 +548,28 @@ def test_failed_leftovers_do_not_hold_back_new_writes(engine: Engine, store_url:
     and sends what it decided itself (here a new STOP), instead of stopping at a batch that
     holds only rows it already tried."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in(name, f"0151 2345678{n}") for n, name in enumerate("ABCD")],
-                    NOW - timedelta(days=1))
+    upsert_contacts(
+        engine,
+        [opted_in(name, f"0151 2345678{n}") for n, name in enumerate("ABCD")],
+        NOW - timedelta(days=1),
+    )
     upsert_contacts(engine, [opted_in("E", "0170 1112233")], NOW)  # the records watermark
-    ingest_payload(engine, p.payload(*[p.message(f"491512345678{n}", T0, "STOP")
-                                       for n in range(3)]),
-                   keyword_rules(cfg.settings), "test", lambda: NOW - timedelta(hours=2))
+    ingest_payload(
+        engine,
+        p.payload(*[p.message(f"491512345678{n}", T0, "STOP") for n in range(3)]),
+        keyword_rules(cfg.settings),
+        "test",
+        lambda: NOW - timedelta(hours=2),
+    )
 
     class Locked(LedgerCrm):
         write_batch_size = 2
 
         def write(self, writes: Any) -> list[WriteResult]:
             if any(w.record_id in "ABC" for w in writes):
-                return [WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK")
-                        for w in writes]
+                return [
+                    WriteResult(w.record_id, False, "UNABLE_TO_LOCK_ROW", "LOCK") for w in writes
+                ]
             return super().write(writes)
 
     first = run_once(cfg, engine=engine, clock=clock, connector=Locked(engine))

@@ -29,22 +29,30 @@ NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 CONTACTS, STOPS = 4500, 450
 
 
-
 def loaded(store_url: str, **salesforce: Any) -> LoadedConfig:
     raw: dict[str, Any] = {
         "store": {"url": store_url},
         "crm": {"kind": "salesforce"},
-        "salesforce": {"auth": "password", "username": USER, "instance_url": INSTANCE,
-                       **salesforce},
-        "mapping": {"object": "Contact", "phone_fields": ["MobilePhone", "Phone"],
-                    "fields": {"opt_in": "WhatsApp_Opt_In__c",
-                               "opt_in_date": "WhatsApp_Opt_In_Date__c",
-                               "opt_in_ip": "WhatsApp_Opt_In_IP__c",
-                               "opt_in_source": "WhatsApp_Opt_In_Source__c",
-                               "opt_out_date": "WhatsApp_Opt_Out_Date__c",
-                               "last_inbound": "WhatsApp_Last_Inbound__c",
-                               "session_expires": "WhatsApp_Session_Expires__c",
-                               "proof_missing": "WhatsApp_Consent_Proof_Missing__c"}},
+        "salesforce": {
+            "auth": "password",
+            "username": USER,
+            "instance_url": INSTANCE,
+            **salesforce,
+        },
+        "mapping": {
+            "object": "Contact",
+            "phone_fields": ["MobilePhone", "Phone"],
+            "fields": {
+                "opt_in": "WhatsApp_Opt_In__c",
+                "opt_in_date": "WhatsApp_Opt_In_Date__c",
+                "opt_in_ip": "WhatsApp_Opt_In_IP__c",
+                "opt_in_source": "WhatsApp_Opt_In_Source__c",
+                "opt_out_date": "WhatsApp_Opt_Out_Date__c",
+                "last_inbound": "WhatsApp_Last_Inbound__c",
+                "session_expires": "WhatsApp_Session_Expires__c",
+                "proof_missing": "WhatsApp_Consent_Proof_Missing__c",
+            },
+        },
     }
     return LoadedConfig(config.parse(raw), Secrets(SECRETS), None)
 
@@ -67,10 +75,17 @@ def populate(fake: FakeSalesforce, clock: Clock) -> list[str]:
     ids = []
     for n in range(CONTACTS):
         clock.now = CREATED + timedelta(minutes=n)
-        ids.append(fake.add("Contact", LastName=f"Person {n}", MobilePhone=f"+49151{n:07d}",
-                            WhatsApp_Opt_In__c=True, WhatsApp_Opt_In_Date__c=OPTED_IN_AT,
-                            WhatsApp_Opt_In_IP__c="203.0.113.7",
-                            WhatsApp_Opt_In_Source__c="web-form:newsletter"))
+        ids.append(
+            fake.add(
+                "Contact",
+                LastName=f"Person {n}",
+                MobilePhone=f"+49151{n:07d}",
+                WhatsApp_Opt_In__c=True,
+                WhatsApp_Opt_In_Date__c=OPTED_IN_AT,
+                WhatsApp_Opt_In_IP__c="203.0.113.7",
+                WhatsApp_Opt_In_Source__c="web-form:newsletter",
+            )
+        )
     clock.now = NOW  # write-backs are stamped now, well after the last creation
     return ids
 
@@ -78,8 +93,9 @@ def populate(fake: FakeSalesforce, clock: Clock) -> list[str]:
 def deliver_stops(engine: Engine, cfg: LoadedConfig) -> None:
     """STOP from the numbers of every tenth contact: 450 revocations."""
     changes = [p.message(f"49151{n:07d}", STOP_AT, "STOP") for n in range(0, CONTACTS, 10)]
-    ingest_payload(engine, p.payload(*changes, entries=3), keyword_rules(cfg.settings), "test",
-                   lambda: NOW)
+    ingest_payload(
+        engine, p.payload(*changes, entries=3), keyword_rules(cfg.settings), "test", lambda: NOW
+    )
 
 
 def connector(cfg: LoadedConfig) -> SalesforceConnector:
@@ -87,12 +103,14 @@ def connector(cfg: LoadedConfig) -> SalesforceConnector:
 
 
 def revoked(fake: FakeSalesforce, ids: list[str]) -> list[int]:
-    return [n for n, record_id in enumerate(ids)
-            if fake.get(record_id)["WhatsApp_Opt_In__c"] is False]
+    return [
+        n for n, record_id in enumerate(ids) if fake.get(record_id)["WhatsApp_Opt_In__c"] is False
+    ]
 
 
 def test_full_then_incremental_run_counts_every_api_call(
-        engine: Engine, store_url: str, fake: FakeSalesforce, org_clock: Clock) -> None:
+    engine: Engine, store_url: str, fake: FakeSalesforce, org_clock: Clock
+) -> None:
     """4,500 Contacts, 450 STOPs: 3 query pages + 3 Collections calls; the next run reads one
     page (its own write-back) and writes nothing."""
     cfg = loaded(store_url)
@@ -125,7 +143,8 @@ def test_full_then_incremental_run_counts_every_api_call(
 
 
 def test_daily_limit_mid_run_then_the_next_run_finishes_and_loses_nothing(
-        engine: Engine, store_url: str, fake: FakeSalesforce, org_clock: Clock) -> None:
+    engine: Engine, store_url: str, fake: FakeSalesforce, org_clock: Clock
+) -> None:
     """The allowance runs out after the first Collections call: the run stops with
     ApiLimitExhausted and the rest stays queued; the next day's run sends it all."""
     cfg = loaded(store_url)
@@ -153,7 +172,8 @@ def test_daily_limit_mid_run_then_the_next_run_finishes_and_loses_nothing(
 
 
 def test_large_backlog_goes_through_one_bulk_job(
-        engine: Engine, store_url: str, fake: FakeSalesforce, org_clock: Clock) -> None:
+    engine: Engine, store_url: str, fake: FakeSalesforce, org_clock: Clock
+) -> None:
     """At or above bulk_write_threshold the run hands the backlog to a Bulk API 2.0 job."""
     cfg = loaded(store_url, bulk_write_threshold=400)
     ids = populate(fake, org_clock)

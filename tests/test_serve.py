@@ -33,12 +33,14 @@ from waconsent.sync.scheduler import RevocationDispatcher, build_scheduler, revo
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_targeted_run_reads_only_those_records_and_keeps_watermarks(engine: Engine,
-                                                                    store_url: str) -> None:
+def test_targeted_run_reads_only_those_records_and_keeps_watermarks(
+    engine: Engine, store_url: str
+) -> None:
     """A targeted run revokes the number's records only and moves no watermark."""
     cfg = loaded(store_url, lookback_seconds=0)
-    upsert_contacts(engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(20)],
-                    T0 - timedelta(days=3))
+    upsert_contacts(
+        engine, [opted_in(f"R{i}", f"0151 2345{i:04d}") for i in range(20)], T0 - timedelta(days=3)
+    )
     run_once(cfg, engine=engine, clock=clock)
     with engine.connect() as connection:
         before = run_store.last_watermarks(connection, cfg.settings.crm_name)
@@ -56,8 +58,12 @@ def test_revocation_keys_only_from_opt_outs() -> None:
     """Only opt-out events start a targeted write-back."""
     from waconsent.connectors.whatsapp import parse_payload
 
-    events = parse_payload(p.payload(p.message("4915123456789", T0, "STOP", user_id="US.1"),
-                                     p.message("4915123456788", T0, "hello"))).events
+    events = parse_payload(
+        p.payload(
+            p.message("4915123456789", T0, "STOP", user_id="US.1"),
+            p.message("4915123456788", T0, "hello"),
+        )
+    ).events
     assert revocation_keys(events) == {"+4915123456789", "uid:US.1"}
 
 
@@ -77,8 +83,9 @@ def test_dispatcher_batches_a_burst_and_retries_while_locked() -> None:
     dispatcher = RevocationDispatcher(run, debounce=0.05, retry_after=0.05)
     dispatcher.start()
     for n in range(3):
-        dispatcher.submit_events(parse_payload(p.payload(
-            p.message(f"491512345670{n}", T0, "STOP"))).events)
+        dispatcher.submit_events(
+            parse_payload(p.payload(p.message(f"491512345670{n}", T0, "STOP"))).events
+        )
     assert done.wait(5)
     dispatcher.stop()
     assert calls[0] == calls[1] == {f"+491512345670{n}" for n in range(3)}
@@ -86,8 +93,15 @@ def test_dispatcher_batches_a_burst_and_retries_while_locked() -> None:
 
 def test_schedule_wiring() -> None:
     """Nightly full run on the cron in its time zone, incremental every N minutes."""
-    schedule = parse({"schedule": {"nightly": "0 2 * * *", "timezone": "Europe/Berlin",
-                                   "incremental_minutes": 15}}).schedule
+    schedule = parse(
+        {
+            "schedule": {
+                "nightly": "0 2 * * *",
+                "timezone": "Europe/Berlin",
+                "incremental_minutes": 15,
+            }
+        }
+    ).schedule
     scheduler = build_scheduler(schedule, lambda: None, lambda: None)
     jobs = {job.id: job for job in scheduler.get_jobs()}
     now = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -103,18 +117,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("created_after_sync", [False, True],
-                         ids=["indexed contact", "contact created after the last sync"])
-def test_serve_writes_a_revocation_back_within_seconds(tmp_path: Path,
-                                                       created_after_sync: bool) -> None:
+@pytest.mark.parametrize(
+    "created_after_sync",
+    [False, True],
+    ids=["indexed contact", "contact created after the last sync"],
+)
+def test_serve_writes_a_revocation_back_within_seconds(
+    tmp_path: Path, created_after_sync: bool
+) -> None:
     """Under `waconsent serve`, a signed STOP reaches the ledger record within 5 s, not at
     the next scheduled run, also for a contact the last sync has not seen (found by its
     number in the CRM); SIGTERM stops it cleanly."""
     port = free_port()
     db = tmp_path / "serve.db"
     cfg = tmp_path / "waconsent.toml"
-    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n[webhook]\nport = {port}\n'
-                   '[schedule]\nincremental_minutes = 600\n', encoding="utf-8")
+    cfg.write_text(
+        f'[store]\nurl = "sqlite:///{db}"\n[webhook]\nport = {port}\n'
+        "[schedule]\nincremental_minutes = 600\n",
+        encoding="utf-8",
+    )
     engine = open_engine(f"sqlite:///{db}")
     upsert_contacts(engine, [opted_in("B", "0170 1112233")], NOW)
     if not created_after_sync:
@@ -123,9 +144,14 @@ def test_serve_writes_a_revocation_back_within_seconds(tmp_path: Path,
     if created_after_sync:
         upsert_contacts(engine, [opted_in("A", "+49 (0)151-234 567 89")], NOW)
     env = {**os.environ, "WHATSAPP_APP_SECRET": "app-secret", "WHATSAPP_VERIFY_TOKEN": "vt"}
-    process = subprocess.Popen([sys.executable, "-m", "waconsent", "--config", str(cfg),
-                                "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "waconsent", "--config", str(cfg), "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -135,19 +161,26 @@ def test_serve_writes_a_revocation_back_within_seconds(tmp_path: Path,
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        body = json.dumps(p.payload(p.message("4915123456789",
-                                              datetime.now(UTC).replace(microsecond=0),
-                                              "STOP"))).encode()
+        body = json.dumps(
+            p.payload(p.message("4915123456789", datetime.now(UTC).replace(microsecond=0), "STOP"))
+        ).encode()
         sent = time.monotonic()
-        answer = httpx.post(f"{base}/webhooks/whatsapp", content=body, timeout=10,
-                            headers={"X-Hub-Signature-256": sign(body, "app-secret"),
-                                     "Content-Type": "application/json"})
+        answer = httpx.post(
+            f"{base}/webhooks/whatsapp",
+            content=body,
+            timeout=10,
+            headers={
+                "X-Hub-Signature-256": sign(body, "app-secret"),
+                "Content-Type": "application/json",
+            },
+        )
         assert answer.status_code == 200
         revoked_after: float | None = None
         while time.monotonic() - sent < 15:
             with engine.connect() as connection:
                 row: Any = connection.execute(
-                    select(contacts.c.opt_in).where(contacts.c.id == "A")).one()
+                    select(contacts.c.opt_in).where(contacts.c.id == "A")
+                ).one()
             if row.opt_in is False:
                 revoked_after = time.monotonic() - sent
                 break
@@ -180,8 +213,9 @@ def test_dispatcher_survives_unexpected_errors_and_a_steady_trickle() -> None:
     dispatcher = RevocationDispatcher(run, debounce=0.2, max_wait=0.5, retry_after=0.05)
     dispatcher.start()
     for n in range(20):  # 2 s of STOPs, 0.1 s apart: never a quiet 0.2 s
-        dispatcher.submit_events(parse_payload(p.payload(
-            p.message(f"49151234567{n:02d}", T0, "STOP"))).events)
+        dispatcher.submit_events(
+            parse_payload(p.payload(p.message(f"49151234567{n:02d}", T0, "STOP"))).events
+        )
         time.sleep(0.1)
     dispatcher.stop()
     assert dispatcher.alive is False

@@ -29,19 +29,31 @@ NOW = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 
 
 def stop_events(count: int = 3) -> tuple:
-    changes = [p.message(f"4915123456{i:03d}", T0 + timedelta(minutes=i), "STOP")
-               for i in range(count)]
+    changes = [
+        p.message(f"4915123456{i:03d}", T0 + timedelta(minutes=i), "STOP") for i in range(count)
+    ]
     return parse_payload(p.payload(*changes)).events
 
 
 def test_migrations_create_every_table_from_empty(engine: Engine) -> None:
     """An empty database is migrated on first use, on SQLite and PostgreSQL."""
     names = set(inspect(engine).get_table_names())
-    assert {"events", "evidence", "evidence_head", "phone_index", "contacts", "runs", "outbox",
-            "locks", "replies", "alembic_version"} <= names
+    assert {
+        "events",
+        "evidence",
+        "evidence_head",
+        "phone_index",
+        "contacts",
+        "runs",
+        "outbox",
+        "locks",
+        "replies",
+        "alembic_version",
+    } <= names
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() \
-            == "0008"
+        assert (
+            connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"
+        )
 
 
 def test_upgrade_from_first_revision_keeps_data(store_url: str) -> None:
@@ -58,10 +70,15 @@ def test_upgrade_from_first_revision_keeps_data(store_url: str) -> None:
     with bare.begin() as connection:  # what the code of revision 0001 stored
         old_events = Table("events", MetaData(), autoload_with=connection)
         rows = [event_store._row(event, "test", NOW) for event in stop_events(2)]
-        connection.execute(old_events.insert(), [
-            {k: v for k, v in row.items() if k in old_events.c} for row in rows])
-        evidence_store.append(connection, [evidence_store.EvidenceEntry(
-            "event", {"event_key": row["key"]}) for row in rows], NOW)
+        connection.execute(
+            old_events.insert(),
+            [{k: v for k, v in row.items() if k in old_events.c} for row in rows],
+        )
+        evidence_store.append(
+            connection,
+            [evidence_store.EvidenceEntry("event", {"event_key": row["key"]}) for row in rows],
+            NOW,
+        )
     bare.dispose()
     upgraded = open_engine(store_url)
     indexes = {ix["name"] for ix in inspect(upgraded).get_indexes("contacts")}
@@ -138,9 +155,15 @@ def test_activity_found_by_canonical_key_and_user_id(engine: Engine) -> None:
     with engine.begin() as connection:
         event_store.ingest(connection, batch, "test", NOW)
     with engine.connect() as connection:
-        found = event_store.activity_of(connection, {
-            "both": {"+4915123456789", "uid:US.7"}, "number": {"+4915123456789"},
-            "user": {"uid:US.7"}, "none": {"+4915100000000"}})
+        found = event_store.activity_of(
+            connection,
+            {
+                "both": {"+4915123456789", "uid:US.7"},
+                "number": {"+4915123456789"},
+                "user": {"uid:US.7"},
+                "none": {"+4915100000000"},
+            },
+        )
     assert set(found) == {"both", "number", "user"}
     assert found["both"].event_count == 1 and found["both"].last_inbound == T0
     assert found["both"].newest_user_id == (T0, "US.7")
@@ -152,18 +175,35 @@ def _random_events(rnd: random.Random, count: int) -> list[Event]:
     numbers, users = ["4915100000001", "4915100000002", "5215512345678"], [None, "US.1", "US.2"]
     made = []
     for index in range(count):
-        signal = rnd.choice([Signal.NONE, Signal.NONE, Signal.OPT_IN, Signal.OPT_OUT,
-                             Signal.RESUME, Signal.USER_ID_CHANGED])
-        made.append(Event(
-            key=f"k{index:03d}", kind=rnd.choice(list(EventKind)),
-            occurred_at=T0 + timedelta(seconds=rnd.randrange(5), microseconds=rnd.randrange(3)),
-            wa_id=rnd.choice(numbers), user_id=rnd.choice(users), message_id=f"wamid.{index}",
-            signal=signal, keyword="STOP" if signal is Signal.OPT_OUT else None,
-            opens_session=rnd.random() < 0.5,
-            window_expires_at=(T0 + timedelta(hours=rnd.randrange(1, 72))
-                               if rnd.random() < 0.3 else None),
-            new_user_id=(rnd.choice(["US.2", "US.3"]) if signal is Signal.USER_ID_CHANGED
-                         else None)))
+        signal = rnd.choice(
+            [
+                Signal.NONE,
+                Signal.NONE,
+                Signal.OPT_IN,
+                Signal.OPT_OUT,
+                Signal.RESUME,
+                Signal.USER_ID_CHANGED,
+            ]
+        )
+        made.append(
+            Event(
+                key=f"k{index:03d}",
+                kind=rnd.choice(list(EventKind)),
+                occurred_at=T0 + timedelta(seconds=rnd.randrange(5), microseconds=rnd.randrange(3)),
+                wa_id=rnd.choice(numbers),
+                user_id=rnd.choice(users),
+                message_id=f"wamid.{index}",
+                signal=signal,
+                keyword="STOP" if signal is Signal.OPT_OUT else None,
+                opens_session=rnd.random() < 0.5,
+                window_expires_at=(
+                    T0 + timedelta(hours=rnd.randrange(1, 72)) if rnd.random() < 0.3 else None
+                ),
+                new_user_id=(
+                    rnd.choice(["US.2", "US.3"]) if signal is Signal.USER_ID_CHANGED else None
+                ),
+            )
+        )
     return made
 
 
@@ -181,9 +221,9 @@ def linked(keys: set[str], made: list[Event]) -> set[str]:
 
 
 @pytest.mark.parametrize(("seed", "keys_per_query"), [(s, 2_000) for s in range(4)] + [(9, 1)])
-def test_activity_aggregates_equal_the_rules_reduction(engine: Engine, seed: int,
-                                                       keys_per_query: int,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_activity_aggregates_equal_the_rules_reduction(
+    engine: Engine, seed: int, keys_per_query: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The store's SQL aggregates answer exactly `Activity.of` over the matching events,
     for any set of keys (number only, user id only, both, several numbers), also when the
     keys are spread over several queries and one group comes back from two of them."""
@@ -192,9 +232,13 @@ def test_activity_aggregates_equal_the_rules_reduction(engine: Engine, seed: int
     made = _random_events(rnd, 40)
     with engine.begin() as connection:
         event_store.ingest(connection, made, "test", NOW)
-    key_sets = {"a": {"+4915100000001"}, "ab": {"+4915100000001", "+4915100000002"},
-                "u1": {"uid:US.1"}, "a-u2": {"+4915100000001", "uid:US.2"},
-                "mx": {"+5215512345678", "uid:US.1", "uid:US.2"}}
+    key_sets = {
+        "a": {"+4915100000001"},
+        "ab": {"+4915100000001", "+4915100000002"},
+        "u1": {"uid:US.1"},
+        "a-u2": {"+4915100000001", "uid:US.2"},
+        "mx": {"+5215512345678", "uid:US.1", "uid:US.2"},
+    }
     with engine.connect() as connection:
         found = event_store.activity_of(connection, key_sets)
     for record_id, keys in key_sets.items():
@@ -208,8 +252,9 @@ def test_chain_detects_altered_row(engine: Engine) -> None:
     with engine.begin() as connection:
         event_store.ingest(connection, stop_events(3), "test", NOW)
         assert evidence_store.verify(connection) == []
-        connection.execute(update(evidence).where(evidence.c.id == 2)
-                           .values(body='{"signal":"opt_in"}'))
+        connection.execute(
+            update(evidence).where(evidence.c.id == 2).values(body='{"signal":"opt_in"}')
+        )
     with engine.connect() as connection:
         problems = evidence_store.verify(connection)
     assert [(pr.row_id, "altered" in pr.problem) for pr in problems] == [(2, True)]
@@ -265,8 +310,7 @@ def test_verify_ignores_rows_appended_after_it_read_the_head(engine: Engine) -> 
             if not appended:  # right after the head was read, another node appends
                 appended.append(True)
                 with engine.begin() as other:
-                    more = parse_payload(p.payload(
-                        p.message("4915199999999", T0, "STOP"))).events
+                    more = parse_payload(p.payload(p.message("4915199999999", T0, "STOP"))).events
                     event_store.ingest(other, more, "test", NOW)
             return result
 
@@ -277,11 +321,14 @@ def test_verify_ignores_rows_appended_after_it_read_the_head(engine: Engine) -> 
         assert evidence_store.chain_length(connection) == 4
 
 
-@pytest.mark.parametrize("moment", [
-    datetime(2026, 11, 1, tzinfo=UTC),                                     # no microseconds
-    datetime(5, 1, 2, 3, 4, 5, 6, tzinfo=UTC),                             # a short year
-    datetime(2026, 3, 1, 1, 2, 3, 999999, tzinfo=timezone(timedelta(hours=2))),  # an offset
-])
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 1, tzinfo=UTC),  # no microseconds
+        datetime(5, 1, 2, 3, 4, 5, 6, tzinfo=UTC),  # a short year
+        datetime(2026, 3, 1, 1, 2, 3, 999999, tzinfo=timezone(timedelta(hours=2))),  # an offset
+    ],
+)
 def test_sqlite_datetimes_are_stored_in_sqlalchemy_format_and_read_back(moment: datetime) -> None:
     """The ledger's one-step SQLite conversion writes exactly SQLAlchemy's text (so stored
     values keep comparing in time order against anything else SQLAlchemy wrote) and reads
@@ -289,8 +336,7 @@ def test_sqlite_datetimes_are_stored_in_sqlalchemy_format_and_read_back(moment: 
     dialect = sqlite_dialect()
     ours = UtcDateTime()
     stored = ours.bind_processor(dialect)(moment)
-    assert stored == DATETIME().bind_processor(dialect)(
-        moment.astimezone(UTC).replace(tzinfo=None))
+    assert stored == DATETIME().bind_processor(dialect)(moment.astimezone(UTC).replace(tzinfo=None))
     back = ours.result_processor(dialect, None)(stored)
     assert back == moment and back.tzinfo is UTC
     with pytest.raises(ValueError, match="naive"):
@@ -303,14 +349,23 @@ def test_among_matches_whole_values_only(engine: Engine) -> None:
     list, and integer ids as well as strings."""
     long_id = "R" * 100
     with engine.begin() as connection:
-        connection.execute(phone_index.insert(), [
-            {"crm": "ledger", "key": "+491511", "record_id": long_id, "field": "phone"},
-            {"crm": "ledger", "key": "+491512", "record_id": "R2", "field": "phone"}])
+        connection.execute(
+            phone_index.insert(),
+            [
+                {"crm": "ledger", "key": "+491511", "record_id": long_id, "field": "phone"},
+                {"crm": "ledger", "key": "+491512", "record_id": "R2", "field": "phone"},
+            ],
+        )
 
     def record_ids(values: list[str]) -> set[str]:
         with engine.connect() as connection:
-            return set(connection.execute(select(phone_index.c.record_id).where(
-                among(connection, phone_index.c.record_id, values))).scalars())
+            return set(
+                connection.execute(
+                    select(phone_index.c.record_id).where(
+                        among(connection, phone_index.c.record_id, values)
+                    )
+                ).scalars()
+            )
 
     assert record_ids([long_id, "R2"]) == {long_id, "R2"}
     assert record_ids([long_id + "-other"]) == set()
@@ -318,6 +373,11 @@ def test_among_matches_whole_values_only(engine: Engine) -> None:
     with engine.begin() as connection:
         event_store.ingest(connection, stop_events(3), "test", NOW)
     with engine.connect() as connection:
-        ids = connection.execute(select(events_table.c.id).where(
-            among(connection, events_table.c.id, [1, 3, 99]))).scalars().all()
+        ids = (
+            connection.execute(
+                select(events_table.c.id).where(among(connection, events_table.c.id, [1, 3, 99]))
+            )
+            .scalars()
+            .all()
+        )
     assert sorted(ids) == [1, 3]

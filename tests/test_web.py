@@ -58,10 +58,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------- helpers
 
 
-def make_config(store_url: str, secrets: dict[str, str] | None = None,
-                **webhook: Any) -> LoadedConfig:
-    raw = {"store": {"url": store_url}, "webhook": {"path": PATH, **webhook},
-           "whatsapp": {"opt_out_keywords": ["STOP", "STOPP"]}}
+def make_config(
+    store_url: str, secrets: dict[str, str] | None = None, **webhook: Any
+) -> LoadedConfig:
+    raw = {
+        "store": {"url": store_url},
+        "webhook": {"path": PATH, **webhook},
+        "whatsapp": {"opt_out_keywords": ["STOP", "STOPP"]},
+    }
     return LoadedConfig(parse(raw), Secrets(SECRETS if secrets is None else secrets), None)
 
 
@@ -74,26 +78,44 @@ def metadata() -> dict[str, str]:
 
 
 def message(tag: str, i: int, text: str = "hello") -> dict[str, Any]:
-    return {"from": wa_id(i), "id": f"wamid.{tag}.{i}", "timestamp": str(BASE_TS + i),
-            "type": "text", "text": {"body": text}}
+    return {
+        "from": wa_id(i),
+        "id": f"wamid.{tag}.{i}",
+        "timestamp": str(BASE_TS + i),
+        "type": "text",
+        "text": {"body": text},
+    }
 
 
 def status(tag: str, i: int) -> dict[str, Any]:
     """A failed status (error 131047): one the rules can use, so it is stored."""
-    return {"id": f"wamid.out.{tag}.{i}", "status": "failed", "timestamp": str(BASE_TS + i),
-            "recipient_id": wa_id(i),
-            "errors": [{"code": 131047, "title": "Re-engagement message"}]}
+    return {
+        "id": f"wamid.out.{tag}.{i}",
+        "status": "failed",
+        "timestamp": str(BASE_TS + i),
+        "recipient_id": wa_id(i),
+        "errors": [{"code": 131047, "title": "Re-engagement message"}],
+    }
 
 
 def preference(i: int, value: str = "stop") -> dict[str, Any]:
-    return {"wa_id": wa_id(i), "detail": "User requested to stop marketing messages",
-            "category": "marketing_messages", "value": value, "timestamp": BASE_TS + i}
+    return {
+        "wa_id": wa_id(i),
+        "detail": "User requested to stop marketing messages",
+        "category": "marketing_messages",
+        "value": value,
+        "timestamp": BASE_TS + i,
+    }
 
 
-def messages_change(items: list[dict[str, Any]], statuses: list[dict[str, Any]] | None = None
-                    ) -> dict[str, Any]:
-    value: dict[str, Any] = {"messaging_product": "whatsapp", "metadata": metadata(),
-                             "messages": items}
+def messages_change(
+    items: list[dict[str, Any]], statuses: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    value: dict[str, Any] = {
+        "messaging_product": "whatsapp",
+        "metadata": metadata(),
+        "messages": items,
+    }
     if items:
         value["contacts"] = [{"profile": {"name": "Kunde"}, "wa_id": items[0]["from"]}]
     if statuses:
@@ -102,14 +124,21 @@ def messages_change(items: list[dict[str, Any]], statuses: list[dict[str, Any]] 
 
 
 def preferences_change(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"field": "user_preferences",
-            "value": {"messaging_product": "whatsapp", "metadata": metadata(),
-                      "user_preferences": items}}
+    return {
+        "field": "user_preferences",
+        "value": {
+            "messaging_product": "whatsapp",
+            "metadata": metadata(),
+            "user_preferences": items,
+        },
+    }
 
 
 def payload(*changes: dict[str, Any], entries: int = 1) -> dict[str, Any]:
-    return {"object": "whatsapp_business_account",
-            "entry": [{"id": f"WABA{e}", "changes": list(changes)} for e in range(entries)]}
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": f"WABA{e}", "changes": list(changes)} for e in range(entries)],
+    }
 
 
 def body_of(document: Any) -> bytes:
@@ -222,23 +251,29 @@ def raw_exchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[bytes, in
 
 def test_handshake_answers_the_challenge_for_the_verify_token(live_sqlite: Live) -> None:
     """GET with hub.mode=subscribe and the right token echoes hub.challenge as plain text."""
-    response = httpx.get(live_sqlite.url + PATH, params={
-        "hub.mode": "subscribe", "hub.verify_token": VERIFY, "hub.challenge": "1158201444"})
+    response = httpx.get(
+        live_sqlite.url + PATH,
+        params={"hub.mode": "subscribe", "hub.verify_token": VERIFY, "hub.challenge": "1158201444"},
+    )
     assert response.status_code == 200
     assert response.text == "1158201444"
     assert response.headers["content-type"].startswith("text/plain")
 
 
-@pytest.mark.parametrize("params", [
-    {"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"},
-    {"hub.mode": "unsubscribe", "hub.verify_token": VERIFY, "hub.challenge": "1"},
-    {"hub.mode": "subscribe", "hub.challenge": "1"},
-    {"hub.mode": "subscribe", "hub.verify_token": VERIFY},
-    {"hub.mode": "subscribe", "hub.verify_token": "ünïcode", "hub.challenge": "1"},
-    {},
-])
-def test_handshake_refuses_anything_else_with_403(live_sqlite: Live,
-                                                  params: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"},
+        {"hub.mode": "unsubscribe", "hub.verify_token": VERIFY, "hub.challenge": "1"},
+        {"hub.mode": "subscribe", "hub.challenge": "1"},
+        {"hub.mode": "subscribe", "hub.verify_token": VERIFY},
+        {"hub.mode": "subscribe", "hub.verify_token": "ünïcode", "hub.challenge": "1"},
+        {},
+    ],
+)
+def test_handshake_refuses_anything_else_with_403(
+    live_sqlite: Live, params: dict[str, str]
+) -> None:
     """A wrong or missing token, another mode or no challenge answers 403 and no challenge."""
     response = httpx.get(live_sqlite.url + PATH, params=params)
     assert response.status_code == 403
@@ -250,13 +285,16 @@ def test_handshake_refuses_anything_else_with_403(live_sqlite: Live,
 
 def test_signed_delivery_is_stored_before_the_200(live: Live) -> None:
     """A good signed POST answers 200 only after its events (and evidence) are committed."""
-    document = payload(messages_change([message("a", 1), message("a", 2, "STOP")]),
-                       preferences_change([preference(3)]))
+    document = payload(
+        messages_change([message("a", 1), message("a", 2, "STOP")]),
+        preferences_change([preference(3)]),
+    )
     response = post(live, body_of(document), signed_headers(body_of(document)))
     assert response.status_code == 200
     assert response.json() == {"stored": 3, "duplicates": 0, "skipped": 0}
     assert stored_keys(live.engine) == sorted(
-        ["msg:wamid.a.1", "msg:wamid.a.2", f"pref:{wa_id(3)}:stop:{BASE_TS + 3}"])
+        ["msg:wamid.a.1", "msg:wamid.a.2", f"pref:{wa_id(3)}:stop:{BASE_TS + 3}"]
+    )
     assert count(live.engine, evidence) == 2  # the STOP and the preference
 
 
@@ -264,9 +302,13 @@ def test_forged_delivery_is_refused_with_403_and_stores_nothing(live: Live) -> N
     """A signature made with another secret, or over other bytes, answers 403; nothing stored."""
     body = body_of(payload(messages_change([message("f", 1, "STOP")])))
     other = body_of(payload(messages_change([message("f", 2)])))
-    for headers in (signed_headers(body, "not-the-secret"), signed_headers(other),
-                    {SIGNATURE_HEADER: sign(body, APP_SECRET).removeprefix("sha256=")},
-                    {SIGNATURE_HEADER: "sha1=" + "0" * 40}, {SIGNATURE_HEADER: ""}):
+    for headers in (
+        signed_headers(body, "not-the-secret"),
+        signed_headers(other),
+        {SIGNATURE_HEADER: sign(body, APP_SECRET).removeprefix("sha256=")},
+        {SIGNATURE_HEADER: "sha1=" + "0" * 40},
+        {SIGNATURE_HEADER: ""},
+    ):
         assert post(live, body, headers).status_code == 403
     assert count(live.engine) == 0
 
@@ -281,7 +323,7 @@ def test_unsigned_delivery_is_refused_with_401_and_stores_nothing(live_sqlite: L
 
 def test_signed_body_that_is_not_json_answers_400(live_sqlite: Live) -> None:
     """Signed bytes that do not decode as JSON answer 400 and store nothing."""
-    for body in (b"{\"entry\": [", b"\xff\xfe\x00garbage", b"", b"[" * 100_0):
+    for body in (b'{"entry": [', b"\xff\xfe\x00garbage", b"", b"[" * 100_0):
         assert post(live_sqlite, body, signed_headers(body)).status_code == 400
     deep = b"[" * 4000 + b"]" * 4000  # beyond the decoder's recursion limit
     with live_server(live_sqlite.engine, "sqlite://", max_body_bytes=16384) as roomy:
@@ -290,7 +332,8 @@ def test_signed_body_that_is_not_json_answers_400(live_sqlite: Live) -> None:
 
 
 def test_json_that_is_no_webhook_payload_answers_200_and_logs_where(
-        live_sqlite: Live, caplog: pytest.LogCaptureFixture) -> None:
+    live_sqlite: Live, caplog: pytest.LogCaptureFixture
+) -> None:
     """Signed JSON the parser cannot use is not retried by Meta: 200, skip logged with '$'."""
     caplog.set_level(logging.INFO, logger="waconsent")
     documents: list[Any] = [[], 42, {"object": "page"}, {"entry": "x"}]
@@ -303,24 +346,37 @@ def test_json_that_is_no_webhook_payload_answers_200_and_logs_where(
 
 
 def test_partly_understood_payload_stores_the_rest_and_logs_skips(
-        live: Live, caplog: pytest.LogCaptureFixture) -> None:
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
     """Broken items are skipped with their location; the good ones are stored; still 200."""
     caplog.set_level(logging.INFO, logger="waconsent")
-    document: dict[str, Any] = {"entry": [
-        {"changes": [messages_change([message("p", 1), {"from": wa_id(2), "type": "text"},
-                                      message("p", 3)])]},
-        {"id": "no changes"},
-        {"changes": [{"field": "messages"}, preferences_change([{"value": "stop"}])]},
-    ]}
+    document: dict[str, Any] = {
+        "entry": [
+            {
+                "changes": [
+                    messages_change(
+                        [message("p", 1), {"from": wa_id(2), "type": "text"}, message("p", 3)]
+                    )
+                ]
+            },
+            {"id": "no changes"},
+            {"changes": [{"field": "messages"}, preferences_change([{"value": "stop"}])]},
+        ]
+    }
     body = body_of(document)
     response = post(live, body, signed_headers(body))
     assert response.status_code == 200
     assert response.json()["skipped"] == 4
     assert stored_keys(live.engine) == ["msg:wamid.p.1", "msg:wamid.p.3"]
-    where = {fields_of(r)["where"] for r in caplog.records
-             if r.getMessage() == "webhook.item_skipped"}
-    assert where == {"entry[0].changes[0].value.messages[1]", "entry[1]",
-                     "entry[2].changes[0]", "entry[2].changes[1].value.user_preferences[0]"}
+    where = {
+        fields_of(r)["where"] for r in caplog.records if r.getMessage() == "webhook.item_skipped"
+    }
+    assert where == {
+        "entry[0].changes[0].value.messages[1]",
+        "entry[1]",
+        "entry[2].changes[0]",
+        "entry[2].changes[1].value.user_preferences[0]",
+    }
 
 
 def test_batched_delivery_with_many_entries_is_stored_whole(live: Live) -> None:
@@ -328,12 +384,20 @@ def test_batched_delivery_with_many_entries_is_stored_whole(live: Live) -> None:
     entries = []
     for e in range(5):
         base = e * 1000
-        entries.append({"id": f"WABA{e}", "changes": [
-            messages_change([message("b", base + i) for i in range(40)],
-                            [status("b", base + i) for i in range(40)]),
-            preferences_change([preference(base + i, "resume" if i % 2 else "stop")
-                                for i in range(120)]),
-        ]})
+        entries.append(
+            {
+                "id": f"WABA{e}",
+                "changes": [
+                    messages_change(
+                        [message("b", base + i) for i in range(40)],
+                        [status("b", base + i) for i in range(40)],
+                    ),
+                    preferences_change(
+                        [preference(base + i, "resume" if i % 2 else "stop") for i in range(120)]
+                    ),
+                ],
+            }
+        )
     body = body_of({"object": "whatsapp_business_account", "entry": entries})
     response = post(live, body, signed_headers(body))
     assert response.status_code == 200
@@ -349,8 +413,10 @@ def test_concurrent_identical_deliveries_are_stored_once(live: Live) -> None:
     """8 identical signed POSTs released at once, 3 times over: each update stored once."""
     rounds, senders = 3, 8
     for r in range(rounds):
-        document = payload(messages_change([message(f"c{r}", i, "STOP") for i in range(20)]),
-                           preferences_change([preference(100 * r + i) for i in range(5)]))
+        document = payload(
+            messages_change([message(f"c{r}", i, "STOP") for i in range(20)]),
+            preferences_change([preference(100 * r + i) for i in range(5)]),
+        )
         body = body_of(document)
         headers = signed_headers(body)
         barrier = threading.Barrier(senders)
@@ -358,8 +424,14 @@ def test_concurrent_identical_deliveries_are_stored_once(live: Live) -> None:
         stored: list[int] = []
         lock = threading.Lock()
 
-        def deliver(body: bytes, headers: dict[str, str], barrier: threading.Barrier,
-                    statuses: list[int], stored: list[int], lock: threading.Lock) -> None:
+        def deliver(
+            body: bytes,
+            headers: dict[str, str],
+            barrier: threading.Barrier,
+            statuses: list[int],
+            stored: list[int],
+            lock: threading.Lock,
+        ) -> None:
             with httpx.Client(timeout=30) as client:
                 barrier.wait()
                 response = client.post(live.url + PATH, content=body, headers=headers)
@@ -367,9 +439,10 @@ def test_concurrent_identical_deliveries_are_stored_once(live: Live) -> None:
                 statuses.append(response.status_code)
                 stored.append(response.json()["stored"])
 
-        threads = [threading.Thread(target=deliver,
-                                    args=(body, headers, barrier, statuses, stored, lock))
-                   for _ in range(senders)]
+        threads = [
+            threading.Thread(target=deliver, args=(body, headers, barrier, statuses, stored, lock))
+            for _ in range(senders)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -394,8 +467,9 @@ def test_store_outage_answers_503_so_meta_retries(tmp_path: Path) -> None:
     config = make_config("sqlite://")
     with running(create_app(config, broken), config) as port:
         body = body_of(payload(messages_change([message("o", 1)])))
-        response = httpx.post(f"http://127.0.0.1:{port}{PATH}", content=body,
-                              headers=signed_headers(body))
+        response = httpx.post(
+            f"http://127.0.0.1:{port}{PATH}", content=body, headers=signed_headers(body)
+        )
         assert response.status_code == 503
         assert response.headers["retry-after"] == "30"
         health = httpx.get(f"http://127.0.0.1:{port}/healthz")
@@ -429,8 +503,10 @@ def test_keep_alive_deliveries_do_not_wait_for_delayed_acks(live_sqlite: Live) -
 
 def test_declared_oversize_body_is_refused_before_it_is_sent(live_sqlite: Live) -> None:
     """Content-Length over the limit answers 413 though not one body byte was sent."""
-    head = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"{SIGNATURE_HEADER}: sha256={'0' * 64}\r\nContent-Length: 4097\r\n\r\n").encode()
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"{SIGNATURE_HEADER}: sha256={'0' * 64}\r\nContent-Length: 4097\r\n\r\n"
+    ).encode()
     response, _ = raw_exchange(live_sqlite.port, head, [])
     assert response.startswith(b"HTTP/1.1 413 ")
     assert count(live_sqlite.engine) == 0
@@ -438,8 +514,10 @@ def test_declared_oversize_body_is_refused_before_it_is_sent(live_sqlite: Live) 
 
 def test_chunked_oversize_body_is_refused_while_streaming(live_sqlite: Live) -> None:
     """A chunked body is counted as it arrives: 413 long before the sender has finished."""
-    head = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
-            f"{SIGNATURE_HEADER}: sha256={'0' * 64}\r\n\r\n").encode()
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        f"{SIGNATURE_HEADER}: sha256={'0' * 64}\r\n\r\n"
+    ).encode()
     chunk = b"400\r\n" + b" " * 1024 + b"\r\n"
     response, sent = raw_exchange(live_sqlite.port, head, [chunk] * 1000)
     assert response.startswith(b"HTTP/1.1 413 ")
@@ -462,7 +540,8 @@ def test_default_limit_accepts_a_3_mb_batch() -> None:
 
 
 def test_large_signed_body_under_the_default_limit_is_stored(
-        sqlite_engine: Engine, sqlite_url: str) -> None:
+    sqlite_engine: Engine, sqlite_url: str
+) -> None:
     """A 3 MB signed delivery is read whole (streamed in many chunks) and stored."""
     items = [message("big", i, "x" * 2900) for i in range(1000)]
     body = body_of(payload(messages_change(items)))
@@ -476,13 +555,21 @@ def test_large_signed_body_under_the_default_limit_is_stored(
 # ---------------------------------------------------------------------------- start-up
 
 
-@pytest.mark.parametrize("missing", [["WHATSAPP_APP_SECRET"], ["WHATSAPP_VERIFY_TOKEN"],
-                                     ["WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"]])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        ["WHATSAPP_APP_SECRET"],
+        ["WHATSAPP_VERIFY_TOKEN"],
+        ["WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"],
+    ],
+)
 def test_receiver_refuses_to_start_without_its_secrets(
-        sqlite_engine: Engine, missing: list[str]) -> None:
+    sqlite_engine: Engine, missing: list[str]
+) -> None:
     """create_app and serve raise ConfigError naming each missing variable and how to set it."""
-    config = make_config("sqlite://", secrets={k: v for k, v in SECRETS.items()
-                                               if k not in missing})
+    config = make_config(
+        "sqlite://", secrets={k: v for k, v in SECRETS.items() if k not in missing}
+    )
     for start in (lambda: create_app(config, sqlite_engine), lambda: serve(config)):
         with pytest.raises(ConfigError) as caught:
             start()
@@ -493,8 +580,10 @@ def test_receiver_refuses_to_start_without_its_secrets(
 
 def test_address_in_use_is_a_fatal_error() -> None:
     """A taken host:port fails with FatalError (exit 3) instead of uvicorn's sys.exit."""
-    with (socket.create_server(("127.0.0.1", 0)) as taken,
-          pytest.raises(FatalError, match=r"cannot listen on 127\.0\.0\.1:")):
+    with (
+        socket.create_server(("127.0.0.1", 0)) as taken,
+        pytest.raises(FatalError, match=r"cannot listen on 127\.0\.0\.1:"),
+    ):
         listen("127.0.0.1", taken.getsockname()[1])
 
 
@@ -509,12 +598,20 @@ def test_serve_runs_the_real_receiver_until_stopped(tmp_path: Path, stop: int) -
     port = free_port()
     (tmp_path / "waconsent.toml").write_text(
         f'[store]\nurl = "sqlite:///{tmp_path / "ledger.db"}"\n'
-        f'[webhook]\nhost = "127.0.0.1"\nport = {port}\npath = "{PATH}"\n')
-    script = ("from waconsent.config.loading import load; from waconsent.server import serve; "
-              "serve(load('waconsent.toml'))")
+        f'[webhook]\nhost = "127.0.0.1"\nport = {port}\npath = "{PATH}"\n'
+    )
+    script = (
+        "from waconsent.config.loading import load; from waconsent.server import serve; "
+        "serve(load('waconsent.toml'))"
+    )
     env = {**os.environ, **SECRETS, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -526,8 +623,11 @@ def test_serve_runs_the_real_receiver_until_stopped(tmp_path: Path, stop: int) -
                 assert time.monotonic() < deadline, "serve did not come up"
                 time.sleep(0.05)
         body = body_of(payload(messages_change([message("serve", 1, "STOP")])))
-        response = httpx.post(f"http://127.0.0.1:{port}{PATH}?x=491701234567", content=body,
-                              headers=signed_headers(body))
+        response = httpx.post(
+            f"http://127.0.0.1:{port}{PATH}?x=491701234567",
+            content=body,
+            headers=signed_headers(body),
+        )
         assert response.status_code == 200
         assert response.json()["stored"] == 1
     finally:
@@ -546,36 +646,53 @@ def test_serve_runs_the_real_receiver_until_stopped(tmp_path: Path, stop: int) -
 
 
 def test_logs_hold_no_numbers_signatures_or_query_strings(
-        live_sqlite: Live, caplog: pytest.LogCaptureFixture) -> None:
+    live_sqlite: Live, caplog: pytest.LogCaptureFixture
+) -> None:
     """Access and event logs show method, path, status; numbers masked; no signature, no body."""
     caplog.set_level(logging.INFO, logger="waconsent")
-    body = body_of(payload(messages_change([message("log", 1, "STOP")]),
-                           preferences_change([preference(2)])))
+    body = body_of(
+        payload(messages_change([message("log", 1, "STOP")]), preferences_change([preference(2)]))
+    )
     headers = signed_headers(body)
     post(live_sqlite, body, headers)
     post(live_sqlite, body, signed_headers(body, "forged"))
-    httpx.get(live_sqlite.url + PATH, params={"hub.mode": "subscribe",
-                                              "hub.verify_token": VERIFY,
-                                              "hub.challenge": "4917099999"})
+    httpx.get(
+        live_sqlite.url + PATH,
+        params={"hub.mode": "subscribe", "hub.verify_token": VERIFY, "hub.challenge": "4917099999"},
+    )
     httpx.get(live_sqlite.url + "/491701234567")
     deadline = time.monotonic() + 5  # the access line is written just after the response
     while sum(r.name == "waconsent.web.access" for r in caplog.records) < 4:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     text = "\n".join(json.dumps(fields_of(record)) for record in caplog.records)
-    for secret in (wa_id(1), wa_id(2), "4917099999", "491701234567", VERIFY, APP_SECRET,
-                   headers[SIGNATURE_HEADER].removeprefix("sha256="), "hello", "hub."):
+    for secret in (
+        wa_id(1),
+        wa_id(2),
+        "4917099999",
+        "491701234567",
+        VERIFY,
+        APP_SECRET,
+        headers[SIGNATURE_HEADER].removeprefix("sha256="),
+        "hello",
+        "hub.",
+    ):
         assert secret not in text
     access = [fields_of(r) for r in caplog.records if r.name == "waconsent.web.access"]
     assert [(a["method"], a["path"], a["status"]) for a in access] == [
-        ("POST", PATH, 200), ("POST", PATH, 403), ("GET", PATH, 200), ("GET", "(other)", 404)]
+        ("POST", PATH, 200),
+        ("POST", PATH, 403),
+        ("GET", PATH, 200),
+        ("GET", "(other)", 404),
+    ]
     assert all(isinstance(a["ms"], float) for a in access)
     signals = [fields_of(r) for r in caplog.records if r.getMessage() == "webhook.signal"]
     assert {s["wa_id"] for s in signals} == {"*********001", "*********002"}
 
 
 def test_on_ingest_hook_sees_committed_events_and_cannot_fail_the_delivery(
-        sqlite_engine: Engine) -> None:
+    sqlite_engine: Engine,
+) -> None:
     """The optional hook runs after the commit; an exception in it is logged, still 200."""
     seen: list[IngestReport] = []
 
@@ -594,36 +711,105 @@ def test_on_ingest_hook_sees_committed_events_and_cannot_fail_the_delivery(
 
 # ---------------------------------------------------------------------------- properties
 
-leaves = (st.none() | st.booleans() | st.integers()
-          | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40))
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
 json_values = st.recursive(
-    leaves, lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-ITEM_KEYS = ["from", "id", "timestamp", "type", "text", "button", "interactive", "system",
-             "status", "errors", "recipient_id", "recipient_type", "wa_id", "user_id", "value",
-             "conversation", "pricing", "referral", "from_user_id", "body", "payload"]
+    leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+ITEM_KEYS = [
+    "from",
+    "id",
+    "timestamp",
+    "type",
+    "text",
+    "button",
+    "interactive",
+    "system",
+    "status",
+    "errors",
+    "recipient_id",
+    "recipient_type",
+    "wa_id",
+    "user_id",
+    "value",
+    "conversation",
+    "pricing",
+    "referral",
+    "from_user_id",
+    "body",
+    "payload",
+]
 item_values = st.one_of(
-    json_values, st.sampled_from(["text", "button", "system", "stop", "resume", "STOP",
-                                  "delivered", "failed", "group", "user_changed_number"]),
-    st.integers(min_value=0, max_value=2**40).map(str), st.text(max_size=300),
-    st.just({"body": "STOP"}), st.just([{"code": 131050}]), st.just({"marketing": "stop"}))
-identifiers = st.text(min_size=1, max_size=8) | st.text(min_size=190, max_size=320) | st.from_regex(
-    r"\A[1-9][0-9]{6,20}\Z") | st.just("wamid.ok\x00nul")
+    json_values,
+    st.sampled_from(
+        [
+            "text",
+            "button",
+            "system",
+            "stop",
+            "resume",
+            "STOP",
+            "delivered",
+            "failed",
+            "group",
+            "user_changed_number",
+        ]
+    ),
+    st.integers(min_value=0, max_value=2**40).map(str),
+    st.text(max_size=300),
+    st.just({"body": "STOP"}),
+    st.just([{"code": 131050}]),
+    st.just({"marketing": "stop"}),
+)
+identifiers = (
+    st.text(min_size=1, max_size=8)
+    | st.text(min_size=190, max_size=320)
+    | st.from_regex(r"\A[1-9][0-9]{6,20}\Z")
+    | st.just("wamid.ok\x00nul")
+)
 stamps = st.integers(min_value=1_200_000_000, max_value=2_100_000_000)
 near_valid = st.one_of(  # a valid message, status or preference, then mangled below
-    st.fixed_dictionaries({"from": identifiers, "id": identifiers, "type": st.just("text"),
-                           "timestamp": stamps.map(str), "text": st.just({"body": "STOP"})}),
-    st.fixed_dictionaries({"id": identifiers, "status": identifiers,
-                           "recipient_id": identifiers, "timestamp": stamps,
-                           "errors": st.just([{"code": 131050}])}),
-    st.fixed_dictionaries({"wa_id": identifiers, "value": st.sampled_from(["stop", "resume"])
-                           | identifiers, "timestamp": stamps}),
+    st.fixed_dictionaries(
+        {
+            "from": identifiers,
+            "id": identifiers,
+            "type": st.just("text"),
+            "timestamp": stamps.map(str),
+            "text": st.just({"body": "STOP"}),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "id": identifiers,
+            "status": identifiers,
+            "recipient_id": identifiers,
+            "timestamp": stamps,
+            "errors": st.just([{"code": 131050}]),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "wa_id": identifiers,
+            "value": st.sampled_from(["stop", "resume"]) | identifiers,
+            "timestamp": stamps,
+        }
+    ),
 )
-items = st.builds(lambda base, extra, drop: {k: v for k, v in {**base, **extra}.items()
-                                             if k not in drop},
-                  near_valid, st.dictionaries(st.sampled_from(ITEM_KEYS), item_values,
-                                              max_size=2),
-                  st.sets(st.sampled_from(ITEM_KEYS), max_size=2))
+items = st.builds(
+    lambda base, extra, drop: {k: v for k, v in {**base, **extra}.items() if k not in drop},
+    near_valid,
+    st.dictionaries(st.sampled_from(ITEM_KEYS), item_values, max_size=2),
+    st.sets(st.sampled_from(ITEM_KEYS), max_size=2),
+)
 
 
 def mostly(shape: st.SearchStrategy[Any], junk: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -632,32 +818,59 @@ def mostly(shape: st.SearchStrategy[Any], junk: st.SearchStrategy[Any]) -> st.Se
     return st.integers(min_value=0, max_value=3).flatmap(lambda i: junk if i == 0 else shape)
 
 
-values = st.fixed_dictionaries({}, optional={
-    "messages": mostly(st.lists(items, max_size=4), json_values),
-    "statuses": st.lists(items, max_size=4),
-    "user_preferences": st.lists(items, max_size=4),
-    "contacts": st.lists(st.dictionaries(st.sampled_from(["wa_id", "user_id"]), item_values)),
-})
-changes = st.fixed_dictionaries({
-    "field": mostly(st.sampled_from(["messages", "user_preferences", "account_update"]),
-                    st.text(max_size=20)),
-    "value": mostly(values, json_values)})
-webhook_shapes = mostly(st.fixed_dictionaries({"entry": st.lists(
-    mostly(st.fixed_dictionaries({"changes": st.lists(mostly(changes, json_values),
-                                                      max_size=3)}), json_values),
-    max_size=3)}), json_values)
-bodies = (webhook_shapes.map(lambda d: json.dumps(d, allow_nan=False).encode())
-          | st.binary(max_size=300) | st.text(max_size=100).map(str.encode))
+values = st.fixed_dictionaries(
+    {},
+    optional={
+        "messages": mostly(st.lists(items, max_size=4), json_values),
+        "statuses": st.lists(items, max_size=4),
+        "user_preferences": st.lists(items, max_size=4),
+        "contacts": st.lists(st.dictionaries(st.sampled_from(["wa_id", "user_id"]), item_values)),
+    },
+)
+changes = st.fixed_dictionaries(
+    {
+        "field": mostly(
+            st.sampled_from(["messages", "user_preferences", "account_update"]),
+            st.text(max_size=20),
+        ),
+        "value": mostly(values, json_values),
+    }
+)
+webhook_shapes = mostly(
+    st.fixed_dictionaries(
+        {
+            "entry": st.lists(
+                mostly(
+                    st.fixed_dictionaries(
+                        {"changes": st.lists(mostly(changes, json_values), max_size=3)}
+                    ),
+                    json_values,
+                ),
+                max_size=3,
+            )
+        }
+    ),
+    json_values,
+)
+bodies = (
+    webhook_shapes.map(lambda d: json.dumps(d, allow_nan=False).encode())
+    | st.binary(max_size=300)
+    | st.text(max_size=100).map(str.encode)
+)
 modes = st.sampled_from(["signed", "unsigned", "forged", "other-secret", "bad-prefix"])
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 def test_arbitrary_bodies_never_5xx_and_unsigned_ones_store_nothing(
-        store: str, request: pytest.FixtureRequest) -> None:
+    store: str, request: pytest.FixtureRequest
+) -> None:
     """Any JSON shape or bytes, signed or not: no 5xx, no exception, nothing from the unsigned."""
     with tempfile.TemporaryDirectory() as folder:
-        url = (f"sqlite:///{folder}/ledger.db" if store == "sqlite"
-               else str(request.getfixturevalue("postgres_url")))
+        url = (
+            f"sqlite:///{folder}/ledger.db"
+            if store == "sqlite"
+            else str(request.getfixturevalue("postgres_url"))
+        )
         engine = open_engine(url)
         app = create_app(make_config(url), engine)
         try:
@@ -668,8 +881,11 @@ def test_arbitrary_bodies_never_5xx_and_unsigned_ones_store_nothing(
 
 
 def _explore(client: TestClient, engine: Engine) -> None:
-    @settings(max_examples=150, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(body=bodies, mode=modes)
     def check(body: bytes, mode: str) -> None:
         headers = {

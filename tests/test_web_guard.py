@@ -15,11 +15,21 @@ from waconsent.web_guard import (
 PROXIES = trusted_networks(["127.0.0.1", "10.0.0.0/8", "::1"])
 
 
-@pytest.mark.parametrize(("header", "outcome"), [
-    ("Bearer s3cret", "ok"), ("bearer   s3cret ", "ok"), (None, "missing"), ("", "missing"),
-    ("Basic s3cret", "missing"), ("Bearer ", "missing"), ("Bearer s3cre", "wrong"),
-    ("Bearer s3cret!", "wrong"), ("Bearer s\u00e9cret", "wrong"), ("Bearer \udcff", "wrong"),
-])
+@pytest.mark.parametrize(
+    ("header", "outcome"),
+    [
+        ("Bearer s3cret", "ok"),
+        ("bearer   s3cret ", "ok"),
+        (None, "missing"),
+        ("", "missing"),
+        ("Basic s3cret", "missing"),
+        ("Bearer ", "missing"),
+        ("Bearer s3cre", "wrong"),
+        ("Bearer s3cret!", "wrong"),
+        ("Bearer s\u00e9cret", "wrong"),
+        ("Bearer \udcff", "wrong"),
+    ],
+)
 def test_bearer_outcome(header: str | None, outcome: str) -> None:
     assert bearer_outcome(header, "s3cret") == outcome
 
@@ -32,15 +42,18 @@ def test_refusals_say_401_without_and_403_with_a_wrong_token() -> None:
     assert wrong is not None and wrong.status_code == 403
 
 
-@pytest.mark.parametrize(("peer", "forwarded", "expected"), [
-    ("203.0.113.9", "198.51.100.1", "203.0.113.9"),           # untrusted peer: header ignored
-    ("127.0.0.1", "198.51.100.1", "198.51.100.1"),            # trusted proxy: header read
-    ("127.0.0.1", None, "127.0.0.1"),
-    ("127.0.0.1", "6.6.6.6, 198.51.100.1", "198.51.100.1"),   # the client's own claim is left
-    ("127.0.0.1", "198.51.100.1, 10.1.2.3", "198.51.100.1"),  # a chain of our proxies
-    ("::1", "2001:db8::5", "2001:db8::5"),
-    ("127.0.0.1", "garbage", "garbage"),                     # never trusted, so it is the hop
-])
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        ("203.0.113.9", "198.51.100.1", "203.0.113.9"),  # untrusted peer: header ignored
+        ("127.0.0.1", "198.51.100.1", "198.51.100.1"),  # trusted proxy: header read
+        ("127.0.0.1", None, "127.0.0.1"),
+        ("127.0.0.1", "6.6.6.6, 198.51.100.1", "198.51.100.1"),  # the client's own claim is left
+        ("127.0.0.1", "198.51.100.1, 10.1.2.3", "198.51.100.1"),  # a chain of our proxies
+        ("::1", "2001:db8::5", "2001:db8::5"),
+        ("127.0.0.1", "garbage", "garbage"),  # never trusted, so it is the hop
+    ],
+)
 def test_client_address(peer: str, forwarded: str | None, expected: str) -> None:
     assert client_address(peer, forwarded, PROXIES) == expected
 
@@ -54,8 +67,8 @@ def test_rate_limit_slides_per_client() -> None:
     limit = PerClientLimit(per_minute=2)
     assert limit.admit("a", 0.0) is None
     assert limit.admit("a", 10.0) is None
-    assert limit.admit("a", 20.0) == 40          # the first admission leaves the window at 60
-    assert limit.admit("b", 20.0) is None        # another client is counted apart
+    assert limit.admit("a", 20.0) == 40  # the first admission leaves the window at 60
+    assert limit.admit("b", 20.0) is None  # another client is counted apart
     assert limit.admit("a", 60.0) is None
 
 
@@ -63,5 +76,5 @@ def test_rate_limit_memory_is_bounded() -> None:
     limit = PerClientLimit(per_minute=1, max_clients=3)
     for n in range(10):
         limit.admit(f"client{n}", 0.0)
-    assert limit.admit("client9", 1.0) is not None   # recent clients are still counted
-    assert limit.admit("client0", 1.0) is None       # the oldest were forgotten
+    assert limit.admit("client9", 1.0) is not None  # recent clients are still counted
+    assert limit.admit("client0", 1.0) is None  # the oldest were forgotten

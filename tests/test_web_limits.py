@@ -42,8 +42,9 @@ from waconsent.store.engine import open_engine
 from waconsent.web import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ServerLimits(head_timeout=0.5, body_timeout=0.5, keep_alive=1, max_connections=20,
-                     log_interval=60.0)
+SHORT = ServerLimits(
+    head_timeout=0.5, body_timeout=0.5, keep_alive=1, max_connections=20, log_interval=60.0
+)
 
 
 @contextmanager
@@ -104,8 +105,9 @@ def connections(port: int, count: int, pause: float = 0.0) -> Iterator[list[sock
 
 def deliver(port: int, n: int = 1) -> httpx.Response:
     body = body_of(payload(messages_change([message("lim", n, "STOP")])))
-    return httpx.post(f"http://127.0.0.1:{port}{PATH}", content=body,
-                      headers=signed_headers(body), timeout=10)
+    return httpx.post(
+        f"http://127.0.0.1:{port}{PATH}", content=body, headers=signed_headers(body), timeout=10
+    )
 
 
 def events_logged(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object]]:
@@ -113,11 +115,14 @@ def events_logged(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str,
 
 
 def test_a_connection_that_sends_nothing_is_closed_at_the_head_deadline(
-        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     """Connections that send nothing are closed at the head deadline, with one log line."""
     caplog.set_level(logging.INFO, logger="waconsent")
-    with (serving(engine, ServerLimits(head_timeout=0.5, max_connections=100))
-          as (port, server), connections(port, 50) as idle):
+    with (
+        serving(engine, ServerLimits(head_timeout=0.5, max_connections=100)) as (port, server),
+        connections(port, 50) as idle,
+    ):
         started = time.monotonic()
         assert all(closed_by_server(conn, 3) for conn in idle)
         assert 0.4 < time.monotonic() - started < 3
@@ -149,10 +154,14 @@ def test_a_head_trickled_byte_by_byte_is_cut_at_the_deadline(engine: Engine) -> 
 
 def test_a_body_that_does_not_arrive_in_time_answers_408(engine: Engine) -> None:
     """A complete head whose body stalls gets 408 and the connection is closed."""
-    with (serving(engine, SHORT) as (port, _server),
-          socket.create_connection(("127.0.0.1", port), timeout=5) as conn):
-        conn.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n"
-                     f"X-Hub-Signature-256: sha256={'0' * 64}\r\n\r\n{{\"entry\"".encode())
+    with (
+        serving(engine, SHORT) as (port, _server),
+        socket.create_connection(("127.0.0.1", port), timeout=5) as conn,
+    ):
+        conn.sendall(
+            f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n"
+            f'X-Hub-Signature-256: sha256={"0" * 64}\r\n\r\n{{"entry"'.encode()
+        )
         started = time.monotonic()
         answer = conn.recv(4096)
         assert answer.startswith(b"HTTP/1.1 408 ")
@@ -165,9 +174,12 @@ def test_idle_keep_alive_connections_are_closed(engine: Engine) -> None:
     with serving(engine, SHORT) as (port, _server):
         body = body_of(payload(messages_change([message("ka", 1)])))
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            conn.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-                         f"X-Hub-Signature-256: {signed_headers(body)['X-Hub-Signature-256']}"
-                         "\r\n\r\n".encode() + body)
+            conn.sendall(
+                f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                f"X-Hub-Signature-256: {signed_headers(body)['X-Hub-Signature-256']}"
+                "\r\n\r\n".encode()
+                + body
+            )
             assert conn.recv(4096).startswith(b"HTTP/1.1 200 ")
             started = time.monotonic()
             assert closed_by_server(conn, 4)
@@ -175,7 +187,8 @@ def test_idle_keep_alive_connections_are_closed(engine: Engine) -> None:
 
 
 def test_at_the_cap_the_longest_waiting_connection_makes_room(
-        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     """At the cap the longest-waiting idle connection makes room; a delivery is served at once."""
     caplog.set_level(logging.INFO, logger="waconsent")
     limits = ServerLimits(head_timeout=30, max_connections=20, log_interval=60)
@@ -258,11 +271,16 @@ def low_descriptor_server(tmp_path: Path, mode: str) -> Iterator[tuple[int, list
         port = probe.getsockname()[1]
     (tmp_path / "waconsent.toml").write_text(
         f'[store]\nurl = "sqlite:///{tmp_path / "ledger.db"}"\n'
-        f'[webhook]\nhost = "127.0.0.1"\nport = {port}\npath = "{PATH}"\n')
+        f'[webhook]\nhost = "127.0.0.1"\nport = {port}\npath = "{PATH}"\n'
+    )
     (tmp_path / "server.py").write_text(SERVER_SCRIPT)
-    process = subprocess.Popen([sys.executable, "server.py", mode], cwd=tmp_path,
-                               env={**os.environ, **SECRETS, "PYTHONPATH": str(ROOT)},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "server.py", mode],
+        cwd=tmp_path,
+        env={**os.environ, **SECRETS, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 20

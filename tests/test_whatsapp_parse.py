@@ -18,8 +18,9 @@ from waconsent.domain import EventKind, Signal
 from waconsent.keywords import KeywordRules, normalize_text
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
-KEYWORDS = KeywordRules.build(["START", "ANMELDEN"], ["STOP", "STOPP", "UNSUBSCRIBE"],
-                              ["Stop promotions", "Werbung stoppen"])
+KEYWORDS = KeywordRules.build(
+    ["START", "ANMELDEN"], ["STOP", "STOPP", "UNSUBSCRIBE"], ["Stop promotions", "Werbung stoppen"]
+)
 
 
 def one(change: dict[str, Any]) -> Any:
@@ -29,21 +30,32 @@ def one(change: dict[str, Any]) -> Any:
     return parsed.events[0]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("  Stop!  ", "stop"), ("S.T.O.P", "stop"), ("ＳＴＯＰ", "stop"),
-    ("Stop   promotions", "stop promotions"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("  Stop!  ", "stop"),
+        ("S.T.O.P", "stop"),
+        ("ＳＴＯＰ", "stop"),
+        ("Stop   promotions", "stop promotions"),
+    ],
+)
 def test_normalize_text(text: str, expected: str) -> None:
     """Keywords are trimmed, case-folded and stripped of punctuation."""
     assert normalize_text(text) == expected
 
 
-@pytest.mark.parametrize(("body", "signal", "keyword"), [
-    ("STOP", Signal.OPT_OUT, "STOP"), (" stop. ", Signal.OPT_OUT, "STOP"),
-    ("Stopp!", Signal.OPT_OUT, "STOPP"), ("start", Signal.OPT_IN, "START"),
-    ("Anmelden", Signal.OPT_IN, "ANMELDEN"), ("please stop calling", Signal.NONE, None),
-    ("Hi!", Signal.NONE, None),
-])
+@pytest.mark.parametrize(
+    ("body", "signal", "keyword"),
+    [
+        ("STOP", Signal.OPT_OUT, "STOP"),
+        (" stop. ", Signal.OPT_OUT, "STOP"),
+        ("Stopp!", Signal.OPT_OUT, "STOPP"),
+        ("start", Signal.OPT_IN, "START"),
+        ("Anmelden", Signal.OPT_IN, "ANMELDEN"),
+        ("please stop calling", Signal.NONE, None),
+        ("Hi!", Signal.NONE, None),
+    ],
+)
 def test_text_keywords(body: str, signal: Signal, keyword: str | None) -> None:
     """Only a message that is exactly a keyword (after normalization) is a signal."""
     event = one(p.message("4915123456789", T0, body))
@@ -57,10 +69,15 @@ def test_message_body_is_not_kept() -> None:
     assert "Hauptstr" not in repr(event)
 
 
-@pytest.mark.parametrize(("payload", "text"), [
-    ("Werbung stoppen", "Werbung stoppen"), ("Stop promotions", "Stop promotions"),
-    ("STOP_PROMO_123", "Werbung stoppen"), ("STOP", "Abbestellen"),
-])
+@pytest.mark.parametrize(
+    ("payload", "text"),
+    [
+        ("Werbung stoppen", "Werbung stoppen"),
+        ("Stop promotions", "Stop promotions"),
+        ("STOP_PROMO_123", "Werbung stoppen"),
+        ("STOP", "Abbestellen"),
+    ],
+)
 def test_stop_promotions_button(payload: str, text: str) -> None:
     """A Stop promotions quick reply revokes by payload or by any configured label."""
     event = one(p.button("4915123456789", T0, payload, text))
@@ -68,8 +85,13 @@ def test_stop_promotions_button(payload: str, text: str) -> None:
 
 
 def interactive(kind: str, reply_id: str, title: str) -> dict[str, Any]:
-    return p.message("4915123456789", T0, None, type_="interactive",
-                     interactive={"type": kind, kind: {"id": reply_id, "title": title}})
+    return p.message(
+        "4915123456789",
+        T0,
+        None,
+        type_="interactive",
+        interactive={"type": kind, kind: {"id": reply_id, "title": title}},
+    )
 
 
 def test_interactive_replies_match_keywords() -> None:
@@ -78,11 +100,15 @@ def test_interactive_replies_match_keywords() -> None:
     assert one(interactive("list_reply", "x", "Unsubscribe")).signal is Signal.OPT_OUT
 
 
-@pytest.mark.parametrize("change", [
-    interactive("button_reply", "START", "Get started"),
-    interactive("list_reply", "start", "Start a return"),
-    p.button("4915123456789", T0, "START", "Start return"),
-], ids=["button id", "list row id", "quick reply payload"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        interactive("button_reply", "START", "Get started"),
+        interactive("list_reply", "start", "Start a return"),
+        p.button("4915123456789", T0, "START", "Start return"),
+    ],
+    ids=["button id", "list row id", "quick reply payload"],
+)
 def test_business_chosen_id_or_payload_never_opts_in(change: dict[str, Any]) -> None:
     """A button id or payload is the business's word, not the user's: no opt-in."""
     event = one(change)
@@ -96,16 +122,21 @@ def test_declared_opt_in_payload_opts_in() -> None:
     event = parse_payload(p.payload(button), rules).events[0]
     assert (event.signal, event.keyword) == (Signal.OPT_IN, "JOIN_WA_NEWS")
     assert event.evidence == f"whatsapp:keyword:JOIN_WA_NEWS:{event.message_id}"
-    other = parse_payload(p.payload(p.button("4915123456789", T0, "join_wa_news", "Yes")),
-                          rules).events[0]
+    other = parse_payload(
+        p.payload(p.button("4915123456789", T0, "join_wa_news", "Yes")), rules
+    ).events[0]
     assert other.signal is Signal.NONE  # payloads are compared exactly
 
 
-@pytest.mark.parametrize("change", [
-    interactive("button_reply", "STOP", "Thanks"),
-    interactive("list_reply", "unsubscribe", "Manage my options"),
-    p.button("4915123456789", T0, "STOPP", "Weiter"),
-], ids=["button id", "list row id", "quick reply payload"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        interactive("button_reply", "STOP", "Thanks"),
+        interactive("list_reply", "unsubscribe", "Manage my options"),
+        p.button("4915123456789", T0, "STOPP", "Weiter"),
+    ],
+    ids=["button id", "list row id", "quick reply payload"],
+)
 def test_opt_out_is_read_from_ids_and_payloads_too(change: dict[str, Any]) -> None:
     """Opt-outs stay generous: an id or payload that is an opt-out keyword revokes."""
     assert one(change).signal is Signal.OPT_OUT
@@ -119,9 +150,13 @@ _any_text = st.one_of(_words, st.text(max_size=12))
 @given(st.sampled_from(["button", "button_reply", "list_reply"]), _any_text, _any_text)
 def test_no_business_chosen_value_ever_opts_in(kind: str, chosen: str, visible: str) -> None:
     """Whatever id or payload the business chose, only the visible text can opt in."""
-    change = (p.message("4915123456789", T0, None, type_="button",
-                        button={"payload": chosen, "text": visible}) if kind == "button"
-              else interactive(kind, chosen, visible))
+    change = (
+        p.message(
+            "4915123456789", T0, None, type_="button", button={"payload": chosen, "text": visible}
+        )
+        if kind == "button"
+        else interactive(kind, chosen, visible)
+    )
     events = parse_payload(p.payload(change), KEYWORDS).events
     visible_opts_in = normalize_text(visible) in KEYWORDS.opt_in
     for event in events:
@@ -129,9 +164,22 @@ def test_no_business_chosen_value_ever_opts_in(kind: str, chosen: str, visible: 
             assert visible_opts_in
 
 
-@pytest.mark.parametrize("type_", ["image", "video", "audio", "document", "sticker", "location",
-                                   "contacts", "reaction", "order", "unsupported",
-                                   "request_welcome"])
+@pytest.mark.parametrize(
+    "type_",
+    [
+        "image",
+        "video",
+        "audio",
+        "document",
+        "sticker",
+        "location",
+        "contacts",
+        "reaction",
+        "order",
+        "unsupported",
+        "request_welcome",
+    ],
+)
 def test_media_and_other_types_open_a_session_without_consent(type_: str) -> None:
     """Every non-system user message opens the window and never changes consent."""
     event = one(p.message("4915123456789", T0, None, type_=type_, **{type_: {}}))
@@ -146,16 +194,21 @@ def test_unknown_future_type_is_kept() -> None:
 
 def test_referral_is_recorded() -> None:
     """A click-to-WhatsApp referral keeps its source id."""
-    event = one(p.message("4915123456789", T0, "info?",
-                          referral={"source_id": "AD42", "source_type": "ad"}))
+    event = one(
+        p.message("4915123456789", T0, "info?", referral={"source_id": "AD42", "source_type": "ad"})
+    )
     assert event.referral_source_id == "AD42"
 
 
 def test_system_number_change() -> None:
     """user_changed_number is recorded with the new number and opens no session."""
-    change = p.message("4915123456789", T0, None, type_="system",
-                       system={"type": "user_changed_number", "wa_id": "4915199999999",
-                               "body": "changed"})
+    change = p.message(
+        "4915123456789",
+        T0,
+        None,
+        type_="system",
+        system={"type": "user_changed_number", "wa_id": "4915199999999", "body": "changed"},
+    )
     event = one(change)
     assert event.signal is Signal.NUMBER_CHANGED and event.new_wa_id == "4915199999999"
     assert not event.opens_session
@@ -163,8 +216,13 @@ def test_system_number_change() -> None:
 
 def test_system_preference_change_stop() -> None:
     """The messages-field form of a marketing stop (system user_preference_changed) revokes."""
-    change = p.message("4915123456789", T0, None, type_="system",
-                       system={"type": "user_preference_changed", "marketing": "stop"})
+    change = p.message(
+        "4915123456789",
+        T0,
+        None,
+        type_="system",
+        system={"type": "user_preference_changed", "marketing": "stop"},
+    )
     assert one(change).signal is Signal.OPT_OUT
 
 
@@ -179,12 +237,31 @@ def test_status_131050_revokes_and_others_do_not() -> None:
 def test_status_free_entry_point_window() -> None:
     """A referral_conversion status carries its window expiry; a plain one does not."""
     expiry = T0 + timedelta(hours=72)
-    fep = one(p.status("4915123456789", T0, conversation={
-        "id": "c", "expiration_timestamp": p.unix(expiry),
-        "origin": {"type": "referral_conversion"}}))
+    fep = one(
+        p.status(
+            "4915123456789",
+            T0,
+            conversation={
+                "id": "c",
+                "expiration_timestamp": p.unix(expiry),
+                "origin": {"type": "referral_conversion"},
+            },
+        )
+    )
     assert fep.window_expires_at == expiry
-    plain = parse_payload(p.payload(p.status("4915123456789", T0, conversation={
-        "id": "c", "expiration_timestamp": p.unix(expiry), "origin": {"type": "marketing"}})))
+    plain = parse_payload(
+        p.payload(
+            p.status(
+                "4915123456789",
+                T0,
+                conversation={
+                    "id": "c",
+                    "expiration_timestamp": p.unix(expiry),
+                    "origin": {"type": "marketing"},
+                },
+            )
+        )
+    )
     assert plain.events == () and [s.wa_id for s in plain.plain] == ["4915123456789"]
 
 
@@ -196,9 +273,10 @@ def test_status_dedup_key_includes_state() -> None:
     assert sent.key != read.key
 
 
-@pytest.mark.parametrize(("value", "signal"), [("stop", Signal.OPT_OUT),
-                                               ("resume", Signal.RESUME),
-                                               ("signup", Signal.NONE)])
+@pytest.mark.parametrize(
+    ("value", "signal"),
+    [("stop", Signal.OPT_OUT), ("resume", Signal.RESUME), ("signup", Signal.NONE)],
+)
 def test_user_preferences(value: str, signal: Signal) -> None:
     """user_preferences stop revokes; resume is evidence only."""
     event = one(p.preference("4915123456789", T0, value))
@@ -219,11 +297,11 @@ def test_batched_payload_reads_every_entry_change_and_item() -> None:
     """Several entries, several changes and many items: nothing is lost."""
     changes = [p.message(f"49151000000{i:02d}", T0, "hi") for i in range(30)]
     changes += [p.status(f"49151000000{i:02d}", T0) for i in range(20)]
-    changes += [p.preference("4915100000001", T0 + timedelta(seconds=i), "stop")
-                for i in range(5)]
+    changes += [p.preference("4915100000001", T0 + timedelta(seconds=i), "stop") for i in range(5)]
     batch = p.payload(*changes, entries=4)
     batch["entry"][0]["changes"][0]["value"]["messages"].append(
-        p.message("4915199999999", T0, "STOP")["value"]["messages"][0])
+        p.message("4915199999999", T0, "STOP")["value"]["messages"][0]
+    )
     parsed = parse_payload(batch, KEYWORDS)
     assert len(parsed.events) == 36 and len(parsed.plain) == 20  # statuses read lightly
     assert sum(e.signal is Signal.OPT_OUT for e in parsed.events) == 6
@@ -233,9 +311,13 @@ def test_garbage_items_are_skipped_with_location() -> None:
     """Bad items are counted with where they were; good neighbours are kept."""
     good = p.message("4915123456789", T0, "STOP")
     broken = p.message("4915123456789", T0, "x")
-    broken["value"]["messages"].extend([
-        "not an object", {"id": "wamid.B", "from": "49151", "timestamp": "yesterday"},
-        {"from": "49151", "timestamp": "1700000000"}])
+    broken["value"]["messages"].extend(
+        [
+            "not an object",
+            {"id": "wamid.B", "from": "49151", "timestamp": "yesterday"},
+            {"from": "49151", "timestamp": "1700000000"},
+        ]
+    )
     parsed = parse_payload(p.payload(good, broken, {"field": "messages", "value": 7}), KEYWORDS)
     assert len(parsed.events) == 2
     locations = {s.location for s in parsed.skipped}
@@ -245,8 +327,10 @@ def test_garbage_items_are_skipped_with_location() -> None:
     assert "entry[0].changes[2]" in locations
 
 
-@pytest.mark.parametrize("garbage", [None, 3, "x", [], {}, {"entry": "x"}, {"entry": [1]},
-                                     {"entry": [{"changes": [None]}]}])
+@pytest.mark.parametrize(
+    "garbage",
+    [None, 3, "x", [], {}, {"entry": "x"}, {"entry": [1]}, {"entry": [{"changes": [None]}]}],
+)
 def test_garbage_payloads_never_raise(garbage: Any) -> None:
     """Whatever the shape, the parser answers with skipped items, not an exception."""
     parsed = parse_payload(garbage, KEYWORDS)
@@ -272,6 +356,7 @@ def test_signature_over_raw_bytes() -> None:
 
 # ---- conformance: every real sample under ../shared, when it is there ------------------------
 
+
 def _samples() -> list[tuple[str, Any]]:
     root = SHARED_FIXTURES / "whatsapp-webhooks"
     if not root.exists():
@@ -295,10 +380,13 @@ def test_conformance_every_shared_sample_parses(name: str, sample: Any) -> None:
     """Every real sample parses without an exception and every messages/statuses item counts
     (an event, a skip, or a plain status read no further)."""
     parsed = parse_payload(sample, KEYWORDS)
-    items = sum(len(change["value"].get(key) or [])
-                for entry in sample["entry"] for change in entry["changes"]
-                if change.get("field") in ("messages", "user_preferences")
-                for key in ("messages", "statuses", "user_preferences"))
+    items = sum(
+        len(change["value"].get(key) or [])
+        for entry in sample["entry"]
+        for change in entry["changes"]
+        if change.get("field") in ("messages", "user_preferences")
+        for key in ("messages", "statuses", "user_preferences")
+    )
     assert len(parsed.events) + len(parsed.skipped) + len(parsed.plain) == items
     for event in parsed.events:
         assert event.occurred_at.tzinfo is not None
@@ -309,8 +397,9 @@ def test_conformance_every_shared_sample_parses(name: str, sample: Any) -> None:
 def test_conformance_known_meanings() -> None:
     """The samples with a known consent meaning are read that way."""
     by_name = dict(SAMPLES)
-    unsubscribe = parse_payload(by_name["meta-docs-examples/template_quick_reply_button.json"],
-                                KEYWORDS).events[0]
+    unsubscribe = parse_payload(
+        by_name["meta-docs-examples/template_quick_reply_button.json"], KEYWORDS
+    ).events[0]
     assert unsubscribe.signal is Signal.OPT_OUT and unsubscribe.keyword == "UNSUBSCRIBE"
     resume = parse_payload(by_name["meta-docs-examples/user_preferences_resume.json"]).events[0]
     assert resume.signal is Signal.RESUME

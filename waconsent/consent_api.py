@@ -58,20 +58,30 @@ MAX_BODY = 256 * 1024
 MAX_VALUE = 200  # characters of one number or user id
 
 
-def consent_routes(config: LoadedConfig, engine: Engine, *,
-                   monotonic: Callable[[], float] = time.monotonic,
-                   now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> list[Route]:
+def consent_routes(
+    config: LoadedConfig,
+    engine: Engine,
+    *,
+    monotonic: Callable[[], float] = time.monotonic,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> list[Route]:
     """The API's routes, or none (every path 404) while WACONSENT_API_TOKEN is unset."""
     token = config.secrets.get(API_TOKEN_VARIABLE)
     if token is None:
         return []
     settings = config.settings
-    api = _ConsentApi(ConsentChecker(engine, settings.crm_name,
-                                     settings.mapping.default_region), token,
-                      PerClientLimit(settings.api.rate_per_minute),
-                      trusted_networks(settings.api.trusted_proxies), monotonic, now)
-    return [Route(f"{PREFIX}/check", api.check_many, methods=["POST"]),
-            Route(PREFIX + "/{who}", api.check_one, methods=["GET"])]
+    api = _ConsentApi(
+        ConsentChecker(engine, settings.crm_name, settings.mapping.default_region),
+        token,
+        PerClientLimit(settings.api.rate_per_minute),
+        trusted_networks(settings.api.trusted_proxies),
+        monotonic,
+        now,
+    )
+    return [
+        Route(f"{PREFIX}/check", api.check_many, methods=["POST"]),
+        Route(PREFIX + "/{who}", api.check_one, methods=["GET"]),
+    ]
 
 
 def _error(status: int, message: str) -> Response:
@@ -79,16 +89,26 @@ def _error(status: int, message: str) -> Response:
 
 
 def _body(value: str, answer: Answer, purpose: str) -> dict[str, Any]:
-    return {"number": value, "purpose": purpose, "may_send": answer.may_send,
-            "reason": answer.reason,
-            "session_open_until": jsonable(answer.session_open_until),
-            "records": list(answer.records)}
+    return {
+        "number": value,
+        "purpose": purpose,
+        "may_send": answer.may_send,
+        "reason": answer.reason,
+        "session_open_until": jsonable(answer.session_open_until),
+        "records": list(answer.records),
+    }
 
 
 class _ConsentApi:
-    def __init__(self, checker: ConsentChecker, token: str, limit: PerClientLimit,
-                 trusted: Sequence[Any], monotonic: Callable[[], float],
-                 now: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        checker: ConsentChecker,
+        token: str,
+        limit: PerClientLimit,
+        trusted: Sequence[Any],
+        monotonic: Callable[[], float],
+        now: Callable[[], datetime],
+    ) -> None:
         self.checker = checker
         self.token = token
         self.limit = limit
@@ -120,8 +140,14 @@ class _ConsentApi:
         answers = await self._check([who], purpose)
         if isinstance(answers, Response):
             return answers
-        logs.event(logger, "consent_api.check", numbers=1, purpose=purpose, number=mask(who),
-                   reason=answers[0].reason)
+        logs.event(
+            logger,
+            "consent_api.check",
+            numbers=1,
+            purpose=purpose,
+            number=mask(who),
+            reason=answers[0].reason,
+        )
         return JSONResponse(_body(who, answers[0], purpose))
 
     async def check_many(self, request: Request) -> Response:
@@ -135,16 +161,29 @@ class _ConsentApi:
         answers = await self._check(numbers, purpose)
         if isinstance(answers, Response):
             return answers
-        logs.event(logger, "consent_api.check", numbers=len(numbers), purpose=purpose,
-                   allowed=sum(a.may_send for a in answers))
-        return JSONResponse({"purpose": purpose, "results": [
-            _body(value, answer, purpose) for value, answer in zip(numbers, answers, strict=True)]})
+        logs.event(
+            logger,
+            "consent_api.check",
+            numbers=len(numbers),
+            purpose=purpose,
+            allowed=sum(a.may_send for a in answers),
+        )
+        return JSONResponse(
+            {
+                "purpose": purpose,
+                "results": [
+                    _body(value, answer, purpose)
+                    for value, answer in zip(numbers, answers, strict=True)
+                ],
+            }
+        )
 
     async def _read(self, request: Request) -> tuple[list[str], str] | Response:
         raw = await _body_within_limit(request)
         if raw is None:
-            return _error(413, f"body over {MAX_BODY} bytes; send at most {MAX_NUMBERS} numbers "
-                               "per request")
+            return _error(
+                413, f"body over {MAX_BODY} bytes; send at most {MAX_NUMBERS} numbers per request"
+            )
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
@@ -158,10 +197,14 @@ class _ConsentApi:
         try:
             return await run_in_threadpool(self.checker.check, values, purpose, self.now())
         except SQLAlchemyError as exc:
-            logs.event(logger, "consent_api.store_unavailable", logging.ERROR,
-                       error=type(exc).__name__)
-            return JSONResponse({"error": "store unavailable, retry later"}, status_code=503,
-                                headers={"Retry-After": "5"})
+            logs.event(
+                logger, "consent_api.store_unavailable", logging.ERROR, error=type(exc).__name__
+            )
+            return JSONResponse(
+                {"error": "store unavailable, retry later"},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
 
 
 async def _body_within_limit(request: Request) -> bytes | None:
@@ -180,14 +223,15 @@ async def _body_within_limit(request: Request) -> bytes | None:
 def _check_request(body: Any) -> tuple[int, str] | None:
     """(status, what to fix) for a body that is no check request, else None."""
     if not isinstance(body, dict) or not isinstance(body.get("numbers"), list):
-        return 422, ('expected {"numbers": ["+49151...", ...], "purpose": '
-                     '"marketing" | "service"}')
+        return 422, ('expected {"numbers": ["+49151...", ...], "purpose": "marketing" | "service"}')
     numbers, purpose = body["numbers"], body.get("purpose", MARKETING)
     if purpose not in PURPOSES:
         return 422, f"purpose must be one of {', '.join(PURPOSES)}"
     if len(numbers) > MAX_NUMBERS:
         return 413, f"{len(numbers)} numbers; at most {MAX_NUMBERS} per request: split the list"
     if not all(isinstance(n, str) and len(n) <= MAX_VALUE for n in numbers):
-        return 422, (f"every number must be a string of at most {MAX_VALUE} characters (a "
-                     "number in any spelling, or a WhatsApp user id)")
+        return 422, (
+            f"every number must be a string of at most {MAX_VALUE} characters (a "
+            "number in any spelling, or a WhatsApp user id)"
+        )
     return None

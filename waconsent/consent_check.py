@@ -68,15 +68,21 @@ class ConsentChecker:
         except ValueError:
             return _Read(None, False)
 
-    def check(self, values: Sequence[str], purpose: str, now: datetime
-              ) -> list[audience.Answer]:
+    def check(self, values: Sequence[str], purpose: str, now: datetime) -> list[audience.Answer]:
         """One answer per value, in order; `purpose` is "marketing" or "service"."""
         reads = [self._read(value) for value in values]
         with reading(self.engine) as connection:
             by_key = snapshot_store.by_keys(
-                connection, self.crm, {r.key for r in reads if r.key is not None})
-            tails = {t for r in reads if r.quick and r.key is not None and r.key not in by_key
-                     and (t := snapshot_store.tail_of(r.key))}
+                connection, self.crm, {r.key for r in reads if r.key is not None}
+            )
+            tails = {
+                t
+                for r in reads
+                if r.quick
+                and r.key is not None
+                and r.key not in by_key
+                and (t := snapshot_store.tail_of(r.key))
+            }
             if tails:
                 carried = snapshot_store.tails_carried(connection, self.crm, tails)
                 reads = self._second_look(values, reads, by_key.keys(), carried)
@@ -91,19 +97,24 @@ class ConsentChecker:
                 wanted |= unmatched
                 moments.append(now - UNMATCHED_REACH)
             since = min(moments, default=now)
-            active = (event_store.keys_with_events_since(connection, wanted, since)
-                      if wanted else set())
+            active = (
+                event_store.keys_with_events_since(connection, wanted, since) if wanted else set()
+            )
             # a record's activity needs all its keys once one of them has news
-            wanted = {key for row in rows.values() if row.keys & active for key in row.keys
-                      } | (active & unmatched)
+            wanted = {key for row in rows.values() if row.keys & active for key in row.keys} | (
+                active & unmatched
+            )
             groups = event_store.activity_since(connection, wanted, since) if wanted else {}
         by_group_key: dict[str, list[Activity]] = {}
         for (phone, uid), activity in groups.items():
             for key in (phone, uid):
                 if key is not None:
                     by_group_key.setdefault(key, []).append(activity)
-        news = ({record_id: _merged(row.keys, by_group_key) for record_id, row in rows.items()}
-                if by_group_key else {})
+        news = (
+            {record_id: _merged(row.keys, by_group_key) for record_id, row in rows.items()}
+            if by_group_key
+            else {}
+        )
         nobody = audience.Answer(False, audience.NO_RECORD)
         answers = []
         for read in reads:
@@ -112,17 +123,24 @@ class ConsentChecker:
                 continue
             held = by_key.get(read.key)
             if held is None:  # most of a bought list; service still looks for a window
-                answers.append(audience.answer(purpose, [], _merged({read.key}, by_group_key),
-                                               now) if by_group_key else nobody)
+                answers.append(
+                    audience.answer(purpose, [], _merged({read.key}, by_group_key), now)
+                    if by_group_key
+                    else nobody
+                )
                 continue
-            records = [(_held(row), news.get(row.record_id, NO_ACTIVITY))
-                       for row in ({row.record_id: row for row in held}.values()
-                                   if len(held) > 1 else held)]
+            records = [
+                (_held(row), news.get(row.record_id, NO_ACTIVITY))
+                for row in (
+                    {row.record_id: row for row in held}.values() if len(held) > 1 else held
+                )
+            ]
             answers.append(audience.answer(purpose, records, NO_ACTIVITY, now))
         return answers
 
-    def _second_look(self, values: Sequence[str], reads: list[_Read], found: Collection[str],
-                     carried: set[str]) -> list[_Read]:
+    def _second_look(
+        self, values: Sequence[str], reads: list[_Read], found: Collection[str], carried: set[str]
+    ) -> list[_Read]:
         """Quick keys no record carries, whose digits end like a record's number: parsed in
         full (a parse that fails keeps the quick key: a wa_id is never refused)."""
         again = []
@@ -145,8 +163,14 @@ def _merged(keys: set[str] | frozenset[str], by_key: dict[str, list[Activity]]) 
 
 
 def _held(row: snapshot_store.SnapshotRow) -> audience.Held:
-    return audience.Held(row.record_id, row.opt_in, row.opt_in_date, row.opt_out_date,
-                         row.proof_complete, row.session_expires)
+    return audience.Held(
+        row.record_id,
+        row.opt_in,
+        row.opt_in_date,
+        row.opt_out_date,
+        row.proof_complete,
+        row.session_expires,
+    )
 
 
 # ---------------------------------------------------------------- long lists, in parallel
@@ -173,8 +197,10 @@ def _check_in_worker(values: list[str], purpose: str, now: datetime) -> list[_Pa
     """Answers as plain tuples: they cross back to the reader pickled, and a tuple pickles
     in a fraction of a frozen dataclass's time."""
     assert _worker is not None
-    return [(a.may_send, a.reason, a.session_open_until, a.records)
-            for a in _worker.check(values, purpose, now)]
+    return [
+        (a.may_send, a.reason, a.session_open_until, a.records)
+        for a in _worker.check(values, purpose, now)
+    ]
 
 
 def default_workers() -> int:
@@ -185,9 +211,14 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def check_batches(checker: ConsentChecker, url: str, batches: Iterable[list[str]],
-                  purpose: str, now: Callable[[], datetime], workers: int
-                  ) -> Iterator[list[audience.Answer]]:
+def check_batches(
+    checker: ConsentChecker,
+    url: str,
+    batches: Iterable[list[str]],
+    purpose: str,
+    now: Callable[[], datetime],
+    workers: int,
+) -> Iterator[list[audience.Answer]]:
     """The answers of each batch, in the order of the batches."""
     iterator = iter(batches)
     ahead = list(islice(iterator, PARALLEL_FROM))
@@ -196,9 +227,12 @@ def check_batches(checker: ConsentChecker, url: str, batches: Iterable[list[str]
             yield checker.check(values, purpose, now())
         return
     checker.engine.dispose()  # no pooled connection crosses the fork
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_start_worker,
-                             initargs=(url, checker.crm, checker.region)) as pool:
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_start_worker,
+        initargs=(url, checker.crm, checker.region),
+    ) as pool:
         pending: deque[Future[list[_Packed]]] = deque()
         for values in chain(ahead, iterator):
             pending.append(pool.submit(_check_in_worker, values, purpose, now()))

@@ -35,16 +35,20 @@ def _csv_value(column: str, cell: str) -> FieldValue:
     if "\x00" in text:
         raise ValueError(f"{column}: contains a NUL byte, which the store cannot hold")
     if not is_utf8(text):
-        raise ValueError(f"{column}: not UTF-8 text (is the file in another encoding, such "
-                         "as Latin-1? save it as UTF-8)")
+        raise ValueError(
+            f"{column}: not UTF-8 text (is the file in another encoding, such "
+            "as Latin-1? save it as UTF-8)"
+        )
     if column in domain.DATETIME_FIELDS:
         try:
             return parse_datetime(text)
         except OutOfRange as exc:
             raise ValueError(f"{column}: {text!r} is {exc}") from None
         except ValueError:
-            raise ValueError(f"{column}: expected an ISO 8601 datetime such as "
-                             f"2026-01-31T09:30:00Z, got {text!r}") from None
+            raise ValueError(
+                f"{column}: expected an ISO 8601 datetime such as "
+                f"2026-01-31T09:30:00Z, got {text!r}"
+            ) from None
     if column in domain.BOOLEAN_FIELDS:
         try:
             return parse_bool(text)
@@ -53,8 +57,9 @@ def _csv_value(column: str, cell: str) -> FieldValue:
     return text.strip()
 
 
-def _rows(reader: csv.DictReader[str], source: str, report: ContactsImport
-          ) -> Iterator[tuple[int, dict[str, str | None]]]:
+def _rows(
+    reader: csv.DictReader[str], source: str, report: ContactsImport
+) -> Iterator[tuple[int, dict[str, str | None]]]:
     """(line, row) per record; a record the csv module cannot read (a field over its size
     limit, a stray carriage return) is refused by its first line and reading goes on."""
     while True:
@@ -69,8 +74,9 @@ def _rows(reader: csv.DictReader[str], source: str, report: ContactsImport
         yield reader.line_num, raw  # the row's last line; right even after quoted newlines
 
 
-def read_contacts_csv(text: str, default_region: str, source: str = "<csv>"
-                      ) -> tuple[list[dict[str, FieldValue]], ContactsImport]:
+def read_contacts_csv(
+    text: str, default_region: str, source: str = "<csv>"
+) -> tuple[list[dict[str, FieldValue]], ContactsImport]:
     """Rows to import plus the report; bad rows are refused by line, the rest kept
     (`report.lines` holds each kept row's line)."""
     report = ContactsImport()
@@ -99,13 +105,16 @@ def _header_usable(reader: csv.DictReader[str], source: str, report: ContactsImp
         report.refused.append(f"{source}:1: the header is not readable as CSV ({exc})")
         return False
     if "id" not in header:
-        report.refused.append(f"{source}:1: the header has no 'id' column "
-                              f"(expected some of: {', '.join(CSV_COLUMNS)})")
+        report.refused.append(
+            f"{source}:1: the header has no 'id' column "
+            f"(expected some of: {', '.join(CSV_COLUMNS)})"
+        )
         return False
     unknown = [h for h in header if h not in CSV_COLUMNS]
     if unknown:
         report.warnings.append(
-            f"{source}:1: unknown column(s) ignored: {printable(', '.join(unknown))}")
+            f"{source}:1: unknown column(s) ignored: {printable(', '.join(unknown))}"
+        )
     return True
 
 
@@ -115,16 +124,19 @@ def _contact_row(raw: Mapping[str, str | None]) -> dict[str, FieldValue]:
     if not values.get("id", "").strip():
         raise ValueError("no id")
     row = {column: _csv_value(column, text) for column, text in values.items()}
-    too_long = [f"{column} ({len(value)} characters, at most {COLUMN_LIMITS[column]})"
-                for column, value in row.items()
-                if isinstance(value, str) and len(value) > COLUMN_LIMITS.get(column, 10**6)]
+    too_long = [
+        f"{column} ({len(value)} characters, at most {COLUMN_LIMITS[column]})"
+        for column, value in row.items()
+        if isinstance(value, str) and len(value) > COLUMN_LIMITS.get(column, 10**6)
+    ]
     if too_long:
         raise ValueError(f"too long: {', '.join(too_long)}")
     return row
 
 
-def _phone_warnings(row: Mapping[str, FieldValue], default_region: str,
-                    where: str) -> Iterator[str]:
+def _phone_warnings(
+    row: Mapping[str, FieldValue], default_region: str, where: str
+) -> Iterator[str]:
     """A number that is no phone number is kept (the CRM may hold it) but said."""
     for phone_field in PHONE_FIELDS:
         phone = row.get(phone_field)
@@ -133,5 +145,7 @@ def _phone_warnings(row: Mapping[str, FieldValue], default_region: str,
         try:
             phone_key(phone, default_region)
         except UnparseablePhone:
-            yield (f"{where}: {phone_field} {mask(phone)} is not a phone number; the contact "
-                   "is kept but its number matches nothing")
+            yield (
+                f"{where}: {phone_field} {mask(phone)} is not a phone number; the contact "
+                "is kept but its number matches nothing"
+            )

@@ -84,5 +84,3 @@ def decode_csv(data: bytes) -> str:
     """The file's text: UTF-8 (a BOM is dropped); a byte that is not UTF-8 is kept as a
     lone surrogate, so that its row alone is refused (by line) and the others still read."""
     return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-
-

@@ -47,8 +47,15 @@ PROOF_MISSING = "proof_missing"
 WHATSAPP_USER_ID = "whatsapp_user_id"
 
 LOGICAL_FIELDS: tuple[str, ...] = (
-    OPT_IN, OPT_IN_DATE, OPT_IN_IP, OPT_IN_SOURCE, OPT_OUT_DATE,
-    LAST_INBOUND, SESSION_EXPIRES, PROOF_MISSING, WHATSAPP_USER_ID,
+    OPT_IN,
+    OPT_IN_DATE,
+    OPT_IN_IP,
+    OPT_IN_SOURCE,
+    OPT_OUT_DATE,
+    LAST_INBOUND,
+    SESSION_EXPIRES,
+    PROOF_MISSING,
+    WHATSAPP_USER_ID,
 )
 DATETIME_FIELDS = frozenset({OPT_IN_DATE, OPT_OUT_DATE, LAST_INBOUND, SESSION_EXPIRES})
 BOOLEAN_FIELDS = frozenset({OPT_IN, PROOF_MISSING})
@@ -112,8 +119,12 @@ class Event:
         a free entry point window; the plain `sent` / `delivered` / `read` of the
         business's own messages change no field, and a campaign of a million messages
         would otherwise add three million rows that no rule ever reads."""
-        return (self.kind is not EventKind.STATUS or self.signal is not Signal.NONE
-                or bool(self.error_codes) or self.window_expires_at is not None)
+        return (
+            self.kind is not EventKind.STATUS
+            or self.signal is not Signal.NONE
+            or bool(self.error_codes)
+            or self.window_expires_at is not None
+        )
 
     @property
     def match_user_id(self) -> str | None:
@@ -176,11 +187,18 @@ class Activity:
             expires = event.window_expires_at
             if expires is not None and (window_expires_at is None or expires > window_expires_at):
                 window_expires_at = expires
-            if event.user_id and (newest_user_id is None
-                                  or (event.occurred_at, event.user_id) > newest_user_id):
+            if event.user_id and (
+                newest_user_id is None or (event.occurred_at, event.user_id) > newest_user_id
+            ):
                 newest_user_id = (event.occurred_at, event.user_id)
-        return cls(tuple(sorted(consent, key=lambda e: e.key)), last_inbound, window_expires_at,
-                   newest_user_id, len(unique), UserIdChange.in_order(changes))
+        return cls(
+            tuple(sorted(consent, key=lambda e: e.key)),
+            last_inbound,
+            window_expires_at,
+            newest_user_id,
+            len(unique),
+            UserIdChange.in_order(changes),
+        )
 
     @classmethod
     def merged(cls, parts: Sequence[Activity]) -> Activity:
@@ -190,12 +208,14 @@ class Activity:
         if not parts:
             return NO_ACTIVITY
         consent = {event.key: event for part in parts for event in part.consent}
-        return cls(tuple(consent[key] for key in sorted(consent)),
-                   _newest(p.last_inbound for p in parts),
-                   _newest(p.window_expires_at for p in parts),
-                   max((p.newest_user_id for p in parts if p.newest_user_id), default=None),
-                   sum(p.event_count for p in parts),
-                   UserIdChange.in_order(c for part in parts for c in part.user_id_changes))
+        return cls(
+            tuple(consent[key] for key in sorted(consent)),
+            _newest(p.last_inbound for p in parts),
+            _newest(p.window_expires_at for p in parts),
+            max((p.newest_user_id for p in parts if p.newest_user_id), default=None),
+            sum(p.event_count for p in parts),
+            UserIdChange.in_order(c for part in parts for c in part.user_id_changes),
+        )
 
     def __bool__(self) -> bool:
         return self.event_count > 0

@@ -39,8 +39,10 @@ class ConfigError(WaconsentError):
         if len(self.problems) == 1:
             message = header + self.problems[0]
         else:
-            message = header + f"{len(self.problems)} problems:\n" + "\n".join(
-                f"  - {p}" for p in self.problems
+            message = (
+                header
+                + f"{len(self.problems)} problems:\n"
+                + "\n".join(f"  - {p}" for p in self.problems)
             )
         super().__init__(message)
 
@@ -77,8 +79,9 @@ class RunLockHeld(FatalError):
 class RetryableError(WaconsentError):
     """A transient refusal; `retry_after` is the server's requested wait in seconds, if any."""
 
-    def __init__(self, message: str, *, status: int | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         self.status = status
         self.retry_after = retry_after
         super().__init__(message)
@@ -91,8 +94,9 @@ class RateLimited(RetryableError):
 class RecordError(WaconsentError):
     """One record could not be written; its neighbours are unaffected."""
 
-    def __init__(self, message: str, *, record_id: str, code: str = "",
-                 fields: Sequence[str] = ()) -> None:
+    def __init__(
+        self, message: str, *, record_id: str, code: str = "", fields: Sequence[str] = ()
+    ) -> None:
         self.record_id = record_id
         self.code = code
         self.fields = tuple(fields)

@@ -24,8 +24,12 @@ TOKEN_SHAPE = re.compile(r"[a-z0-9]{16,64}")
 # Variation selectors (VS1-16, VS17-256, Mongolian free variation selectors) are
 # combining marks, not format characters, yet just as invisible: "STOP\ufe0f" shows as STOP.
 _VARIATION_SELECTORS = frozenset(
-    [*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0)),
-     *map(chr, range(0x180B, 0x1810))])
+    [
+        *map(chr, range(0xFE00, 0xFE10)),
+        *map(chr, range(0xE0100, 0xE01F0)),
+        *map(chr, range(0x180B, 0x1810)),
+    ]
+)
 
 
 def _dropped(ch: str) -> bool:
@@ -61,8 +65,13 @@ class KeywordRules:
     opt_in_payloads: frozenset[str] = frozenset()
 
     @classmethod
-    def build(cls, opt_in: Iterable[str], opt_out: Iterable[str],
-              stop_labels: Iterable[str], opt_in_payloads: Iterable[str] = ()) -> KeywordRules:
+    def build(
+        cls,
+        opt_in: Iterable[str],
+        opt_out: Iterable[str],
+        stop_labels: Iterable[str],
+        opt_in_payloads: Iterable[str] = (),
+    ) -> KeywordRules:
         return cls(
             opt_in={normalize_text(k): k.strip().upper() for k in opt_in},
             opt_out={normalize_text(k): k.strip().upper() for k in opt_out},
@@ -113,7 +122,7 @@ class KeywordRules:
         engine" is no opt-in, "start <token>" is the prefilled confirmation."""
         for normalized, keyword in self.opt_in.items():
             if text.startswith(normalized + " "):
-                rest = text[len(normalized) + 1:].split()
+                rest = text[len(normalized) + 1 :].split()
                 token = next((word for word in rest if TOKEN_SHAPE.fullmatch(word)), None)
                 if token is not None:
                     return keyword, token

@@ -28,7 +28,8 @@ T = TypeVar("T")
 
 _NOTHING_BOUND: Mapping[str, Any] = MappingProxyType({})
 _CONTEXT: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
-    "waconsent_log_context", default=_NOTHING_BOUND)
+    "waconsent_log_context", default=_NOTHING_BOUND
+)
 _FIELDS = "waconsent_fields"
 #: attributes every LogRecord has; anything else on a record came in through `extra=`
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -57,6 +58,7 @@ def in_context(fn: Callable[..., T]) -> Callable[..., T]:
 
     def run(*args: Any, **kwargs: Any) -> T:
         return context.copy().run(fn, *args, **kwargs)
+
     return run
 
 
@@ -64,8 +66,13 @@ def fields_of(record: logging.LogRecord) -> dict[str, Any]:
     """A record as one flat mapping: event, bound context, its fields, `extra=` values."""
     found: dict[str, Any] = {"event": record.getMessage()}
     found.update(getattr(record, "waconsent_context", None) or {})
-    found.update({key: value for key, value in vars(record).items()
-                  if key not in _STANDARD and key not in (_FIELDS, "waconsent_context")})
+    found.update(
+        {
+            key: value
+            for key, value in vars(record).items()
+            if key not in _STANDARD and key not in (_FIELDS, "waconsent_context")
+        }
+    )
     found.update(getattr(record, _FIELDS, None) or {})
     if record.exc_info and record.exc_info[0] is not None:
         found["error"] = record.exc_info[0].__name__
@@ -85,9 +92,13 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, whatever the message or the fields hold."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-                .replace("+00:00", "Z"), "level": record.levelname.lower(),
-                "logger": record.name}
+        line = {
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
         line.update(fields_of(record))
         # ASCII only: a raw U+2028 or U+0085 would end the line for some log shippers
         return json.dumps(line, default=str, ensure_ascii=True)
@@ -124,8 +135,11 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def writes_json(self) -> bool:
         stream = self._fixed or sys.stderr
-        return (self._json_lines if self._json_lines is not None
-                else not getattr(stream, "isatty", lambda: False)())
+        return (
+            self._json_lines
+            if self._json_lines is not None
+            else not getattr(stream, "isatty", lambda: False)()
+        )
 
 
 _JSON, _TEXT = JsonFormatter(), TextFormatter()
@@ -140,8 +154,9 @@ def writes_json() -> bool:
     return True
 
 
-def configure(level: int = logging.WARNING, *, stream: IO[str] | None = None,
-              json_lines: bool | None = None) -> None:
+def configure(
+    level: int = logging.WARNING, *, stream: IO[str] | None = None, json_lines: bool | None = None
+) -> None:
     """The one handler, on the root logger so that uvicorn's and APScheduler's lines come
     out in the same format; `level` is waconsent's own. Idempotent: a second call only
     sets the level."""

@@ -53,17 +53,17 @@ log = logging.getLogger("waconsent.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: every outcome a POST to the webhook path can have, so each series exists from the start
 DELIVERY_OUTCOMES = (
-    "stored",             # 200, at least one item new to the store
-    "duplicate",          # 200, every storable item was already stored (a redelivery)
-    "acknowledged",       # 200, nothing worth a row (plain statuses, unknown fields)
-    "refused_unsigned",   # 401
+    "stored",  # 200, at least one item new to the store
+    "duplicate",  # 200, every storable item was already stored (a redelivery)
+    "acknowledged",  # 200, nothing worth a row (plain statuses, unknown fields)
+    "refused_unsigned",  # 401
     "refused_signature",  # 403
-    "too_large",          # 413
-    "bad_json",           # 400, signed but not JSON
-    "bad_request",        # 400, a malformed Content-Length or a client that went away
-    "too_slow",           # 408
-    "failed",             # 503, the store unavailable: Meta delivers it again
-    "error",              # 500, a bug
+    "too_large",  # 413
+    "bad_json",  # 400, signed but not JSON
+    "bad_request",  # 400, a malformed Content-Length or a client that went away
+    "too_slow",  # 408
+    "failed",  # 503, the store unavailable: Meta delivers it again
+    "error",  # 500, a bug
 )
 PLAIN_STATUS = "plain_status"
 ITEM_KINDS = (*(kind.value for kind in EventKind), PLAIN_STATUS)
@@ -78,29 +78,54 @@ STORE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 class Metrics:
     """The metrics of one app; its hooks are cheap and never raise into the caller's path."""
 
-    def __init__(self, engine: Engine | None = None, crm: str | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        crm: str | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
-        self._deliveries = Counter("waconsent_webhook_deliveries",
-                                   "Deliveries to the webhook path, by outcome", ["outcome"],
-                                   registry=registry)
-        self._store_seconds = Histogram("waconsent_webhook_store_seconds",
-                                        "Seconds to parse and commit one signed delivery",
-                                        buckets=STORE_BUCKETS, registry=registry)
-        self._items = Counter("waconsent_webhook_items",
-                              "Webhook items newly stored, by kind", ["kind"],
-                              registry=registry)
-        self._signals = Counter("waconsent_consent_signals",
-                                "Consent signals newly stored, by signal", ["signal"],
-                                registry=registry)
-        self._runs = Counter("waconsent_sync_runs", "Sync runs started by this process",
-                             ["mode", "outcome"], registry=registry)
-        self._run_seconds = Histogram("waconsent_sync_run_duration_seconds",
-                                      "Duration of the sync runs of this process", ["mode"],
-                                      buckets=RUN_BUCKETS, registry=registry)
-        self._replies = Counter("waconsent_replies", "Confirmation replies, by outcome",
-                                ["outcome"], registry=registry)
+        self._deliveries = Counter(
+            "waconsent_webhook_deliveries",
+            "Deliveries to the webhook path, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self._store_seconds = Histogram(
+            "waconsent_webhook_store_seconds",
+            "Seconds to parse and commit one signed delivery",
+            buckets=STORE_BUCKETS,
+            registry=registry,
+        )
+        self._items = Counter(
+            "waconsent_webhook_items",
+            "Webhook items newly stored, by kind",
+            ["kind"],
+            registry=registry,
+        )
+        self._signals = Counter(
+            "waconsent_consent_signals",
+            "Consent signals newly stored, by signal",
+            ["signal"],
+            registry=registry,
+        )
+        self._runs = Counter(
+            "waconsent_sync_runs",
+            "Sync runs started by this process",
+            ["mode", "outcome"],
+            registry=registry,
+        )
+        self._run_seconds = Histogram(
+            "waconsent_sync_run_duration_seconds",
+            "Duration of the sync runs of this process",
+            ["mode"],
+            buckets=RUN_BUCKETS,
+            registry=registry,
+        )
+        self._replies = Counter(
+            "waconsent_replies", "Confirmation replies, by outcome", ["outcome"], registry=registry
+        )
         for outcome in DELIVERY_OUTCOMES:
             self._deliveries.labels(outcome)
         for kind in ITEM_KINDS:
@@ -123,16 +148,18 @@ class Metrics:
     def delivered(self, report: IngestReport, seconds: float) -> None:
         """A committed delivery: its outcome, and what it stored that was new."""
         new = report.new_keys
-        outcome = ("stored" if report.stored else "duplicate" if report.duplicates
-                   else "acknowledged")
+        outcome = (
+            "stored" if report.stored else "duplicate" if report.duplicates else "acknowledged"
+        )
         self._deliveries.labels(outcome).inc()
         self._store_seconds.observe(seconds)
         if new:  # a batch of 1,000 items: one increment per label, not per item
             fresh = [event for event in report.events if event.key in new]
             for kind, count in Counter_(event.kind.value for event in fresh).items():
                 self._items.labels(kind).inc(count)
-            for signal, count in Counter_(event.signal.value for event in fresh
-                                          if event.signal is not Signal.NONE).items():
+            for signal, count in Counter_(
+                event.signal.value for event in fresh if event.signal is not Signal.NONE
+            ).items():
                 self._signals.labels(signal).inc(count)
         if report.acknowledged:
             self._items.labels(PLAIN_STATUS).inc(report.acknowledged)
@@ -173,8 +200,7 @@ class StoreCollector(Collector):
     """The gauges read from the store at scrape time. A store that cannot be read gives
     `waconsent_store_up 0` and no other store gauge, never a failed scrape."""
 
-    def __init__(self, engine: Engine, crm: str | None,
-                 clock: Callable[[], datetime]) -> None:
+    def __init__(self, engine: Engine, crm: str | None, clock: Callable[[], datetime]) -> None:
         self._engine = engine
         self._crm = crm  # the configured CRM: its outbox series exist even when empty
         self._clock = clock
@@ -188,8 +214,7 @@ class StoreCollector(Collector):
                 states = monitoring.outbox_state(connection)
                 successes = monitoring.last_successes(connection)
         except SQLAlchemyError as exc:
-            logs.event(log, "metrics.store_unreadable", logging.WARNING,
-                       error=type(exc).__name__)
+            logs.event(log, "metrics.store_unreadable", logging.WARNING, error=type(exc).__name__)
             yield _gauge("waconsent_store_up", "1 when the scrape could read the store", 0)
             return
         yield _gauge("waconsent_store_up", "1 when the scrape could read the store", 1)
@@ -197,11 +222,14 @@ class StoreCollector(Collector):
         by_crm = {state.crm: state for state in states}
         if self._crm is not None and self._crm not in by_crm:
             by_crm[self._crm] = monitoring.OutboxState(self._crm, 0, 0, None)
-        rows = GaugeMetricFamily("waconsent_outbox_rows", "Writes queued in the outbox",
-                                 labels=["crm", "state"])
-        age = GaugeMetricFamily("waconsent_outbox_oldest_age_seconds",
-                                "Age of the oldest pending write in the outbox (0: none)",
-                                labels=["crm"])
+        rows = GaugeMetricFamily(
+            "waconsent_outbox_rows", "Writes queued in the outbox", labels=["crm", "state"]
+        )
+        age = GaugeMetricFamily(
+            "waconsent_outbox_oldest_age_seconds",
+            "Age of the oldest pending write in the outbox (0: none)",
+            labels=["crm"],
+        )
         for crm in sorted(by_crm):
             state = by_crm[crm]
             rows.add_metric([crm, "pending"], state.pending)
@@ -210,9 +238,11 @@ class StoreCollector(Collector):
             age.add_metric([crm], max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
         yield rows
         yield age
-        last = GaugeMetricFamily("waconsent_sync_last_success_timestamp_seconds",
-                                 "When the newest ok or partial run of this mode finished "
-                                 "(Unix time)", labels=["crm", "mode"])
+        last = GaugeMetricFamily(
+            "waconsent_sync_last_success_timestamp_seconds",
+            "When the newest ok or partial run of this mode finished (Unix time)",
+            labels=["crm", "mode"],
+        )
         for (crm, mode), finished in sorted(successes.items()):
             last.add_metric([crm, mode], finished.timestamp())
         yield last

@@ -36,51 +36,67 @@ STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
 def security_headers(frame_origins: Sequence[str] = ()) -> dict[str, str]:
     """The page's headers: nothing may load but its own style and same-origin images."""
     ancestors = " ".join(frame_origins) or "'none'"
-    policy = (f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; img-src 'self'; "
-              f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}")
-    return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
+    policy = (
+        f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; img-src 'self'; "
+        f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+        "Cache-Control": "no-store",
+    }
 
 
 def _document(title: str, body: str) -> str:
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{STYLE}</style></head>"
-            f"<body><main>{body}</main></body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head>"
+        f"<body><main>{body}</main></body></html>\n"
+    )
 
 
 def form_page(*, action: str, business: str, wording: str, form_id: str) -> str:
     """GET <path>: the wording, a box to tick, an optional number, the button."""
-    return _document(f"WhatsApp messages from {business}", (
-        f"<h1>WhatsApp messages from {escape(business)}</h1>"
-        f'<form method="post" action="{escape(action)}">'
-        f'<input type="hidden" name="form" value="{escape(form_id)}">'
-        f'<div class="consent"><input type="checkbox" id="agree" name="agree" value="yes" '
-        f'required><label for="agree" id="wording">{escape(wording)}</label></div>'
-        f'<label for="phone">Your WhatsApp number (optional)</label>'
-        f'<input type="tel" id="phone" name="phone" autocomplete="tel" maxlength="40">'
-        f'<button type="submit" id="submit">Continue in WhatsApp</button>'
-        f'<p class="small">Next you send one prefilled message from your own WhatsApp; that '
-        f"message confirms your number. Nothing is sent to you before.</p></form>"))
+    return _document(
+        f"WhatsApp messages from {business}",
+        (
+            f"<h1>WhatsApp messages from {escape(business)}</h1>"
+            f'<form method="post" action="{escape(action)}">'
+            f'<input type="hidden" name="form" value="{escape(form_id)}">'
+            f'<div class="consent"><input type="checkbox" id="agree" name="agree" value="yes" '
+            f'required><label for="agree" id="wording">{escape(wording)}</label></div>'
+            f'<label for="phone">Your WhatsApp number (optional)</label>'
+            f'<input type="tel" id="phone" name="phone" autocomplete="tel" maxlength="40">'
+            f'<button type="submit" id="submit">Continue in WhatsApp</button>'
+            f'<p class="small">Next you send one prefilled message from your own WhatsApp; that '
+            f"message confirms your number. Nothing is sent to you before.</p></form>"
+        ),
+    )
 
 
-def answer_page(*, business: str, keyword: str, link: str, qr_url: str,
-                expires_at: str) -> str:
+def answer_page(*, business: str, keyword: str, link: str, qr_url: str, expires_at: str) -> str:
     """The answer to the page's own form: the link as a button, and its QR code."""
-    return _document(f"Confirm in WhatsApp: {business}", (
-        "<h1>One step left: send the message</h1>"
-        f"<p>Tap the button: WhatsApp opens with the message <strong>{escape(keyword)} "
-        f"…</strong> ready. Send it to confirm that {escape(business)} may write to you.</p>"
-        f'<p><a class="button" id="whatsapp-link" href="{escape(link)}">Open WhatsApp</a></p>'
-        "<p>On a computer? Scan this code with your phone's camera:</p>"
-        f'<img id="qr" src="{escape(qr_url)}" width="192" height="192" '
-        'alt="QR code that opens WhatsApp with the confirmation message">'
-        f'<p class="small">The link works until {escape(expires_at)} (UTC) and only once.</p>'))
+    return _document(
+        f"Confirm in WhatsApp: {business}",
+        (
+            "<h1>One step left: send the message</h1>"
+            f"<p>Tap the button: WhatsApp opens with the message <strong>{escape(keyword)} "
+            f"…</strong> ready. Send it to confirm that {escape(business)} may write to you.</p>"
+            f'<p><a class="button" id="whatsapp-link" href="{escape(link)}">Open WhatsApp</a></p>'
+            "<p>On a computer? Scan this code with your phone's camera:</p>"
+            f'<img id="qr" src="{escape(qr_url)}" width="192" height="192" '
+            'alt="QR code that opens WhatsApp with the confirmation message">'
+            f'<p class="small">The link works until {escape(expires_at)} (UTC) and only once.</p>'
+        ),
+    )
 
 
 def qr_svg(link: str) -> bytes:
     """The link as a QR code (segno), SVG with its own size, error correction M."""
     buffer = io.BytesIO()
     segno.make(link, error="m", micro=False).save(
-        buffer, kind="svg", scale=6, border=4, title="WhatsApp confirmation link")
+        buffer, kind="svg", scale=6, border=4, title="WhatsApp confirmation link"
+    )
     return buffer.getvalue()

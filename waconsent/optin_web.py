@@ -93,28 +93,45 @@ class OptinSite:
 
     def routes(self) -> list[Route]:
         path = self.optin.path
-        return [Route(path, self.page, methods=["GET"]),
-                Route(path, self.create, methods=["POST"]),
-                Route(path, self.preflight, methods=["OPTIONS"]),
-                Route(path + "/{token}.svg", self.qr, methods=["GET"])]
+        return [
+            Route(path, self.page, methods=["GET"]),
+            Route(path, self.create, methods=["POST"]),
+            Route(path, self.preflight, methods=["OPTIONS"]),
+            Route(path + "/{token}.svg", self.qr, methods=["GET"]),
+        ]
 
     def link(self, token: str) -> str:
-        return (f"https://wa.me/{self.optin.business_number}"
-                f"?text={quote(f'{self.keyword} {token}', safe='')}")
+        return (
+            f"https://wa.me/{self.optin.business_number}"
+            f"?text={quote(f'{self.keyword} {token}', safe='')}"
+        )
 
     async def page(self, request: Request) -> Response:
-        return HTMLResponse(form_page(action=self.optin.path, business=self.business,
-                                      wording=self.wording, form_id=self.optin.form_id),
-                            headers=security_headers(self.optin.allowed_origins))
+        return HTMLResponse(
+            form_page(
+                action=self.optin.path,
+                business=self.business,
+                wording=self.wording,
+                form_id=self.optin.form_id,
+            ),
+            headers=security_headers(self.optin.allowed_origins),
+        )
 
     async def preflight(self, request: Request) -> Response:
         origin = request.headers.get("origin")
         if origin not in self.origins:
-            return PlainTextResponse("origin not in optin.allowed_origins", status_code=403,
-                                     headers={"Vary": "Origin"})
-        return Response(status_code=204, headers={
-            **self._cors(origin), "Access-Control-Allow-Methods": "POST",
-            "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "600"})
+            return PlainTextResponse(
+                "origin not in optin.allowed_origins", status_code=403, headers={"Vary": "Origin"}
+            )
+        return Response(
+            status_code=204,
+            headers={
+                **self._cors(origin),
+                "Access-Control-Allow-Methods": "POST",
+                "Access-Control-Allow-Headers": "Content-Type",
+                "Access-Control-Max-Age": "600",
+            },
+        )
 
     def _cors(self, origin: str | None) -> dict[str, str]:
         if origin is None or origin not in self.origins:
@@ -133,20 +150,34 @@ class OptinSite:
             return refused.response
         token = optin_store.new_token()
         await run_in_threadpool(self._store, new, token)
-        logs.event(logger, "optin.requested", form=new.form_id,
-                   ip_known=new.client_ip is not None, phone_given=new.phone_key is not None)
+        logs.event(
+            logger,
+            "optin.requested",
+            form=new.form_id,
+            ip_known=new.client_ip is not None,
+            phone_given=new.phone_key is not None,
+        )
         link = self.link(token)
         qr_url = f"{self.optin.path}/{token}.svg"
         expires = jsonable(new.expires_at)
         if html:
-            return HTMLResponse(answer_page(business=self.business, keyword=self.keyword,
-                                            link=link, qr_url=qr_url, expires_at=expires),
-                                status_code=201,
-                                headers={**security_headers(self.optin.allowed_origins), **cors})
+            return HTMLResponse(
+                answer_page(
+                    business=self.business,
+                    keyword=self.keyword,
+                    link=link,
+                    qr_url=qr_url,
+                    expires_at=expires,
+                ),
+                status_code=201,
+                headers={**security_headers(self.optin.allowed_origins), **cors},
+            )
         absolute = self._origin_of(request) + qr_url
-        return JSONResponse({"token": token, "link": link, "qr_svg_url": absolute,
-                             "expires_at": expires}, status_code=201,
-                            headers={"Cache-Control": "no-store", **cors})
+        return JSONResponse(
+            {"token": token, "link": link, "qr_svg_url": absolute, "expires_at": expires},
+            status_code=201,
+            headers={"Cache-Control": "no-store", **cors},
+        )
 
     def _origin_of(self, request: Request) -> str:
         """This server as the visitor reached it: behind a trusted proxy, the scheme and host
@@ -169,7 +200,8 @@ class OptinSite:
     def _from_trusted_proxy(self, request: Request) -> bool:
         peer = _ip_or_none(request.client.host) if request.client else None
         return peer is not None and any(
-            ipaddress.ip_address(peer) in network for network in self.trusted)
+            ipaddress.ip_address(peer) in network for network in self.trusted
+        )
 
     def _client(self, request: Request, fields: Mapping[str, str]) -> str:
         """The visitor's address: `client_ip` from an authenticated server, else the peer's
@@ -179,10 +211,12 @@ class OptinSite:
             peer = request.client.host if request.client else None
             return client_address(peer, request.headers.get("x-forwarded-for"), self.trusted)
         if self.api_token is None:
-            raise _bad(f"client_ip is accepted only with Authorization: Bearer "
-                       f"<{API_TOKEN_VARIABLE}>, and {API_TOKEN_VARIABLE} is not set", 403)
-        refusal = api_refusal(bearer_outcome(request.headers.get("authorization"),
-                                             self.api_token))
+            raise _bad(
+                f"client_ip is accepted only with Authorization: Bearer "
+                f"<{API_TOKEN_VARIABLE}>, and {API_TOKEN_VARIABLE} is not set",
+                403,
+            )
+        refusal = api_refusal(bearer_outcome(request.headers.get("authorization"), self.api_token))
         if refusal is not None:
             raise Refused(refusal)
         address = _ip_or_none(given)
@@ -190,8 +224,9 @@ class OptinSite:
             raise _bad("client_ip is not an IP address")
         return address
 
-    def _new_request(self, request: Request, fields: Mapping[str, str],
-                     client: str) -> optin_store.NewRequest:
+    def _new_request(
+        self, request: Request, fields: Mapping[str, str], client: str
+    ) -> optin_store.NewRequest:
         form = fields.get("form") or self.optin.form_id
         if not FORM_ID.fullmatch(form):
             raise _bad("form: expected 1 to 64 letters, digits, '_', '.' or '-'")
@@ -205,11 +240,16 @@ class OptinSite:
         page = fields.get("page") or request.headers.get("referer")
         now = self.clock()
         return optin_store.NewRequest(
-            created_at=now, expires_at=now + timedelta(hours=self.optin.token_ttl_hours),
+            created_at=now,
+            expires_at=now + timedelta(hours=self.optin.token_ttl_hours),
             client_ip=_ip_or_none(client),
             user_agent=(request.headers.get("user-agent") or "")[:300] or None,
-            page=page[:500] if page else None, form_id=form, wording=self.wording,
-            business=self.business[:200], phone_key=key)
+            page=page[:500] if page else None,
+            form_id=form,
+            wording=self.wording,
+            business=self.business[:200],
+            phone_key=key,
+        )
 
     def _store(self, new: optin_store.NewRequest, token: str) -> None:
         with self.engine.begin() as connection:
@@ -217,12 +257,17 @@ class OptinSite:
 
     async def qr(self, request: Request) -> Response:
         token = str(request.path_params["token"]).lower()
-        if not TOKEN_IN_PATH.fullmatch(token) or not await run_in_threadpool(
-                self._open, token):
+        if not TOKEN_IN_PATH.fullmatch(token) or not await run_in_threadpool(self._open, token):
             return PlainTextResponse("no open opt-in request with this token", status_code=404)
-        return Response(qr_svg(self.link(token)), media_type="image/svg+xml", headers={
-            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+        return Response(
+            qr_svg(self.link(token)),
+            media_type="image/svg+xml",
+            headers={
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+            },
+        )
 
     def _open(self, token: str) -> bool:
         with self.engine.connect() as connection:
@@ -263,12 +308,16 @@ def _parse(body: bytes, content_type: str | None) -> tuple[dict[str, str], bool]
             return dict(reversed(pairs)), True  # the first of a repeated field wins
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise _bad("malformed body") from None
-    raise Refused(PlainTextResponse("expected application/json or "
-                                    "application/x-www-form-urlencoded", status_code=415))
+    raise Refused(
+        PlainTextResponse(
+            "expected application/json or application/x-www-form-urlencoded", status_code=415
+        )
+    )
 
 
-def optin_routes(config: LoadedConfig, engine: Engine,
-                 clock: Clock = lambda: datetime.now(UTC)) -> list[Route]:
+def optin_routes(
+    config: LoadedConfig, engine: Engine, clock: Clock = lambda: datetime.now(UTC)
+) -> list[Route]:
     """The routes, or none while `[optin] enabled` is false."""
     if not config.settings.optin.enabled:
         return []

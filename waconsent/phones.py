@@ -65,8 +65,10 @@ def phone_key(raw: str, default_region: str) -> str:
     except phonenumbers.NumberParseException as exc:
         raise UnparseablePhone(str(exc)) from None
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    possible = (phonenumbers.is_possible_number_with_reason(number)
-                == phonenumbers.ValidationResult.IS_POSSIBLE)
+    possible = (
+        phonenumbers.is_possible_number_with_reason(number)
+        == phonenumbers.ValidationResult.IS_POSSIBLE
+    )
     if not possible and canonical(e164) == e164:
         # a known WhatsApp variant (Mexico's old '1') is kept even though it is no longer
         # a possible number; anything else this short or long is junk
@@ -105,8 +107,9 @@ def lookup_keys(text: str, default_region: str) -> list[str]:
     except UnparseablePhone:
         if "." in value and " " not in value:
             return [user_id_key(value) or value]
-        raise ValueError(f"{mask(value)} is neither a phone number nor a WhatsApp user id "
-                         "(such as US.1234...)") from None
+        raise ValueError(
+            f"{mask(value)} is neither a phone number nor a WhatsApp user id (such as US.1234...)"
+        ) from None
 
 
 _WA_ID_FORM = re.compile(r"[1-9]\d{6,14}")

@@ -37,6 +37,7 @@ from waconsent.web import HealthHook, OnIngest, create_app, webhook_secrets
 
 logger = logging.getLogger("waconsent.web")
 
+
 class _Conditions:
     """The throttled log lines of one server."""
 
@@ -115,8 +116,13 @@ class _GuardedH11(H11Protocol):
             self.transport.close()
 
     def _make_room(self) -> None:
-        waiting = [c for c in self.connections if isinstance(c, _GuardedH11)
-                   and c._waiting_since is not None and not c.transport.is_closing()]
+        waiting = [
+            c
+            for c in self.connections
+            if isinstance(c, _GuardedH11)
+            and c._waiting_since is not None
+            and not c.transport.is_closing()
+        ]
         victim = min(waiting, key=lambda c: c._waiting_since or 0.0, default=self)
         self.conditions.capped.note(limit=self.limits.max_connections)
         victim._close_waiting()
@@ -148,11 +154,13 @@ class _ResourceErrorsOncePerInterval(logging.Filter):
 
 _current_conditions: list[_Conditions] = []  # the newest server's, for the asyncio filter
 _asyncio_filter = _ResourceErrorsOncePerInterval(
-    lambda: _current_conditions[-1] if _current_conditions else None)
+    lambda: _current_conditions[-1] if _current_conditions else None
+)
 
 
-def uvicorn_config(app: ASGIApp, config: LoadedConfig,
-                   limits: ServerLimits | None = None) -> uvicorn.Config:
+def uvicorn_config(
+    app: ASGIApp, config: LoadedConfig, limits: ServerLimits | None = None
+) -> uvicorn.Config:
     """The production server settings; tests run the same ones on a loopback port (with
     shorter `limits` where they test the deadlines)."""
     webhook = config.settings.webhook
@@ -168,8 +176,8 @@ def uvicorn_config(app: ASGIApp, config: LoadedConfig,
         app,
         host=webhook.host,
         port=webhook.port,
-        http=protocol,             # h11 with head deadlines and the connection cap
-        access_log=False,          # uvicorn's would print query strings; AccessLog does not
+        http=protocol,  # h11 with head deadlines and the connection cap
+        access_log=False,  # uvicorn's would print query strings; AccessLog does not
         server_header=False,
         # issue 15: the client's address is `web_guard.client_address`'s one answer (from
         # `[optin] trusted_proxies`); uvicorn rewriting it first would make X-Forwarded-For
@@ -180,9 +188,9 @@ def uvicorn_config(app: ASGIApp, config: LoadedConfig,
         # a backstop only: the protocol keeps connections at max_connections, so uvicorn's
         # own 503s start only if something bypassed it
         limit_concurrency=limits.max_connections + 1,
-        backlog=limits.backlog,    # asyncio accepts this many at once (see accept_backlog)
+        backlog=limits.backlog,  # asyncio accepts this many at once (see accept_backlog)
         timeout_graceful_shutdown=10,
-        log_config=None,           # logging is waconsent's own (`logs.configure`)
+        log_config=None,  # logging is waconsent's own (`logs.configure`)
     )
 
 
@@ -204,8 +212,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise FatalError(f"cannot listen on {host}:{port} ([webhook] host/port): "
-                         f"{exc.strerror or exc}") from None
+        raise FatalError(
+            f"cannot listen on {host}:{port} ([webhook] host/port): {exc.strerror or exc}"
+        ) from None
     return sock
 
 
@@ -217,9 +226,15 @@ def _stop(_signum: int, _frame: FrameType | None) -> None:
     raise _Stopped
 
 
-def serve(config: LoadedConfig, *, engine: Engine | None = None,
-          on_ingest: OnIngest | None = None, limits: ServerLimits | None = None,
-          health: HealthHook | None = None, metrics: Metrics | None = None) -> None:
+def serve(
+    config: LoadedConfig,
+    *,
+    engine: Engine | None = None,
+    on_ingest: OnIngest | None = None,
+    limits: ServerLimits | None = None,
+    health: HealthHook | None = None,
+    metrics: Metrics | None = None,
+) -> None:
     """Run the receiver on `[webhook] host:port` until stopped by SIGINT or SIGTERM.
 
     Raises ConfigError without the two WhatsApp secrets, FatalError when the address
@@ -241,11 +256,18 @@ def serve(config: LoadedConfig, *, engine: Engine | None = None,
     try:
         engine = engine or open_engine(config.settings.store.url)
         limits = limits or ServerLimits()
-        app = create_app(config, engine, on_ingest=on_ingest, limits=limits, health=health,
-                         metrics=metrics)
-        logs.event(logger, "webhook.starting", host=webhook.host, port=sock.getsockname()[1],
-                  path=webhook.path, store=engine.dialect.name,
-                  max_body_bytes=webhook.max_body_bytes)
+        app = create_app(
+            config, engine, on_ingest=on_ingest, limits=limits, health=health, metrics=metrics
+        )
+        logs.event(
+            logger,
+            "webhook.starting",
+            host=webhook.host,
+            port=sock.getsockname()[1],
+            path=webhook.path,
+            store=engine.dialect.name,
+            max_body_bytes=webhook.max_body_bytes,
+        )
         uvicorn.Server(uvicorn_config(app, config, limits)).run(sockets=[sock])
     except (KeyboardInterrupt, _Stopped):
         pass

@@ -30,8 +30,7 @@ def connection_cap() -> int:
     """How many client connections to hold at once: three quarters of the descriptors left
     after `RESERVED_DESCRIPTORS`, at most `MOST_CONNECTIONS`, at least 16."""
     spare = _spare_descriptors()
-    return MOST_CONNECTIONS if spare is None else max(16, min(MOST_CONNECTIONS,
-                                                              spare * 3 // 4))
+    return MOST_CONNECTIONS if spare is None else max(16, min(MOST_CONNECTIONS, spare * 3 // 4))
 
 
 def accept_backlog() -> int:
@@ -63,8 +62,9 @@ class Throttled:
     """A condition logged at most once per interval, with how often it happened since the
     last line: a flood of stalled connections must not become a flood of log lines."""
 
-    def __init__(self, event: str, interval: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, event: str, interval: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.event = event
         self.interval = interval
         self.clock = clock
@@ -79,7 +79,6 @@ class Throttled:
             if self.last is not None and now - self.last < self.interval:
                 return
             count, self.count, self.last = self.count, 0, now
-        logs.event(logger, self.event, logging.WARNING, count=count,
-                   per_seconds=self.interval, **fields)
-
-
+        logs.event(
+            logger, self.event, logging.WARNING, count=count, per_seconds=self.interval, **fields
+        )

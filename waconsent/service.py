@@ -48,17 +48,24 @@ def serve(config: LoadedConfig) -> None:
     worker = None
     if sender is not None:  # issue 14
         holder = node_identity()
-        worker = ReplyWorker(lambda: metrics.replies(send_due(engine, sender, holder,
-                                                              lambda: datetime.now(UTC))))
-    dispatcher = RevocationDispatcher(lambda keys: metrics.timed_run(
-        "targeted", lambda: run_once(config, engine=engine, only_keys=keys)))
+        worker = ReplyWorker(
+            lambda: metrics.replies(send_due(engine, sender, holder, lambda: datetime.now(UTC)))
+        )
+    dispatcher = RevocationDispatcher(
+        lambda keys: metrics.timed_run(
+            "targeted", lambda: run_once(config, engine=engine, only_keys=keys)
+        )
+    )
     scheduler = build_scheduler(
         config.settings.schedule,
         full_run=lambda: metrics.timed_run(
-            "full", lambda: run_once(config, full=True, engine=engine)),
+            "full", lambda: run_once(config, full=True, engine=engine)
+        ),
         incremental_run=lambda: metrics.timed_run(
-            "incremental", lambda: run_once(config, engine=engine)),
-        hourly=lambda: purge_optin_requests(engine))  # issue 15
+            "incremental", lambda: run_once(config, engine=engine)
+        ),
+        hourly=lambda: purge_optin_requests(engine),
+    )  # issue 15
 
     def on_ingest(report: IngestReport) -> None:
         dispatcher.submit_events(report.events)
@@ -69,12 +76,21 @@ def serve(config: LoadedConfig) -> None:
     scheduler.start()
     if worker is not None:  # issue 14: drains what is queued, then waits for more
         worker.start()
-    logs.event(log, "serve.scheduler_started", nightly=config.settings.schedule.nightly,
-                  timezone=config.settings.schedule.timezone,
-                  incremental_minutes=config.settings.schedule.incremental_minutes)
+    logs.event(
+        log,
+        "serve.scheduler_started",
+        nightly=config.settings.schedule.nightly,
+        timezone=config.settings.schedule.timezone,
+        incremental_minutes=config.settings.schedule.incremental_minutes,
+    )
     try:
-        server.serve(config, engine=engine, on_ingest=on_ingest,
-                     health=worker.health if worker is not None else None, metrics=metrics)
+        server.serve(
+            config,
+            engine=engine,
+            on_ingest=on_ingest,
+            health=worker.health if worker is not None else None,
+            metrics=metrics,
+        )
     finally:
         scheduler.shutdown(wait=True)
         dispatcher.stop()

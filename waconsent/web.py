@@ -69,9 +69,9 @@ access_logger = logging.getLogger("waconsent.web.access")
 # The two environment variables the receiver cannot start without, and where each comes from.
 REQUIRED_VARIABLES = {
     "WHATSAPP_APP_SECRET": "the App Secret of your Meta app (App settings > Basic), which "
-                           "signs every delivery in X-Hub-Signature-256",
+    "signs every delivery in X-Hub-Signature-256",
     "WHATSAPP_VERIFY_TOKEN": "any string you choose and enter again as the Verify token "
-                             "when you register the callback URL with Meta",
+    "when you register the callback URL with Meta",
 }
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
@@ -90,7 +90,8 @@ def webhook_secrets(config: LoadedConfig) -> tuple[str, str]:
     problems = [
         f"the webhook receiver needs the environment variable {name}: {purpose}; "
         f"set it (export {name}=...) and start again"
-        for name, purpose in REQUIRED_VARIABLES.items() if values[name] is None
+        for name, purpose in REQUIRED_VARIABLES.items()
+        if values[name] is None
     ]
     app_secret, verify_token = values.values()
     if app_secret is None or verify_token is None:
@@ -101,10 +102,19 @@ def webhook_secrets(config: LoadedConfig) -> tuple[str, str]:
 class _Receiver:
     """The request handlers; state is what create_app built once (no per-request set-up)."""
 
-    def __init__(self, engine: Engine, app_secret: str, verify_token: str, max_body: int,
-                 keywords: KeywordRules, on_ingest: OnIngest | None,
-                 limits: ServerLimits, replies: ReplyPolicy | None = None,
-                 health_hook: HealthHook | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        app_secret: str,
+        verify_token: str,
+        max_body: int,
+        keywords: KeywordRules,
+        on_ingest: OnIngest | None,
+        limits: ServerLimits,
+        replies: ReplyPolicy | None = None,
+        health_hook: HealthHook | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics or Metrics()  # issue 17
         self.replies = replies  # issue 14
@@ -120,19 +130,28 @@ class _Receiver:
         # one the moment the previous commits; leaving it to SQLite's busy handler makes
         # them sleep in 1-100 ms steps, which is what p99 latency would show.
         self.write_lock: threading.Lock | None = (
-            threading.Lock() if engine.dialect.name == "sqlite" else None)
+            threading.Lock() if engine.dialect.name == "sqlite" else None
+        )
 
     async def handshake(self, request: Request) -> Response:
         params = request.query_params
         token = params.get("hub.verify_token", "").encode()
         challenge = params.get("hub.challenge")
-        if (params.get("hub.mode") == "subscribe" and challenge is not None
-                and hmac.compare_digest(token, self.verify_token)):
+        if (
+            params.get("hub.mode") == "subscribe"
+            and challenge is not None
+            and hmac.compare_digest(token, self.verify_token)
+        ):
             logs.event(logger, "webhook.verified")
             return PlainTextResponse(challenge)
-        logs.event(logger, "webhook.verification_refused", logging.WARNING,  # no values: any text
-                  subscribe=params.get("hub.mode") == "subscribe",
-                  token_given="hub.verify_token" in params, challenge_given=challenge is not None)
+        logs.event(
+            logger,
+            "webhook.verification_refused",
+            logging.WARNING,  # no values: any text
+            subscribe=params.get("hub.mode") == "subscribe",
+            token_given="hub.verify_token" in params,
+            challenge_given=challenge is not None,
+        )
         return PlainTextResponse("verification refused", status_code=403)
 
     async def deliver(self, request: Request) -> Response:
@@ -140,8 +159,11 @@ class _Receiver:
         if signature is None:
             logs.event(logger, "webhook.unsigned", logging.WARNING)
             self.metrics.delivery("refused_unsigned")
-            return PlainTextResponse(f"missing {SIGNATURE_HEADER}", status_code=401,
-                                     headers={"WWW-Authenticate": SIGNATURE_HEADER})
+            return PlainTextResponse(
+                f"missing {SIGNATURE_HEADER}",
+                status_code=401,
+                headers={"WWW-Authenticate": SIGNATURE_HEADER},
+            )
         raw = await self._read_body(request)
         if isinstance(raw, Response):
             return raw
@@ -181,41 +203,59 @@ class _Receiver:
         except TimeoutError:  # a stalled or trickling body holds a connection: let it go
             self.body_timeouts.note(seconds=self.body_timeout)
             self.metrics.delivery("too_slow")
-            return PlainTextResponse("body too slow", status_code=408,
-                                     headers={"Connection": "close"})
+            return PlainTextResponse(
+                "body too slow", status_code=408, headers={"Connection": "close"}
+            )
         return bytes(body)
 
     def _too_large(self, size: int) -> Response:
-        logs.event(logger, "webhook.too_large", logging.WARNING, bytes_at_least=size,
-                  limit=self.max_body)
+        logs.event(
+            logger, "webhook.too_large", logging.WARNING, bytes_at_least=size, limit=self.max_body
+        )
         self.metrics.delivery("too_large")
         # The rest of the body stays unread, so the connection cannot be reused.
-        return PlainTextResponse(f"body over {self.max_body} bytes", status_code=413,
-                                 headers={"Connection": "close"})
+        return PlainTextResponse(
+            f"body over {self.max_body} bytes", status_code=413, headers={"Connection": "close"}
+        )
 
     def _store(self, payload: Any, size: int) -> Response:
         """Runs in a worker thread: parse and commit, then answer."""
         started = time.perf_counter()
         try:
             if self.write_lock is None:
-                report = ingest_payload(self.engine, payload, self.keywords, SOURCE,
-                                        replies=self.replies)
+                report = ingest_payload(
+                    self.engine, payload, self.keywords, SOURCE, replies=self.replies
+                )
             else:
                 with self.write_lock:
-                    report = ingest_payload(self.engine, payload, self.keywords, SOURCE,
-                                            replies=self.replies)
+                    report = ingest_payload(
+                        self.engine, payload, self.keywords, SOURCE, replies=self.replies
+                    )
         except SQLAlchemyError as exc:
             # A value the store refuses never gets here: ingest skips that one item (with
             # its location) and commits the rest. What does is the store itself failing,
             # and then nothing of this delivery was committed: Meta must send it again.
-            logs.event(logger, "webhook.store_unavailable", logging.ERROR, error=type(exc).__name__,
-                      bytes=size)
+            logs.event(
+                logger,
+                "webhook.store_unavailable",
+                logging.ERROR,
+                error=type(exc).__name__,
+                bytes=size,
+            )
             self.metrics.delivery("failed")
-            return PlainTextResponse("store unavailable, retry later", status_code=503,
-                                     headers={"Retry-After": RETRY_AFTER_SECONDS})
+            return PlainTextResponse(
+                "store unavailable, retry later",
+                status_code=503,
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
         except Exception as exc:  # noqa: BLE001 - a bug here; never the payload's fault (the parser skips)
-            logs.event(logger, "webhook.internal_error", logging.ERROR, error=type(exc).__name__,
-                      trace=traceback.format_tb(exc.__traceback__))  # no message: may hold data
+            logs.event(
+                logger,
+                "webhook.internal_error",
+                logging.ERROR,
+                error=type(exc).__name__,
+                trace=traceback.format_tb(exc.__traceback__),
+            )  # no message: may hold data
             self.metrics.delivery("error")
             return PlainTextResponse("internal error", status_code=500)
         seconds = time.perf_counter() - started
@@ -225,43 +265,80 @@ class _Receiver:
             try:
                 self.on_ingest(report)
             except Exception as exc:  # noqa: BLE001 - the events are committed; a failing hook loses nothing
-                logs.event(logger, "webhook.hook_failed", logging.ERROR, error=type(exc).__name__,
-                          trace=traceback.format_tb(exc.__traceback__))
-        return JSONResponse({"stored": report.stored, "duplicates": report.duplicates,
-                             "skipped": len(report.skipped)})
+                logs.event(
+                    logger,
+                    "webhook.hook_failed",
+                    logging.ERROR,
+                    error=type(exc).__name__,
+                    trace=traceback.format_tb(exc.__traceback__),
+                )
+        return JSONResponse(
+            {
+                "stored": report.stored,
+                "duplicates": report.duplicates,
+                "skipped": len(report.skipped),
+            }
+        )
 
     def _log_report(self, report: IngestReport, size: int, seconds: float) -> None:
         for skipped in report.skipped[:MAX_SKIPS_LOGGED]:
-            logs.event(logger, "webhook.item_skipped", logging.WARNING, where=skipped.location,
-                      reason=skipped.reason)
+            logs.event(
+                logger,
+                "webhook.item_skipped",
+                logging.WARNING,
+                where=skipped.location,
+                reason=skipped.reason,
+            )
         if len(report.skipped) > MAX_SKIPS_LOGGED:
-            logs.event(logger, "webhook.items_skipped_more", logging.WARNING,
-                      count=len(report.skipped) - MAX_SKIPS_LOGGED)
+            logs.event(
+                logger,
+                "webhook.items_skipped_more",
+                logging.WARNING,
+                count=len(report.skipped) - MAX_SKIPS_LOGGED,
+            )
         if logger.isEnabledFor(logging.INFO):
             for event in report.events:
                 if event.signal in LOGGED_SIGNALS:
-                    logs.event(logger, "webhook.signal", signal=event.signal.value,
-                               kind=event.kind.value,
-                               wa_id=mask(event.wa_id) if event.wa_id else None,
-                               key=_masked_key(event.key))
+                    logs.event(
+                        logger,
+                        "webhook.signal",
+                        signal=event.signal.value,
+                        kind=event.kind.value,
+                        wa_id=mask(event.wa_id) if event.wa_id else None,
+                        key=_masked_key(event.key),
+                    )
         for confirmation in report.optin:  # issue 15: unknown, used, expired, mismatched too
-            logs.event(logger, "webhook.optin", outcome=confirmation.outcome,
-                       wa_id=mask(confirmation.wa_id) if confirmation.wa_id else None)
-        logs.event(logger, "webhook.delivery", bytes=size, events=len(report.events),
-                  stored=report.stored, duplicates=report.duplicates,
-                  acknowledged=report.acknowledged,
-                  replies_queued=report.replies_queued, replies_settled=report.replies_settled,
-                  skipped=len(report.skipped), store_ms=round(seconds * 1000, 2))
+            logs.event(
+                logger,
+                "webhook.optin",
+                outcome=confirmation.outcome,
+                wa_id=mask(confirmation.wa_id) if confirmation.wa_id else None,
+            )
+        logs.event(
+            logger,
+            "webhook.delivery",
+            bytes=size,
+            events=len(report.events),
+            stored=report.stored,
+            duplicates=report.duplicates,
+            acknowledged=report.acknowledged,
+            replies_queued=report.replies_queued,
+            replies_settled=report.replies_settled,
+            skipped=len(report.skipped),
+            store_ms=round(seconds * 1000, 2),
+        )
 
     async def health(self, request: Request) -> Response:
         try:
             await run_in_threadpool(self._ping)
         except SQLAlchemyError as exc:
             logs.event(logger, "webhook.health_failed", logging.WARNING, error=type(exc).__name__)
-            return JSONResponse({"status": "unavailable", "store": "unreachable"},
-                                status_code=503)
-        answer: dict[str, Any] = {"status": "ok", "store": "reachable",
-                                  "dialect": self.engine.dialect.name}
+            return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
+        answer: dict[str, Any] = {
+            "status": "ok",
+            "store": "reachable",
+            "dialect": self.engine.dialect.name,
+        }
         if self.health_hook is not None:  # issue 14: a stopped reply sender is "degraded",
             answer.update(self.health_hook())  # but 200: deliveries are still stored
             if answer.get("replies") == "stopped":
@@ -314,16 +391,25 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            logs.event(access_logger, "http.access", method=scope["method"],
-                      path=scope["path"] if scope["path"] in self.paths else "(other)",
-                      status=status,
-                      ms=round((time.perf_counter() - started) * 1000, 2))
+            logs.event(
+                access_logger,
+                "http.access",
+                method=scope["method"],
+                path=scope["path"] if scope["path"] in self.paths else "(other)",
+                status=status,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
 
 
-def create_app(config: LoadedConfig, engine: Engine, *,
-               on_ingest: OnIngest | None = None,
-               limits: ServerLimits | None = None,
-               health: HealthHook | None = None, metrics: Metrics | None = None) -> Starlette:
+def create_app(
+    config: LoadedConfig,
+    engine: Engine,
+    *,
+    on_ingest: OnIngest | None = None,
+    limits: ServerLimits | None = None,
+    health: HealthHook | None = None,
+    metrics: Metrics | None = None,
+) -> Starlette:
     """The receiver as an ASGI app over an open engine; raises ConfigError without its secrets.
 
     `on_ingest` (optional) is called in a worker thread after a delivery that stored new
@@ -336,19 +422,27 @@ def create_app(config: LoadedConfig, engine: Engine, *,
     app_secret, verify_token = webhook_secrets(config)
     webhook = config.settings.webhook
     metrics = metrics or Metrics(engine, config.settings.crm_name)  # issue 17
-    receiver = _Receiver(engine, app_secret, verify_token, webhook.max_body_bytes,
-                         keyword_rules(config.settings), on_ingest, limits or ServerLimits(),
-                         replies=reply_policy(config.settings), health_hook=health,
-                         metrics=metrics)
-    app = Starlette(routes=[
-        Route(webhook.path, receiver.handshake, methods=["GET"]),
-        Route(webhook.path, receiver.deliver, methods=["POST"]),
-        Route(HEALTH_PATH, receiver.health, methods=["GET"]),
-        Route(METRICS_PATH, receiver.scrape, methods=["GET"]),  # issue 17
-        *consent_routes(config, engine),  # issue 16: only while WACONSENT_API_TOKEN is set
-    ])
+    receiver = _Receiver(
+        engine,
+        app_secret,
+        verify_token,
+        webhook.max_body_bytes,
+        keyword_rules(config.settings),
+        on_ingest,
+        limits or ServerLimits(),
+        replies=reply_policy(config.settings),
+        health_hook=health,
+        metrics=metrics,
+    )
+    app = Starlette(
+        routes=[
+            Route(webhook.path, receiver.handshake, methods=["GET"]),
+            Route(webhook.path, receiver.deliver, methods=["POST"]),
+            Route(HEALTH_PATH, receiver.health, methods=["GET"]),
+            Route(METRICS_PATH, receiver.scrape, methods=["GET"]),  # issue 17
+            *consent_routes(config, engine),  # issue 16: only while WACONSENT_API_TOKEN is set
+        ]
+    )
     app.routes.extend(optin_routes(config, engine))  # issue 15: none unless [optin] enabled
     app.add_middleware(AccessLog, paths=frozenset({webhook.path, HEALTH_PATH, METRICS_PATH}))
     return app
-
-

@@ -50,15 +50,21 @@ def api_refusal(outcome: BearerOutcome) -> Response | None:
     if outcome == "ok":
         return None
     if outcome == "missing":
-        return JSONResponse({"error": f"send Authorization: Bearer <{API_TOKEN_VARIABLE}>"},
-                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(
+            {"error": f"send Authorization: Bearer <{API_TOKEN_VARIABLE}>"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return JSONResponse({"error": "the bearer token is not the API token"}, status_code=403)
 
 
 def too_many(retry_after: int) -> Response:
     """429 with the seconds until this client may try again."""
-    return JSONResponse({"error": "too many requests from this address; try again later"},
-                        status_code=429, headers={"Retry-After": str(retry_after)})
+    return JSONResponse(
+        {"error": "too many requests from this address; try again later"},
+        status_code=429,
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def trusted_networks(entries: Iterable[str]) -> tuple[Network, ...]:
@@ -80,8 +86,7 @@ def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def client_address(peer: str | None, forwarded_for: str | None,
-                   trusted: Sequence[Network]) -> str:
+def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
     """The caller's address: the peer's, or, behind a trusted proxy, the nearest untrusted hop.
 
     `X-Forwarded-For` is read from the right, because each proxy appends the address it saw;

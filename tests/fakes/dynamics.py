@@ -62,9 +62,15 @@ class FakeAttribute:
 
 def contact_attributes(*, opt_in_choice: bool = False) -> dict[str, FakeAttribute]:
     """The contact entity with the dynamics preset's custom attributes."""
-    opt_in = (FakeAttribute("new_whatsappoptin", "Picklist", options=(
-        (OPTED_IN, "Opted in"), (OPTED_OUT, "Opted out"), (NOT_SET, "Not set")))
-        if opt_in_choice else FakeAttribute("new_whatsappoptin", "Boolean"))
+    opt_in = (
+        FakeAttribute(
+            "new_whatsappoptin",
+            "Picklist",
+            options=((OPTED_IN, "Opted in"), (OPTED_OUT, "Opted out"), (NOT_SET, "Not set")),
+        )
+        if opt_in_choice
+        else FakeAttribute("new_whatsappoptin", "Boolean")
+    )
     attributes = [
         FakeAttribute("contactid", "Uniqueidentifier", updatable=False),
         FakeAttribute("fullname", "String", updatable=False, max_length=160),
@@ -89,11 +95,13 @@ def contact_attributes(*, opt_in_choice: bool = False) -> dict[str, FakeAttribut
 
 # ---- $filter: tokenizer, parser, evaluator ----------------------------------------------------
 
+
 class FilterError(ValueError):
     pass
 
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<ws>\s+)
   | (?P<string>'(?:[^']|'')*')
   | (?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2}))
@@ -101,7 +109,9 @@ _TOKEN = re.compile(r"""
   | (?P<number>-?\d+)
   | (?P<name>[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<punct>[(),\[\]=])
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 _OPERATORS = {"eq", "ne", "gt", "ge", "lt", "le"}
 
@@ -117,7 +127,7 @@ def tokenize(text: str) -> list[Token]:
     while position < len(text):
         match = _TOKEN.match(text, position)
         if match is None:
-            snippet = text[position:position + 10]
+            snippet = text[position : position + 10]
             raise FilterError(f"syntax error at position {position}: {snippet!r}")
         position = match.end()
         kind = match.lastgroup or ""
@@ -247,7 +257,6 @@ class FilterParser:
             self.comparisons.append(Comparison(str(attribute), "in", value))
         return lambda r: str(r.get(attribute)).lower() in wanted
 
-
     def _string_function(self, function: str) -> Predicate:
         """contains / startswith / endswith, with Dataverse's wildcard characters inside
         the value (`%`, `_`, `[...]`, `[^...]`, as in SQL LIKE), case-insensitive."""
@@ -261,12 +270,10 @@ class FilterParser:
         self.comparisons.append(Comparison(attribute, function, value))
         lead, tail = _STRING_FUNCTIONS[function]
         pattern = re.compile(lead + _like_regex(value) + tail, re.IGNORECASE | re.DOTALL)
-        return lambda r: isinstance(r.get(attribute), str) and bool(
-            pattern.fullmatch(r[attribute]))
+        return lambda r: isinstance(r.get(attribute), str) and bool(pattern.fullmatch(r[attribute]))
 
 
-_STRING_FUNCTIONS = {"contains": (".*", ".*"), "startswith": ("", ".*"),
-                     "endswith": (".*", "")}
+_STRING_FUNCTIONS = {"contains": (".*", ".*"), "startswith": ("", ".*"), "endswith": (".*", "")}
 
 
 def _like_regex(value: str) -> str:
@@ -277,9 +284,9 @@ def _like_regex(value: str) -> str:
             parts.append(".*")
         elif char == "_":
             parts.append(".")
-        elif char == "[" and "]" in value[position + 1:]:
+        elif char == "[" and "]" in value[position + 1 :]:
             end = value.index("]", position + 1)
-            inner = value[position + 1:end]
+            inner = value[position + 1 : end]
             negate = inner.startswith("^")
             body = re.escape(inner[1:] if negate else inner).replace("\\-", "-")
             parts.append(f"[{'^' if negate else ''}{body}]")
@@ -299,8 +306,9 @@ def _compare(left: Any, operator: str, right: Any) -> bool:
         return bool(left != right)
     if left is None or right is None:
         return False
-    return bool({"gt": left > right, "ge": left >= right,
-                 "lt": left < right, "le": left <= right}[operator])
+    return bool(
+        {"gt": left > right, "ge": left >= right, "lt": left < right, "le": left <= right}[operator]
+    )
 
 
 def parse_filter(text: str) -> tuple[Predicate, list[Comparison]]:
@@ -310,15 +318,27 @@ def parse_filter(text: str) -> tuple[Predicate, list[Comparison]]:
 
 # ---- the fake service ------------------------------------------------------------------------
 
-def _error(status: int, code: str, message: str,
-           headers: Mapping[str, str] | None = None) -> Response:
-    return (status, {"Content-Type": "application/json; odata.metadata=minimal",
-                     **(headers or {})}, json.dumps({"error": {"code": code, "message": message}}))
+
+def _error(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    return (
+        status,
+        {"Content-Type": "application/json; odata.metadata=minimal", **(headers or {})},
+        json.dumps({"error": {"code": code, "message": message}}),
+    )
 
 
 def _json(payload: Any, headers: Mapping[str, str] | None = None) -> Response:
-    return (200, {"Content-Type": "application/json; odata.metadata=minimal",
-                  "OData-Version": "4.0", **(headers or {})}, json.dumps(payload))
+    return (
+        200,
+        {
+            "Content-Type": "application/json; odata.metadata=minimal",
+            "OData-Version": "4.0",
+            **(headers or {}),
+        },
+        json.dumps(payload),
+    )
 
 
 def _render(value: Any) -> Any:
@@ -327,8 +347,15 @@ def _render(value: Any) -> Any:
     return value
 
 
-_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
-            412: "Precondition Failed", 429: "Too Many Requests", 500: "Internal Server Error"}
+_REASONS = {
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    404: "Not Found",
+    412: "Precondition Failed",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+}
 
 
 _CREATABLE = {  # @odata.type -> (AttributeType, AttributeTypeName)
@@ -391,28 +418,38 @@ class FakeDataverse:
 
     # ---- data ----------------------------------------------------------------------------
 
-    def add_contact(self, *, modified: datetime | None = None, record_id: str | None = None,
-                    **attributes: Any) -> str:
+    def add_contact(
+        self, *, modified: datetime | None = None, record_id: str | None = None, **attributes: Any
+    ) -> str:
         record_id = record_id or str(uuid.uuid4())
         for name in attributes:
             if name not in self.attributes:
                 raise KeyError(name)
         self.version += 1
-        self.records[record_id] = {"contactid": record_id,
-                                   "modifiedon": (modified or self.clock()).replace(microsecond=0),
-                                   **attributes}
+        self.records[record_id] = {
+            "contactid": record_id,
+            "modifiedon": (modified or self.clock()).replace(microsecond=0),
+            **attributes,
+        }
         self.versions[record_id] = self.version
         return record_id
 
-    def add_contacts(self, count: int, *, modified: datetime | None = None,
-                     **attributes: Any) -> list[str]:
+    def add_contacts(
+        self, count: int, *, modified: datetime | None = None, **attributes: Any
+    ) -> list[str]:
         """`count` contacts with numbered ids (sortable), sharing `attributes`."""
         ids = []
         for n in range(count):
             record_id = str(uuid.UUID(int=n + 1))
-            ids.append(self.add_contact(record_id=record_id, modified=modified,
-                                        mobilephone=f"+4915100{n:06d}", fullname=f"Contact {n}",
-                                        **attributes))
+            ids.append(
+                self.add_contact(
+                    record_id=record_id,
+                    modified=modified,
+                    mobilephone=f"+4915100{n:06d}",
+                    fullname=f"Contact {n}",
+                    **attributes,
+                )
+            )
         return ids
 
     def touch(self, record_id: str, when: datetime, **attributes: Any) -> None:
@@ -442,20 +479,36 @@ class FakeDataverse:
     def install(self, mock: responses.RequestsMock) -> FakeDataverse:
         base = re.escape(self.base)
         authority = re.escape(self.authority_host.rstrip("/"))
-        mock.add_callback(responses.GET, re.compile(
-            authority + r"/[^/]+/v2\.0/\.well-known/openid-configuration"),
-            callback=self._openid_configuration)
-        mock.add_callback(responses.POST, re.compile(authority + r"/[^/]+/oauth2/v2\.0/token"),
-                          callback=self._token)
-        mock.add_callback(responses.GET, re.compile(base + r"/EntityDefinitions.*"),
-                          callback=self._guarded("metadata", self._metadata))
-        mock.add_callback(responses.POST, re.compile(
-            base + r"/EntityDefinitions\(LogicalName='[^']*'\)/Attributes$"),
-            callback=self._guarded("metadata", self._create_attribute))
-        mock.add_callback(responses.GET, re.compile(base + r"/contacts(\?.*)?$"),
-                          callback=self._guarded("query", self._query))
-        mock.add_callback(responses.POST, re.compile(base + r"/\$batch$"),
-                          callback=self._guarded("batch", self._batch))
+        mock.add_callback(
+            responses.GET,
+            re.compile(authority + r"/[^/]+/v2\.0/\.well-known/openid-configuration"),
+            callback=self._openid_configuration,
+        )
+        mock.add_callback(
+            responses.POST,
+            re.compile(authority + r"/[^/]+/oauth2/v2\.0/token"),
+            callback=self._token,
+        )
+        mock.add_callback(
+            responses.GET,
+            re.compile(base + r"/EntityDefinitions.*"),
+            callback=self._guarded("metadata", self._metadata),
+        )
+        mock.add_callback(
+            responses.POST,
+            re.compile(base + r"/EntityDefinitions\(LogicalName='[^']*'\)/Attributes$"),
+            callback=self._guarded("metadata", self._create_attribute),
+        )
+        mock.add_callback(
+            responses.GET,
+            re.compile(base + r"/contacts(\?.*)?$"),
+            callback=self._guarded("query", self._query),
+        )
+        mock.add_callback(
+            responses.POST,
+            re.compile(base + r"/\$batch$"),
+            callback=self._guarded("batch", self._batch),
+        )
         return self
 
     def token_for_tests(self) -> str:
@@ -469,45 +522,89 @@ class FakeDataverse:
         self.calls["openid"] += 1
         tenant = urlsplit(request.url).path.split("/")[1]
         root = f"{self.authority_host.rstrip('/')}/{tenant}"
-        return _json({"token_endpoint": f"{root}/oauth2/v2.0/token",
-                      "authorization_endpoint": f"{root}/oauth2/v2.0/authorize",
-                      "issuer": f"{root}/v2.0",
-                      "token_endpoint_auth_methods_supported": ["client_secret_post",
-                                                                "private_key_jwt"]})
+        return _json(
+            {
+                "token_endpoint": f"{root}/oauth2/v2.0/token",
+                "authorization_endpoint": f"{root}/oauth2/v2.0/authorize",
+                "issuer": f"{root}/v2.0",
+                "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt"],
+            }
+        )
 
     def _token(self, request: Any) -> Response:
         self.calls["token"] += 1
-        form = dict(parse_qsl(request.body if isinstance(request.body, str)
-                              else request.body.decode()))
+        form = dict(
+            parse_qsl(request.body if isinstance(request.body, str) else request.body.decode())
+        )
         self.token_forms.append(form)
         correlation = str(uuid.uuid4())
         if self.token_error is not None:
-            return (401, {"Content-Type": "application/json"},
-                    json.dumps({**self.token_error, "correlation_id": correlation}))
-        if (form.get("grant_type") != "client_credentials"
-                or form.get("client_id") != self.client_id):
-            return (400, {"Content-Type": "application/json"}, json.dumps({
-                "error": "unauthorized_client", "error_description": "AADSTS700016: unknown app",
-                "correlation_id": correlation}))
+            return (
+                401,
+                {"Content-Type": "application/json"},
+                json.dumps({**self.token_error, "correlation_id": correlation}),
+            )
+        if (
+            form.get("grant_type") != "client_credentials"
+            or form.get("client_id") != self.client_id
+        ):
+            return (
+                400,
+                {"Content-Type": "application/json"},
+                json.dumps(
+                    {
+                        "error": "unauthorized_client",
+                        "error_description": "AADSTS700016: unknown app",
+                        "correlation_id": correlation,
+                    }
+                ),
+            )
         if form.get("scope") != f"{self.org_url}/.default":
-            return (400, {"Content-Type": "application/json"}, json.dumps({
-                "error": "invalid_scope", "error_description": f"AADSTS70011: {form.get('scope')}",
-                "correlation_id": correlation}))
+            return (
+                400,
+                {"Content-Type": "application/json"},
+                json.dumps(
+                    {
+                        "error": "invalid_scope",
+                        "error_description": f"AADSTS70011: {form.get('scope')}",
+                        "correlation_id": correlation,
+                    }
+                ),
+            )
         secret_ok = form.get("client_secret") == self.client_secret
-        assertion_ok = (form.get("client_assertion_type")
-                        == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-                        and form.get("client_assertion", "").count(".") == 2)
+        assertion_ok = (
+            form.get("client_assertion_type")
+            == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+            and form.get("client_assertion", "").count(".") == 2
+        )
         if not (secret_ok or assertion_ok):
-            return (401, {"Content-Type": "application/json"}, json.dumps({
-                "error": "invalid_client",
-                "error_description": "AADSTS7000215: Invalid client secret provided.",
-                "error_codes": [7000215], "correlation_id": correlation}))
+            return (
+                401,
+                {"Content-Type": "application/json"},
+                json.dumps(
+                    {
+                        "error": "invalid_client",
+                        "error_description": "AADSTS7000215: Invalid client secret provided.",
+                        "error_codes": [7000215],
+                        "correlation_id": correlation,
+                    }
+                ),
+            )
         token = f"token-{self.calls['token']}-{uuid.uuid4().hex[:8]}"
         if self.accept_new_tokens:
             self.valid_tokens.add(token)
-        return (200, {"Content-Type": "application/json"}, json.dumps(
-            {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
-             "access_token": token}))
+        return (
+            200,
+            {"Content-Type": "application/json"},
+            json.dumps(
+                {
+                    "token_type": "Bearer",
+                    "expires_in": 3599,
+                    "ext_expires_in": 3599,
+                    "access_token": token,
+                }
+            ),
+        )
 
     # ---- request guard: auth, staged failures, concurrency ---------------------------------
 
@@ -528,8 +625,13 @@ class FakeDataverse:
                 if staged is not None:
                     extra = {"Retry-After": staged.retry_after} if staged.retry_after else {}
                     if staged.status == 429:
-                        return _error(429, "0x80072322", "Number of requests exceeded the limit "
-                                      "of 6000 over time window of 300 seconds.", extra)
+                        return _error(
+                            429,
+                            "0x80072322",
+                            "Number of requests exceeded the limit "
+                            "of 6000 over time window of 300 seconds.",
+                            extra,
+                        )
                     return _error(staged.status, "0x80040216", "Unavailable", extra)
                 if kind == "batch" and self.batch_delay:
                     time.sleep(self.batch_delay)
@@ -537,23 +639,32 @@ class FakeDataverse:
             finally:
                 with self._lock:
                     self.in_flight -= 1
+
         return callback
 
     # ---- metadata ---------------------------------------------------------------------------
 
     def _entities(self) -> list[dict[str, Any]]:
         return [
-            {"LogicalName": "contact", "EntitySetName": "contacts",
-             "PrimaryIdAttribute": "contactid", "PrimaryNameAttribute": "fullname",
-             "ChangeTrackingEnabled": self.change_tracking_enabled},
-            {"LogicalName": "account", "EntitySetName": "accounts",
-             "PrimaryIdAttribute": "accountid", "PrimaryNameAttribute": "name",
-             "ChangeTrackingEnabled": True},
+            {
+                "LogicalName": "contact",
+                "EntitySetName": "contacts",
+                "PrimaryIdAttribute": "contactid",
+                "PrimaryNameAttribute": "fullname",
+                "ChangeTrackingEnabled": self.change_tracking_enabled,
+            },
+            {
+                "LogicalName": "account",
+                "EntitySetName": "accounts",
+                "PrimaryIdAttribute": "accountid",
+                "PrimaryNameAttribute": "name",
+                "ChangeTrackingEnabled": True,
+            },
         ]
 
     def _metadata(self, request: Any) -> Response:
         parts = urlsplit(request.url)
-        path = unquote(parts.path)[len(urlsplit(self.base).path):]
+        path = unquote(parts.path)[len(urlsplit(self.base).path) :]
         params = dict(parse_qsl(parts.query, keep_blank_values=True))
         if path == "/EntityDefinitions":
             rows = self._entities()
@@ -565,39 +676,80 @@ class FakeDataverse:
                 self.filters.append(comparisons)
                 rows = [row for row in rows if predicate(row)]
             return _json({"value": [_project(row, params.get("$select")) for row in rows]})
-        match = re.fullmatch(r"/EntityDefinitions\(LogicalName='((?:[^']|'')*)'\)/Attributes"
-                             r"(?:/Microsoft\.Dynamics\.CRM\.(\w+)"
-                             r"|\(LogicalName='((?:[^']|'')*)'\)/Microsoft\.Dynamics\.CRM\.(\w+))?",
-                             path)
+        match = re.fullmatch(
+            r"/EntityDefinitions\(LogicalName='((?:[^']|'')*)'\)/Attributes"
+            r"(?:/Microsoft\.Dynamics\.CRM\.(\w+)"
+            r"|\(LogicalName='((?:[^']|'')*)'\)/Microsoft\.Dynamics\.CRM\.(\w+))?",
+            path,
+        )
         if match is None or match.group(1).replace("''", "'") != "contact":
             return _error(404, "0x80060888", "Resource not found for the segment")
         select = [s for s in params.get("$select", "").split(",") if s]
         if match.group(2) is None and match.group(3) is None:
-            base_properties = {"LogicalName", "AttributeType", "IsValidForUpdate", "SchemaName",
-                               "MetadataId", "AttributeTypeName", "IsValidForCreate"}
+            base_properties = {
+                "LogicalName",
+                "AttributeType",
+                "IsValidForUpdate",
+                "SchemaName",
+                "MetadataId",
+                "AttributeTypeName",
+                "IsValidForCreate",
+            }
             for name in select:
                 if name not in base_properties:
-                    return _error(400, "0x80060888", f"Could not find a property named '{name}' "
-                                  "on type 'Microsoft.Dynamics.CRM.AttributeMetadata'.")
-            return _json({"value": [
-                _project({"LogicalName": a.name, "AttributeType": a.type,
-                          "IsValidForUpdate": a.updatable, "SchemaName": a.name,
-                          "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, a.name)),
-                          "@odata.type": f"#Microsoft.Dynamics.CRM.{a.metadata}"},
-                         params.get("$select"))
-                for a in self.attributes.values()]})
+                    return _error(
+                        400,
+                        "0x80060888",
+                        f"Could not find a property named '{name}' "
+                        "on type 'Microsoft.Dynamics.CRM.AttributeMetadata'.",
+                    )
+            return _json(
+                {
+                    "value": [
+                        _project(
+                            {
+                                "LogicalName": a.name,
+                                "AttributeType": a.type,
+                                "IsValidForUpdate": a.updatable,
+                                "SchemaName": a.name,
+                                "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, a.name)),
+                                "@odata.type": f"#Microsoft.Dynamics.CRM.{a.metadata}",
+                            },
+                            params.get("$select"),
+                        )
+                        for a in self.attributes.values()
+                    ]
+                }
+            )
         if match.group(2) is not None:
-            return _json({"value": [
-                _project({"LogicalName": a.name, "MaxLength": a.max_length}, params.get("$select"))
-                for a in self.attributes.values() if a.metadata == match.group(2)]})
+            return _json(
+                {
+                    "value": [
+                        _project(
+                            {"LogicalName": a.name, "MaxLength": a.max_length},
+                            params.get("$select"),
+                        )
+                        for a in self.attributes.values()
+                        if a.metadata == match.group(2)
+                    ]
+                }
+            )
         attribute = self.attributes.get(match.group(3).replace("''", "'"))
         if attribute is None or attribute.metadata != match.group(4):
             return _error(404, "0x80060888", "Resource not found for the segment")
         if params.get("$expand") != "OptionSet($select=Options)":
             return _error(400, "0x80060888", "unexpected $expand")
-        return _json({"LogicalName": attribute.name, "OptionSet": {"Options": [
-            {"Value": value, "Label": {"UserLocalizedLabel": {"Label": label}}}
-            for value, label in attribute.options]}})
+        return _json(
+            {
+                "LogicalName": attribute.name,
+                "OptionSet": {
+                    "Options": [
+                        {"Value": value, "Label": {"UserLocalizedLabel": {"Label": label}}}
+                        for value, label in attribute.options
+                    ]
+                },
+            }
+        )
 
     # ---- attribute creation (POST .../EntityDefinitions(LogicalName='contact')/Attributes) --
 
@@ -616,28 +768,46 @@ class FakeDataverse:
         kind = _CREATABLE.get(str(body.get("@odata.type", "")).lstrip("#"))
         schema = body.get("SchemaName")
         labels = (body.get("DisplayName") or {}).get("LocalizedLabels") or []
-        if (kind is None or not isinstance(schema, str) or not re.fullmatch(
-                r"[A-Za-z][A-Za-z0-9]{1,7}_\w+", schema) or not labels
-                or body.get("AttributeType") != kind[0]
-                or (body.get("AttributeTypeName") or {}).get("Value") != kind[1]):
+        if (
+            kind is None
+            or not isinstance(schema, str)
+            or not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{1,7}_\w+", schema)
+            or not labels
+            or body.get("AttributeType") != kind[0]
+            or (body.get("AttributeTypeName") or {}).get("Value") != kind[1]
+        ):
             return _error(400, "0x80048d19", "Error identified in Payload provided by the user")
         name = schema.lower()
         if name in self.attributes:
-            return _error(400, "0x80047013", f"The schema name {schema} for type Attribute is "
-                          f"not unique. An Attribute with same name already exists.")
+            return _error(
+                400,
+                "0x80047013",
+                f"The schema name {schema} for type Attribute is "
+                f"not unique. An Attribute with same name already exists.",
+            )
         options: tuple[tuple[int, str], ...] = ()
         if kind[0] == "Picklist":
-            options = tuple((int(o["Value"]), o["Label"]["LocalizedLabels"][0]["Label"])
-                            for o in body["OptionSet"]["Options"])
+            options = tuple(
+                (int(o["Value"]), o["Label"]["LocalizedLabels"][0]["Label"])
+                for o in body["OptionSet"]["Options"]
+            )
         if kind[0] == "String" and not isinstance(body.get("MaxLength"), int):
             return _error(400, "0x80048d19", "MaxLength is required for a String attribute")
-        self.attributes[name] = FakeAttribute(name, kind[0], max_length=body.get("MaxLength"),
-                                              options=options)
+        self.attributes[name] = FakeAttribute(
+            name, kind[0], max_length=body.get("MaxLength"), options=options
+        )
         self.created_columns.append((schema, request.headers.get("MSCRM.SolutionUniqueName")))
         attribute_id = uuid.uuid5(uuid.NAMESPACE_URL, name)
-        return (204, {"OData-Version": "4.0", "OData-EntityId": (
-            f"{self.base}/EntityDefinitions(LogicalName='contact')/Attributes({attribute_id})")},
-            "")
+        return (
+            204,
+            {
+                "OData-Version": "4.0",
+                "OData-EntityId": (
+                    f"{self.base}/EntityDefinitions(LogicalName='contact')/Attributes({attribute_id})"
+                ),
+            },
+            "",
+        )
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -652,8 +822,12 @@ class FakeDataverse:
         select = [s for s in params.get("$select", "").split(",") if s]
         for name in select:
             if name not in self.attributes:
-                return _error(400, "0x80060888", f"Could not find a property named '{name}' on "
-                              "type 'Microsoft.Dynamics.CRM.contact'.")
+                return _error(
+                    400,
+                    "0x80060888",
+                    f"Could not find a property named '{name}' on "
+                    "type 'Microsoft.Dynamics.CRM.contact'.",
+                )
         cookie = _cookie(params.get("$skiptoken"))
         delta_token = params.get("$deltatoken")
         track = "odata.track-changes" in prefer or delta_token is not None
@@ -665,14 +839,16 @@ class FakeDataverse:
                 return _error(410, "0x80044352", "The delta token has expired.")
             changed = [(i, r) for i, r in self.records.items() if self.versions[i] > since]
             gone: list[tuple[str, dict[str, Any] | None]] = [
-                (i, None) for i, v in self.deleted.items() if v > since]
+                (i, None) for i, v in self.deleted.items() if v > since
+            ]
             rows = iter(sorted(changed + gone, key=lambda item: item[0]))
         else:
             predicate: Predicate = lambda r: True  # noqa: E731
             if "$filter" in params:
                 if track:
-                    return _error(400, "0x80060888", "$filter is not supported with change "
-                                  "tracking")
+                    return _error(
+                        400, "0x80060888", "$filter is not supported with change tracking"
+                    )
                 try:
                     predicate, comparisons = parse_filter(params["$filter"])
                 except FilterError as exc:
@@ -690,30 +866,43 @@ class FakeDataverse:
                 more = True
                 break
             if record is None:
-                page.append({"@odata.context": f"{self.base}/$metadata#contacts/$deletedEntity",
-                             "id": record_id, "reason": "deleted"})
+                page.append(
+                    {
+                        "@odata.context": f"{self.base}/$metadata#contacts/$deletedEntity",
+                        "id": record_id,
+                        "reason": "deleted",
+                    }
+                )
             else:
                 row = {"@odata.etag": f'W/"{self.versions[record_id]}"'}
                 row.update({name: _render(record.get(name)) for name in select})
                 page.append(row)
         payload: dict[str, Any] = {
             "@odata.context": f"{self.base}/$metadata#contacts({','.join(select)})",
-            "value": page}
+            "value": page,
+        }
         headers: dict[str, str] = {}
         if more:
             last = page[-1].get("contactid") or page[-1].get("id")
-            token = (f'<cookie pagenumber="{int(cookie.get("page", 1)) + 1}" '
-                     f'lastid="{last}" snapshot="{snapshot}" />')
+            token = (
+                f'<cookie pagenumber="{int(cookie.get("page", 1)) + 1}" '
+                f'lastid="{last}" snapshot="{snapshot}" />'
+            )
             kept = "&".join(p for p in parts.query.split("&") if not p.startswith("$skiptoken="))
-            payload["@odata.nextLink"] = (f"{self.base}/contacts?{kept}&$skiptoken="
-                                          f"{quote(token, safe='')}")
+            payload["@odata.nextLink"] = (
+                f"{self.base}/contacts?{kept}&$skiptoken={quote(token, safe='')}"
+            )
             self.next_links.append(payload["@odata.nextLink"])
         elif track:
-            kept = "&".join(p for p in parts.query.split("&")
-                            if not p.startswith(("$skiptoken=", "$deltatoken=")))
+            kept = "&".join(
+                p
+                for p in parts.query.split("&")
+                if not p.startswith(("$skiptoken=", "$deltatoken="))
+            )
             stamp = self.clock().strftime("%m/%d/%Y %H:%M:%S")
-            payload["@odata.deltaLink"] = (f"{self.base}/contacts?{kept}&$deltatoken="
-                                           f"{quote(f'{snapshot}!{stamp}', safe='')}")
+            payload["@odata.deltaLink"] = (
+                f"{self.base}/contacts?{kept}&$deltatoken={quote(f'{snapshot}!{stamp}', safe='')}"
+            )
         if track:
             headers["Preference-Applied"] = "odata.track-changes"
         return _json(payload, headers)
@@ -726,15 +915,17 @@ class FakeDataverse:
             return _error(400, "0x80048d19", "The $batch needs a multipart/mixed body")
         raw = request.body if isinstance(request.body, bytes) else request.body.encode()
         message = email.message_from_bytes(
-            f"Content-Type: {content_type}\r\n\r\n".encode() + raw, policy=email.policy.HTTP)
+            f"Content-Type: {content_type}\r\n\r\n".encode() + raw, policy=email.policy.HTTP
+        )
         prefer = request.headers.get("Prefer", "")
         self.batch_prefer.append(prefer)
         continue_on_error = "odata.continue-on-error" in prefer
         units: list[list[tuple[str | None, str]]] = []  # each unit: [(content id, http text)]
         for part in message.iter_parts():
             if part.get_content_type() == "multipart/mixed":
-                units.append([(sub.get("Content-ID"), _payload_text(sub))
-                              for sub in part.iter_parts()])
+                units.append(
+                    [(sub.get("Content-ID"), _payload_text(sub)) for sub in part.iter_parts()]
+                )
             else:
                 units.append([(part.get("Content-ID"), _payload_text(part))])
         operations = sum(len(unit) for unit in units)
@@ -755,12 +946,17 @@ class FakeDataverse:
             if failed is not None:
                 # a failed change set is answered by one bare error part, without Content-ID
                 status, code, message_text = failed
-                out += [f"--{boundary}", "Content-Type: application/http",
-                        "Content-Transfer-Encoding: binary", "",
-                        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-                        "Content-Type: application/json; odata.metadata=minimal",
-                        "OData-Version: 4.0", "",
-                        json.dumps({"error": {"code": code, "message": message_text}})]
+                out += [
+                    f"--{boundary}",
+                    "Content-Type: application/http",
+                    "Content-Transfer-Encoding: binary",
+                    "",
+                    f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+                    "Content-Type: application/json; odata.metadata=minimal",
+                    "OData-Version: 4.0",
+                    "",
+                    json.dumps({"error": {"code": code, "message": message_text}}),
+                ]
                 if not continue_on_error:
                     break
                 continue
@@ -768,23 +964,37 @@ class FakeDataverse:
             out += [f"--{boundary}", f"Content-Type: multipart/mixed; boundary={changeset}", ""]
             for content_id, status, text in answers:
                 target = text.split("\n", 1)[0].split(" ")[1]
-                out += [f"--{changeset}", "Content-Type: application/http",
-                        "Content-Transfer-Encoding: binary"]
+                out += [
+                    f"--{changeset}",
+                    "Content-Type: application/http",
+                    "Content-Transfer-Encoding: binary",
+                ]
                 if content_id is not None:
                     out.append(f"Content-ID: {content_id}")
-                out += ["", f"HTTP/1.1 {status} {_REASONS[status]}", "OData-Version: 4.0",
-                        f"OData-EntityId: {target}", "", ""]
+                out += [
+                    "",
+                    f"HTTP/1.1 {status} {_REASONS[status]}",
+                    "OData-Version: 4.0",
+                    f"OData-EntityId: {target}",
+                    "",
+                    "",
+                ]
             out.append(f"--{changeset}--")
         out += [f"--{boundary}--", ""]
-        return (200, {"Content-Type": f"multipart/mixed; boundary={boundary}",
-                      "OData-Version": "4.0"}, "\r\n".join(out))
+        return (
+            200,
+            {"Content-Type": f"multipart/mixed; boundary={boundary}", "OData-Version": "4.0"},
+            "\r\n".join(out),
+        )
 
     def _operation(self, text: str) -> tuple[int, tuple[str, str]]:
         head, _, body = text.replace("\r\n", "\n").partition("\n\n")
         request_line, *header_lines = head.split("\n")
         method, url, _ = request_line.split(" ", 2)
-        headers = {k.strip().lower(): v.strip() for k, _, v in
-                   (line.partition(":") for line in header_lines)}
+        headers = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (line.partition(":") for line in header_lines)
+        }
         match = re.fullmatch(re.escape(self.base) + r"/contacts\(([0-9a-fA-F-]{36})\)", url)
         if method != "PATCH" or match is None:
             return 400, ("0x80060888", f"unsupported operation {method} {url}")
@@ -797,7 +1007,9 @@ class FakeDataverse:
         exists = record_id in self.records
         if not exists and headers.get("if-match") == "*":
             return self.missing_status, (
-                "0x80040217", f"contact With Id = {record_id} Does Not Exist")
+                "0x80040217",
+                f"contact With Id = {record_id} Does Not Exist",
+            )
         if record_id in self.rejects:
             status, code, message = self.rejects[record_id]
             return status, (code, message)
@@ -809,8 +1021,11 @@ class FakeDataverse:
         record = self.records.setdefault(record_id, {"contactid": record_id})
         for name, value in values.items():
             attribute = self.attributes[name]
-            record[name] = (datetime.fromisoformat(value.replace("Z", "+00:00"))
-                            if attribute.type == "DateTime" and value is not None else value)
+            record[name] = (
+                datetime.fromisoformat(value.replace("Z", "+00:00"))
+                if attribute.type == "DateTime" and value is not None
+                else value
+            )
         record["modifiedon"] = self.clock().astimezone(UTC).replace(microsecond=0)
         self.versions[record_id] = self.version
         return 204, ("", "")
@@ -818,14 +1033,19 @@ class FakeDataverse:
     def _invalid(self, name: str, value: Any) -> tuple[str, str] | None:
         attribute = self.attributes.get(name)
         if attribute is None:
-            return ("0x80060888", f"Invalid property '{name}' was found in entity "
-                    "'Microsoft.Dynamics.CRM.contact'.")
+            return (
+                "0x80060888",
+                f"Invalid property '{name}' was found in entity 'Microsoft.Dynamics.CRM.contact'.",
+            )
         if not attribute.updatable:
             return ("0x80048d19", f"Property '{name}' is read-only")
         if value is None:
             return None
-        wrong = ("0x80048d19", f"Error identified in Payload provided by the user for Entity "
-                 f":'contacts', Cannot convert the literal '{value}' for '{name}'")
+        wrong = (
+            "0x80048d19",
+            f"Error identified in Payload provided by the user for Entity "
+            f":'contacts', Cannot convert the literal '{value}' for '{name}'",
+        )
         if attribute.type == "Boolean" and not isinstance(value, bool):
             return wrong
         if attribute.type == "Picklist":
@@ -834,16 +1054,19 @@ class FakeDataverse:
             if value not in {v for v, _ in attribute.options}:
                 return ("0x8004431a", f"{value} is not a valid value for {name}")
         if attribute.type == "DateTime" and not (
-                isinstance(value, str)
-                and re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", value)):
+            isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", value)
+        ):
             return wrong
         if attribute.type in ("String", "Memo"):
             if not isinstance(value, str):
                 return wrong
             if attribute.max_length is not None and len(value) > attribute.max_length:
-                return ("0x80044331", f"A validation error occurred. The length of the '{name}' "
-                        f"attribute exceeded the maximum allowed length of "
-                        f"'{attribute.max_length}'.")
+                return (
+                    "0x80044331",
+                    f"A validation error occurred. The length of the '{name}' "
+                    f"attribute exceeded the maximum allowed length of "
+                    f"'{attribute.max_length}'.",
+                )
         return None
 
 
@@ -863,7 +1086,8 @@ def _cookie(skiptoken: str | None) -> dict[str, str]:
     if not skiptoken:
         return {}
     return dict(re.findall(r'(\w+)="([^"]*)"', skiptoken)) | (
-        {"page": m.group(1)} if (m := re.search(r'pagenumber="(\d+)"', skiptoken)) else {})
+        {"page": m.group(1)} if (m := re.search(r'pagenumber="(\d+)"', skiptoken)) else {}
+    )
 
 
 def seconds(n: int) -> timedelta:

@@ -46,17 +46,31 @@ METADATA = {"display_phone_number": "4930123456", "phone_number_id": PHONE_NUMBE
 
 # code -> (HTTP status, title, details), from Meta's error code reference
 ERRORS: dict[int, tuple[int, str, str]] = {
-    190: (401, "Invalid OAuth access token - Cannot parse access token",
-          "Error validating access token"),
+    190: (
+        401,
+        "Invalid OAuth access token - Cannot parse access token",
+        "Error validating access token",
+    ),
     100: (400, "Invalid parameter", "Invalid parameter"),
-    131047: (400, "Re-engagement message", "More than 24 hours have passed since the "
-             "recipient last replied to the sender number."),
+    131047: (
+        400,
+        "Re-engagement message",
+        "More than 24 hours have passed since the recipient last replied to the sender number.",
+    ),
     131026: (400, "Message Undeliverable", "Unable to deliver message."),
-    131056: (400, "(Business Account, Consumer Account) pair rate limit hit", "Too many "
-             "messages sent from the sender phone number to the same recipient phone number "
-             "in a short period of time."),
-    130429: (400, "Rate limit hit", "Message failed to send because there were too many "
-             "messages sent from this phone number in a short period of time"),
+    131056: (
+        400,
+        "(Business Account, Consumer Account) pair rate limit hit",
+        "Too many "
+        "messages sent from the sender phone number to the same recipient phone number "
+        "in a short period of time.",
+    ),
+    130429: (
+        400,
+        "Rate limit hit",
+        "Message failed to send because there were too many "
+        "messages sent from this phone number in a short period of time",
+    ),
     131000: (500, "Something went wrong", "Message failed to send due to an unknown error."),
     131016: (503, "Service unavailable", "A service is temporarily unavailable."),
 }
@@ -80,15 +94,29 @@ class SentMessage:
 
 def error_body(code: int, trace: str = "AbCdEf123") -> str:
     _status, title, details = ERRORS[code]
-    return json.dumps({"error": {
-        "message": f"(#{code}) {title}", "type": "OAuthException", "code": code,
-        "error_data": {"messaging_product": "whatsapp", "details": details},
-        "error_subcode": 2494010, "fbtrace_id": trace}})
+    return json.dumps(
+        {
+            "error": {
+                "message": f"(#{code}) {title}",
+                "type": "OAuthException",
+                "code": code,
+                "error_data": {"messaging_product": "whatsapp", "details": details},
+                "error_subcode": 2494010,
+                "fbtrace_id": trace,
+            }
+        }
+    )
 
 
 class FakeCloudApi:
-    def __init__(self, *, token: str = TOKEN, graph: str = GRAPH, version: str = VERSION,
-                 phone_number_id: str = PHONE_NUMBER_ID) -> None:
+    def __init__(
+        self,
+        *,
+        token: str = TOKEN,
+        graph: str = GRAPH,
+        version: str = VERSION,
+        phone_number_id: str = PHONE_NUMBER_ID,
+    ) -> None:
         self.token = token
         self.path = f"/{version}/{phone_number_id}/messages"
         self.url = f"{graph}{self.path}"
@@ -146,33 +174,58 @@ class FakeCloudApi:
             if user in self.undeliverable:
                 return self._error(131026)
             message = SentMessage(
-                id=f"wamid.FAKE{next(self._ids):08d}", to=to, recipient=None if to else recipient,
-                body=body["text"]["body"], reply_to=(body.get("context") or {}).get("message_id"),
-                callback_data=body.get("biz_opaque_callback_data"))
+                id=f"wamid.FAKE{next(self._ids):08d}",
+                to=to,
+                recipient=None if to else recipient,
+                body=body["text"]["body"],
+                reply_to=(body.get("context") or {}).get("message_id"),
+                callback_data=body.get("biz_opaque_callback_data"),
+            )
             self.sent.append(message)
-            contact = {"input": to, "wa_id": to} if to else {"input": recipient,
-                                                             "user_id": recipient}
-            return 200, {"Content-Type": "application/json"}, json.dumps(
-                {"messaging_product": "whatsapp", "contacts": [contact],
-                 "messages": [{"id": message.id}]})
+            contact = (
+                {"input": to, "wa_id": to} if to else {"input": recipient, "user_id": recipient}
+            )
+            return (
+                200,
+                {"Content-Type": "application/json"},
+                json.dumps(
+                    {
+                        "messaging_product": "whatsapp",
+                        "contacts": [contact],
+                        "messages": [{"id": message.id}],
+                    }
+                ),
+            )
 
     def _error(self, code: int) -> Answer:
         return ERRORS[code][0], {"Content-Type": "application/json"}, error_body(code)
 
     def register(self, mock: responses.RequestsMock) -> None:
         def callback(request: requests.PreparedRequest) -> Answer:
-            raw = request.body if isinstance(request.body, bytes) else \
-                str(request.body or "").encode()
+            raw = (
+                request.body
+                if isinstance(request.body, bytes)
+                else str(request.body or "").encode()
+            )
             return self.handle(request.headers.get("Authorization"), raw)
+
         mock.add_callback(responses.POST, self.url, callback=callback)
 
     # ---- what Meta sends back by webhook ------------------------------------------------------
 
-    def status_payload(self, message: SentMessage, status: str, at: datetime,
-                       errors: tuple[int, ...] = (), with_callback: bool = True
-                       ) -> dict[str, Any]:
-        item: dict[str, Any] = {"id": message.id, "status": status,
-                                "timestamp": str(int(at.timestamp()))}
+    def status_payload(
+        self,
+        message: SentMessage,
+        status: str,
+        at: datetime,
+        errors: tuple[int, ...] = (),
+        with_callback: bool = True,
+    ) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "id": message.id,
+            "status": status,
+            "timestamp": str(int(at.timestamp())),
+        }
         if message.to:
             item["recipient_id"] = message.to
         else:
@@ -180,16 +233,40 @@ class FakeCloudApi:
         if with_callback and message.callback_data:
             item["biz_opaque_callback_data"] = message.callback_data
         if status == "sent":
-            item["pricing"] = {"billable": True, "pricing_model": "PMP", "category": "service",
-                               "type": "regular"}
+            item["pricing"] = {
+                "billable": True,
+                "pricing_model": "PMP",
+                "category": "service",
+                "type": "regular",
+            }
         if errors:
-            item["errors"] = [{"code": code, "title": ERRORS.get(code, (0, "error", ""))[1],
-                               "message": ERRORS.get(code, (0, "error", ""))[1],
-                               "error_data": {"details": "error"}} for code in errors]
-        return {"object": "whatsapp_business_account", "entry": [{"id": "102290129340398",
-                "changes": [{"field": "messages", "value": {
-                    "messaging_product": "whatsapp", "metadata": METADATA,
-                    "statuses": [item]}}]}]}
+            item["errors"] = [
+                {
+                    "code": code,
+                    "title": ERRORS.get(code, (0, "error", ""))[1],
+                    "message": ERRORS.get(code, (0, "error", ""))[1],
+                    "error_data": {"details": "error"},
+                }
+                for code in errors
+            ]
+        return {
+            "object": "whatsapp_business_account",
+            "entry": [
+                {
+                    "id": "102290129340398",
+                    "changes": [
+                        {
+                            "field": "messages",
+                            "value": {
+                                "messaging_product": "whatsapp",
+                                "metadata": METADATA,
+                                "statuses": [item],
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
 
     # ---- a real port, for a subprocess --------------------------------------------------------
 
@@ -245,7 +322,6 @@ def _invalid(body: Any) -> str | None:
     if context is not None and not isinstance((context or {}).get("message_id"), str):
         return "context.message_id"
     callback = body.get("biz_opaque_callback_data")
-    if callback is not None and (not isinstance(callback, str)
-                                 or len(callback.encode()) > 512):
+    if callback is not None and (not isinstance(callback, str) or len(callback.encode()) > 512):
         return "biz_opaque_callback_data"
     return None

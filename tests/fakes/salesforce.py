@@ -54,10 +54,18 @@ Answer = tuple[int, dict[str, str], str | bytes]
 
 # describe's soapType per field type; every text-like type (string, textarea, phone, email,
 # url, picklist, multipicklist, encryptedstring, combobox) is xsd:string
-_SOAP_TYPES = {"boolean": "xsd:boolean", "datetime": "xsd:dateTime", "date": "xsd:date",
-               "time": "xsd:time", "int": "xsd:int", "double": "xsd:double",
-               "currency": "xsd:double", "percent": "xsd:double", "id": "tns:ID",
-               "reference": "tns:ID"}
+_SOAP_TYPES = {
+    "boolean": "xsd:boolean",
+    "datetime": "xsd:dateTime",
+    "date": "xsd:date",
+    "time": "xsd:time",
+    "int": "xsd:int",
+    "double": "xsd:double",
+    "currency": "xsd:double",
+    "percent": "xsd:double",
+    "id": "tns:ID",
+    "reference": "tns:ID",
+}
 
 
 @dataclass(frozen=True)
@@ -71,21 +79,30 @@ class FakeField:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.name, "label": self.name.replace("__c", "").replace("_", " "),
-            "type": self.type, "length": self.length, "updateable": self.updateable,
-            "createable": self.updateable, "nillable": self.type != "boolean",
-            "filterable": True, "restrictedPicklist": self.restricted,
-            "picklistValues": [{"active": True, "defaultValue": False, "label": v, "value": v,
-                                "validFor": None} for v in self.picklist],
+            "name": self.name,
+            "label": self.name.replace("__c", "").replace("_", " "),
+            "type": self.type,
+            "length": self.length,
+            "updateable": self.updateable,
+            "createable": self.updateable,
+            "nillable": self.type != "boolean",
+            "filterable": True,
+            "restrictedPicklist": self.restricted,
+            "picklistValues": [
+                {"active": True, "defaultValue": False, "label": v, "value": v, "validFor": None}
+                for v in self.picklist
+            ],
             "soapType": _SOAP_TYPES.get(self.type, "xsd:string"),
         }
 
 
 def _standard(*extra: FakeField) -> dict[str, FakeField]:
-    base = [FakeField("Id", "id", 18, updateable=False),
-            FakeField("SystemModstamp", "datetime", updateable=False),
-            FakeField("LastModifiedDate", "datetime", updateable=False),
-            FakeField("Name", "string", 121, updateable=False)]
+    base = [
+        FakeField("Id", "id", 18, updateable=False),
+        FakeField("SystemModstamp", "datetime", updateable=False),
+        FakeField("LastModifiedDate", "datetime", updateable=False),
+        FakeField("Name", "string", 121, updateable=False),
+    ]
     return {f.name: f for f in (*base, *extra)}
 
 
@@ -101,8 +118,10 @@ CONSENT_FIELDS = (
     FakeField("WhatsApp_User_Id__c", "string", 64),
 )
 PERSON_FIELDS = (
-    FakeField("FirstName", "string", 40), FakeField("LastName", "string", 80),
-    FakeField("MobilePhone", "phone", 40), FakeField("Phone", "phone", 40),
+    FakeField("FirstName", "string", 40),
+    FakeField("LastName", "string", 80),
+    FakeField("MobilePhone", "phone", 40),
+    FakeField("Phone", "phone", 40),
     FakeField("Email", "email", 80),
 )
 CONSENT_STATUS = ("ExplicitlyOptedIn", "ImplicitlyOptedIn", "OptedOut", "DoublyOptedIn")
@@ -112,16 +131,18 @@ def default_schema() -> dict[str, dict[str, FakeField]]:
     """Contact and Lead with the consent fields; MessagingEndUser with custom proof fields."""
     return {
         "Contact": _standard(*PERSON_FIELDS, *CONSENT_FIELDS),
-        "Lead": _standard(*PERSON_FIELDS, FakeField("Company", "string", 255),
-                          *CONSENT_FIELDS),
+        "Lead": _standard(*PERSON_FIELDS, FakeField("Company", "string", 255), *CONSENT_FIELDS),
         "MessagingEndUser": _standard(
             FakeField("MessagingPlatformKey", "string", 255, updateable=False),
-            FakeField("MessageType", "picklist", 255, picklist=("Text", "WhatsApp"),
-                      restricted=True),
-            FakeField("MessagingConsentStatus", "picklist", 255, picklist=CONSENT_STATUS,
-                      restricted=True),
+            FakeField(
+                "MessageType", "picklist", 255, picklist=("Text", "WhatsApp"), restricted=True
+            ),
+            FakeField(
+                "MessagingConsentStatus", "picklist", 255, picklist=CONSENT_STATUS, restricted=True
+            ),
             FakeField("ContactId", "reference", 18),
-            *(f for f in CONSENT_FIELDS if f.name != "WhatsApp_Opt_In__c")),
+            *(f for f in CONSENT_FIELDS if f.name != "WhatsApp_Opt_In__c"),
+        ),
     }
 
 
@@ -135,11 +156,13 @@ def sf_datetime(moment: datetime) -> str:
 
 
 def parse_sf_datetime(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC).replace(
-        microsecond=0)
+    return (
+        datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC).replace(microsecond=0)
+    )
 
 
 # ---- SOQL -----------------------------------------------------------------------------------
+
 
 class SoqlError(Exception):
     def __init__(self, code: str, message: str) -> None:
@@ -147,7 +170,8 @@ class SoqlError(Exception):
         super().__init__(message)
 
 
-_TOKEN = re.compile(r"""\s*(?:
+_TOKEN = re.compile(
+    r"""\s*(?:
     (?P<string>'(?:[^'\\]|\\.)*')
   | (?P<datetime>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d))
   | (?P<date>\d{4}-\d\d-\d\d)
@@ -155,9 +179,21 @@ _TOKEN = re.compile(r"""\s*(?:
   | (?P<op><=|>=|!=|<>|=|<|>)
   | (?P<punct>[(),])
   | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
-)""", re.X)
-_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "r": "\r", "t": "\t", "b": "\b",
-            "f": "\f", "%": "\\%", "_": "\\_"}
+)""",
+    re.X,
+)
+_ESCAPES = {
+    "\\": "\\",
+    "'": "'",
+    '"': '"',
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "b": "\b",
+    "f": "\f",
+    "%": "\\%",
+    "_": "\\_",
+}
 
 
 @dataclass(frozen=True)
@@ -253,6 +289,7 @@ class Query:
                 walk(node[1])
             else:
                 leaves.append(node)
+
         walk(self.where)
         return leaves
 
@@ -274,15 +311,19 @@ class _Parser:
     def expect_keyword(self, word: str) -> None:
         if not self.keyword(word):
             found = self.peek()
-            raise SoqlError("MALFORMED_QUERY",
-                            f"expected {word}, found {found.text if found else 'end of query'}")
+            raise SoqlError(
+                "MALFORMED_QUERY",
+                f"expected {word}, found {found.text if found else 'end of query'}",
+            )
         self.i += 1
 
     def expect(self, kind: str, text: str | None = None) -> Token:
         token = self.peek()
         if token is None or token.kind != kind or (text is not None and token.text != text):
-            raise SoqlError("MALFORMED_QUERY", f"expected {text or kind} at "
-                            f"{token.text if token else 'end of query'}")
+            raise SoqlError(
+                "MALFORMED_QUERY",
+                f"expected {text or kind} at {token.text if token else 'end of query'}",
+            )
         self.i += 1
         return token
 
@@ -395,6 +436,7 @@ def parse_soql(soql: str) -> Query:
 
 # ---- fault injection ------------------------------------------------------------------------
 
+
 @dataclass
 class Fault:
     status: int
@@ -407,7 +449,8 @@ class Fault:
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method is None or self.method == method) and (
-            self.path_contains is None or self.path_contains in path)
+            self.path_contains is None or self.path_contains in path
+        )
 
 
 @dataclass
@@ -428,10 +471,17 @@ class BulkJob:
 
 # ---- the org --------------------------------------------------------------------------------
 
+
 class FakeSalesforce:
-    def __init__(self, *, instance: str = INSTANCE, api_version: str = API_VERSION,
-                 clock: Callable[[], datetime] | None = None, daily_limit: int = 100_000,
-                 schema: dict[str, dict[str, FakeField]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        instance: str = INSTANCE,
+        api_version: str = API_VERSION,
+        clock: Callable[[], datetime] | None = None,
+        daily_limit: int = 100_000,
+        schema: dict[str, dict[str, FakeField]] | None = None,
+    ) -> None:
         self.instance = instance
         self.api_version = api_version
         self.clock = clock or (lambda: datetime.now(UTC))
@@ -491,19 +541,33 @@ class FakeSalesforce:
         """Every access token issued so far now answers 401 INVALID_SESSION_ID."""
         self.tokens.clear()
 
-    def fail_next(self, status: int, code: str | None = None, message: str = "", *,
-                  times: int = 1, method: str | None = None, path_contains: str | None = None,
-                  headers: dict[str, str] | None = None, disconnect: bool = False) -> None:
+    def fail_next(
+        self,
+        status: int,
+        code: str | None = None,
+        message: str = "",
+        *,
+        times: int = 1,
+        method: str | None = None,
+        path_contains: str | None = None,
+        headers: dict[str, str] | None = None,
+        disconnect: bool = False,
+    ) -> None:
         """The next `times` matching data API requests get this answer (or a dropped connection)."""
-        body: Any = [{"message": message or code or "error", "errorCode": code}] if code else (
-            message or "<html><body>Service Unavailable</body></html>")
-        self.faults.append(Fault(status, body, times, method, path_contains, headers or {},
-                                 disconnect))
+        body: Any = (
+            [{"message": message or code or "error", "errorCode": code}]
+            if code
+            else (message or "<html><body>Service Unavailable</body></html>")
+        )
+        self.faults.append(
+            Fault(status, body, times, method, path_contains, headers or {}, disconnect)
+        )
 
     def lock(self, record_id: str, times: int = 1) -> None:
         """The next `times` writes of this record fail with UNABLE_TO_LOCK_ROW."""
         self.record_errors.setdefault(record_id, []).extend(
-            [("UNABLE_TO_LOCK_ROW", "unable to obtain exclusive access to this record")] * times)
+            [("UNABLE_TO_LOCK_ROW", "unable to obtain exclusive access to this record")] * times
+        )
 
     def reject(self, record_id: str, code: str, message: str) -> None:
         """Every write of this record fails with this error (a validation rule, say)."""
@@ -514,8 +578,7 @@ class FakeSalesforce:
 
     @property
     def query_calls(self) -> int:
-        return sum(1 for m, p in self.calls if m == "GET" and "/query" in p
-                   and "/jobs/" not in p)
+        return sum(1 for m, p in self.calls if m == "GET" and "/query" in p and "/jobs/" not in p)
 
     @property
     def collection_calls(self) -> int:
@@ -540,10 +603,22 @@ class FakeSalesforce:
         data = re.compile(re.escape(self.instance) + r"/services/data/v[\d.]+/.*")
         for method in ("GET", "POST", "PATCH", "PUT", "DELETE"):
             rsps.add_callback(method, data, callback=self._data)
-        rsps.add_callback("POST", re.compile(r"https://[\w.-]+\.salesforce\.com/services/Soap/u/"
-                                             r"[\d.]+"), callback=self._soap_login)
-        rsps.add_callback("POST", re.compile(r"https://[\w.-]+\.salesforce\.com/services/"
-                                             r"oauth2/token"), callback=self._oauth_token)
+        rsps.add_callback(
+            "POST",
+            re.compile(
+                r"https://[\w.-]+\.salesforce\.com/services/Soap/u/"
+                r"[\d.]+"
+            ),
+            callback=self._soap_login,
+        )
+        rsps.add_callback(
+            "POST",
+            re.compile(
+                r"https://[\w.-]+\.salesforce\.com/services/"
+                r"oauth2/token"
+            ),
+            callback=self._oauth_token,
+        )
 
     # ---- logins -------------------------------------------------------------------------
 
@@ -562,13 +637,14 @@ class FakeSalesforce:
                 'xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" '
                 'xmlns:sf="urn:fault.partner.soap.sforce.com" '
                 'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>'
-                '<soapenv:Fault><faultcode>sf:INVALID_LOGIN</faultcode><faultstring>'
-                'INVALID_LOGIN: Invalid username, password, security token; or user locked out.'
+                "<soapenv:Fault><faultcode>sf:INVALID_LOGIN</faultcode><faultstring>"
+                "INVALID_LOGIN: Invalid username, password, security token; or user locked out."
                 '</faultstring><detail><sf:LoginFault xsi:type="sf:LoginFault">'
-                '<sf:exceptionCode>INVALID_LOGIN</sf:exceptionCode><sf:exceptionMessage>'
-                'Invalid username, password, security token; or user locked out.'
-                '</sf:exceptionMessage></sf:LoginFault></detail></soapenv:Fault>'
-                '</soapenv:Body></soapenv:Envelope>')
+                "<sf:exceptionCode>INVALID_LOGIN</sf:exceptionCode><sf:exceptionMessage>"
+                "Invalid username, password, security token; or user locked out."
+                "</sf:exceptionMessage></sf:LoginFault></detail></soapenv:Fault>"
+                "</soapenv:Body></soapenv:Envelope>"
+            )
             return 500, {"Content-Type": "text/xml;charset=UTF-8"}, fault
         token = self.issue_token()
         self.logins.append("password")
@@ -576,11 +652,12 @@ class FakeSalesforce:
             '<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
             'xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" '
             'xmlns="urn:partner.soap.sforce.com"><soapenv:Body><loginResponse><result>'
-            f'<metadataServerUrl>{self.instance}/services/Soap/m/{self.api_version}/{ORG_ID}'
-            '</metadataServerUrl><passwordExpired>false</passwordExpired><sandbox>false'
-            f'</sandbox><serverUrl>{self.instance}/services/Soap/u/{self.api_version}/{ORG_ID}'
-            f'</serverUrl><sessionId>{token}</sessionId><userId>005000000000001AAA</userId>'
-            '</result></loginResponse></soapenv:Body></soapenv:Envelope>')
+            f"<metadataServerUrl>{self.instance}/services/Soap/m/{self.api_version}/{ORG_ID}"
+            "</metadataServerUrl><passwordExpired>false</passwordExpired><sandbox>false"
+            f"</sandbox><serverUrl>{self.instance}/services/Soap/u/{self.api_version}/{ORG_ID}"
+            f"</serverUrl><sessionId>{token}</sessionId><userId>005000000000001AAA</userId>"
+            "</result></loginResponse></soapenv:Body></soapenv:Envelope>"
+        )
         return 200, {"Content-Type": "text/xml;charset=UTF-8"}, answer
 
     def _oauth_token(self, request: requests.PreparedRequest) -> Answer:
@@ -588,19 +665,21 @@ class FakeSalesforce:
         form = {k: v[0] for k, v in parse_qs(raw).items()}
         grant = form.get("grant_type", "")
         host = urlsplit(request.url or "").hostname or ""
-        refused = (400, {"Content-Type": "application/json"},
-                   json.dumps({"error": "invalid_grant", "error_description":
-                               "authentication failure"}))
+        refused = (
+            400,
+            {"Content-Type": "application/json"},
+            json.dumps({"error": "invalid_grant", "error_description": "authentication failure"}),
+        )
         if grant == "password":
-            if self.apps.get(form.get("client_id", "")) != form.get("client_secret") or \
-                    self.users.get(form.get("username", "")) != form.get("password"):
+            if self.apps.get(form.get("client_id", "")) != form.get(
+                "client_secret"
+            ) or self.users.get(form.get("username", "")) != form.get("password"):
                 return refused
         elif grant == "urn:ietf:params:oauth:grant-type:jwt-bearer":
             try:
                 claims = jwt.decode(form.get("assertion", ""), options={"verify_signature": False})
                 key = self.app_keys[claims["iss"]]
-                jwt.decode(form["assertion"], key, algorithms=["RS256"],
-                           audience=f"https://{host}")
+                jwt.decode(form["assertion"], key, algorithms=["RS256"], audience=f"https://{host}")
             except (KeyError, jwt.PyJWTError):
                 return refused
             if claims.get("sub") not in self.users:
@@ -608,30 +687,57 @@ class FakeSalesforce:
         elif grant == "client_credentials":
             header = request.headers.get("Authorization", "")
             try:
-                key, _, secret = base64.b64decode(header.removeprefix("Basic ")).decode() \
-                    .partition(":")
+                key, _, secret = (
+                    base64.b64decode(header.removeprefix("Basic ")).decode().partition(":")
+                )
             except ValueError:
                 return refused
             if not host.endswith(".my.salesforce.com") or self.apps.get(key) != secret:
-                return (400, {"Content-Type": "application/json"},
-                        json.dumps({"error": "invalid_client",
-                                    "error_description": "invalid client credentials"}))
+                return (
+                    400,
+                    {"Content-Type": "application/json"},
+                    json.dumps(
+                        {
+                            "error": "invalid_client",
+                            "error_description": "invalid client credentials",
+                        }
+                    ),
+                )
         else:
-            return (400, {"Content-Type": "application/json"},
-                    json.dumps({"error": "unsupported_grant_type",
-                                "error_description": "grant type not supported"}))
+            return (
+                400,
+                {"Content-Type": "application/json"},
+                json.dumps(
+                    {
+                        "error": "unsupported_grant_type",
+                        "error_description": "grant type not supported",
+                    }
+                ),
+            )
         self.logins.append(grant)
         token = self.issue_token()
-        return 200, {"Content-Type": "application/json"}, json.dumps({
-            "access_token": token, "instance_url": self.instance,
-            "id": f"https://login.salesforce.com/id/{ORG_ID}AAA/005000000000001AAA",
-            "token_type": "Bearer", "issued_at": "1769851800000", "signature": "c2lnbmF0dXJl"})
+        return (
+            200,
+            {"Content-Type": "application/json"},
+            json.dumps(
+                {
+                    "access_token": token,
+                    "instance_url": self.instance,
+                    "id": f"https://login.salesforce.com/id/{ORG_ID}AAA/005000000000001AAA",
+                    "token_type": "Bearer",
+                    "issued_at": "1769851800000",
+                    "signature": "c2lnbmF0dXJl",
+                }
+            ),
+        )
 
     # ---- the data API -------------------------------------------------------------------
 
     def _headers(self, content_type: str = "application/json;charset=UTF-8") -> dict[str, str]:
-        return {"Content-Type": content_type,
-                "Sforce-Limit-Info": f"api-usage={self.api_used}/{self.daily_limit}"}
+        return {
+            "Content-Type": content_type,
+            "Sforce-Limit-Info": f"api-usage={self.api_used}/{self.daily_limit}",
+        }
 
     def _error(self, status: int, code: str, message: str) -> Answer:
         return status, self._headers(), json.dumps([{"message": message, "errorCode": code}])
@@ -653,11 +759,14 @@ class FakeSalesforce:
                     raise requests.ConnectionError("connection reset by peer")
                 body = fault.body if isinstance(fault.body, str) else json.dumps(fault.body)
                 headers = {**self._headers(), **fault.headers}
-                if isinstance(fault.body, list) and fault.body[0].get(
-                        "errorCode") == "REQUEST_LIMIT_EXCEEDED" and "Sforce-Limit-Info" not in \
-                        fault.headers:
-                    headers["Sforce-Limit-Info"] = f"api-usage={self.daily_limit}/" \
-                                                   f"{self.daily_limit}"
+                if (
+                    isinstance(fault.body, list)
+                    and fault.body[0].get("errorCode") == "REQUEST_LIMIT_EXCEEDED"
+                    and "Sforce-Limit-Info" not in fault.headers
+                ):
+                    headers["Sforce-Limit-Info"] = (
+                        f"api-usage={self.daily_limit}/{self.daily_limit}"
+                    )
                 return fault.status, headers, body
         if self.api_used >= self.daily_limit:
             return self._error(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
@@ -670,8 +779,14 @@ class FakeSalesforce:
         except SoqlError as exc:
             return self._error(400, exc.code, str(exc))
 
-    def _route(self, method: str, path: str, params: Mapping[str, str], body: str | None,
-               request: requests.PreparedRequest) -> Answer:
+    def _route(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str],
+        body: str | None,
+        request: requests.PreparedRequest,
+    ) -> Answer:
         if method == "GET" and path == "query":
             size = 2_000
             options = request.headers.get("Sforce-Query-Options", "")
@@ -695,9 +810,12 @@ class FakeSalesforce:
     def _resolve(self, obj: str, name: str) -> str:
         fields = {n.lower(): n for n in self.schema[obj]}
         if name.lower() not in fields:
-            raise SoqlError("INVALID_FIELD", f"No such column '{name}' on entity '{obj}'. If you "
-                            "are attempting to use a custom field, be sure to append the '__c' "
-                            "after the custom field name.")
+            raise SoqlError(
+                "INVALID_FIELD",
+                f"No such column '{name}' on entity '{obj}'. If you "
+                "are attempting to use a custom field, be sure to append the '__c' "
+                "after the custom field name.",
+            )
         return fields[name.lower()]
 
     def _prepare(self, soql: str) -> tuple[Query, list[dict[str, Any]]]:
@@ -713,10 +831,11 @@ class FakeSalesforce:
         rows = [r for r in self.records[obj].values() if self._holds(obj, query.where, r)]
         for name, descending in reversed(query.order_by):
             real = self._resolve(obj, name)
-            rows.sort(key=lambda r, real=real: (r[real] is not None, r[real] or 0),
-                      reverse=descending)
+            rows.sort(
+                key=lambda r, real=real: (r[real] is not None, r[real] or 0), reverse=descending
+            )
         if query.limit is not None:
-            rows = rows[:query.limit]
+            rows = rows[: query.limit]
         return query, rows
 
     def _check_where(self, obj: str, node: Any) -> None:
@@ -733,8 +852,9 @@ class FakeSalesforce:
                 literals = node[2] if node[0] == "in" else [node[-1]]
                 for literal in literals:
                     if literal.kind != "string" or not _ID_SHAPE.fullmatch(literal.value):
-                        raise SoqlError("INVALID_QUERY_FILTER_OPERATOR",
-                                        f"invalid ID field: {literal.value}")
+                        raise SoqlError(
+                            "INVALID_QUERY_FILTER_OPERATOR", f"invalid ID field: {literal.value}"
+                        )
 
     def _holds(self, obj: str, node: Any, record: Mapping[str, Any]) -> bool:
         if node is None:
@@ -763,10 +883,14 @@ class FakeSalesforce:
             return False
         other = literal.value
         if isinstance(value, datetime) and literal.kind != "datetime":
-            raise SoqlError("INVALID_FIELD", f"value of filter criterion for field '{real}' "
-                            "must be of type dateTime and should not be enclosed in quotes")
-        return {"<": value < other, "<=": value <= other, ">": value > other,
-                ">=": value >= other}[op]
+            raise SoqlError(
+                "INVALID_FIELD",
+                f"value of filter criterion for field '{real}' "
+                "must be of type dateTime and should not be enclosed in quotes",
+            )
+        return {"<": value < other, "<=": value <= other, ">": value > other, ">=": value >= other}[
+            op
+        ]
 
     def _equal(self, real: str, obj: str, value: Any, literal: Literal) -> bool:
         if literal.kind == "null":
@@ -777,11 +901,15 @@ class FakeSalesforce:
             return value.lower() == literal.value.lower()  # SOQL '=' ignores case on text
         return bool(value == literal.value)
 
-    def _json_record(self, obj: str, record: Mapping[str, Any], fields: Sequence[str]
-                     ) -> dict[str, Any]:
-        out: dict[str, Any] = {"attributes": {
-            "type": obj,
-            "url": f"/services/data/v{self.api_version}/sobjects/{obj}/{record['Id']}"}}
+    def _json_record(
+        self, obj: str, record: Mapping[str, Any], fields: Sequence[str]
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "attributes": {
+                "type": obj,
+                "url": f"/services/data/v{self.api_version}/sobjects/{obj}/{record['Id']}",
+            }
+        }
         for name in fields:
             value = record.get(name)
             out[name] = sf_datetime(value) if isinstance(value, datetime) else value
@@ -790,8 +918,11 @@ class FakeSalesforce:
     def _query(self, soql: str, size: int) -> Answer:
         query, rows = self._prepare(soql)
         if query.count:
-            return 200, self._headers(), json.dumps(
-                {"totalSize": len(rows), "done": True, "records": []})
+            return (
+                200,
+                self._headers(),
+                json.dumps({"totalSize": len(rows), "done": True, "records": []}),
+            )
         records = [self._json_record(query.object, r, query.fields) for r in rows]
         cursor = f"01g{self._next():012d}AAA"
         self.cursors[cursor] = records
@@ -799,12 +930,13 @@ class FakeSalesforce:
 
     def _page(self, cursor: str, offset: int, size: int) -> Answer:
         records = self.cursors[cursor]
-        chunk = records[offset:offset + size]
+        chunk = records[offset : offset + size]
         done = offset + size >= len(records)
         page: dict[str, Any] = {"totalSize": len(records), "done": done, "records": chunk}
         if not done:
-            page["nextRecordsUrl"] = (f"/services/data/v{self.api_version}/query/"
-                                      f"{cursor}-{offset + size}")
+            page["nextRecordsUrl"] = (
+                f"/services/data/v{self.api_version}/query/{cursor}-{offset + size}"
+            )
         return 200, self._headers(), json.dumps(page)
 
     def _query_more(self, locator: str) -> Answer:
@@ -816,9 +948,20 @@ class FakeSalesforce:
     def _describe(self, obj: str) -> Answer:
         if obj not in self.schema:
             return self._error(404, "NOT_FOUND", "The requested resource does not exist")
-        return 200, self._headers(), json.dumps({
-            "name": obj, "label": obj, "custom": False, "queryable": True, "updateable": True,
-            "fields": [f.describe() for f in self.schema[obj].values()]})
+        return (
+            200,
+            self._headers(),
+            json.dumps(
+                {
+                    "name": obj,
+                    "label": obj,
+                    "custom": False,
+                    "queryable": True,
+                    "updateable": True,
+                    "fields": [f.describe() for f in self.schema[obj].values()],
+                }
+            ),
+        )
 
     # ---- writes -------------------------------------------------------------------------
 
@@ -829,37 +972,51 @@ class FakeSalesforce:
             raise SoqlError("INVALID_FIELD", f"No such column '{name}' on sobject of type {obj}")
         definition = self.schema[obj][fields[name.lower()]]
         if not definition.updateable:
-            raise SoqlError("INVALID_FIELD_FOR_INSERT_UPDATE",
-                            f"Unable to create/update fields: {definition.name}. Please check "
-                            "the security settings of this field and verify that it is "
-                            "read/write for your profile or permission set.")
+            raise SoqlError(
+                "INVALID_FIELD_FOR_INSERT_UPDATE",
+                f"Unable to create/update fields: {definition.name}. Please check "
+                "the security settings of this field and verify that it is "
+                "read/write for your profile or permission set.",
+            )
         if value is None:
             return False if definition.type == "boolean" else None
         if definition.type == "boolean":
             if from_csv and str(value).lower() in ("true", "false"):
                 return str(value).lower() == "true"
             if not isinstance(value, bool):
-                raise SoqlError("INVALID_TYPE_ON_FIELD_IN_RECORD",
-                                f"{definition.name}: value not of required type: {value}")
+                raise SoqlError(
+                    "INVALID_TYPE_ON_FIELD_IN_RECORD",
+                    f"{definition.name}: value not of required type: {value}",
+                )
             return value
         if definition.type == "datetime":
             if not isinstance(value, str) or not _DATETIME.fullmatch(value):
-                raise SoqlError("INVALID_TYPE_ON_FIELD_IN_RECORD",
-                                f"{definition.name}: value not of required type: {value}")
+                raise SoqlError(
+                    "INVALID_TYPE_ON_FIELD_IN_RECORD",
+                    f"{definition.name}: value not of required type: {value}",
+                )
             return parse_sf_datetime(value)
         if not isinstance(value, str):
-            raise SoqlError("INVALID_TYPE_ON_FIELD_IN_RECORD",
-                            f"{definition.name}: value not of required type: {value}")
+            raise SoqlError(
+                "INVALID_TYPE_ON_FIELD_IN_RECORD",
+                f"{definition.name}: value not of required type: {value}",
+            )
         if definition.length and len(value) > definition.length:
-            raise SoqlError("STRING_TOO_LONG", f"{definition.name}: data value too large: "
-                            f"{value[:20]}... (max length={definition.length})")
+            raise SoqlError(
+                "STRING_TOO_LONG",
+                f"{definition.name}: data value too large: "
+                f"{value[:20]}... (max length={definition.length})",
+            )
         if definition.restricted and value not in definition.picklist:
-            raise SoqlError("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                            f"{definition.name}: bad value for restricted picklist field: {value}")
+            raise SoqlError(
+                "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                f"{definition.name}: bad value for restricted picklist field: {value}",
+            )
         return value
 
-    def _write(self, obj: str, record_id: str, values: Mapping[str, Any], from_csv: bool
-               ) -> tuple[str, str, list[str]] | None:
+    def _write(
+        self, obj: str, record_id: str, values: Mapping[str, Any], from_csv: bool
+    ) -> tuple[str, str, list[str]] | None:
         """Apply one record's update; (code, message, fields) if it fails."""
         queued = self.record_errors.get(record_id)
         if queued:
@@ -892,57 +1049,87 @@ class FakeSalesforce:
         self.collection_sizes.append(len(records))
         self.collection_records.append(records)
         if len(records) > 200:
-            return self._error(400, "EXCEEDED_ID_LIMIT", "record limit reached. cannot submit "
-                               "more than 200 records into this call")
+            return self._error(
+                400,
+                "EXCEEDED_ID_LIMIT",
+                "record limit reached. cannot submit more than 200 records into this call",
+            )
         for item in records:  # a dateTime Salesforce cannot read fails the whole request
             obj = item.get("attributes", {}).get("type", "")
             for name, value in item.items():
                 definition = self.schema.get(obj, {}).get(name)
-                if definition and definition.type == "datetime" and value is not None and (
-                        not isinstance(value, str) or not _DATETIME.fullmatch(value)):
-                    return self._error(400, "JSON_PARSER_ERROR",
-                                       f"Cannot deserialize instance of datetime from "
-                                       f"VALUE_STRING value {value}")
+                if (
+                    definition
+                    and definition.type == "datetime"
+                    and value is not None
+                    and (not isinstance(value, str) or not _DATETIME.fullmatch(value))
+                ):
+                    return self._error(
+                        400,
+                        "JSON_PARSER_ERROR",
+                        f"Cannot deserialize instance of datetime from VALUE_STRING value {value}",
+                    )
         results = []
         for item in records:
             obj = item.get("attributes", {}).get("type", "")
             if obj not in self.schema:
-                results.append({"success": False, "errors": [
-                    {"statusCode": "INVALID_TYPE", "message": f"sObject type '{obj}' is not "
-                     "supported", "fields": []}]})
+                results.append(
+                    {
+                        "success": False,
+                        "errors": [
+                            {
+                                "statusCode": "INVALID_TYPE",
+                                "message": f"sObject type '{obj}' is not supported",
+                                "fields": [],
+                            }
+                        ],
+                    }
+                )
                 continue
             values = {k: v for k, v in item.items() if k not in ("attributes", "id", "Id")}
-            failure = self._write(obj, str(item.get("id") or item.get("Id") or ""), values,
-                                  from_csv=False)
+            failure = self._write(
+                obj, str(item.get("id") or item.get("Id") or ""), values, from_csv=False
+            )
             if failure is None:
                 results.append({"id": item.get("id"), "success": True, "errors": []})
             else:
                 code, message, names = failure
-                results.append({"success": False, "errors": [
-                    {"statusCode": code, "message": message, "fields": names}]})
+                results.append(
+                    {
+                        "success": False,
+                        "errors": [{"statusCode": code, "message": message, "fields": names}],
+                    }
+                )
         return 200, self._headers(), json.dumps(results)
 
     # ---- Bulk API 2.0 -------------------------------------------------------------------
 
     def _job_info(self, job: BulkJob) -> dict[str, Any]:
         info: dict[str, Any] = {
-            "id": job.id, "operation": job.operation, "object": job.object,
-            "createdById": "005000000000001AAA", "createdDate": sf_datetime(self.clock()),
-            "systemModstamp": sf_datetime(self.clock()), "state": job.state,
-            "concurrencyMode": "Parallel", "contentType": "CSV",
-            "apiVersion": float(self.api_version), "lineEnding": "LF",
-            "columnDelimiter": "COMMA"}
+            "id": job.id,
+            "operation": job.operation,
+            "object": job.object,
+            "createdById": "005000000000001AAA",
+            "createdDate": sf_datetime(self.clock()),
+            "systemModstamp": sf_datetime(self.clock()),
+            "state": job.state,
+            "concurrencyMode": "Parallel",
+            "contentType": "CSV",
+            "apiVersion": float(self.api_version),
+            "lineEnding": "LF",
+            "columnDelimiter": "COMMA",
+        }
         if job.kind == "ingest":
             info["contentUrl"] = f"services/data/v{self.api_version}/jobs/ingest/{job.id}/batches"
         if job.state == "JobComplete":
-            info["numberRecordsProcessed"] = len(job.rows) if job.kind == "query" else (
-                len(job.successful) + len(job.failed))
+            info["numberRecordsProcessed"] = (
+                len(job.rows) if job.kind == "query" else (len(job.successful) + len(job.failed))
+            )
             if job.kind == "ingest":
                 info["numberRecordsFailed"] = len(job.failed)
         return info
 
-    def _bulk(self, method: str, path: str, params: Mapping[str, str], body: str | None
-              ) -> Answer:
+    def _bulk(self, method: str, path: str, params: Mapping[str, str], body: str | None) -> Answer:
         parts = path.split("/")  # jobs, kind, [id], [what]
         kind = parts[1]
         if len(parts) == 2 and method == "POST":
@@ -950,12 +1137,26 @@ class FakeSalesforce:
             job_id = f"750{self._next():012d}AAA"
             if kind == "query":
                 query, rows = self._prepare(spec["query"])
-                job = BulkJob(job_id, "query", query.object, "query", "UploadComplete",
-                              self.polls_until_done, query=query,
-                              rows=[dict(r) for r in rows], columns=query.fields)
+                job = BulkJob(
+                    job_id,
+                    "query",
+                    query.object,
+                    "query",
+                    "UploadComplete",
+                    self.polls_until_done,
+                    query=query,
+                    rows=[dict(r) for r in rows],
+                    columns=query.fields,
+                )
             else:
-                job = BulkJob(job_id, "ingest", spec["object"], spec["operation"], "Open",
-                              self.polls_until_done)
+                job = BulkJob(
+                    job_id,
+                    "ingest",
+                    spec["object"],
+                    spec["operation"],
+                    "Open",
+                    self.polls_until_done,
+                )
             self.jobs[job_id] = job
             return 200, self._headers(), json.dumps(self._job_info(job))
         job = self.jobs.get(parts[2]) if len(parts) > 2 else None
@@ -984,15 +1185,18 @@ class FakeSalesforce:
             return self._query_results(job, params)
         if method == "GET" and what in ("successfulResults", "failedResults"):
             rows = job.successful if what == "successfulResults" else job.failed
-            head = ["sf__Id", "sf__Created" if what == "successfulResults" else "sf__Error",
-                    *job.columns]
+            head = [
+                "sf__Id",
+                "sf__Created" if what == "successfulResults" else "sf__Error",
+                *job.columns,
+            ]
             return 200, self._headers("text/csv"), _csv(head, rows)
         return self._error(404, "NOT_FOUND", "The requested resource does not exist")
 
     def _query_results(self, job: BulkJob, params: Mapping[str, str]) -> Answer:
         size = int(params.get("maxRecords", "100000"))
         offset = int(params.get("locator") or "0", 36) if params.get("locator") else 0
-        chunk = job.rows[offset:offset + size]
+        chunk = job.rows[offset : offset + size]
         rows = [{name: _csv_value(record.get(name)) for name in job.columns} for record in chunk]
         following = offset + size
         headers = self._headers("text/csv")
@@ -1015,9 +1219,13 @@ class FakeSalesforce:
                 job.successful.append({"sf__Id": record_id, "sf__Created": "false", **row})
             else:
                 code, message, names = failure
-                job.failed.append({"sf__Id": record_id,
-                                   "sf__Error": f"{code}:{message}:{','.join(names) or '--'}",
-                                   **row})
+                job.failed.append(
+                    {
+                        "sf__Id": record_id,
+                        "sf__Error": f"{code}:{message}:{','.join(names) or '--'}",
+                        **row,
+                    }
+                )
 
 
 def _csv_value(value: Any) -> str:
@@ -1032,8 +1240,9 @@ def _csv_value(value: Any) -> str:
 
 def _csv(header: Sequence[str], rows: Sequence[Mapping[str, str]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(header), lineterminator="\n",
-                            quoting=csv.QUOTE_ALL)
+    writer = csv.DictWriter(
+        buffer, fieldnames=list(header), lineterminator="\n", quoting=csv.QUOTE_ALL
+    )
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

@@ -16,5 +16,14 @@ from waconsent.cli.base import accept_config_everywhere, main
 
 accept_config_everywhere(main)
 
-__all__ = ["audience", "data", "main", "optin", "replies", "reports", "running", "services",
-           "setup"]
+__all__ = [
+    "audience",
+    "data",
+    "main",
+    "optin",
+    "replies",
+    "reports",
+    "running",
+    "services",
+    "setup",
+]

@@ -81,8 +81,11 @@ def _internal(exc: BaseException) -> Failed:
     parameters or payload values."""
     frames = traceback.extract_tb(exc.__traceback__)[-4:]
     where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
-    return fail(f"internal error: {describe(exc)} at {where} (its message is withheld: it "
-                 "may hold personal data)", EXIT_CANNOT_PROCEED)
+    return fail(
+        f"internal error: {describe(exc)} at {where} (its message is withheld: it "
+        "may hold personal data)",
+        EXIT_CANNOT_PROCEED,
+    )
 
 
 def guarded(fn: F) -> F:
@@ -97,16 +100,18 @@ def guarded(fn: F) -> F:
         except InputError as exc:
             raise fail(str(exc), EXIT_USAGE) from None
         except FatalError as exc:
-            raise fail(f"{exc} (nothing queued was lost; run again when resolved)",
-                        EXIT_CANNOT_PROCEED) from None
+            raise fail(
+                f"{exc} (nothing queued was lost; run again when resolved)", EXIT_CANNOT_PROCEED
+            ) from None
         except WaconsentError as exc:
             raise fail(str(exc), EXIT_CANNOT_PROCEED) from None
         except DBAPIError as exc:  # the store busy, read-only, gone: a sentence, exit 3
             failure = store_failure(exc)
             if failure is None:
                 raise _internal(exc) from None
-            raise fail(f"{failure} (nothing queued was lost; run again when resolved)",
-                        EXIT_CANNOT_PROCEED) from None
+            raise fail(
+                f"{failure} (nothing queued was lost; run again when resolved)", EXIT_CANNOT_PROCEED
+            ) from None
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - the last net: a bug becomes exit 70 with a trace, not a crash
@@ -116,8 +121,13 @@ def guarded(fn: F) -> F:
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Configuration file (else $WACONSENT_CONFIG, else ./waconsent.toml).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Configuration file (else $WACONSENT_CONFIG, else ./waconsent.toml).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to standard error.")
 @click.version_option(__version__, prog_name="waconsent")
 @click.pass_context
@@ -150,10 +160,15 @@ def accept_config_everywhere(group: click.Group) -> None:
     (`waconsent sync --config prod.toml`), as README promises; added here, once, so no
     command can forget it."""
     for command in group.commands.values():
-        command.params.append(click.Option(
-            ["--config", "config_after_command"], type=click.Path(dir_okay=False),
-            expose_value=False, callback=_remember_config,
-            help="Configuration file (else $WACONSENT_CONFIG, else ./waconsent.toml)."))
+        command.params.append(
+            click.Option(
+                ["--config", "config_after_command"],
+                type=click.Path(dir_okay=False),
+                expose_value=False,
+                callback=_remember_config,
+                help="Configuration file (else $WACONSENT_CONFIG, else ./waconsent.toml).",
+            )
+        )
         if isinstance(command, click.Group):
             accept_config_everywhere(command)
 
@@ -167,5 +182,3 @@ def engine_of(loaded: LoadedConfig) -> Engine:
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-

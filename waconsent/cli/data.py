@@ -66,8 +66,9 @@ def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
                         err.print(f"{where}: {problem}")
                         skipped += 1
                         continue
-                    result = ingest_payload(engine, payload, keywords, f"import:{name}", now,
-                                            replies=replies)
+                    result = ingest_payload(
+                        engine, payload, keywords, f"import:{name}", now, replies=replies
+                    )
                     stored += result.stored
                     duplicates += result.duplicates
                     acknowledged += result.acknowledged
@@ -76,8 +77,10 @@ def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
                     skipped += len(result.skipped)
             finally:  # also when the store fails midway: what was stored is stored
                 anything_skipped |= skipped > 0
-                out.print(f"{shown}: {stored} stored, {duplicates} duplicates, "
-                          f"{acknowledged} acknowledged, {skipped} skipped")
+                out.print(
+                    f"{shown}: {stored} stored, {duplicates} duplicates, "
+                    f"{acknowledged} acknowledged, {skipped} skipped"
+                )
     finally:
         engine.dispose()
     if anything_skipped:
@@ -85,6 +88,7 @@ def import_(ctx: click.Context, files: tuple[str, ...]) -> None:
 
 
 # ---- contacts -------------------------------------------------------------------------------
+
 
 @main.group()
 def contacts() -> None:
@@ -103,8 +107,9 @@ def contacts_import(ctx: click.Context, file: str) -> None:
         data = _read(file)
     except OSError as exc:
         raise InputError(f"{shown}: cannot read: {exc.strerror or type(exc).__name__}") from None
-    rows, report = read_contacts_csv(decode_csv(data), loaded.settings.mapping.default_region,
-                                     shown)
+    rows, report = read_contacts_csv(
+        decode_csv(data), loaded.settings.mapping.default_region, shown
+    )
     engine = engine_of(loaded)
     try:
         import_contacts(engine, rows, report, now(), shown)
@@ -114,15 +119,18 @@ def contacts_import(ctx: click.Context, file: str) -> None:
             err.print(f"warning: {warning}")
         for refused in report.refused:
             err.print(f"refused: {refused}")
-        out.print(f"{shown}: {report.imported} contacts imported, {len(report.refused)} "
-                  f"refused, {len(report.warnings)} warnings")
+        out.print(
+            f"{shown}: {report.imported} contacts imported, {len(report.refused)} "
+            f"refused, {len(report.warnings)} warnings"
+        )
     if report.refused:
         raise Failed(EXIT_USAGE)
 
 
 @contacts.command(name="export")
-@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv",
-              show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+)
 @click.pass_context
 @guarded
 def contacts_export(ctx: click.Context, fmt: str) -> None:
@@ -134,14 +142,20 @@ def contacts_export(ctx: click.Context, fmt: str) -> None:
         if fmt == "json":
             click.echo(json.dumps(list(rows), indent=2, ensure_ascii=False))
         else:
-            writer = csv.DictWriter(sys.stdout, fieldnames=list(CSV_COLUMNS),
-                                    lineterminator=LINE_END)
+            writer = csv.DictWriter(
+                sys.stdout, fieldnames=list(CSV_COLUMNS), lineterminator=LINE_END
+            )
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: "" if v is None else str(v).lower()
-                                 if isinstance(v, bool) else csv_cell(str(v))
-                                 for k, v in row.items()})
+                writer.writerow(
+                    {
+                        k: ""
+                        if v is None
+                        else str(v).lower()
+                        if isinstance(v, bool)
+                        else csv_cell(str(v))
+                        for k, v in row.items()
+                    }
+                )
     finally:
         engine.dispose()
-
-

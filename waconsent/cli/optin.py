@@ -27,5 +27,7 @@ def purge(ctx: click.Context) -> None:
             deleted = optin_store.purge(connection, now())
     finally:
         engine.dispose()
-    out.print(f"{deleted} unconfirmed opt-in requests deleted (expired more than "
-              f"{optin_store.KEEP_UNCONFIRMED.days} days ago)")
+    out.print(
+        f"{deleted} unconfirmed opt-in requests deleted (expired more than "
+        f"{optin_store.KEEP_UNCONFIRMED.days} days ago)"
+    )

@@ -45,10 +45,18 @@ class SyncBar:
     active = True
 
     def __init__(self, console: Console, *, writes: bool = True) -> None:
-        self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                             MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
-                             TextColumn("eta"), TimeRemainingColumn(),
-                             console=console, transient=True)
+        self._bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _Rate(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
         self._lock = threading.Lock()  # `total` may come from the read-ahead thread
         self._records: TaskID = self._bar.add_task("records read and decided", total=None)
         # a dry run sends nothing: no line for it
@@ -58,8 +66,11 @@ class SyncBar:
 
     def total(self, records: int | None, *, estimated: bool = False) -> None:
         with self._lock:
-            description = ("records read and decided (~ last full run)" if estimated
-                           else "records read and decided")
+            description = (
+                "records read and decided (~ last full run)"
+                if estimated
+                else "records read and decided"
+            )
             self._bar.update(self._records, total=records, description=description)
 
     def decided(self, records: int) -> None:
@@ -78,8 +89,9 @@ class SyncBar:
         with self._lock:
             self._sent += ok
             self._failed += failed
-            description = (f"writes sent ({self._failed} failed, queued)" if self._failed
-                           else "writes sent")
+            description = (
+                f"writes sent ({self._failed} failed, queued)" if self._failed else "writes sent"
+            )
             self._bar.update(self._writes, advance=ok + failed, description=description)
 
     def start(self) -> None:

@@ -49,8 +49,7 @@ def send(ctx: click.Context) -> None:
     try:
         while True:
             summary = send_due(engine, sender, holder, now)
-            for name in ("looked_at", "sent", "failed", "deferred", "no_answer",
-                         "marked_unknown"):
+            for name in ("looked_at", "sent", "failed", "deferred", "no_answer", "marked_unknown"):
                 setattr(total, name, getattr(total, name) + getattr(summary, name))
             total.stopped = summary.stopped
             if not summary.more:
@@ -58,9 +57,11 @@ def send(ctx: click.Context) -> None:
     finally:
         sender.close()
         engine.dispose()
-    out.print(f"{total.sent} sent, {total.failed} failed, {total.deferred} put back for later, "
-              f"{total.no_answer} without an answer (left for their statuses), "
-              f"{total.marked_unknown} marked unknown")
+    out.print(
+        f"{total.sent} sent, {total.failed} failed, {total.deferred} put back for later, "
+        f"{total.no_answer} without an answer (left for their statuses), "
+        f"{total.marked_unknown} marked unknown"
+    )
     if total.stopped:
         raise fail(f"sending stopped: {total.stopped}; {CREDENTIALS_FIX}", EXIT_CANNOT_PROCEED)
     if total.deferred:
@@ -68,12 +69,17 @@ def send(ctx: click.Context) -> None:
 
 
 @replies.command(name="list")
-@click.option("--state", "states", multiple=True,
-              type=click.Choice([state.value for state in ReplyState]),
-              help="Only replies in this state (repeatable).")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([state.value for state in ReplyState]),
+    help="Only replies in this state (repeatable).",
+)
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
 @click.pass_context
 @guarded
 def list_(ctx: click.Context, states: tuple[str, ...], limit: int, fmt: str) -> None:
@@ -93,16 +99,33 @@ def list_(ctx: click.Context, states: tuple[str, ...], limit: int, fmt: str) -> 
     for column in ("queued", "state", "keyword", "to", "trigger", "reply", "why"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["queued_at"], row["state"], row["keyword"] or "", row["to"] or "",
-                      row["trigger_id"], row["reply_id"] or "", row["error"] or "")
+        table.add_row(
+            row["queued_at"],
+            row["state"],
+            row["keyword"] or "",
+            row["to"] or "",
+            row["trigger_id"],
+            row["reply_id"] or "",
+            row["error"] or "",
+        )
     out.print(table)
 
 
 def _shown(row: Any) -> dict[str, Any]:
     to = mask(row.wa_id) if row.wa_id else row.user_id
-    return {"queued_at": jsonable(row.queued_at), "state": row.state, "signal": row.signal,
-            "keyword": row.keyword, "to": to, "trigger_id": row.trigger_id,
-            "reply_id": row.reply_id, "text_sha256": row.text_sha256,
-            "sent_at": jsonable(row.sent_at), "delivered_at": jsonable(row.delivered_at),
-            "read_at": jsonable(row.read_at), "error_code": row.error_code,
-            "error": row.error, "attempts": row.rounds}
+    return {
+        "queued_at": jsonable(row.queued_at),
+        "state": row.state,
+        "signal": row.signal,
+        "keyword": row.keyword,
+        "to": to,
+        "trigger_id": row.trigger_id,
+        "reply_id": row.reply_id,
+        "text_sha256": row.text_sha256,
+        "sent_at": jsonable(row.sent_at),
+        "delivered_at": jsonable(row.delivered_at),
+        "read_at": jsonable(row.read_at),
+        "error_code": row.error_code,
+        "error": row.error,
+        "attempts": row.rounds,
+    }

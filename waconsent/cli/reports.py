@@ -38,8 +38,13 @@ def report() -> None:
 
 
 @report.command(name="missing-proof")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
-              show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
 @click.pass_context
 @guarded
 def missing_proof(ctx: click.Context, fmt: str) -> None:
@@ -55,12 +60,33 @@ def missing_proof(ctx: click.Context, fmt: str) -> None:
     finally:
         engine.dispose()
     if fmt == "json":
-        click.echo(json.dumps([{"id": f.record_id, "name": f.name, "opt_in_date": f.opt_in_date,
-                                "opt_in_source": f.opt_in_source, "missing": list(f.missing)}
-                               for f in flagged], indent=2, ensure_ascii=False))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": f.record_id,
+                        "name": f.name,
+                        "opt_in_date": f.opt_in_date,
+                        "opt_in_source": f.opt_in_source,
+                        "missing": list(f.missing),
+                    }
+                    for f in flagged
+                ],
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return
-    rows = [(f.record_id, f.name or "", f.opt_in_date or "", f.opt_in_source or "",
-             "; ".join(f.missing)) for f in flagged]
+    rows = [
+        (
+            f.record_id,
+            f.name or "",
+            f.opt_in_date or "",
+            f.opt_in_source or "",
+            "; ".join(f.missing),
+        )
+        for f in flagged
+    ]
     if fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator=LINE_END)
         writer.writerow(["id", "name", "opt_in_date", "opt_in_source", "missing"])
@@ -77,8 +103,9 @@ def missing_proof(ctx: click.Context, fmt: str) -> None:
 
 @main.command()
 @click.argument("phone")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
 @click.pass_context
 @guarded
 def proof(ctx: click.Context, phone: str, fmt: str) -> None:
@@ -127,10 +154,20 @@ def verify_ledger(ctx: click.Context) -> None:
 
 
 @report.command(name="html")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True,
-              help="The HTML file to write (replaced if it exists; readable by you only).")
-@click.option("--days", default=30, show_default=True, type=click.IntRange(1, 3660),
-              help="How far back the trend chart reaches.")
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="The HTML file to write (replaced if it exists; readable by you only).",
+)
+@click.option(
+    "--days",
+    default=30,
+    show_default=True,
+    type=click.IntRange(1, 3660),
+    help="How far back the trend chart reaches.",
+)
 @click.pass_context
 @guarded
 def report_html(ctx: click.Context, out_file: str, days: int) -> None:
@@ -144,9 +181,13 @@ def report_html(ctx: click.Context, out_file: str, days: int) -> None:
         engine.dispose()
     write_private(Path(out_file), render(data))
     last = data.last
-    out.print(f"wrote {out_file}: " + (f"last run #{last.id} ({last.mode}, {last.status}), "
-                                       if last else "no finished run yet, ")
-              + f"{len(data.runs)} runs in {days} days, {data.flagged_total} records with "
-              "proof missing")
-
-
+    out.print(
+        f"wrote {out_file}: "
+        + (
+            f"last run #{last.id} ({last.mode}, {last.status}), "
+            if last
+            else "no finished run yet, "
+        )
+        + f"{len(data.runs)} runs in {days} days, {data.flagged_total} records with "
+        "proof missing"
+    )

@@ -30,8 +30,13 @@ from waconsent.sync.run import run_once
 @main.command()
 @click.option("--full", is_flag=True, help="Read every record, not only what changed.")
 @click.option("--dry-run", is_flag=True, help="Print the field-level diff; write nothing.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the run report as JSON to this file.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the run report as JSON to this file.",
+)
 @click.pass_context
 @guarded
 def sync(ctx: click.Context, full: bool, dry_run: bool, report_path: str | None) -> None:
@@ -44,18 +49,31 @@ def sync(ctx: click.Context, full: bool, dry_run: bool, report_path: str | None)
 
     def on_decision(record: CrmRecord, decision: Decision) -> None:
         for change in decision.changes:
-            diff_rows.append((record.record_id, change.field, _show(change.old),
-                              _show(change.new), change.reason))
+            diff_rows.append(
+                (
+                    record.record_id,
+                    change.field,
+                    _show(change.old),
+                    _show(change.new),
+                    change.reason,
+                )
+            )
 
     with bar_for(err, writes=not dry_run) as bar:  # issue 17: on a terminal only
-        report = run_once(loaded, full=full, dry_run=dry_run,
-                          on_decision=on_decision if dry_run else None, progress=bar)
+        report = run_once(
+            loaded,
+            full=full,
+            dry_run=dry_run,
+            on_decision=on_decision if dry_run else None,
+            progress=bar,
+        )
     if dry_run:
         _print_diff(diff_rows)
     _print_summary(report)
     if report_path:
-        Path(report_path).write_text(json.dumps(report.as_dict(), indent=2, default=str),
-                                     encoding="utf-8")
+        Path(report_path).write_text(
+            json.dumps(report.as_dict(), indent=2, default=str), encoding="utf-8"
+        )
     if report.writes_failed or report.records_failed:
         raise Failed(EXIT_WRITES_FAILED)
 
@@ -72,8 +90,10 @@ def _print_diff(rows: list[tuple[str, str, str, str, str]]) -> None:
 
 
 def _print_summary(report: RunReport) -> None:
-    table = Table(title=f"sync run {report.run_id or '(dry run)'}: {report.mode}, "
-                        f"{report.status}", show_header=False)
+    table = Table(
+        title=f"sync run {report.run_id or '(dry run)'}: {report.mode}, {report.status}",
+        show_header=False,
+    )
     table.add_column("what")
     table.add_column("count", justify="right")
     table.add_column("who")
@@ -86,20 +106,37 @@ def _print_summary(report: RunReport) -> None:
         ("sessions updated", report.sessions_updated, ""),
         ("opted in but proof missing", report.proof_missing, ", ".join(report.missing_proof)),
         ("proof flags cleared", report.proof_cleared, ""),
-        ("conflicts (the CRM stands)", len(report.conflicts),
-         "; ".join(c["record"] for c in report.conflicts)),
-        ("numbers with activity but no record", report.unmatched_numbers,
-         ", ".join(report.unmatched)),
-        ("unparseable phone values (skipped)", len(report.phone_problems),
-         ", ".join(f"{p['record_id']}.{p['field']}={p['value']}"
-                   for p in report.phone_problems)),
+        (
+            "conflicts (the CRM stands)",
+            len(report.conflicts),
+            "; ".join(c["record"] for c in report.conflicts),
+        ),
+        (
+            "numbers with activity but no record",
+            report.unmatched_numbers,
+            ", ".join(report.unmatched),
+        ),
+        (
+            "unparseable phone values (skipped)",
+            len(report.phone_problems),
+            ", ".join(f"{p['record_id']}.{p['field']}={p['value']}" for p in report.phone_problems),
+        ),
         ("number changes reported", len(report.number_changes), ""),
-        ("writes sent / failed", f"{report.writes_sent} / {report.writes_failed}",
-         "; ".join(f"{e['record_id']}: {e['code']}" for e in report.write_errors)),
-        ("queued writes dropped (record changed since)", report.writes_superseded,
-         ", ".join(report.superseded)),
-        ("records not decided (their data is out of range)", report.records_failed,
-         ", ".join(f"{e['record_id']}: {e['error']}" for e in report.record_errors)),
+        (
+            "writes sent / failed",
+            f"{report.writes_sent} / {report.writes_failed}",
+            "; ".join(f"{e['record_id']}: {e['code']}" for e in report.write_errors),
+        ),
+        (
+            "queued writes dropped (record changed since)",
+            report.writes_superseded,
+            ", ".join(report.superseded),
+        ),
+        (
+            "records not decided (their data is out of range)",
+            report.records_failed,
+            ", ".join(f"{e['record_id']}: {e['error']}" for e in report.record_errors),
+        ),
         ("API calls", report.api_calls, ""),
     ]
     for what, count, who in rows:
@@ -110,6 +147,7 @@ def _print_summary(report: RunReport) -> None:
 
 
 # ---- runs, reports, proof, verify -----------------------------------------------------------
+
 
 @main.command()
 @click.option("--limit", default=20, show_default=True)
@@ -124,15 +162,36 @@ def runs(ctx: click.Context, limit: int) -> None:
     finally:
         engine.dispose()
     table = Table(title="sync runs (newest first)")
-    for column in ("id", "started", "mode", "status", "read", "revoked", "opt-ins",
-                   "sent", "failed", "api calls"):
+    for column in (
+        "id",
+        "started",
+        "mode",
+        "status",
+        "read",
+        "revoked",
+        "opt-ins",
+        "sent",
+        "failed",
+        "api calls",
+    ):
         table.add_column(column)
     for row in history:
         counts = row.counts or {}
-        table.add_row(str(row.id), str(jsonable(row.started_at)), row.mode, row.status,
-                      *(str(counts.get(k, "")) for k in ("records_read", "revocations",
-                                                          "opt_ins", "writes_sent",
-                                                          "writes_failed", "api_calls")))
+        table.add_row(
+            str(row.id),
+            str(jsonable(row.started_at)),
+            row.mode,
+            row.status,
+            *(
+                str(counts.get(k, ""))
+                for k in (
+                    "records_read",
+                    "revocations",
+                    "opt_ins",
+                    "writes_sent",
+                    "writes_failed",
+                    "api_calls",
+                )
+            ),
+        )
     out.print(table)
-
-

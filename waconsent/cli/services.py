@@ -26,5 +26,3 @@ def serve(ctx: click.Context) -> None:
     from waconsent.service import serve as serve_all
 
     serve_all(config_of(ctx))
-
-

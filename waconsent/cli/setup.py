@@ -17,10 +17,19 @@ from waconsent.errors import ConfigError
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(["ledger", "salesforce", "dynamics"]),
-              default="ledger", show_default=True)
-@click.option("--path", "target", type=click.Path(dir_okay=False), default=None,
-              help="Where to write (default: the --config path or ./waconsent.toml).")
+@click.option(
+    "--preset",
+    type=click.Choice(["ledger", "salesforce", "dynamics"]),
+    default="ledger",
+    show_default=True,
+)
+@click.option(
+    "--path",
+    "target",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write (default: the --config path or ./waconsent.toml).",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.pass_context
 @guarded
@@ -28,14 +37,20 @@ def init(ctx: click.Context, preset: str, target: str | None, force: bool) -> No
     """Write a commented starter configuration."""
     path = Path(target or config.loading.resolve_path(ctx.find_root().obj))
     if path.exists() and not force:
-        raise ConfigError([f"{path} exists; pass --force to overwrite it or --path for "
-                           "another file"])
-    text = resources.files("waconsent.config").joinpath(f"presets/{preset}.toml").read_text(
-        encoding="utf-8")
+        raise ConfigError(
+            [f"{path} exists; pass --force to overwrite it or --path for another file"]
+        )
+    text = (
+        resources.files("waconsent.config")
+        .joinpath(f"presets/{preset}.toml")
+        .read_text(encoding="utf-8")
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    out.print(f"wrote {path} (preset {preset}); edit it, then run `waconsent "
-              f"--config {path} sync --dry-run`")
+    out.print(
+        f"wrote {path} (preset {preset}); edit it, then run `waconsent "
+        f"--config {path} sync --dry-run`"
+    )
 
 
 @main.command()
@@ -60,8 +75,12 @@ def check(ctx: click.Context) -> None:
     for column in ("key", "CRM field", "type", "verdict"):
         table.add_column(column)
     for verdict in verdicts:
-        table.add_row(verdict.key, verdict.crm_field, verdict.crm_type or "",
-                      "ok" if verdict.ok else Text("; ".join(verdict.problems), style="red"))
+        table.add_row(
+            verdict.key,
+            verdict.crm_field,
+            verdict.crm_type or "",
+            "ok" if verdict.ok else Text("; ".join(verdict.problems), style="red"),
+        )
     out.print(table)
     for name in ("WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"):
         if loaded.secrets.get(name) is None:
@@ -73,22 +92,42 @@ def check(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--crm", "crm_kind", type=click.Choice(["salesforce", "dynamics"]), default=None,
-              help="The CRM to generate for (default: crm.kind; must match it).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
-              help="Directory to write the definitions into (created if missing).")
-@click.option("--apply", "apply_", is_flag=True,
-              help="Dynamics: create the missing columns now, with the configured credentials.")
-@click.option("--solution", default=None, metavar="UNIQUE_NAME",
-              help="Dynamics --apply: add the columns to this solution "
-                   "(MSCRM.SolutionUniqueName); its publisher prefix must be the columns'.")
+@click.option(
+    "--crm",
+    "crm_kind",
+    type=click.Choice(["salesforce", "dynamics"]),
+    default=None,
+    help="The CRM to generate for (default: crm.kind; must match it).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Directory to write the definitions into (created if missing).",
+)
+@click.option(
+    "--apply",
+    "apply_",
+    is_flag=True,
+    help="Dynamics: create the missing columns now, with the configured credentials.",
+)
+@click.option(
+    "--solution",
+    default=None,
+    metavar="UNIQUE_NAME",
+    help="Dynamics --apply: add the columns to this solution "
+    "(MSCRM.SolutionUniqueName); its publisher prefix must be the columns'.",
+)
 @click.pass_context
 @guarded
-def fields(ctx: click.Context, crm_kind: str | None, out_dir: str, apply_: bool,
-           solution: str | None) -> None:
+def fields(
+    ctx: click.Context, crm_kind: str | None, out_dir: str, apply_: bool, solution: str | None
+) -> None:
     """The CRM field definitions the mapping needs: an SFDX project, or Dataverse bodies."""
-    done = admin_fields.generate(config_of(ctx), crm_kind, Path(out_dir), apply=apply_,
-                                 solution=solution)
+    done = admin_fields.generate(
+        config_of(ctx), crm_kind, Path(out_dir), apply=apply_, solution=solution
+    )
     for path in done.written:
         out.print(f"wrote {path}")
     for note in done.skipped:
@@ -99,5 +138,3 @@ def fields(ctx: click.Context, crm_kind: str | None, out_dir: str, apply_: bool,
         out.print(f"created: {name}")
     if done.next_steps:
         out.print("next: " + "; then ".join(f"`{step}`" for step in done.next_steps))
-
-

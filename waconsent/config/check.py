@@ -32,28 +32,40 @@ TypeColumn = Mapping[CrmKind, tuple[str, ...]]
 # state; neither takes the plain option value the connector PATCHes, which writes only
 # Boolean and Picklist), and free text (whatever a user types but true / false reads as
 # unknown, and the Dataverse connector reads any non-empty text as true).
-_CONSENT: TypeColumn = {"salesforce": ("boolean", "picklist"),
-                        "dynamics": ("Boolean", "Picklist"), "ledger": ("boolean",)}
+_CONSENT: TypeColumn = {
+    "salesforce": ("boolean", "picklist"),
+    "dynamics": ("Boolean", "Picklist"),
+    "ledger": ("boolean",),
+}
 _FLAG: TypeColumn = {"salesforce": ("boolean",), "dynamics": ("Boolean",), "ledger": ("boolean",)}
 # Newest wins compares instants to the second. A date-only field cannot order a STOP and a
 # re-subscription of the same day, and reads back as midnight, so every run would see a
 # change and write again: dates are refused.
-_MOMENT: TypeColumn = {"salesforce": ("datetime",), "dynamics": ("DateTime",),
-                       "ledger": ("datetime",)}
+_MOMENT: TypeColumn = {
+    "salesforce": ("datetime",),
+    "dynamics": ("DateTime",),
+    "ledger": ("datetime",),
+}
 # Evidence text (IP, source) is written and read back whole. Salesforce `encryptedstring`
 # (classic encrypted text, at most 175 characters) takes writes like any text; the
 # integration user needs "View Encrypted Data" to read it unmasked. A URL field takes any
 # text through the API. Refused: email (Salesforce validates the address, so every write
 # fails INVALID_EMAIL_ADDRESS) and phone (an IP or source in a phone field is a mis-mapping).
-_EVIDENCE: TypeColumn = {"salesforce": ("string", "textarea", "encryptedstring", "url"),
-                         "dynamics": ("String", "Memo"), "ledger": ("string",)}
+_EVIDENCE: TypeColumn = {
+    "salesforce": ("string", "textarea", "encryptedstring", "url"),
+    "dynamics": ("String", "Memo"),
+    "ledger": ("string",),
+}
 # The user id is also searched by value (SOQL `=`, OData `eq`) in targeted runs: single-line text
 # only, since neither a long text area nor a classic encrypted field can be filtered.
 _KEY: TypeColumn = {"salesforce": ("string",), "dynamics": ("String",), "ledger": ("string",)}
 # A phone field is only read, and searched with LIKE / contains() for numbers no sync has
 # indexed yet: single-line text or Salesforce's phone type. It need not be updateable.
-_PHONE: TypeColumn = {"salesforce": ("phone", "string"), "dynamics": ("String",),
-                      "ledger": ("string",)}
+_PHONE: TypeColumn = {
+    "salesforce": ("phone", "string"),
+    "dynamics": ("String",),
+    "ledger": ("string",),
+}
 
 #: logical field (or PHONE) -> CRM kind -> the types, in the CRM's own spelling, that hold it
 FITTING_TYPES: Mapping[str, TypeColumn] = {
@@ -68,7 +80,10 @@ FITTING_TYPES: Mapping[str, TypeColumn] = {
 #: the opt-in types whose values are options: they need both [mapping.values], because a
 #: revocation can only be written when the option meaning "opted out" is known
 OPTION_TYPES: Mapping[CrmKind, tuple[str, ...]] = {
-    "salesforce": ("picklist",), "dynamics": ("Picklist",), "ledger": ()}
+    "salesforce": ("picklist",),
+    "dynamics": ("Picklist",),
+    "ledger": (),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +95,9 @@ class Crm:
     read_only: str  # why it says a field cannot be updated, in its words
 
 
-SALESFORCE = Crm("salesforce", "field",
-                 "not updateable for this user: a formula field, or field-level security")
+SALESFORCE = Crm(
+    "salesforce", "field", "not updateable for this user: a formula field, or field-level security"
+)
 DATAVERSE = Crm("dynamics", "attribute", "IsValidForUpdate is false")
 LEDGER = Crm("ledger", "column", "the ledger maintains it itself")
 
@@ -129,8 +145,9 @@ def require_fit(verdicts: Iterable[Verdict], source: str) -> None:
         raise ConfigError(lines, source=source)
 
 
-def near_names(name: str, known: Iterable[str], *, cutoff: float = 0.75,
-               margin: float = 0.05, limit: int = 3) -> list[str]:
+def near_names(
+    name: str, known: Iterable[str], *, cutoff: float = 0.75, margin: float = 0.05, limit: int = 3
+) -> list[str]:
     """The known names an admin most likely meant by `name`, best first.
 
     A name that differs only in case is the answer alone. Otherwise the nearest name above
@@ -165,32 +182,48 @@ def _did_you_mean(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {listed}?{case})"
 
 
-def check_mapping(mapping: MappingUnderCheck,
-                  described: Mapping[str, FieldDescription]) -> list[Verdict]:
+def check_mapping(
+    mapping: MappingUnderCheck, described: Mapping[str, FieldDescription]
+) -> list[Verdict]:
     """One verdict per mapped field and phone field, then one per [mapping.values] entry
     when the opt-in holds options. Fields must exist under their exact name (the
     connectors read and write by it), fit `FITTING_TYPES`, and take updates (phone fields
     are only read)."""
-    verdicts = [_field(mapping, f"mapping.fields.{logical}", logical, name, described)
-                for logical, name in mapping.fields.items()]
-    verdicts += [_field(mapping, "mapping.phone_fields", PHONE, name, described)
-                 for name in mapping.phone_fields]
+    verdicts = [
+        _field(mapping, f"mapping.fields.{logical}", logical, name, described)
+        for logical, name in mapping.fields.items()
+    ]
+    verdicts += [
+        _field(mapping, "mapping.phone_fields", PHONE, name, described)
+        for name in mapping.phone_fields
+    ]
     return verdicts + _option_values(mapping, described)
 
 
-def _field(mapping: MappingUnderCheck, key: str, logical: str, name: str,
-           described: Mapping[str, FieldDescription]) -> Verdict:
+def _field(
+    mapping: MappingUnderCheck,
+    key: str,
+    logical: str,
+    name: str,
+    described: Mapping[str, FieldDescription],
+) -> Verdict:
     crm = mapping.crm
     field = described.get(name)
     if field is None:
-        return Verdict(key, name, None, (f"{mapping.where} has no {crm.noun} {name!r}"
-                                         + _did_you_mean(name, described),))
+        return Verdict(
+            key,
+            name,
+            None,
+            (f"{mapping.where} has no {crm.noun} {name!r}" + _did_you_mean(name, described),),
+        )
     problems = []
     fitting = FITTING_TYPES[logical][crm.kind]
     if field.type not in fitting:
         what = "a phone number" if logical == PHONE else logical
-        problems.append(f"{name!r} is {_article(field.type)} {field.type} {crm.noun}; "
-                        f"expected {' or '.join(fitting)} for {what}")
+        problems.append(
+            f"{name!r} is {_article(field.type)} {field.type} {crm.noun}; "
+            f"expected {' or '.join(fitting)} for {what}"
+        )
     if logical != PHONE and not field.updateable:
         problems.append(f"{name!r} cannot be updated ({crm.read_only})")
     return Verdict(key, name, field.type, tuple(problems))
@@ -201,8 +234,9 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in ("a", "e", "i", "o") else "a"
 
 
-def _option_values(mapping: MappingUnderCheck,
-                   described: Mapping[str, FieldDescription]) -> list[Verdict]:
+def _option_values(
+    mapping: MappingUnderCheck, described: Mapping[str, FieldDescription]
+) -> list[Verdict]:
     """[mapping.values] must name options the opt-in field has, both of them: reading
     compares with them, and a revocation is written as the "opted out" one."""
     name = mapping.fields.get(domain.OPT_IN)
@@ -214,12 +248,18 @@ def _option_values(mapping: MappingUnderCheck,
     for which, value in (("opted_in", mapping.opted_in), ("opted_out", mapping.opted_out)):
         problem: str | None = None
         if value is None:
-            problem = (f"required when mapping.fields.opt_in is the {field.type} "
-                       f"{mapping.crm.noun} {field.name!r}: the option that means "
-                       f"{which.replace('_', ' ')} (one of {listed})")
+            problem = (
+                f"required when mapping.fields.opt_in is the {field.type} "
+                f"{mapping.crm.noun} {field.name!r}: the option that means "
+                f"{which.replace('_', ' ')} (one of {listed})"
+            )
         elif str(value) not in field.options:
-            problem = (f"{value!r} is not an option value of {field.name!r} "
-                       f"(expected one of {listed})")
-        verdicts.append(Verdict(f"mapping.values.{which}", field.name, field.type,
-                                (problem,) if problem else ()))
+            problem = (
+                f"{value!r} is not an option value of {field.name!r} (expected one of {listed})"
+            )
+        verdicts.append(
+            Verdict(
+                f"mapping.values.{which}", field.name, field.type, (problem,) if problem else ()
+            )
+        )
     return verdicts

@@ -26,9 +26,15 @@ CONFIG_ENV = "WACONSENT_CONFIG"
 DEFAULT_PATH = Path("waconsent.toml")
 
 SECRET_VARIABLES = (
-    "SALESFORCE_PASSWORD", "SALESFORCE_SECURITY_TOKEN", "SALESFORCE_CONSUMER_SECRET",
-    "SALESFORCE_ACCESS_TOKEN", "DYNAMICS_CLIENT_SECRET", "DYNAMICS_CERTIFICATE_FILE",
-    "DYNAMICS_ACCESS_TOKEN", "WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN",
+    "SALESFORCE_PASSWORD",
+    "SALESFORCE_SECURITY_TOKEN",
+    "SALESFORCE_CONSUMER_SECRET",
+    "SALESFORCE_ACCESS_TOKEN",
+    "DYNAMICS_CLIENT_SECRET",
+    "DYNAMICS_CERTIFICATE_FILE",
+    "DYNAMICS_ACCESS_TOKEN",
+    "WHATSAPP_APP_SECRET",
+    "WHATSAPP_VERIFY_TOKEN",
     "WHATSAPP_ACCESS_TOKEN",  # issue 14: the system-user token the replies are sent with
     "WACONSENT_API_TOKEN",  # the consent API and server-side opt-in requests (web_guard)
 )
@@ -69,8 +75,12 @@ class Secrets:
     def require(self, name: str, purpose: str) -> str:
         value = self.get(name)
         if value is None:
-            raise ConfigError([f"{purpose} needs the environment variable {name}; "
-                               f"set it (export {name}=...) and run again"])
+            raise ConfigError(
+                [
+                    f"{purpose} needs the environment variable {name}; "
+                    f"set it (export {name}=...) and run again"
+                ]
+            )
         return value
 
     @classmethod
@@ -86,8 +96,9 @@ class LoadedConfig:
     path: Path | None
 
 
-def resolve_path(explicit: str | os.PathLike[str] | None,
-                 environ: Mapping[str, str] | None = None) -> Path:
+def resolve_path(
+    explicit: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> Path:
     """`--config`, then $WACONSENT_CONFIG, then ./waconsent.toml (SPEC section 3)."""
     env = os.environ if environ is None else environ
     if explicit:
@@ -97,12 +108,17 @@ def resolve_path(explicit: str | os.PathLike[str] | None,
     return DEFAULT_PATH
 
 
-def load(explicit: str | os.PathLike[str] | None = None,
-         environ: Mapping[str, str] | None = None) -> LoadedConfig:
+def load(
+    explicit: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> LoadedConfig:
     path = resolve_path(explicit, environ)
     if not path.exists():
-        raise ConfigError([f"no configuration file at {path}; create one with "
-                           f"`waconsent init --path {path}` (or pass --config PATH)"])
+        raise ConfigError(
+            [
+                f"no configuration file at {path}; create one with "
+                f"`waconsent init --path {path}` (or pass --config PATH)"
+            ]
+        )
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -129,8 +145,9 @@ def parse(raw: Mapping[str, Any], source: str = "<config>") -> Settings:
     return settings
 
 
-def _walk(node: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[
-        tuple[tuple[str, ...], Any]]:
+def _walk(
+    node: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Any]]:
     for key, value in node.items():
         path = (*prefix, str(key))
         if isinstance(value, Mapping):
@@ -146,21 +163,33 @@ def _secret_problems(raw: Mapping[str, Any]) -> Iterator[str]:
             pass
         elif (path[0], path[-1]) in _SECRET_KEYS:
             target = _SECRET_KEYS[(path[0], path[-1])]
-            yield (f"{dotted}: secrets must not stand in the file; remove it and set "
-                   f"{target} in the environment instead" if target.isupper() else
-                   f"{dotted}: secrets must not stand in the file; use {target} instead")
+            yield (
+                f"{dotted}: secrets must not stand in the file; remove it and set "
+                f"{target} in the environment instead"
+                if target.isupper()
+                else f"{dotted}: secrets must not stand in the file; use {target} instead"
+            )
             continue
-        elif (_SECRET_WORDS.search(path[-1]) and path[:2] != ("mapping", "fields")
-              and path not in _NOT_SECRETS):
-            yield (f"{dotted}: looks like a secret; secrets come only from the environment "
-                   f"({', '.join(SECRET_VARIABLES)})")
+        elif (
+            _SECRET_WORDS.search(path[-1])
+            and path[:2] != ("mapping", "fields")
+            and path not in _NOT_SECRETS
+        ):
+            yield (
+                f"{dotted}: looks like a secret; secrets come only from the environment "
+                f"({', '.join(SECRET_VARIABLES)})"
+            )
             continue
         if isinstance(value, str) and "-----BEGIN" in value:
-            yield (f"{dotted}: holds key material; keep the key in a file and name the file "
-                   "(salesforce.private_key_file or DYNAMICS_CERTIFICATE_FILE)")
+            yield (
+                f"{dotted}: holds key material; keep the key in a file and name the file "
+                "(salesforce.private_key_file or DYNAMICS_CERTIFICATE_FILE)"
+            )
         elif path == ("store", "url") and isinstance(value, str) and urlsplit(value).password:
-            yield ("store.url: holds a password; remove it from the URL and set PGPASSWORD "
-                   "in the environment (or use ~/.pgpass)")
+            yield (
+                "store.url: holds a password; remove it from the URL and set PGPASSWORD "
+                "in the environment (or use ~/.pgpass)"
+            )
 
 
 def _describe(error: Mapping[str, Any]) -> str:
@@ -185,8 +214,10 @@ def _cross_checks(settings: Settings) -> Iterator[str]:
         mapped = settings.mapping.fields.mapped()
         for logical in ("opt_in", "opt_in_date", "opt_out_date"):
             if logical not in mapped:
-                yield (f"mapping.fields.{logical}: required: the consent rules cannot decide or "
-                       f"record a revocation without it; name the CRM field that holds it")
+                yield (
+                    f"mapping.fields.{logical}: required: the consent rules cannot decide or "
+                    f"record a revocation without it; name the CRM field that holds it"
+                )
         if not settings.mapping.phone_fields:
             yield "mapping.phone_fields: expected at least one phone field"
     if kind == "salesforce":

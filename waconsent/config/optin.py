@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 DEFAULT_WORDING = (
     "Yes, {business} may send me news and offers on WhatsApp. I can withdraw this consent at "
-    "any time by replying STOP in the chat.")
+    "any time by replying STOP in the chat."
+)
 #: what a form id may hold: it becomes part of `opt_in_source`, which is split at ':'
 FORM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_WORDING = 2000
@@ -33,8 +34,10 @@ MAX_WORDING = 2000
 
 def _form_id(value: str) -> str:
     if not FORM_ID.fullmatch(value):
-        raise ValueError("expected 1 to 64 letters, digits, '_', '.' or '-' (it becomes part "
-                         f"of opt_in_source), got {value!r}")
+        raise ValueError(
+            "expected 1 to 64 letters, digits, '_', '.' or '-' (it becomes part "
+            f"of opt_in_source), got {value!r}"
+        )
     return value
 
 
@@ -68,8 +71,10 @@ class OptinConfig(BaseModel):
             return None
         digits = value.strip().removeprefix("+")
         if not re.fullmatch(r"[1-9]\d{6,14}", digits):
-            raise ValueError("expected the business's WhatsApp number in international form, "
-                             f"digits only (as in https://wa.me/4915112345678), got {value!r}")
+            raise ValueError(
+                "expected the business's WhatsApp number in international form, "
+                f"digits only (as in https://wa.me/4915112345678), got {value!r}"
+            )
         return digits
 
     @field_validator("form_id")
@@ -84,8 +89,10 @@ class OptinConfig(BaseModel):
             raise ValueError(f"expected the consent text shown, 1 to {MAX_WORDING} characters")
         names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
         if names - {"business"}:
-            raise ValueError(f"the only placeholder is {{business}}, got "
-                             f"{', '.join(sorted('{' + n + '}' for n in names - {'business'}))}")
+            raise ValueError(
+                f"the only placeholder is {{business}}, got "
+                f"{', '.join(sorted('{' + n + '}' for n in names - {'business'}))}"
+            )
         return value
 
     @field_validator("allowed_origins")
@@ -93,10 +100,16 @@ class OptinConfig(BaseModel):
     def _origins(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         for value in values:
             parts = urlsplit(value)
-            if (parts.scheme not in ("https", "http") or not parts.hostname
-                    or parts.path not in ("", "/") or parts.query or parts.fragment):
-                raise ValueError(f"expected origins such as 'https://www.example.com', got "
-                                 f"{value!r}")
+            if (
+                parts.scheme not in ("https", "http")
+                or not parts.hostname
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+            ):
+                raise ValueError(
+                    f"expected origins such as 'https://www.example.com', got {value!r}"
+                )
         return tuple(value.rstrip("/") for value in values)
 
     @field_validator("trusted_proxies")
@@ -106,15 +119,19 @@ class OptinConfig(BaseModel):
             try:
                 ipaddress.ip_network(entry.strip(), strict=False)
             except ValueError:
-                raise ValueError(f"expected IP addresses or networks such as '10.0.0.0/8', "
-                                 f"got {entry!r}") from None
+                raise ValueError(
+                    f"expected IP addresses or networks such as '10.0.0.0/8', got {entry!r}"
+                ) from None
         return values
 
 
 def keyword_of(settings: Settings) -> str:
     """The keyword the link prefills: `[optin] keyword`, else the first opt-in keyword."""
-    return (settings.optin.keyword or next(iter(settings.whatsapp.opt_in_keywords),
-                                           "START")).strip().upper()
+    return (
+        (settings.optin.keyword or next(iter(settings.whatsapp.opt_in_keywords), "START"))
+        .strip()
+        .upper()
+    )
 
 
 def business_of(settings: Settings) -> str:
@@ -128,11 +145,15 @@ def cross_checks(settings: Settings) -> Iterator[str]:
     if not optin.enabled:
         return
     if not optin.business_number:
-        yield ("optin.business_number: required when optin.enabled = true (the WhatsApp "
-               "number people confirm to, digits only, e.g. '4915112345678')")
+        yield (
+            "optin.business_number: required when optin.enabled = true (the WhatsApp "
+            "number people confirm to, digits only, e.g. '4915112345678')"
+        )
     keywords = {normalize_text(k) for k in settings.whatsapp.opt_in_keywords}
     if optin.keyword is not None and normalize_text(optin.keyword) not in keywords:
-        yield (f"optin.keyword: {optin.keyword!r} is not one of whatsapp.opt_in_keywords, so "
-               "the confirmation would not count as an opt-in")
+        yield (
+            f"optin.keyword: {optin.keyword!r} is not one of whatsapp.opt_in_keywords, so "
+            "the confirmation would not count as an opt-in"
+        )
     if optin.path == settings.webhook.path or optin.path == "/healthz":
         yield f"optin.path: {optin.path!r} is already the webhook's or the health check's path"

@@ -30,10 +30,12 @@ MAX_TEXT = 4096
 
 DEFAULT_OPT_IN = (
     "You are subscribed to WhatsApp messages from {business}: news and offers will come to "
-    "you here on WhatsApp. To stop them at any time, reply {opt_out_keyword}.")
+    "you here on WhatsApp. To stop them at any time, reply {opt_out_keyword}."
+)
 DEFAULT_OPT_OUT = (
     "You will no longer receive WhatsApp marketing messages from {business}. "
-    "To subscribe again, reply {opt_in_keyword}.")
+    "To subscribe again, reply {opt_in_keyword}."
+)
 
 
 #: the newest Graph API version when this was written (v27.0, introduced November 4, 2026:
@@ -44,23 +46,28 @@ DEFAULT_GRAPH_URL = "https://graph.facebook.com"
 
 def _phone_number_id(value: str) -> str:
     if not re.fullmatch(r"\d{1,40}", value.strip()):
-        raise ValueError("expected the numeric id of the business phone number (WhatsApp "
-                         f"Manager > Phone numbers), not the number itself; got {value!r}")
+        raise ValueError(
+            "expected the numeric id of the business phone number (WhatsApp "
+            f"Manager > Phone numbers), not the number itself; got {value!r}"
+        )
     return value.strip()
 
 
 def _graph_api_version(value: str) -> str:
     if not re.fullmatch(r"v\d{1,3}\.\d{1,2}", value):
-        raise ValueError(f"expected a Graph API version such as {DEFAULT_GRAPH_API_VERSION!r}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"expected a Graph API version such as {DEFAULT_GRAPH_API_VERSION!r}, got {value!r}"
+        )
     return value
 
 
 def _graph_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.query:
-        raise ValueError(f"expected a URL such as {DEFAULT_GRAPH_URL!r} (another only for a "
-                         f"proxy or a test), got {value!r}")
+        raise ValueError(
+            f"expected a URL such as {DEFAULT_GRAPH_URL!r} (another only for a "
+            f"proxy or a test), got {value!r}"
+        )
     return value.rstrip("/")
 
 
@@ -79,15 +86,20 @@ BusinessName = Annotated[str, AfterValidator(_business_name)]
 def placeholder_problems(text: str) -> Iterator[str]:
     """Why the text cannot be filled in (nothing when it can)."""
     try:
-        fields = [name for _, name, spec, conv in string.Formatter().parse(text)
-                  if name is not None or spec or conv]
+        fields = [
+            name
+            for _, name, spec, conv in string.Formatter().parse(text)
+            if name is not None or spec or conv
+        ]
     except ValueError as exc:  # an unmatched brace
         yield f"{exc} (write a literal brace as {{{{ or }}}})"
         return
     for name in fields:
         if name not in PLACEHOLDERS:
-            yield (f"unknown placeholder {{{name}}}: expected "
-                   f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+            yield (
+                f"unknown placeholder {{{name}}}: expected "
+                f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}"
+            )
 
 
 def fill(text: str, values: Mapping[str, str]) -> str:
@@ -116,8 +128,9 @@ class RepliesConfig(BaseModel):
     @field_validator("keywords")
     @classmethod
     def _keyword_texts(cls, value: dict[str, str]) -> dict[str, str]:
-        problems = [f"{key}: {problem}" for key, text in value.items()
-                    for problem in _problems(text)]
+        problems = [
+            f"{key}: {problem}" for key, text in value.items() for problem in _problems(text)
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return value
@@ -150,21 +163,37 @@ def cross_checks(settings: Settings) -> Iterator[str]:
         return
     whatsapp = settings.whatsapp
     if not whatsapp.phone_number_id:
-        yield ("whatsapp.phone_number_id: required when replies.enabled = true (the id of "
-               "the business phone number, WhatsApp Manager > Phone numbers, or the App "
-               "Dashboard > WhatsApp > API Setup)")
-    texts = {"replies.opt_in": replies.opt_in, "replies.opt_out": replies.opt_out,
-             **{f"replies.keywords.{key}": text for key, text in replies.keywords.items()}}
+        yield (
+            "whatsapp.phone_number_id: required when replies.enabled = true (the id of "
+            "the business phone number, WhatsApp Manager > Phone numbers, or the App "
+            "Dashboard > WhatsApp > API Setup)"
+        )
+    texts = {
+        "replies.opt_in": replies.opt_in,
+        "replies.opt_out": replies.opt_out,
+        **{f"replies.keywords.{key}": text for key, text in replies.keywords.items()},
+    }
     if not whatsapp.business_name and any("{business}" in text for text in texts.values()):
-        yield ("whatsapp.business_name: required when replies.enabled = true and a reply "
-               "text names {business} (the defaults do): the name your customers know you by")
-    known = {normalize_text(k) for k in (*whatsapp.opt_in_keywords, *whatsapp.opt_out_keywords,
-                                          *whatsapp.opt_in_button_payloads, STOP_PROMOTIONS)}
+        yield (
+            "whatsapp.business_name: required when replies.enabled = true and a reply "
+            "text names {business} (the defaults do): the name your customers know you by"
+        )
+    known = {
+        normalize_text(k)
+        for k in (
+            *whatsapp.opt_in_keywords,
+            *whatsapp.opt_out_keywords,
+            *whatsapp.opt_in_button_payloads,
+            STOP_PROMOTIONS,
+        )
+    }
     for key in replies.keywords:
         if normalize_text(key) not in known:
-            yield (f"replies.keywords.{key}: not a keyword of whatsapp.opt_in_keywords, "
-                   f"whatsapp.opt_out_keywords or whatsapp.opt_in_button_payloads (nor "
-                   f"{STOP_PROMOTIONS}), so this text would never be sent")
+            yield (
+                f"replies.keywords.{key}: not a keyword of whatsapp.opt_in_keywords, "
+                f"whatsapp.opt_out_keywords or whatsapp.opt_in_button_payloads (nor "
+                f"{STOP_PROMOTIONS}), so this text would never be sent"
+            )
     values = placeholder_values(settings)
     for where, text in texts.items():
         if len(fill(text, values)) > MAX_TEXT:
@@ -173,6 +202,8 @@ def cross_checks(settings: Settings) -> Iterator[str]:
 
 def placeholder_values(settings: Settings) -> dict[str, str]:
     whatsapp = settings.whatsapp
-    return {"business": whatsapp.business_name or "",
-            "opt_in_keyword": next(iter(whatsapp.opt_in_keywords), "START"),
-            "opt_out_keyword": next(iter(whatsapp.opt_out_keywords), "STOP")}
+    return {
+        "business": whatsapp.business_name or "",
+        "opt_in_keyword": next(iter(whatsapp.opt_in_keywords), "START"),
+        "opt_out_keyword": next(iter(whatsapp.opt_out_keywords), "STOP"),
+    }

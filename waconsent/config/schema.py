@@ -131,16 +131,19 @@ class WhatsappConfig(Section):
     @model_validator(mode="after")
     def _disjoint(self) -> WhatsappConfig:
         both = set(_normalized_words(self.opt_in_keywords)) & set(
-            _normalized_words(self.opt_out_keywords))
+            _normalized_words(self.opt_out_keywords)
+        )
         if both:
-            raise ValueError(
-                f"a keyword cannot both opt in and opt out: {', '.join(sorted(both))}")
+            raise ValueError(f"a keyword cannot both opt in and opt out: {', '.join(sorted(both))}")
         stops = set(_normalized_words(self.opt_in_button_payloads)) & set(
-            _normalized_words((*self.opt_out_keywords, *self.stop_button_labels)))
+            _normalized_words((*self.opt_out_keywords, *self.stop_button_labels))
+        )
         if stops:
-            raise ValueError("opt_in_button_payloads: a payload that reads as an opt-out "
-                             f"keyword or a Stop promotions label would be an opt-out: "
-                             f"{', '.join(sorted(stops))}")
+            raise ValueError(
+                "opt_in_button_payloads: a payload that reads as an opt-out "
+                f"keyword or a Stop promotions label would be an opt-out: "
+                f"{', '.join(sorted(stops))}"
+            )
         return self
 
     @field_validator("opt_in_button_payloads")
@@ -148,8 +151,10 @@ class WhatsappConfig(Section):
     def _payload_shape(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         for value in values:
             if not value.strip() or ":" in value or len(value) > 100:
-                raise ValueError("expected button ids / payloads of 1 to 100 characters "
-                                 f"without ':' (they become part of opt_in_source), got {value!r}")
+                raise ValueError(
+                    "expected button ids / payloads of 1 to 100 characters "
+                    f"without ':' (they become part of opt_in_source), got {value!r}"
+                )
         return tuple(value.strip() for value in values)
 
 
@@ -178,8 +183,9 @@ class ScheduleConfig(Section):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"expected an IANA time zone such as 'Europe/Berlin', got {value!r}") \
-                from None
+            raise ValueError(
+                f"expected an IANA time zone such as 'Europe/Berlin', got {value!r}"
+            ) from None
         return value
 
     @field_validator("nightly")

@@ -25,10 +25,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from waconsent import domain, logs
-from waconsent.config.check import (
-    Verdict,
-    require_fit,
-)
+from waconsent.config.check import Verdict, require_fit
 from waconsent.connectors import dynamics_batch as batch
 from waconsent.connectors import dynamics_odata as odata
 from waconsent.connectors.dynamics_auth import (
@@ -43,20 +40,11 @@ from waconsent.connectors.dynamics_client import (
     new_session,
     raise_for,
 )
-from waconsent.connectors.dynamics_metadata import (
-    DataverseMetadata,
-    Entity,
-    MappedTable,
-    described,
-)
+from waconsent.connectors.dynamics_metadata import DataverseMetadata, Entity, MappedTable, described
 from waconsent.connectors.dynamics_values import DataverseValues
 from waconsent.connectors.http import RetryPolicy
 from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
-from waconsent.errors import (
-    ConfigError,
-    ConnectionFailed,
-    PermanentRecordError,
-)
+from waconsent.errors import ConfigError, ConnectionFailed, PermanentRecordError
 from waconsent.phones import USER_ID_PREFIX, search_digits
 
 if TYPE_CHECKING:
@@ -73,6 +61,7 @@ SEARCH_CHUNK = 60  # conditions per look-up by number (~4 KB of URL)
 _TRANSIENT_STATUSES = frozenset({401, 408, 423, 429, 500, 502, 503, 504})
 _MISSING_STATUSES = frozenset({404, 412})  # 412: If-Match: * found no record
 
+
 class _DeltaExpired(Exception):
     """The stored delta link is no longer accepted (expired token, or change tracking off)."""
 
@@ -84,20 +73,32 @@ class DynamicsConnector:
     page_size = MAX_PAGE_SIZE
     ids_per_read = ID_CHUNK
 
-    def __init__(self, settings: DynamicsConfig, mapping: MappingConfig, tokens: TokenProvider,
-                 *, policy: RetryPolicy | None = None, session: requests.Session | None = None,
-                 own_session: bool | None = None, timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self,
+        settings: DynamicsConfig,
+        mapping: MappingConfig,
+        tokens: TokenProvider,
+        *,
+        policy: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+        own_session: bool | None = None,
+        timeout: float = TIMEOUT,
+    ) -> None:
         if not settings.url or not mapping.object:
-            raise ConfigError(["dynamics.url and mapping.object are required for "
-                               "crm.kind = 'dynamics'"])
+            raise ConfigError(
+                ["dynamics.url and mapping.object are required for crm.kind = 'dynamics'"]
+            )
         own_session = session is None if own_session is None else own_session
         self._org = settings.url.rstrip("/")
         self._base = f"{self._org}/api/data/v{settings.api_version}"
         self._set = odata.identifier(mapping.object, "mapping.object")
-        self._fields = {logical: odata.identifier(name, f"mapping.fields.{logical}")
-                        for logical, name in mapping.fields.mapped().items()}
-        self._phones = tuple(odata.identifier(name, "mapping.phone_fields")
-                             for name in mapping.phone_fields)
+        self._fields = {
+            logical: odata.identifier(name, f"mapping.fields.{logical}")
+            for logical, name in mapping.fields.mapped().items()
+        }
+        self._phones = tuple(
+            odata.identifier(name, "mapping.phone_fields") for name in mapping.phone_fields
+        )
         values = mapping.values
         self._values = DataverseValues(self._fields, values.opted_in, values.opted_out)
         self._batch_size = max(1, min(batch.MAX_OPERATIONS, settings.batch_size))
@@ -107,21 +108,40 @@ class DynamicsConnector:
         self.delta_link: str | None = None
         self._total: int | None = None  # issue 17: the size of a one-page read
         self._client = DataverseClient(
-            self._base, tokens, policy=policy or RetryPolicy(),
-            session=session or new_session(self._concurrency), own_session=own_session,
-            concurrency=self._concurrency, timeout=timeout)
+            self._base,
+            tokens,
+            policy=policy or RetryPolicy(),
+            session=session or new_session(self._concurrency),
+            own_session=own_session,
+            concurrency=self._concurrency,
+            timeout=timeout,
+        )
         #: records one `write` call carries: a $batch per worker, all workers busy
         self.write_batch_size = self._batch_size * self._concurrency
         self._meta = DataverseMetadata(
-            MappedTable(self._org, self._base, self._set, self._fields, self._phones,
-                        values.opted_in, values.opted_out, self._change_tracking),
-            lambda url: self._client.get_json(url, kind="metadata", table=self._set))
+            MappedTable(
+                self._org,
+                self._base,
+                self._set,
+                self._fields,
+                self._phones,
+                values.opted_in,
+                values.opted_out,
+                self._change_tracking,
+            ),
+            lambda url: self._client.get_json(url, kind="metadata", table=self._set),
+        )
 
     # ---- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: LoadedConfig, *, policy: RetryPolicy | None = None,
-                    session: requests.Session | None = None) -> DynamicsConnector:
+    def from_config(
+        cls,
+        config: LoadedConfig,
+        *,
+        policy: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+    ) -> DynamicsConnector:
         """Checks the configuration and secrets; asks for a token lazily, on first use."""
         settings = config.settings
         dyn = settings.dynamics
@@ -132,8 +152,14 @@ class DynamicsConnector:
         session = session or new_session(dyn.max_concurrency)
         try:
             tokens = token_provider(dyn, config.secrets, session, policy)
-            return cls(dyn, settings.mapping, tokens, policy=policy, session=session,
-                       own_session=own_session)
+            return cls(
+                dyn,
+                settings.mapping,
+                tokens,
+                policy=policy,
+                session=session,
+                own_session=own_session,
+            )
         except ConfigError:
             if own_session:
                 session.close()
@@ -162,13 +188,18 @@ class DynamicsConnector:
         """Every column the table has now, freshly read."""
         return list(self._meta.reload())
 
-    def post_metadata(self, path: str, body: Mapping[str, Any],
-                      headers: Mapping[str, str]) -> requests.Response:
+    def post_metadata(
+        self, path: str, body: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> requests.Response:
         """One authenticated metadata POST under the shared policy; the caller reads the
         answer (a refusal is returned, not raised)."""
-        return self._client.send("POST", f"{self._base}/{path}", kind="metadata", body=json.dumps(
-            body).encode(), headers={"Content-Type": "application/json; charset=utf-8",
-                                     **headers})
+        return self._client.send(
+            "POST",
+            f"{self._base}/{path}",
+            kind="metadata",
+            body=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json; charset=utf-8", **headers},
+        )
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -185,8 +216,9 @@ class DynamicsConnector:
             params["$filter"] = filter_
         return f"{self._base}/{self._set}?" + odata.query_string(params)
 
-    def _rows(self, url: str, *, track_changes: bool = False,
-              delta: bool = False) -> Iterator[dict[str, Any]]:
+    def _rows(
+        self, url: str, *, track_changes: bool = False, delta: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """Rows of every page, following `@odata.nextLink` as given; cannot spin."""
         seen: set[str] = set()
         delta_link: str | None = None
@@ -194,14 +226,17 @@ class DynamicsConnector:
         prefer = odata.prefer(max_page_size=MAX_PAGE_SIZE, track_changes=track_changes)
         while next_url:
             if next_url in seen:
-                raise ConnectionFailed(f"Dataverse query on {self._set}: the next-page link "
-                                       "repeated; stopped instead of looping (a read that "
-                                       "ended short would look complete)")
+                raise ConnectionFailed(
+                    f"Dataverse query on {self._set}: the next-page link "
+                    "repeated; stopped instead of looping (a read that "
+                    "ended short would look complete)"
+                )
             seen.add(next_url)
             response = self._client.send("GET", next_url, kind="query", headers={"Prefer": prefer})
             if delta and len(seen) == 1 and response.status_code in (400, 404, 410):
-                raise _DeltaExpired(" ".join(error_of(response)).strip()
-                                    or f"HTTP {response.status_code}")
+                raise _DeltaExpired(
+                    " ".join(error_of(response)).strip() or f"HTTP {response.status_code}"
+                )
             if not response.ok:
                 raise_for(response, "query", self._set)
             payload = response.json()
@@ -231,11 +266,15 @@ class DynamicsConnector:
         modified = row.get("modifiedon")
         name = row.get(entity.primary_name) if entity.primary_name else None
         return CrmRecord(
-            record_id=record_id, fields=fields,
-            phones={phone: (str(row[phone]) if row.get(phone) is not None else None)
-                    for phone in self._phones},
+            record_id=record_id,
+            fields=fields,
+            phones={
+                phone: (str(row[phone]) if row.get(phone) is not None else None)
+                for phone in self._phones
+            },
             modified_at=odata.parse_datetime(modified) if isinstance(modified, str) else None,
-            name=str(name) if name is not None else None)
+            name=str(name) if name is not None else None,
+        )
 
     def total_hint(self) -> int | None:
         """The size of a read that fitted one page, else None: `$count=true` would tell no
@@ -250,8 +289,7 @@ class DynamicsConnector:
     def read_all(self) -> Iterator[CrmRecord]:
         return self._records(self._rows(self._query_url(), track_changes=self._change_tracking))
 
-    def read_changed_since(self, since: datetime,
-                           cursor: str | None = None) -> Iterator[CrmRecord]:
+    def read_changed_since(self, since: datetime, cursor: str | None = None) -> Iterator[CrmRecord]:
         """With change tracking and a delta link (`cursor`), the changes since it; else by
         `modifiedon ge since`."""
         if self._change_tracking and cursor:
@@ -263,8 +301,13 @@ class DynamicsConnector:
             yield from self._records(self._rows(link, track_changes=True, delta=True))
         except _DeltaExpired as exc:
             # change tracking starts over with a full read
-            logs.event(log, "dataverse.delta_link_refused", logging.WARNING, reason=str(exc),
-                       table=self._set)
+            logs.event(
+                log,
+                "dataverse.delta_link_refused",
+                logging.WARNING,
+                reason=str(exc),
+                table=self._set,
+            )
             self.delta_link = None
             yield from self.read_all()
 
@@ -276,7 +319,7 @@ class DynamicsConnector:
             logs.event(log, "dataverse.ids_not_guids", count=skipped)
         key = self._meta.entity().primary_id
         for start in range(0, len(wanted), ID_CHUNK):
-            chunk = wanted[start:start + ID_CHUNK]
+            chunk = wanted[start : start + ID_CHUNK]
             yield from self._records(self._rows(self._query_url(odata.ids_filter(key, chunk))))
 
     def find_by_keys(self, keys: Sequence[str]) -> Iterator[CrmRecord]:
@@ -286,10 +329,13 @@ class DynamicsConnector:
         conditions = [odata.contains_in_order(phone, d) for d in digits for phone in self._phones]
         user_id_column = self._fields.get(domain.WHATSAPP_USER_ID)
         if user_id_column:
-            conditions += [odata.eq(user_id_column, k.removeprefix(USER_ID_PREFIX))
-                           for k in keys if k.startswith(USER_ID_PREFIX)]
+            conditions += [
+                odata.eq(user_id_column, k.removeprefix(USER_ID_PREFIX))
+                for k in keys
+                if k.startswith(USER_ID_PREFIX)
+            ]
         for start in range(0, len(conditions), SEARCH_CHUNK):
-            where = " or ".join(conditions[start:start + SEARCH_CHUNK])
+            where = " or ".join(conditions[start : start + SEARCH_CHUNK])
             yield from self._records(self._rows(self._query_url(where)))
 
     # ---- writes ---------------------------------------------------------------------------
@@ -305,59 +351,91 @@ class DynamicsConnector:
         for index, write in enumerate(writes):
             record_id = odata.guid(write.record_id)
             if record_id is None:
-                results[index] = WriteResult(write.record_id, False,
-                                             "not a Dataverse record id (a GUID)", "INVALID_ID",
-                                             permanent=True)
+                results[index] = WriteResult(
+                    write.record_id,
+                    False,
+                    "not a Dataverse record id (a GUID)",
+                    "INVALID_ID",
+                    permanent=True,
+                )
                 continue
             try:
-                body = self._values.payload(write.record_id, write.values,
-                                            self._meta.attributes())
+                body = self._values.payload(write.record_id, write.values, self._meta.attributes())
             except PermanentRecordError as exc:
-                results[index] = WriteResult(write.record_id, False, str(exc), exc.code,
-                                             permanent=True)
+                results[index] = WriteResult(
+                    write.record_id, False, str(exc), exc.code, permanent=True
+                )
                 continue
             if not body:
                 results[index] = WriteResult(write.record_id, True)
                 continue
             pending.append((index, record_id, body))
-        chunks = [pending[i:i + self._batch_size]
-                  for i in range(0, len(pending), self._batch_size)]
+        chunks = [
+            pending[i : i + self._batch_size] for i in range(0, len(pending), self._batch_size)
+        ]
         if len(chunks) <= 1:
             answered = [self._send_batch(chunk) for chunk in chunks]
         else:
-            with ThreadPoolExecutor(max_workers=min(self._concurrency, len(chunks)),
-                                    thread_name_prefix="dataverse-batch") as pool:
+            with ThreadPoolExecutor(
+                max_workers=min(self._concurrency, len(chunks)),
+                thread_name_prefix="dataverse-batch",
+            ) as pool:
                 answered = list(pool.map(logs.in_context(self._send_batch), chunks))
         for chunk, chunk_results in zip(chunks, answered, strict=True):
             for (index, _, _), result in zip(chunk, chunk_results, strict=True):
-                results[index] = WriteResult(writes[index].record_id, result.ok, result.error,
-                                             result.code, result.permanent)
+                results[index] = WriteResult(
+                    writes[index].record_id, result.ok, result.error, result.code, result.permanent
+                )
         return [r for r in results if r is not None]
 
     def _send_batch(self, chunk: Sequence[tuple[int, str, dict[str, Any]]]) -> list[WriteResult]:
-        operations = [batch.Operation(str(n), "PATCH", f"{self._base}/{self._set}({record_id})",
-                                      body, {"If-Match": "*"})
-                      for n, (_, record_id, body) in enumerate(chunk, start=1)]
+        operations = [
+            batch.Operation(
+                str(n), "PATCH", f"{self._base}/{self._set}({record_id})", body, {"If-Match": "*"}
+            )
+            for n, (_, record_id, body) in enumerate(chunk, start=1)
+        ]
         content_type, payload = batch.build(operations)
-        response = self._client.send("POST", f"{self._base}/$batch", kind="batch", body=payload,
-                              headers={"Content-Type": content_type,
-                                       "Prefer": odata.prefer(continue_on_error=True)})
+        response = self._client.send(
+            "POST",
+            f"{self._base}/$batch",
+            kind="batch",
+            body=payload,
+            headers={"Content-Type": content_type, "Prefer": odata.prefer(continue_on_error=True)},
+        )
         if not response.ok:
             code, message = error_of(response)
-            logs.event(log, "dataverse.batch_refused", logging.ERROR,
-                       status=response.status_code, code=code, operations=len(operations))
-            return [WriteResult(record_id, False, f"the $batch was refused: HTTP "
-                                f"{response.status_code} {message}".strip(),
-                                code or f"HTTP_{response.status_code}")
-                    for _, record_id, _ in chunk]
+            logs.event(
+                log,
+                "dataverse.batch_refused",
+                logging.ERROR,
+                status=response.status_code,
+                code=code,
+                operations=len(operations),
+            )
+            return [
+                WriteResult(
+                    record_id,
+                    False,
+                    f"the $batch was refused: HTTP {response.status_code} {message}".strip(),
+                    code or f"HTTP_{response.status_code}",
+                )
+                for _, record_id, _ in chunk
+            ]
         try:
             groups = batch.parse(response.headers.get("Content-Type", ""), response.text)
         except ValueError as exc:
-            return [WriteResult(record_id, False, f"unreadable $batch answer: {exc}",
-                                "BAD_BATCH_RESPONSE") for _, record_id, _ in chunk]
+            return [
+                WriteResult(
+                    record_id, False, f"unreadable $batch answer: {exc}", "BAD_BATCH_RESPONSE"
+                )
+                for _, record_id, _ in chunk
+            ]
         answers = batch.match(operations, groups)
-        return [_result(record_id, answers.get(operation.content_id))
-                for operation, (_, record_id, _) in zip(operations, chunk, strict=True)]
+        return [
+            _result(record_id, answers.get(operation.content_id))
+            for operation, (_, record_id, _) in zip(operations, chunk, strict=True)
+        ]
 
     # ---- bookkeeping ----------------------------------------------------------------------
 
@@ -370,16 +448,28 @@ class DynamicsConnector:
 
 # ---- helpers --------------------------------------------------------------------------------
 
+
 def _result(record_id: str, answer: batch.OperationResult | None) -> WriteResult:
     if answer is None:
-        return WriteResult(record_id, False, "the $batch answer has no result for this record",
-                           "NO_RESULT")
+        return WriteResult(
+            record_id, False, "the $batch answer has no result for this record", "NO_RESULT"
+        )
     if 200 <= answer.status < 300:
         return WriteResult(record_id, True)
     code, message = answer.error()
     if answer.status in _MISSING_STATUSES:
-        return WriteResult(record_id, False, "no such record in Dataverse (deleted or merged?)",
-                           code or "NOT_FOUND", permanent=True)
+        return WriteResult(
+            record_id,
+            False,
+            "no such record in Dataverse (deleted or merged?)",
+            code or "NOT_FOUND",
+            permanent=True,
+        )
     transient = answer.status in _TRANSIENT_STATUSES
-    return WriteResult(record_id, False, f"HTTP {answer.status} {message}".strip(),
-                       code or f"HTTP_{answer.status}", permanent=not transient)
+    return WriteResult(
+        record_id,
+        False,
+        f"HTTP {answer.status} {message}".strip(),
+        code or f"HTTP_{answer.status}",
+        permanent=not transient,
+    )

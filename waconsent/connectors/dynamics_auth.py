@@ -31,16 +31,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Hosts msal itself knows as Microsoft's (public and sovereign clouds).
-MICROSOFT_AUTHORITY_HOSTS = frozenset({
-    "login.microsoftonline.com", "login.microsoft.com", "login.windows.net", "sts.windows.net",
-    "login.chinacloudapi.cn", "login.partner.microsoftonline.cn", "login.microsoftonline.us",
-    "login-us.microsoftonline.com", "login.usgovcloudapi.net", "login.microsoftonline.de",
-})
+MICROSOFT_AUTHORITY_HOSTS = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.microsoft.com",
+        "login.windows.net",
+        "sts.windows.net",
+        "login.chinacloudapi.cn",
+        "login.partner.microsoftonline.cn",
+        "login.microsoftonline.us",
+        "login-us.microsoftonline.com",
+        "login.usgovcloudapi.net",
+        "login.microsoftonline.de",
+    }
+)
 
 # Domains under which Dynamics 365 / Dataverse organizations live (commercial, GCC,
 # GCC High, DoD, China, the retired Germany cloud).
-DYNAMICS_DOMAINS = ("dynamics.com", "dynamics.cn", "microsoftdynamics.us",
-                    "appsplatform.us", "microsoftdynamics.de")
+DYNAMICS_DOMAINS = (
+    "dynamics.com",
+    "dynamics.cn",
+    "microsoftdynamics.us",
+    "appsplatform.us",
+    "microsoftdynamics.de",
+)
 
 
 # OAuth errors that say "try again later" rather than "these credentials are wrong".
@@ -57,11 +71,16 @@ def warn_unless_dynamics_host(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     if is_dynamics_host(host):
         return True
-    logs.event(log, "dynamics.url_not_dynamics", logging.WARNING, host=host,
-               known=", ".join(DYNAMICS_DOMAINS),
-               hint="dynamics.url is not under a known Dynamics 365 domain; check the "
-                    "organization URL (Settings > Advanced settings > Customizations > "
-                    "Developer Resources shows it)")
+    logs.event(
+        log,
+        "dynamics.url_not_dynamics",
+        logging.WARNING,
+        host=host,
+        known=", ".join(DYNAMICS_DOMAINS),
+        hint="dynamics.url is not under a known Dynamics 365 domain; check the "
+        "organization URL (Settings > Advanced settings > Customizations > "
+        "Developer Resources shows it)",
+    )
     return False
 
 
@@ -87,7 +106,8 @@ class StaticToken:
         raise AuthenticationError(
             "Dataverse refused DYNAMICS_ACCESS_TOKEN (expired or for another resource); get a "
             f"fresh one with `az account get-access-token --resource {self._resource}` "
-            "and run again")
+            "and run again"
+        )
 
 
 def describe_msal_error(result: Mapping[str, Any], secrets: tuple[str, ...] = ()) -> str:
@@ -107,9 +127,17 @@ def describe_msal_error(result: Mapping[str, Any], secrets: tuple[str, ...] = ()
 class MsalTokens:
     """client_secret / certificate through msal's ConfidentialClientApplication."""
 
-    def __init__(self, *, client_id: str, tenant_id: str, authority_host: str, resource: str,
-                 credential: str | dict[str, Any], session: requests.Session,
-                 retry: Callable[[Callable[[], dict[str, Any]], str], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        tenant_id: str,
+        authority_host: str,
+        resource: str,
+        credential: str | dict[str, Any],
+        session: requests.Session,
+        retry: Callable[[Callable[[], dict[str, Any]], str], dict[str, Any]],
+    ) -> None:
         self._client_id = client_id
         self._authority = f"{authority_host.rstrip('/')}/{tenant_id}"
         self._scope = [f"{resource.rstrip('/')}/.default"]
@@ -125,8 +153,9 @@ class MsalTokens:
     def _secrets(self) -> tuple[str, ...]:
         if isinstance(self._credential, str):
             return (self._credential,)
-        return tuple(str(v) for k, v in self._credential.items()
-                     if k in ("private_key", "passphrase"))
+        return tuple(
+            str(v) for k, v in self._credential.items() if k in ("private_key", "passphrase")
+        )
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets():
@@ -139,26 +168,34 @@ class MsalTokens:
             import msal
 
             try:
-                self._app = self._retry(lambda: msal.ConfidentialClientApplication(
-                    self._client_id,
-                    client_credential=self._credential,
-                    authority=self._authority,
-                    http_client=self._session,
-                    # Not Microsoft's host (sovereign or test): never ask login.microsoftonline.com.
-                    instance_discovery=None if self._microsoft else False,
-                    validate_authority=self._microsoft,
-                ), "token authority discovery")
+                self._app = self._retry(
+                    lambda: msal.ConfidentialClientApplication(
+                        self._client_id,
+                        client_credential=self._credential,
+                        authority=self._authority,
+                        http_client=self._session,
+                        # Not Microsoft's host (sovereign or test): never ask
+                        # login.microsoftonline.com.
+                        instance_discovery=None if self._microsoft else False,
+                        validate_authority=self._microsoft,
+                    ),
+                    "token authority discovery",
+                )
             except requests.RequestException as exc:
-                raise ConnectionFailed(f"cannot read the sign-in configuration of "
-                                       f"{self._authority}: {type(exc).__name__}") from None
+                raise ConnectionFailed(
+                    f"cannot read the sign-in configuration of "
+                    f"{self._authority}: {type(exc).__name__}"
+                ) from None
             except TypeError as exc:  # e.g. an encrypted private key without its passphrase
                 said = self._redact(str(exc))
-                raise ConfigError([f"DYNAMICS_CERTIFICATE_FILE: msal cannot use the key: {said}"]
-                                  ) from None
+                raise ConfigError(
+                    [f"DYNAMICS_CERTIFICATE_FILE: msal cannot use the key: {said}"]
+                ) from None
             except ValueError as exc:
                 said = self._redact(str(exc))
                 raise AuthenticationError(
-                    f"msal cannot use the authority {self._authority}: {said}") from None
+                    f"msal cannot use the authority {self._authority}: {said}"
+                ) from None
         return self._app
 
     def _acquire(self) -> str:
@@ -175,8 +212,8 @@ class MsalTokens:
         if not token:
             raise AuthenticationError(
                 "Azure AD refused the token request for Dataverse: "
-                + describe_msal_error(result if isinstance(result, dict) else {},
-                                      self._secrets()))
+                + describe_msal_error(result if isinstance(result, dict) else {}, self._secrets())
+            )
         self._current = str(token)
         return self._current
 
@@ -207,22 +244,27 @@ def certificate_credential(path: str, thumbprint: str | None) -> dict[str, Any]:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"DYNAMICS_CERTIFICATE_FILE: cannot read {path}: "
-                           f"{type(exc).__name__}"]) from None
+        raise ConfigError(
+            [f"DYNAMICS_CERTIFICATE_FILE: cannot read {path}: {type(exc).__name__}"]
+        ) from None
     if "PRIVATE KEY-----" not in text:
         raise ConfigError([f"DYNAMICS_CERTIFICATE_FILE: {path} holds no PEM private key"])
     credential: dict[str, Any] = {"private_key": text}
     if "-----BEGIN CERTIFICATE-----" in text:
-        certificate = text[text.index("-----BEGIN CERTIFICATE-----"):]
-        certificate = certificate[:certificate.index("-----END CERTIFICATE-----") + 25]
+        certificate = text[text.index("-----BEGIN CERTIFICATE-----") :]
+        certificate = certificate[: certificate.index("-----END CERTIFICATE-----") + 25]
         if thumbprint:
             _check_thumbprint(certificate, thumbprint, path)
         credential["public_certificate"] = certificate
     elif thumbprint:
         credential["thumbprint"] = thumbprint.replace(":", "").strip()
     else:
-        raise ConfigError(["dynamics.certificate_thumbprint: required when "
-                           "DYNAMICS_CERTIFICATE_FILE holds only the private key"])
+        raise ConfigError(
+            [
+                "dynamics.certificate_thumbprint: required when "
+                "DYNAMICS_CERTIFICATE_FILE holds only the private key"
+            ]
+        )
     return credential
 
 
@@ -232,32 +274,51 @@ def _check_thumbprint(certificate_pem: str, thumbprint: str, path: str) -> None:
 
     cert = x509.load_pem_x509_certificate(certificate_pem.encode("ascii"))
     wanted = thumbprint.replace(":", "").strip().lower()
-    known = {cert.fingerprint(hashes.SHA1()).hex(),  # noqa: S303 - Entra shows SHA-1 thumbprints
-             cert.fingerprint(hashes.SHA256()).hex()}
+    known = {
+        cert.fingerprint(hashes.SHA1()).hex(),  # noqa: S303 - Entra shows SHA-1 thumbprints
+        cert.fingerprint(hashes.SHA256()).hex(),
+    }
     if wanted not in known:
-        raise ConfigError([f"dynamics.certificate_thumbprint: {thumbprint} is not the thumbprint "
-                           f"of the certificate in {path}"])
+        raise ConfigError(
+            [
+                f"dynamics.certificate_thumbprint: {thumbprint} is not the thumbprint "
+                f"of the certificate in {path}"
+            ]
+        )
 
 
-def token_provider(settings: DynamicsConfig, secrets: Secrets, session: requests.Session,
-                   policy: RetryPolicy) -> TokenProvider:
+def token_provider(
+    settings: DynamicsConfig, secrets: Secrets, session: requests.Session, policy: RetryPolicy
+) -> TokenProvider:
     """The token source for `dynamics.auth`: a fixed token, or msal with a client secret or
     a certificate; ConfigError naming what is missing."""
     if not settings.url:
         raise ConfigError(["dynamics.url: required (for example 'https://acme.crm4.dynamics.com')"])
     if settings.auth == "access_token":
-        return StaticToken(secrets.require("DYNAMICS_ACCESS_TOKEN",
-                                           "dynamics.auth = 'access_token'"), settings.url)
+        return StaticToken(
+            secrets.require("DYNAMICS_ACCESS_TOKEN", "dynamics.auth = 'access_token'"), settings.url
+        )
     if not settings.tenant_id or not settings.client_id:
-        raise ConfigError([f"dynamics.tenant_id and dynamics.client_id: required for "
-                           f"dynamics.auth = {settings.auth!r}"])
+        raise ConfigError(
+            [
+                f"dynamics.tenant_id and dynamics.client_id: required for "
+                f"dynamics.auth = {settings.auth!r}"
+            ]
+        )
     credential: str | dict[str, Any]
     if settings.auth == "client_secret":
         credential = secrets.require("DYNAMICS_CLIENT_SECRET", "dynamics.auth = 'client_secret'")
     else:
         credential = certificate_credential(
             secrets.require("DYNAMICS_CERTIFICATE_FILE", "dynamics.auth = 'certificate'"),
-            settings.certificate_thumbprint)
-    return MsalTokens(client_id=settings.client_id, tenant_id=settings.tenant_id,
-                      authority_host=settings.authority_host, resource=settings.url,
-                      credential=credential, session=session, retry=policy.run)
+            settings.certificate_thumbprint,
+        )
+    return MsalTokens(
+        client_id=settings.client_id,
+        tenant_id=settings.tenant_id,
+        authority_host=settings.authority_host,
+        resource=settings.url,
+        credential=credential,
+        session=session,
+        retry=policy.run,
+    )

@@ -67,15 +67,21 @@ def build(operations: Sequence[Operation], boundary: str | None = None) -> tuple
     for operation in operations:
         changeset = f"changeset_{uuid.uuid4()}"
         lines += [f"--{batch}", f"Content-Type: multipart/mixed; boundary={changeset}", ""]
-        lines += [f"--{changeset}", "Content-Type: application/http",
-                  "Content-Transfer-Encoding: binary", f"Content-ID: {operation.content_id}", ""]
+        lines += [
+            f"--{changeset}",
+            "Content-Type: application/http",
+            "Content-Transfer-Encoding: binary",
+            f"Content-ID: {operation.content_id}",
+            "",
+        ]
         lines.append(f"{operation.method} {operation.url} HTTP/1.1")
         if operation.body is not None:
             lines.append("Content-Type: application/json; type=entry")
         lines += [f"{name}: {value}" for name, value in operation.headers.items()]
         lines.append("")
-        lines.append(json.dumps(operation.body, separators=(",", ":"))
-                     if operation.body is not None else "")
+        lines.append(
+            json.dumps(operation.body, separators=(",", ":")) if operation.body is not None else ""
+        )
         lines.append(f"--{changeset}--")
     lines.append(f"--{batch}--")
     lines.append("")
@@ -113,7 +119,7 @@ def split_headers(raw: str) -> tuple[dict[str, str], str]:
     headers: dict[str, str] = {}
     for index, line in enumerate(lines):
         if not line.strip():
-            return headers, "\n".join(lines[index + 1:])
+            return headers, "\n".join(lines[index + 1 :])
         name, sep, value = line.partition(":")
         if sep:
             headers[name.strip().lower()] = value.strip()
@@ -157,8 +163,9 @@ def parse(content_type: str, body: str) -> list[list[OperationResult]]:
     return groups
 
 
-def match(operations: Sequence[Operation], groups: Sequence[Sequence[OperationResult]]
-          ) -> dict[str, OperationResult]:
+def match(
+    operations: Sequence[Operation], groups: Sequence[Sequence[OperationResult]]
+) -> dict[str, OperationResult]:
     """Content-ID -> answer; an answer without an id belongs to the change set at its position."""
     known = {operation.content_id for operation in operations}
     results: dict[str, OperationResult] = {}

@@ -33,8 +33,10 @@ from waconsent.errors import (
 log = logging.getLogger("waconsent.connectors.dynamics")
 
 TIMEOUT = 120.0  # seconds; Dataverse itself gives up on a request after 2 minutes
-_LIMIT_HEADERS = ("x-ms-ratelimit-burst-remaining-xrm-requests",
-                  "x-ms-ratelimit-time-remaining-xrm-requests")
+_LIMIT_HEADERS = (
+    "x-ms-ratelimit-burst-remaining-xrm-requests",
+    "x-ms-ratelimit-time-remaining-xrm-requests",
+)
 
 
 def new_session(concurrency: int) -> requests.Session:
@@ -52,9 +54,17 @@ class DataverseClient:
     """Requests to one organization's Web API (`base`); never follows a link elsewhere,
     because the bearer token travels with it."""
 
-    def __init__(self, base: str, tokens: TokenProvider, *, policy: RetryPolicy,
-                 session: requests.Session, own_session: bool, concurrency: int,
-                 timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self,
+        base: str,
+        tokens: TokenProvider,
+        *,
+        policy: RetryPolicy,
+        session: requests.Session,
+        own_session: bool,
+        concurrency: int,
+        timeout: float = TIMEOUT,
+    ) -> None:
         self.base = base
         self._tokens = tokens
         self._policy = policy
@@ -66,9 +76,15 @@ class DataverseClient:
         self._counts: Counter[str] = Counter()
         self._limits: dict[str, str] = {}
 
-    def send(self, method: str, url: str, *, kind: str,
-             headers: Mapping[str, str] | None = None,
-             body: bytes | None = None) -> requests.Response:
+    def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        kind: str,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> requests.Response:
         """One Dataverse request under the shared policy; a 401 renews the token once."""
         if not url.startswith(self.base + "/"):
             # a nextLink or deltaLink must stay on the organization: the token goes with it
@@ -79,12 +95,17 @@ class DataverseClient:
             nonlocal renewed
             while True:
                 token = self._tokens.token()
-                request_headers = {"Accept": "application/json", "OData-MaxVersion": "4.0",
-                                   "OData-Version": "4.0", **(headers or {}),
-                                   "Authorization": f"Bearer {token}"}
+                request_headers = {
+                    "Accept": "application/json",
+                    "OData-MaxVersion": "4.0",
+                    "OData-Version": "4.0",
+                    **(headers or {}),
+                    "Authorization": f"Bearer {token}",
+                }
                 with self._slots:
-                    response = self._session.request(method, url, headers=request_headers,
-                                                     data=body, timeout=self._timeout)
+                    response = self._session.request(
+                        method, url, headers=request_headers, data=body, timeout=self._timeout
+                    )
                 self._note(kind, response)
                 outcome = classify(response.status_code)
                 if outcome is Outcome.RENEW_SESSION:
@@ -92,7 +113,8 @@ class DataverseClient:
                         raise AuthenticationError(
                             f"Dataverse refused a freshly issued token ({kind}: HTTP 401); "
                             "check that the app registration has an application user in "
-                            "this environment")
+                            "this environment"
+                        )
                     renewed = True
                     logs.event(log, "dataverse.token_renewed", kind=kind)
                     self._tokens.renew(token)
@@ -100,9 +122,11 @@ class DataverseClient:
                 if outcome is Outcome.RETRY:
                     code, _ = error_of(response)
                     error = RateLimited if response.status_code == 429 else RetryableError
-                    raise error(f"{kind}: HTTP {response.status_code} {code}".strip(),
-                                status=response.status_code,
-                                retry_after=retry_after_seconds(response.headers))
+                    raise error(
+                        f"{kind}: HTTP {response.status_code} {code}".strip(),
+                        status=response.status_code,
+                        retry_after=retry_after_seconds(response.headers),
+                    )
                 return response
 
         return self._policy.run(attempt, f"Dataverse {kind}")
@@ -147,9 +171,15 @@ def raise_for(response: requests.Response, kind: str, table: str) -> None:
     code, message = error_of(response)
     said = f"HTTP {status} {code}: {message}".strip().rstrip(":")
     if status == 403:
-        raise AuthenticationError(f"Dataverse refused the {kind} ({said}); the application user "
-                                  f"needs a security role that can read and update {table}")
+        raise AuthenticationError(
+            f"Dataverse refused the {kind} ({said}); the application user "
+            f"needs a security role that can read and update {table}"
+        )
     if status in (400, 404):
-        raise ConfigError([f"Dataverse refused the {kind} on {table!r} ({said}); run "
-                           "`waconsent check` to compare the mapping with the entity"])
+        raise ConfigError(
+            [
+                f"Dataverse refused the {kind} on {table!r} ({said}); run "
+                "`waconsent check` to compare the mapping with the entity"
+            ]
+        )
     raise ConnectionFailed(f"Dataverse {kind} failed: {said}")

@@ -48,8 +48,9 @@ class MetadataClient(Protocol):
 
     def existing_columns(self) -> Sequence[str]: ...
 
-    def post_metadata(self, path: str, body: Mapping[str, Any],
-                      headers: Mapping[str, str]) -> Any: ...
+    def post_metadata(
+        self, path: str, body: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,11 @@ def bodies(planned: Sequence[PlannedField]) -> ColumnBodies:
             skipped.append(f"{name}: a standard column (no publisher prefix); it exists already")
             continue
         if match is None:
-            problems.append(f"mapping.fields.{planned_field.logical}: {name!r} is not a Dataverse "
-                            "logical name of a custom column (lower case, a publisher prefix "
-                            "such as new_, then letters, digits and underscores)")
+            problems.append(
+                f"mapping.fields.{planned_field.logical}: {name!r} is not a Dataverse "
+                "logical name of a custom column (lower case, a publisher prefix "
+                "such as new_, then letters, digits and underscores)"
+            )
             continue
         if _STANDARD_PREFIXES.fullmatch(match.group("prefix")):
             skipped.append(f"{name}: a column of a Microsoft solution; it exists already")
@@ -110,51 +113,89 @@ def body(planned: PlannedField, prefix: str) -> dict[str, Any]:
         "SchemaName": schema_name(planned, prefix),
         "DisplayName": label(planned.label),
         "Description": label(planned.description),
-        "RequiredLevel": {"Value": "None", "CanBeChanged": True,
-                          "ManagedPropertyLogicalName": "canmodifyrequirementlevelsettings"},
+        "RequiredLevel": {
+            "Value": "None",
+            "CanBeChanged": True,
+            "ManagedPropertyLogicalName": "canmodifyrequirementlevelsettings",
+        },
     }
     if planned.kind is Kind.CHECKBOX:
-        return {"@odata.type": "Microsoft.Dynamics.CRM.BooleanAttributeMetadata",
-                "AttributeType": "Boolean", "AttributeTypeName": {"Value": "BooleanType"},
-                **common, "DefaultValue": False, "OptionSet": {
-                    "@odata.type": "Microsoft.Dynamics.CRM.BooleanOptionSetMetadata",
-                    "TrueOption": {"Value": 1, "Label": label("Yes")},
-                    "FalseOption": {"Value": 0, "Label": label("No")},
-                    "OptionSetType": "Boolean"}}
+        return {
+            "@odata.type": "Microsoft.Dynamics.CRM.BooleanAttributeMetadata",
+            "AttributeType": "Boolean",
+            "AttributeTypeName": {"Value": "BooleanType"},
+            **common,
+            "DefaultValue": False,
+            "OptionSet": {
+                "@odata.type": "Microsoft.Dynamics.CRM.BooleanOptionSetMetadata",
+                "TrueOption": {"Value": 1, "Label": label("Yes")},
+                "FalseOption": {"Value": 0, "Label": label("No")},
+                "OptionSetType": "Boolean",
+            },
+        }
     if planned.kind is Kind.CHOICE:
-        return {"@odata.type": "Microsoft.Dynamics.CRM.PicklistAttributeMetadata",
-                "AttributeType": "Picklist", "AttributeTypeName": {"Value": "PicklistType"},
-                **common, "OptionSet": {
-                    "@odata.type": "Microsoft.Dynamics.CRM.OptionSetMetadata",
-                    "Options": [{"Value": _option_value(planned, value), "Label": label(text)}
-                                for value, text in planned.options],
-                    "IsGlobal": False, "OptionSetType": "Picklist"}}
+        return {
+            "@odata.type": "Microsoft.Dynamics.CRM.PicklistAttributeMetadata",
+            "AttributeType": "Picklist",
+            "AttributeTypeName": {"Value": "PicklistType"},
+            **common,
+            "OptionSet": {
+                "@odata.type": "Microsoft.Dynamics.CRM.OptionSetMetadata",
+                "Options": [
+                    {"Value": _option_value(planned, value), "Label": label(text)}
+                    for value, text in planned.options
+                ],
+                "IsGlobal": False,
+                "OptionSetType": "Picklist",
+            },
+        }
     if planned.kind is Kind.DATETIME:
-        return {"@odata.type": "Microsoft.Dynamics.CRM.DateTimeAttributeMetadata",
-                "AttributeType": "DateTime", "AttributeTypeName": {"Value": "DateTimeType"},
-                **common, "Format": "DateAndTime",
-                "DateTimeBehavior": {"Value": "UserLocal"}}
-    return {"@odata.type": "Microsoft.Dynamics.CRM.StringAttributeMetadata",
-            "AttributeType": "String", "AttributeTypeName": {"Value": "StringType"},
-            **common, "FormatName": {"Value": "Text"}, "MaxLength": planned.length}
+        return {
+            "@odata.type": "Microsoft.Dynamics.CRM.DateTimeAttributeMetadata",
+            "AttributeType": "DateTime",
+            "AttributeTypeName": {"Value": "DateTimeType"},
+            **common,
+            "Format": "DateAndTime",
+            "DateTimeBehavior": {"Value": "UserLocal"},
+        }
+    return {
+        "@odata.type": "Microsoft.Dynamics.CRM.StringAttributeMetadata",
+        "AttributeType": "String",
+        "AttributeTypeName": {"Value": "StringType"},
+        **common,
+        "FormatName": {"Value": "Text"},
+        "MaxLength": planned.length,
+    }
 
 
 def _option_value(planned: PlannedField, value: str) -> int:
     text = value.strip()
     if not text.lstrip("-").isdigit():
-        raise ConfigError([f"mapping.values: a Dataverse Choice option value is an integer "
-                           f"(such as 100000000), got {value!r} for {planned.name!r}"])
+        raise ConfigError(
+            [
+                f"mapping.values: a Dataverse Choice option value is an integer "
+                f"(such as 100000000), got {value!r} for {planned.name!r}"
+            ]
+        )
     return int(text)
 
 
 def label(text: str) -> dict[str, Any]:
-    return {"@odata.type": "Microsoft.Dynamics.CRM.Label", "LocalizedLabels": [
-        {"@odata.type": "Microsoft.Dynamics.CRM.LocalizedLabel", "Label": text,
-         "LanguageCode": LANGUAGE}]}
+    return {
+        "@odata.type": "Microsoft.Dynamics.CRM.Label",
+        "LocalizedLabels": [
+            {
+                "@odata.type": "Microsoft.Dynamics.CRM.LocalizedLabel",
+                "Label": text,
+                "LanguageCode": LANGUAGE,
+            }
+        ],
+    }
 
 
-def apply(client: MetadataClient, wanted: Mapping[str, dict[str, Any]],
-          solution: str | None = None) -> Applied:
+def apply(
+    client: MetadataClient, wanted: Mapping[str, dict[str, Any]], solution: str | None = None
+) -> Applied:
     """Create each wanted column the table lacks, in order; an existing one (also one that
     appeared meanwhile: Dataverse answers DuplicateAttributeSchemaName) is left alone.
 
@@ -178,7 +219,8 @@ def apply(client: MetadataClient, wanted: Mapping[str, dict[str, Any]],
             existing.append(name)
             continue
         done = f"; created before it: {', '.join(created)}" if created else ""
-        raise FatalError(f"Dataverse refused to create the column {name!r} on {table} "
-                               f"(HTTP {response.status_code} {code}: {message}){done}")
+        raise FatalError(
+            f"Dataverse refused to create the column {name!r} on {table} "
+            f"(HTTP {response.status_code} {code}: {message}){done}"
+        )
     return Applied(tuple(created), tuple(existing))
-

@@ -85,19 +85,31 @@ class DataverseMetadata:
         if self._entity is not None and not refresh:
             return self._entity
         table = self._table
-        url = f"{table.base}/EntityDefinitions?" + odata.query_string({
-            "$select": "LogicalName,EntitySetName,PrimaryIdAttribute,PrimaryNameAttribute,"
-                       "ChangeTrackingEnabled",
-            "$filter": odata.eq("EntitySetName", table.entity_set),
-        })
+        url = f"{table.base}/EntityDefinitions?" + odata.query_string(
+            {
+                "$select": "LogicalName,EntitySetName,PrimaryIdAttribute,PrimaryNameAttribute,"
+                "ChangeTrackingEnabled",
+                "$filter": odata.eq("EntitySetName", table.entity_set),
+            }
+        )
         rows = self._get_json(url).get("value", [])
         if not rows:
-            raise ConfigError([f"mapping.object: Dataverse has no entity set "
-                               f"{table.entity_set!r} (use the entity set name, the plural "
-                               "such as 'contacts')"], source=f"Dataverse {table.org}")
+            raise ConfigError(
+                [
+                    f"mapping.object: Dataverse has no entity set "
+                    f"{table.entity_set!r} (use the entity set name, the plural "
+                    "such as 'contacts')"
+                ],
+                source=f"Dataverse {table.org}",
+            )
         row = rows[0]
-        self._entity = Entity(row["LogicalName"], row["EntitySetName"], row["PrimaryIdAttribute"],
-                              row.get("PrimaryNameAttribute"), row.get("ChangeTrackingEnabled"))
+        self._entity = Entity(
+            row["LogicalName"],
+            row["EntitySetName"],
+            row["PrimaryIdAttribute"],
+            row.get("PrimaryNameAttribute"),
+            row.get("ChangeTrackingEnabled"),
+        )
         return self._entity
 
     def attributes(self) -> dict[str, Attribute]:
@@ -107,14 +119,23 @@ class DataverseMetadata:
     def reload(self) -> dict[str, Attribute]:
         """Attribute metadata: 2 calls, plus 1 for a Choice opt-in (its option values)."""
         table = self._table
-        path = (f"{table.base}/EntityDefinitions"
-                f"{odata.key_segment('LogicalName', self.entity().logical_name)}/Attributes")
-        rows = self._get_json(path + "?" + odata.query_string(
-            {"$select": "LogicalName,AttributeType,IsValidForUpdate"}))
+        path = (
+            f"{table.base}/EntityDefinitions"
+            f"{odata.key_segment('LogicalName', self.entity().logical_name)}/Attributes"
+        )
+        rows = self._get_json(
+            path
+            + "?"
+            + odata.query_string({"$select": "LogicalName,AttributeType,IsValidForUpdate"})
+        )
         found: dict[str, dict[str, Any]] = {
-            row["LogicalName"]: {"name": row["LogicalName"], "type": row.get("AttributeType", ""),
-                                 "updatable": bool(row.get("IsValidForUpdate", True))}
-            for row in rows.get("value", [])}
+            row["LogicalName"]: {
+                "name": row["LogicalName"],
+                "type": row.get("AttributeType", ""),
+                "updatable": bool(row.get("IsValidForUpdate", True)),
+            }
+            for row in rows.get("value", [])
+        }
         self._add_lengths(path, found)
         self._add_choice_options(path, found)
         self._attributes = {name: Attribute(**values) for name, values in found.items()}
@@ -124,12 +145,17 @@ class DataverseMetadata:
         """MaxLength lives on the derived types; the base AttributeMetadata has no such
         property."""
         for derived in ("StringAttributeMetadata", "MemoAttributeMetadata"):
-            wanted = [n for n in self._table.fields.values()
-                      if found.get(n, {}).get("type") == derived.removesuffix("AttributeMetadata")]
+            wanted = [
+                n
+                for n in self._table.fields.values()
+                if found.get(n, {}).get("type") == derived.removesuffix("AttributeMetadata")
+            ]
             if derived == "MemoAttributeMetadata" and not wanted:
                 continue
-            lengths = self._get_json(f"{path}/Microsoft.Dynamics.CRM.{derived}?"
-                                     + odata.query_string({"$select": "LogicalName,MaxLength"}))
+            lengths = self._get_json(
+                f"{path}/Microsoft.Dynamics.CRM.{derived}?"
+                + odata.query_string({"$select": "LogicalName,MaxLength"})
+            )
             for row in lengths.get("value", []):
                 if row["LogicalName"] in found:
                     found[row["LogicalName"]]["max_length"] = row.get("MaxLength")
@@ -143,8 +169,10 @@ class DataverseMetadata:
         choice = self._get_json(
             f"{path}{odata.key_segment('LogicalName', opt_in)}"
             "/Microsoft.Dynamics.CRM.PicklistAttributeMetadata?"
-            + odata.query_string({"$select": "LogicalName",
-                                  "$expand": "OptionSet($select=Options)"}))
+            + odata.query_string(
+                {"$select": "LogicalName", "$expand": "OptionSet($select=Options)"}
+            )
+        )
         options = (choice.get("OptionSet") or {}).get("Options") or []
         found[opt_in]["options"] = tuple(int(o["Value"]) for o in options)
 
@@ -153,8 +181,9 @@ class DataverseMetadata:
         tracking must be on for the table when `dynamics.change_tracking` is set."""
         table = self._table
         entity = self.entity(refresh=True)
-        mapping = MappingUnderCheck(DATAVERSE, entity.where, table.fields, table.phones,
-                                    table.opted_in, table.opted_out)
+        mapping = MappingUnderCheck(
+            DATAVERSE, entity.where, table.fields, table.phones, table.opted_in, table.opted_out
+        )
         verdicts = check_mapping(mapping, described(self.reload()))
         if table.change_tracking:
             verdicts.append(_change_tracking_verdict(entity))
@@ -164,15 +193,23 @@ class DataverseMetadata:
 def _change_tracking_verdict(entity: Entity) -> Verdict:
     """Delta links exist only for a table with 'Track changes' on; only a table whose
     metadata says it is off is refused (no answer is no refusal)."""
-    problems = () if entity.change_tracking is not False else (
-        f"change tracking is not enabled on {entity.where}; enable 'Track changes' on the "
-        "table or set it to false",)
+    problems = (
+        ()
+        if entity.change_tracking is not False
+        else (
+            f"change tracking is not enabled on {entity.where}; enable 'Track changes' on the "
+            "table or set it to false",
+        )
+    )
     return Verdict("dynamics.change_tracking", entity.logical_name, None, problems)
 
 
 def described(attributes: Mapping[str, Attribute]) -> dict[str, FieldDescription]:
     """Attributes as the mapping checker reads them: Dataverse's own type names, and a
     Choice's option values as the decimal strings [mapping.values] is compared with."""
-    return {name: FieldDescription(name, a.type, a.updatable, a.max_length,
-                                   tuple(str(o) for o in a.options))
-            for name, a in attributes.items()}
+    return {
+        name: FieldDescription(
+            name, a.type, a.updatable, a.max_length, tuple(str(o) for o in a.options)
+        )
+        for name, a in attributes.items()
+    }

@@ -30,8 +30,9 @@ def is_identifier(name: str) -> bool:
 def identifier(name: str, what: str) -> str:
     """`name` unchanged when it is a plain identifier; a ConfigError otherwise."""
     if not is_identifier(name):
-        raise ConfigError([f"{what}: {name!r} is not a Dataverse logical name "
-                           "(letters, digits and '_' only)"])
+        raise ConfigError(
+            [f"{what}: {name!r} is not a Dataverse logical name (letters, digits and '_' only)"]
+        )
     return name
 
 
@@ -122,8 +123,12 @@ def query_string(params: Mapping[str, str]) -> str:
     return "&".join(f"{key}={quote(value, safe=_QUERY_SAFE)}" for key, value in params.items())
 
 
-def prefer(*, max_page_size: int | None = None, track_changes: bool = False,
-           continue_on_error: bool = False) -> str:
+def prefer(
+    *,
+    max_page_size: int | None = None,
+    track_changes: bool = False,
+    continue_on_error: bool = False,
+) -> str:
     parts = []
     if max_page_size is not None:
         parts.append(f"odata.maxpagesize={max_page_size}")

@@ -35,8 +35,9 @@ def option_value(value: str | int | None) -> int | None:
 class DataverseValues:
     """The conversions for one table's mapping (`mapping.fields`, `mapping.values`)."""
 
-    def __init__(self, fields: Mapping[str, str], opted_in: str | int | None,
-                 opted_out: str | int | None) -> None:
+    def __init__(
+        self, fields: Mapping[str, str], opted_in: str | int | None, opted_out: str | int | None
+    ) -> None:
         self._fields = fields
         self._opted_in, self._opted_out = option_value(opted_in), option_value(opted_out)
 
@@ -51,21 +52,28 @@ class DataverseValues:
             return odata.parse_datetime(raw) if isinstance(raw, str) and raw else None
         return str(raw)
 
-    def payload(self, record_id: str, values: Mapping[str, FieldValue],
-                attributes: Mapping[str, Attribute]) -> dict[str, Any]:
+    def payload(
+        self, record_id: str, values: Mapping[str, FieldValue], attributes: Mapping[str, Attribute]
+    ) -> dict[str, Any]:
         """Attribute -> value for one PATCH; PermanentRecordError if any value cannot go."""
         body: dict[str, Any] = {}
         for logical, value in values.items():
             name = self._fields.get(logical)
             if name is None:
-                raise PermanentRecordError(f"{logical} is not mapped to a Dataverse attribute",
-                                           record_id=record_id, code="UNMAPPED_FIELD",
-                                           fields=[logical])
+                raise PermanentRecordError(
+                    f"{logical} is not mapped to a Dataverse attribute",
+                    record_id=record_id,
+                    code="UNMAPPED_FIELD",
+                    fields=[logical],
+                )
             attribute = attributes.get(name)
             if attribute is None:
-                raise PermanentRecordError(f"the entity has no attribute {name!r}",
-                                           record_id=record_id, code="UNKNOWN_ATTRIBUTE",
-                                           fields=[name])
+                raise PermanentRecordError(
+                    f"the entity has no attribute {name!r}",
+                    record_id=record_id,
+                    code="UNKNOWN_ATTRIBUTE",
+                    fields=[name],
+                )
             body[name] = self._write(record_id, attribute, value)
         return body
 
@@ -80,8 +88,7 @@ class DataverseValues:
 
     def _write(self, record_id: str, attribute: Attribute, value: FieldValue) -> Any:
         if not attribute.updatable:
-            raise _refusal(record_id, attribute, "the attribute cannot be updated",
-                           "NOT_UPDATABLE")
+            raise _refusal(record_id, attribute, "the attribute cannot be updated", "NOT_UPDATABLE")
         if value is None:
             return None
         if attribute.type == "Picklist":
@@ -90,32 +97,47 @@ class DataverseValues:
             return _typed(record_id, attribute, value, bool, "a boolean")
         if attribute.type == "DateTime":
             return odata.format_datetime(
-                _typed(record_id, attribute, value, datetime, "a datetime"))
+                _typed(record_id, attribute, value, datetime, "a datetime")
+            )
         if attribute.type in _STRING_TYPES:
             return _string(record_id, attribute, value)
-        raise _refusal(record_id, attribute,
-                       f"waconsent does not write {attribute.type} attributes", "UNSUPPORTED_TYPE")
+        raise _refusal(
+            record_id,
+            attribute,
+            f"waconsent does not write {attribute.type} attributes",
+            "UNSUPPORTED_TYPE",
+        )
 
     def _option_write(self, record_id: str, attribute: Attribute, value: FieldValue) -> int:
         if not isinstance(value, bool):
-            raise _refusal(record_id, attribute, "expected true/false for the Choice opt-in, "
-                           f"got {type(value).__name__}")
+            raise _refusal(
+                record_id,
+                attribute,
+                f"expected true/false for the Choice opt-in, got {type(value).__name__}",
+            )
         option = self._opted_in if value else self._opted_out
         if option is None:
-            raise _refusal(record_id, attribute, "no option value configured in "
-                           f"[mapping.values] for {'opted_in' if value else 'opted_out'}",
-                           "NO_OPTION_VALUE")
+            raise _refusal(
+                record_id,
+                attribute,
+                "no option value configured in "
+                f"[mapping.values] for {'opted_in' if value else 'opted_out'}",
+                "NO_OPTION_VALUE",
+            )
         return option
 
 
-def _refusal(record_id: str, attribute: Attribute, reason: str,
-             code: str = "INVALID_VALUE") -> PermanentRecordError:
-    return PermanentRecordError(f"{attribute.name}: {reason}", record_id=record_id,
-                                code=code, fields=[attribute.name])
+def _refusal(
+    record_id: str, attribute: Attribute, reason: str, code: str = "INVALID_VALUE"
+) -> PermanentRecordError:
+    return PermanentRecordError(
+        f"{attribute.name}: {reason}", record_id=record_id, code=code, fields=[attribute.name]
+    )
 
 
-def _typed(record_id: str, attribute: Attribute, value: FieldValue, kind: type[T],
-           expected: str) -> T:
+def _typed(
+    record_id: str, attribute: Attribute, value: FieldValue, kind: type[T], expected: str
+) -> T:
     if not isinstance(value, kind):
         raise _refusal(record_id, attribute, f"expected {expected}, got {type(value).__name__}")
     return value
@@ -125,6 +147,10 @@ def _string(record_id: str, attribute: Attribute, value: FieldValue) -> str:
     text = odata.format_datetime(value) if isinstance(value, datetime) else str(value)
     if attribute.max_length is not None and len(text) > attribute.max_length:
         # never cut evidence short: report it and let an admin widen the column
-        raise _refusal(record_id, attribute, f"{len(text)} characters, the attribute holds at "
-                       f"most {attribute.max_length}", "STRING_TOO_LONG")
+        raise _refusal(
+            record_id,
+            attribute,
+            f"{len(text)} characters, the attribute holds at most {attribute.max_length}",
+            "STRING_TOO_LONG",
+        )
     return text

@@ -53,50 +53,79 @@ class _Spec:
 
 _SPECS: Mapping[str, _Spec] = {
     domain.OPT_IN: _Spec(
-        Kind.CHECKBOX, "WhatsApp Opt-In",
+        Kind.CHECKBOX,
+        "WhatsApp Opt-In",
         "Explicit opt-in to business-initiated WhatsApp messages. Kept by waconsent: cleared on "
         "STOP or Stop promotions, set by an opt-in keyword. A customer's own message is never "
-        "consent.", pascal="WhatsAppOptIn"),
+        "consent.",
+        pascal="WhatsAppOptIn",
+    ),
     domain.OPT_IN_DATE: _Spec(
-        Kind.DATETIME, "WhatsApp Opt-In Date",
+        Kind.DATETIME,
+        "WhatsApp Opt-In Date",
         "When the WhatsApp opt-in was given (stored in UTC). Part of the proof of consent; the "
-        "newest consent change wins.", pascal="WhatsAppOptInDate"),
+        "newest consent change wins.",
+        pascal="WhatsAppOptInDate",
+    ),
     domain.OPT_IN_IP: _Spec(
-        Kind.TEXT, "WhatsApp Opt-In IP",
+        Kind.TEXT,
+        "WhatsApp Opt-In IP",
         "IP address (IPv4 or IPv6) the WhatsApp opt-in was given from. Part of the proof of "
-        "consent.", 45, "WhatsAppOptInIP"),
+        "consent.",
+        45,
+        "WhatsAppOptInIP",
+    ),
     domain.OPT_IN_SOURCE: _Spec(
-        Kind.TEXT, "WhatsApp Opt-In Source",
+        Kind.TEXT,
+        "WhatsApp Opt-In Source",
         "Where the WhatsApp opt-in was given: a web form, or whatsapp:keyword:<KEYWORD>:<message "
-        "id> for a keyword typed in the chat. Part of the proof of consent.", 255,
-        "WhatsAppOptInSource"),
+        "id> for a keyword typed in the chat. Part of the proof of consent.",
+        255,
+        "WhatsAppOptInSource",
+    ),
     domain.OPT_OUT_DATE: _Spec(
-        Kind.DATETIME, "WhatsApp Opt-Out Date",
+        Kind.DATETIME,
+        "WhatsApp Opt-Out Date",
         "When WhatsApp consent was revoked (STOP, Stop promotions, a marketing stop), stored in "
-        "UTC. Written by waconsent.", pascal="WhatsAppOptOutDate"),
+        "UTC. Written by waconsent.",
+        pascal="WhatsAppOptOutDate",
+    ),
     domain.LAST_INBOUND: _Spec(
-        Kind.DATETIME, "WhatsApp Last Inbound",
+        Kind.DATETIME,
+        "WhatsApp Last Inbound",
         "The customer's newest WhatsApp message (UTC). It opens a 24-hour service window and is "
-        "never consent.", pascal="WhatsAppLastInbound"),
+        "never consent.",
+        pascal="WhatsAppLastInbound",
+    ),
     domain.SESSION_EXPIRES: _Spec(
-        Kind.DATETIME, "WhatsApp Session Expires",
+        Kind.DATETIME,
+        "WhatsApp Session Expires",
         "End of the customer service window (UTC): the newest message plus 24 hours, or a longer "
-        "free entry point window.", pascal="WhatsAppSessionExpires"),
+        "free entry point window.",
+        pascal="WhatsAppSessionExpires",
+    ),
     domain.PROOF_MISSING: _Spec(
-        Kind.CHECKBOX, "WhatsApp Consent Proof Missing",
+        Kind.CHECKBOX,
+        "WhatsApp Consent Proof Missing",
         "Set by waconsent while the contact is opted in but lacks the opt-in date, the source, "
         "or the IP address / WhatsApp message id; cleared once the proof is complete.",
-        pascal="WhatsAppProofMissing"),
+        pascal="WhatsAppProofMissing",
+    ),
     domain.WHATSAPP_USER_ID: _Spec(
-        Kind.TEXT, "WhatsApp User Id",
+        Kind.TEXT,
+        "WhatsApp User Id",
         "Business-scoped WhatsApp user id (BSUID), written by waconsent once the contact is "
-        "matched by number.", 64, "WhatsAppUserId"),
+        "matched by number.",
+        64,
+        "WhatsAppUserId",
+    ),
 }
 OPTED_IN_LABEL, OPTED_OUT_LABEL = "Opted In", "Opted Out"
 
 
-def plan(fields: Mapping[str, str], opted_in: str | int | None = None,
-         opted_out: str | int | None = None) -> list[PlannedField]:
+def plan(
+    fields: Mapping[str, str], opted_in: str | int | None = None, opted_out: str | int | None = None
+) -> list[PlannedField]:
     """The planned field for every mapped logical field, in [mapping.fields] order.
 
     An `opt_in` with both [mapping.values] becomes a choice of exactly those two values (the
@@ -111,6 +140,9 @@ def plan(fields: Mapping[str, str], opted_in: str | int | None = None,
         if logical == domain.OPT_IN and opted_in is not None and opted_out is not None:
             kind = Kind.CHOICE
             options = ((str(opted_in), OPTED_IN_LABEL), (str(opted_out), OPTED_OUT_LABEL))
-        planned.append(PlannedField(logical, name, kind, spec.label, spec.description,
-                                    spec.length, options, spec.pascal))
+        planned.append(
+            PlannedField(
+                logical, name, kind, spec.label, spec.description, spec.length, options, spec.pascal
+            )
+        )
     return planned

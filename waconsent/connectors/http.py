@@ -99,8 +99,9 @@ class RetryPolicy:
             self.sleep(seconds)
 
         def _stop(state: RetryCallState) -> bool:
-            return bool(stop_after_attempt(self.attempts)(state)
-                        or waited[0] >= self.max_total_delay)
+            return bool(
+                stop_after_attempt(self.attempts)(state) or waited[0] >= self.max_total_delay
+            )
 
         retrying = Retrying(
             retry=retry_if_exception(_is_transient),
@@ -112,8 +113,10 @@ class RetryPolicy:
         try:
             return retrying(fn)
         except RetryableError as exc:
-            raise ConnectionFailed(f"{what}: still refused after retrying "
-                                   f"(last answer: {exc})") from exc
+            raise ConnectionFailed(
+                f"{what}: still refused after retrying (last answer: {exc})"
+            ) from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise ConnectionFailed(f"{what}: cannot reach the server after retrying "
-                                   f"({type(exc).__name__})") from None
+            raise ConnectionFailed(
+                f"{what}: cannot reach the server after retrying ({type(exc).__name__})"
+            ) from None

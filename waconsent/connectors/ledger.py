@@ -25,19 +25,9 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeEngine
 
 from waconsent import domain
-from waconsent.config.check import (
-    LEDGER,
-    MappingUnderCheck,
-    Verdict,
-    check_mapping,
-    require_fit,
-)
+from waconsent.config.check import LEDGER, MappingUnderCheck, Verdict, check_mapping, require_fit
 from waconsent.domain import CrmRecord, FieldDescription, WriteRequest, WriteResult
-from waconsent.phones import (
-    USER_ID_PREFIX,
-    like_pattern,
-    search_digits,
-)
+from waconsent.phones import USER_ID_PREFIX, like_pattern, search_digits
 from waconsent.store.contacts import COLUMN_LIMITS, PHONE_FIELDS
 from waconsent.store.engine import among, reading
 from waconsent.store.tables import contacts
@@ -84,8 +74,7 @@ class LedgerCrm:
         HTTP policy)."""
         return cls(engine, read_chunk_size=config.settings.sync.read_chunk_size)
 
-    def __init__(self, engine: Engine, read_chunk_size: int = 2_000,
-                 clock: Any = None) -> None:
+    def __init__(self, engine: Engine, read_chunk_size: int = 2_000, clock: Any = None) -> None:
         self._engine = engine
         # measured on a full sync: a reader thread is ~10 % faster on PostgreSQL and slower
         # on SQLite, whose every fetched row hands the interpreter lock back and forth
@@ -100,8 +89,12 @@ class LedgerCrm:
         """The shared checker over the contacts table itself: the ledger's fields are the
         logical ones, so this fails only if a migration gave a column a type the rules
         cannot use; running it keeps `check` and preflight one path for every CRM."""
-        mapping = MappingUnderCheck(LEDGER, "the ledger's contacts table",
-                                    {name: name for name in domain.LOGICAL_FIELDS}, PHONE_FIELDS)
+        mapping = MappingUnderCheck(
+            LEDGER,
+            "the ledger's contacts table",
+            {name: name for name in domain.LOGICAL_FIELDS},
+            PHONE_FIELDS,
+        )
         return check_mapping(mapping, self.describe_fields())
 
     def preflight(self) -> None:
@@ -128,8 +121,7 @@ class LedgerCrm:
         self._reading = select(contacts)
         return self._pages(self._reading, [contacts.c.id])
 
-    def read_changed_since(self, since: datetime,
-                           cursor: str | None = None) -> Iterator[CrmRecord]:
+    def read_changed_since(self, since: datetime, cursor: str | None = None) -> Iterator[CrmRecord]:
         """By `modified_at >= since`; the ledger keeps no cursor of its own."""
         self._reading = select(contacts).where(contacts.c.modified_at >= since)
         return self._pages(self._reading, [contacts.c.modified_at, contacts.c.id])
@@ -140,8 +132,11 @@ class LedgerCrm:
         if self._reading is None:
             return None
         with reading(self._engine) as connection:
-            return int(connection.execute(
-                select(func.count()).select_from(self._reading.subquery())).scalar_one())
+            return int(
+                connection.execute(
+                    select(func.count()).select_from(self._reading.subquery())
+                ).scalar_one()
+            )
 
     def next_cursor(self) -> str | None:
         return None
@@ -152,7 +147,9 @@ class LedgerCrm:
             with reading(self._engine) as connection:
                 rows = connection.execute(
                     select(contacts).where(
-                        among(connection, contacts.c.id, ids[start:start + _CHUNK]))).all()
+                        among(connection, contacts.c.id, ids[start : start + _CHUNK])
+                    )
+                ).all()
             self._calls += 1
             yield from (_row_to_record(row) for row in rows)
 
@@ -165,13 +162,19 @@ class LedgerCrm:
             return
         with reading(self._engine) as connection:
             conditions: list[ColumnElement[bool]] = [
-                column.like(pattern) for pattern in patterns
-                for column in (contacts.c.mobile_phone, contacts.c.phone)]
+                column.like(pattern)
+                for pattern in patterns
+                for column in (contacts.c.mobile_phone, contacts.c.phone)
+            ]
             if user_ids:
                 conditions.append(among(connection, contacts.c.whatsapp_user_id, user_ids))
-            rows = [row for start in range(0, len(conditions), _CHUNK)
-                    for row in connection.execute(select(contacts).where(
-                        or_(*conditions[start:start + _CHUNK]))).all()]
+            rows = [
+                row
+                for start in range(0, len(conditions), _CHUNK)
+                for row in connection.execute(
+                    select(contacts).where(or_(*conditions[start : start + _CHUNK]))
+                ).all()
+            ]
         self._calls += 1
         yield from (_row_to_record(row) for row in rows)
 
@@ -181,8 +184,11 @@ class LedgerCrm:
     def write(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
         """One transaction per `write_batch_size` contacts."""
         size = max(1, self.write_batch_size)
-        return [result for start in range(0, len(writes), size)
-                for result in self._write_batch(writes[start:start + size])]
+        return [
+            result
+            for start in range(0, len(writes), size)
+            for result in self._write_batch(writes[start : start + size])
+        ]
 
     def _write_batch(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
         """One transaction; writes that set the same fields go as one executemany."""
@@ -192,43 +198,70 @@ class LedgerCrm:
         for index, write in enumerate(writes):
             unknown = set(write.values) - set(domain.LOGICAL_FIELDS)
             if unknown:
-                results[index] = WriteResult(write.record_id, False,
-                                             f"unknown field(s) {sorted(unknown)}",
-                                             "INVALID_FIELD", permanent=True)
+                results[index] = WriteResult(
+                    write.record_id,
+                    False,
+                    f"unknown field(s) {sorted(unknown)}",
+                    "INVALID_FIELD",
+                    permanent=True,
+                )
             else:
                 groups.setdefault(tuple(sorted(write.values)), []).append(index)
         with self._engine.begin() as connection:
-            existing = set(connection.execute(select(contacts.c.id).where(
-                among(connection, contacts.c.id, [w.record_id for w in writes]))).scalars())
+            existing = set(
+                connection.execute(
+                    select(contacts.c.id).where(
+                        among(connection, contacts.c.id, [w.record_id for w in writes])
+                    )
+                ).scalars()
+            )
             for names, indexes in groups.items():
                 present = [i for i in indexes if writes[i].record_id in existing]
                 for i in indexes:
-                    results[i] = (WriteResult(writes[i].record_id, True) if i in present else
-                                  WriteResult(writes[i].record_id, False, "no such contact",
-                                              "NOT_FOUND", permanent=True))
+                    results[i] = (
+                        WriteResult(writes[i].record_id, True)
+                        if i in present
+                        else WriteResult(
+                            writes[i].record_id,
+                            False,
+                            "no such contact",
+                            "NOT_FOUND",
+                            permanent=True,
+                        )
+                    )
                 if present:
-                    statement = (update(contacts).where(contacts.c.id == bindparam("_id"))
-                                 .values({**{n: bindparam(n) for n in names},
-                                          "modified_at": bindparam("_now")}))
-                    connection.execute(statement, [
-                        {**writes[i].values, "_id": writes[i].record_id, "_now": now}
-                        for i in present])
+                    statement = (
+                        update(contacts)
+                        .where(contacts.c.id == bindparam("_id"))
+                        .values(
+                            {**{n: bindparam(n) for n in names}, "modified_at": bindparam("_now")}
+                        )
+                    )
+                    connection.execute(
+                        statement,
+                        [
+                            {**writes[i].values, "_id": writes[i].record_id, "_now": now}
+                            for i in present
+                        ],
+                    )
         self._calls += 1
         return [results[i] for i in range(len(writes))]
 
     def describe_fields(self) -> Mapping[str, FieldDescription]:
         """The contacts table's columns, typed from the table definition itself; the key
         and the ledger's own modification time are not the mapping's to update."""
-        return {column.name: FieldDescription(
-                    column.name, _column_type(column.type),
-                    updateable=column.name not in ("id", "modified_at"),
-                    length=COLUMN_LIMITS.get(column.name))
-                for column in contacts.columns}
+        return {
+            column.name: FieldDescription(
+                column.name,
+                _column_type(column.type),
+                updateable=column.name not in ("id", "modified_at"),
+                length=COLUMN_LIMITS.get(column.name),
+            )
+            for column in contacts.columns
+        }
 
     def usage(self) -> Mapping[str, int | str | None]:
         return {"api_calls": self._calls}
 
     def close(self) -> None:
         """The engine belongs to the caller."""
-
-

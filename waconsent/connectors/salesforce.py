@@ -56,18 +56,9 @@ from waconsent.connectors.salesforce_soql import (
     select_changed_since_unordered,
     select_fields,
 )
-from waconsent.connectors.salesforce_values import (
-    SalesforceValues,
-    csv_cell,
-    parse_datetime,
-)
+from waconsent.connectors.salesforce_values import SalesforceValues, csv_cell, parse_datetime
 from waconsent.domain import CrmRecord, FieldDescription, WriteRequest, WriteResult
-from waconsent.errors import (
-    ConfigError,
-    ConnectionFailed,
-    PermanentRecordError,
-    RetryableError,
-)
+from waconsent.errors import ConfigError, ConnectionFailed, PermanentRecordError, RetryableError
 from waconsent.phones import USER_ID_PREFIX, like_pattern, search_digits
 
 if TYPE_CHECKING:
@@ -82,6 +73,7 @@ BULK_JOB_LIMIT = 100_000  # rows per ingest job (keeps one upload far below 100 
 BULK_CHUNK = BULK_JOB_LIMIT  # queued writes handed to one `write` on the bulk path
 _QUERY_OPTIONS = {"Sforce-Query-Options": f"batchSize={QUERY_PAGE_SIZE}"}
 
+
 class _RowsLocked(RetryableError):
     """Some records of a batch were locked; the policy retries just those."""
 
@@ -92,10 +84,11 @@ def _query_more(sf: Salesforce, *, link: str) -> Any:
 
 def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 # ---- the connector --------------------------------------------------------------------------
+
 
 class SalesforceConnector:
     """CrmConnector over one Salesforce object (Contact, Lead, MessagingEndUser, ...)."""
@@ -104,19 +97,29 @@ class SalesforceConnector:
     page_size = QUERY_PAGE_SIZE
     ids_per_read = IDS_PER_QUERY
 
-    def __init__(self, settings: SalesforceConfig, mapping: MappingConfig, auth: Authenticator,
-                 *, policy: RetryPolicy | None = None, session: requests.Session | None = None,
-                 bulk_timeout: float = 3600.0, bulk_page_size: int = 50_000) -> None:
+    def __init__(
+        self,
+        settings: SalesforceConfig,
+        mapping: MappingConfig,
+        auth: Authenticator,
+        *,
+        policy: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+        bulk_timeout: float = 3600.0,
+        bulk_page_size: int = 50_000,
+    ) -> None:
         if not mapping.object:
-            raise ConfigError(["mapping.object: required for crm.kind = 'salesforce' "
-                               "(for example 'Contact')"])
+            raise ConfigError(
+                ["mapping.object: required for crm.kind = 'salesforce' (for example 'Contact')"]
+            )
         self._settings = settings
         self._mapping = mapping
         self._auth = auth
         self._object = api_name(mapping.object, "mapping.object")
         self._mapped = mapping.fields.mapped()  # logical -> CRM field name
-        self._phone_fields = tuple(api_name(f, "mapping.phone_fields")
-                                   for f in mapping.phone_fields)
+        self._phone_fields = tuple(
+            api_name(f, "mapping.phone_fields") for f in mapping.phone_fields
+        )
         self._fields = select_fields(self._phone_fields, self._mapped.values())
         self._picklist_values = (mapping.values.opted_in, mapping.values.opted_out)
         self._values = SalesforceValues(self._object, self._mapped, self._picklist_values)
@@ -125,17 +128,27 @@ class SalesforceConnector:
         self._call = self._api.call
         self._described: dict[str, FieldDescription] | None = None
         self._total: int | None = None  # issue 17: the current read's totalSize
-        self._bulk = Bulk2(self._call, self._policy.sleep, timeout=bulk_timeout,
-                           page_size=bulk_page_size)
+        self._bulk = Bulk2(
+            self._call, self._policy.sleep, timeout=bulk_timeout, page_size=bulk_page_size
+        )
 
     @classmethod
-    def from_config(cls, config: LoadedConfig, *, policy: RetryPolicy | None = None,
-                    session: requests.Session | None = None) -> SalesforceConnector:
+    def from_config(
+        cls,
+        config: LoadedConfig,
+        *,
+        policy: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+    ) -> SalesforceConnector:
         """Checks the configuration and secrets; logs in lazily, on the first request."""
         settings = config.settings
-        return cls(settings.salesforce, settings.mapping,
-                   authenticator(settings.salesforce, config.secrets),
-                   policy=policy, session=session)
+        return cls(
+            settings.salesforce,
+            settings.mapping,
+            authenticator(settings.salesforce, config.secrets),
+            policy=policy,
+            session=session,
+        )
 
     # ---- metadata ---------------------------------------------------------------------------
 
@@ -144,19 +157,29 @@ class SalesforceConnector:
             try:
                 answer: Mapping[str, Any] = self._call(
                     lambda sf: rest(sf, f"sobjects/{self._object}/describe"),
-                    f"describe {self._object}")
+                    f"describe {self._object}",
+                )
             except ConfigError:
-                raise ConfigError([f"mapping.object: Salesforce has no object {self._object!r} "
-                                   "that this user can see (check the API name, such as "
-                                   "'Contact', 'Lead' or 'MessagingEndUser')"]) from None
+                raise ConfigError(
+                    [
+                        f"mapping.object: Salesforce has no object {self._object!r} "
+                        "that this user can see (check the API name, such as "
+                        "'Contact', 'Lead' or 'MessagingEndUser')"
+                    ]
+                ) from None
             described: dict[str, FieldDescription] = {}
             for item in answer.get("fields", []):
                 described[item["name"]] = FieldDescription(
-                    name=item["name"], type=item.get("type", ""),
+                    name=item["name"],
+                    type=item.get("type", ""),
                     updateable=bool(item.get("updateable", False)),
                     length=item.get("length") or None,
-                    options=tuple(p["value"] for p in item.get("picklistValues") or []
-                                  if p.get("active", True)))
+                    options=tuple(
+                        p["value"]
+                        for p in item.get("picklistValues") or []
+                        if p.get("active", True)
+                    ),
+                )
             self._described = described
         return self._described
 
@@ -167,8 +190,14 @@ class SalesforceConnector:
         """The shared checker over one describe call. Salesforce has no check of its own:
         a picklist opt-in's values are checked there, against `options`."""
         opted_in, opted_out = self._picklist_values
-        mapping = MappingUnderCheck(SALESFORCE, f"object {self._object}", self._mapped,
-                                    self._phone_fields, opted_in, opted_out)
+        mapping = MappingUnderCheck(
+            SALESFORCE,
+            f"object {self._object}",
+            self._mapped,
+            self._phone_fields,
+            opted_in,
+            opted_out,
+        )
         return check_mapping(mapping, self._describe())
 
     def preflight(self) -> None:
@@ -184,15 +213,18 @@ class SalesforceConnector:
         retry policy: a 503 on page 7 repeats page 7, not the whole read.
         """
         page: Mapping[str, Any] = self._call(
-            lambda sf: sf.query(soql, headers=_QUERY_OPTIONS), "query")
+            lambda sf: sf.query(soql, headers=_QUERY_OPTIONS), "query"
+        )
         yield page
         seen: set[str] = set()
         while not page.get("done", True):
             link = str(page.get("nextRecordsUrl") or "")
             if not link or link in seen:
-                raise ConnectionFailed(f"Salesforce query on {self._object}: the next-page link "
-                                       f"{link!r} is missing or repeated; stopped instead of "
-                                       "looping")
+                raise ConnectionFailed(
+                    f"Salesforce query on {self._object}: the next-page link "
+                    f"{link!r} is missing or repeated; stopped instead of "
+                    "looping"
+                )
             seen.add(link)
             page = self._call(partial(_query_more, link=link), "query page")
             yield page
@@ -201,8 +233,10 @@ class SalesforceConnector:
         pages = self._pages(soql)
         first = next(pages)
         self._total = int(first.get("totalSize", 0))
-        if not first.get("done", True) and \
-                int(first.get("totalSize", 0)) > self._settings.bulk_query_threshold:
+        if (
+            not first.get("done", True)
+            and int(first.get("totalSize", 0)) > self._settings.bulk_query_threshold
+        ):
             # The first page told the size (no separate COUNT() call): leave its cursor
             # and let one Bulk API 2.0 job carry the rest.
             pages.close()
@@ -215,14 +249,16 @@ class SalesforceConnector:
                 yield self._record(raw, None)
 
     def read_all(self) -> Iterator[CrmRecord]:
-        return self._read(select_all(self._object, self._fields),
-                          select_all(self._object, self._fields))
+        return self._read(
+            select_all(self._object, self._fields), select_all(self._object, self._fields)
+        )
 
-    def read_changed_since(self, since: datetime,
-                           cursor: str | None = None) -> Iterator[CrmRecord]:
+    def read_changed_since(self, since: datetime, cursor: str | None = None) -> Iterator[CrmRecord]:
         """By SystemModstamp >= since; Salesforce keeps no cursor for us."""
-        return self._read(select_changed_since(self._object, self._fields, since),
-                          select_changed_since_unordered(self._object, self._fields, since))
+        return self._read(
+            select_changed_since(self._object, self._fields, since),
+            select_changed_since_unordered(self._object, self._fields, since),
+        )
 
     def total_hint(self) -> int | None:
         return self._total
@@ -242,12 +278,16 @@ class SalesforceConnector:
         formatting between them) or by the mapped user-id field; one query per ~100 numbers."""
         patterns = list(dict.fromkeys(like_pattern(d) for d in map(search_digits, keys) if d))
         user_id_field = self._mapped.get(domain.WHATSAPP_USER_ID)
-        user_ids = [k.removeprefix(USER_ID_PREFIX) for k in keys
-                    if k.startswith(USER_ID_PREFIX)] if user_id_field else []
+        user_ids = (
+            [k.removeprefix(USER_ID_PREFIX) for k in keys if k.startswith(USER_ID_PREFIX)]
+            if user_id_field
+            else []
+        )
         if not patterns and not user_ids:
             return
-        for soql in select_by_numbers(self._object, self._fields, self._phone_fields, patterns,
-                                      user_id_field, user_ids):
+        for soql in select_by_numbers(
+            self._object, self._fields, self._phone_fields, patterns, user_id_field, user_ids
+        ):
             yield from self._records_of(soql)
 
     def _records_of(self, soql: str) -> Iterator[CrmRecord]:
@@ -257,16 +297,26 @@ class SalesforceConnector:
 
     def _record(self, raw: Mapping[str, Any], csv_types: Mapping[str, str] | None) -> CrmRecord:
         """A query row (JSON, or Bulk CSV strings when `csv_types` is given) as a CrmRecord."""
-        fields = {logical: self._values.read(logical, raw.get(name),
-                                             csv_types.get(name) if csv_types else None)
-                  for logical, name in self._mapped.items()}
-        phones = {name: (str(raw[name]) if raw.get(name) not in (None, "") else None)
-                  for name in self._phone_fields}
-        return CrmRecord(record_id=str(raw["Id"]), fields=fields, phones=phones,
-                         modified_at=parse_datetime(raw.get("SystemModstamp")))
+        fields = {
+            logical: self._values.read(
+                logical, raw.get(name), csv_types.get(name) if csv_types else None
+            )
+            for logical, name in self._mapped.items()
+        }
+        phones = {
+            name: (str(raw[name]) if raw.get(name) not in (None, "") else None)
+            for name in self._phone_fields
+        }
+        return CrmRecord(
+            record_id=str(raw["Id"]),
+            fields=fields,
+            phones=phones,
+            modified_at=parse_datetime(raw.get("SystemModstamp")),
+        )
 
-    def _payloads(self, writes: Sequence[WriteRequest], results: list[WriteResult | None]
-                  ) -> list[tuple[int, dict[str, str | bool | None]]]:
+    def _payloads(
+        self, writes: Sequence[WriteRequest], results: list[WriteResult | None]
+    ) -> list[tuple[int, dict[str, str | bool | None]]]:
         """CRM field values per write; refused ones get their result now and are not sent."""
         fields = self._describe()
         payloads = []
@@ -274,8 +324,9 @@ class SalesforceConnector:
             try:
                 payload = self._values.payload(write.record_id, write.values, fields)
             except PermanentRecordError as refused:
-                results[index] = WriteResult(write.record_id, False, str(refused),
-                                             refused.code, permanent=True)
+                results[index] = WriteResult(
+                    write.record_id, False, str(refused), refused.code, permanent=True
+                )
                 continue
             if payload:
                 payloads.append((index, payload))
@@ -295,8 +346,11 @@ class SalesforceConnector:
         Collections in calls of 200. One result per write, in order."""
         if len(writes) >= self._settings.bulk_write_threshold:
             return self._write_bulk(writes)
-        return [result for batch in _batched(writes, COLLECTION_LIMIT)
-                for result in self._write_collection(batch)]
+        return [
+            result
+            for batch in _batched(writes, COLLECTION_LIMIT)
+            for result in self._write_collection(batch)
+        ]
 
     def _write_collection(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
         """sObject Collections PATCH, 200 records a call, allOrNone false; one result per write."""
@@ -304,25 +358,38 @@ class SalesforceConnector:
         payloads = self._payloads(writes, results)
         for chunk in _batched(payloads, COLLECTION_LIMIT):
             self._send_collection(writes, chunk, results)
-        return [r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
-                for r, w in zip(results, writes, strict=True)]
+        return [
+            r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
+            for r, w in zip(results, writes, strict=True)
+        ]
 
-    def _send_collection(self, writes: Sequence[WriteRequest],
-                         chunk: Sequence[tuple[int, dict[str, str | bool | None]]],
-                         results: list[WriteResult | None]) -> None:
+    def _send_collection(
+        self,
+        writes: Sequence[WriteRequest],
+        chunk: Sequence[tuple[int, dict[str, str | bool | None]]],
+        results: list[WriteResult | None],
+    ) -> None:
         pending = list(chunk)
 
         def attempt() -> None:
             nonlocal pending
-            body = {"allOrNone": False, "records": [
-                {"attributes": {"type": self._object}, "id": writes[index].record_id,
-                 **payload} for index, payload in pending]}
-            answer = self._call(lambda sf: rest(sf, "composite/sobjects", method="PATCH",
-                                                      json=body), "sObject Collections update")
+            body = {
+                "allOrNone": False,
+                "records": [
+                    {"attributes": {"type": self._object}, "id": writes[index].record_id, **payload}
+                    for index, payload in pending
+                ],
+            }
+            answer = self._call(
+                lambda sf: rest(sf, "composite/sobjects", method="PATCH", json=body),
+                "sObject Collections update",
+            )
             if not isinstance(answer, list) or len(answer) != len(pending):
-                raise ConnectionFailed(f"sObject Collections update on {self._object}: expected "
-                                       f"{len(pending)} results, got "
-                                       f"{len(answer) if isinstance(answer, list) else answer!r}")
+                raise ConnectionFailed(
+                    f"sObject Collections update on {self._object}: expected "
+                    f"{len(pending)} results, got "
+                    f"{len(answer) if isinstance(answer, list) else answer!r}"
+                )
             locked = []
             # Results come in request order; a failed record's result has no id.
             for (index, payload), result in zip(pending, answer, strict=True):
@@ -333,8 +400,9 @@ class SalesforceConnector:
                 errors = result.get("errors") or [{}]
                 code = str(errors[0].get("statusCode") or "UNKNOWN_ERROR")
                 message = "; ".join(str(e.get("message", "")) for e in errors) or code
-                results[index] = WriteResult(record_id, False, message, code,
-                                             permanent=code in PERMANENT_RECORD_CODES)
+                results[index] = WriteResult(
+                    record_id, False, message, code, permanent=code in PERMANENT_RECORD_CODES
+                )
                 if code in TRANSIENT_RECORD_CODES:
                     locked.append((index, payload))
             pending = locked
@@ -357,36 +425,54 @@ class SalesforceConnector:
         order = {name: None for name in self._mapped.values()}
         for chunk in _batched(payloads, BULK_JOB_LIMIT):
             used = [n for n in order if any(n in payload for _, payload in chunk)]
-            rows = [{"Id": writes[index].record_id,
-                     **{n: csv_cell(payload[n], NULL) if n in payload else "" for n in used}}
-                    for index, payload in chunk]
+            rows = [
+                {
+                    "Id": writes[index].record_id,
+                    **{n: csv_cell(payload[n], NULL) if n in payload else "" for n in used},
+                }
+                for index, payload in chunk
+            ]
             outcome = self._bulk.update(self._object, ["Id", *used], rows)
             self._take_outcome(outcome, writes, chunk, results)
-        retry = [index for index, result in enumerate(results)
-                 if result is not None and result.code in TRANSIENT_RECORD_CODES]
+        retry = [
+            index
+            for index, result in enumerate(results)
+            if result is not None and result.code in TRANSIENT_RECORD_CODES
+        ]
         for batch in _batched(retry, COLLECTION_LIMIT):
-            for index, result in zip(batch, self._write_collection([writes[i] for i in batch]),
-                                     strict=True):
+            for index, result in zip(
+                batch, self._write_collection([writes[i] for i in batch]), strict=True
+            ):
                 results[index] = result
-        return [r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
-                for r, w in zip(results, writes, strict=True)]
+        return [
+            r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
+            for r, w in zip(results, writes, strict=True)
+        ]
 
-    def _take_outcome(self, outcome: IngestOutcome, writes: Sequence[WriteRequest],
-                      chunk: Sequence[tuple[int, Mapping[str, object]]],
-                      results: list[WriteResult | None]) -> None:
+    def _take_outcome(
+        self,
+        outcome: IngestOutcome,
+        writes: Sequence[WriteRequest],
+        chunk: Sequence[tuple[int, Mapping[str, object]]],
+        results: list[WriteResult | None],
+    ) -> None:
         for index, _ in chunk:
             record_id = writes[index].record_id
             if record_id in outcome.failed:
                 code, message = outcome.failed[record_id]
-                results[index] = WriteResult(record_id, False, message, code,
-                                             permanent=code in PERMANENT_RECORD_CODES)
+                results[index] = WriteResult(
+                    record_id, False, message, code, permanent=code in PERMANENT_RECORD_CODES
+                )
             elif record_id in outcome.succeeded:
                 results[index] = WriteResult(record_id, True)
             else:
                 detail = f": {outcome.error_message}" if outcome.error_message else ""
                 results[index] = WriteResult(
-                    record_id, False, f"not processed by Bulk API 2.0 job {outcome.job_id} "
-                    f"({outcome.state}{detail})", "UNPROCESSED")
+                    record_id,
+                    False,
+                    f"not processed by Bulk API 2.0 job {outcome.job_id} ({outcome.state}{detail})",
+                    "UNPROCESSED",
+                )
 
     # ---- the rest ---------------------------------------------------------------------------
 

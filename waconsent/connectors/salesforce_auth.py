@@ -35,13 +35,13 @@ from waconsent.errors import AuthenticationError, ConfigError, RetryableError
 
 _HINTS = {
     "password": "check salesforce.username, SALESFORCE_PASSWORD and SALESFORCE_SECURITY_TOKEN "
-                "(reset under Settings > Reset My Security Token) and salesforce.domain "
-                "('test' for a sandbox)",
+    "(reset under Settings > Reset My Security Token) and salesforce.domain "
+    "('test' for a sandbox)",
     "jwt": "check that the connected app holds the certificate of salesforce.private_key_file, "
-           "that the user is pre-authorized for the app, and salesforce.domain "
-           "('test' for a sandbox)",
+    "that the user is pre-authorized for the app, and salesforce.domain "
+    "('test' for a sandbox)",
     "client_credentials": "check the connected app's client credentials flow, its run-as user "
-                          "and SALESFORCE_CONSUMER_SECRET",
+    "and SALESFORCE_CONSUMER_SECRET",
 }
 
 
@@ -78,23 +78,27 @@ class Authenticator:
         except SalesforceAuthenticationFailed as exc:
             code = exc.code
             if isinstance(code, int) and code >= 500:
-                raise RetryableError(f"the Salesforce login endpoint answered {code}",
-                                     status=code) from None
+                raise RetryableError(
+                    f"the Salesforce login endpoint answered {code}", status=code
+                ) from None
             answer = self._scrub(f"{code}: {exc.auth_message}" if code else exc.auth_message)
             raise AuthenticationError(
                 f"Salesforce refused the {self.mode} login for {self.who}: {answer.strip()}; "
-                f"{_HINTS.get(self.mode, '')}") from None
+                f"{_HINTS.get(self.mode, '')}"
+            ) from None
 
     def expired(self) -> AuthenticationError:
         """The error for a session Salesforce no longer accepts and that cannot be renewed."""
         if self.can_renew:
             return AuthenticationError(
                 f"Salesforce refused the session again right after a fresh {self.mode} login "
-                f"for {self.who} (INVALID_SESSION_ID); check the user's session policies")
+                f"for {self.who} (INVALID_SESSION_ID); check the user's session policies"
+            )
         return AuthenticationError(
             "Salesforce says the access token has expired or is invalid (INVALID_SESSION_ID); "
             "get a fresh one with `sf org display --target-org <alias>` and set "
-            "SALESFORCE_ACCESS_TOKEN again (auth 'access_token' cannot renew by itself)")
+            "SALESFORCE_ACCESS_TOKEN again (auth 'access_token' cannot renew by itself)"
+        )
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -132,14 +136,20 @@ class _Needs:
 
 def _access_token(settings: SalesforceConfig, secrets: Secrets) -> Authenticator:
     needs = _Needs("access_token")
-    token = needs.secret(secrets, "SALESFORCE_ACCESS_TOKEN",
-                         "the token in the environment (`sf org display` prints it as "
-                         "'Access Token')")
+    token = needs.secret(
+        secrets,
+        "SALESFORCE_ACCESS_TOKEN",
+        "the token in the environment (`sf org display` prints it as 'Access Token')",
+    )
     instance = needs.setting(settings.instance_url, "salesforce.instance_url")
     needs.check()
     fixed = _session_from(token, instance)
-    return Authenticator("access_token", f"the token of {urlsplit(instance).hostname}",
-                         lambda _session: fixed, (token,))
+    return Authenticator(
+        "access_token",
+        f"the token of {urlsplit(instance).hostname}",
+        lambda _session: fixed,
+        (token,),
+    )
 
 
 def _password(settings: SalesforceConfig, secrets: Secrets) -> Authenticator:
@@ -155,17 +165,34 @@ def _password(settings: SalesforceConfig, secrets: Secrets) -> Authenticator:
         key = settings.consumer_key
 
         def oauth_password(session: requests.Session) -> SalesforceSession:
-            return _session_from(*SalesforceLogin(
-                username=username, password=password + token, consumer_key=key,
-                consumer_secret=consumer_secret, domain=domain, sf_version=version,
-                session=session))
-        return Authenticator("password", f"user {username}", oauth_password,
-                             (password, token, consumer_secret))
+            return _session_from(
+                *SalesforceLogin(
+                    username=username,
+                    password=password + token,
+                    consumer_key=key,
+                    consumer_secret=consumer_secret,
+                    domain=domain,
+                    sf_version=version,
+                    session=session,
+                )
+            )
+
+        return Authenticator(
+            "password", f"user {username}", oauth_password, (password, token, consumer_secret)
+        )
 
     def soap_password(session: requests.Session) -> SalesforceSession:
-        return _session_from(*SalesforceLogin(
-            username=username, password=password, security_token=token, domain=domain,
-            sf_version=version, session=session))
+        return _session_from(
+            *SalesforceLogin(
+                username=username,
+                password=password,
+                security_token=token,
+                domain=domain,
+                sf_version=version,
+                session=session,
+            )
+        )
+
     return Authenticator("password", f"user {username}", soap_password, (password, token))
 
 
@@ -173,11 +200,16 @@ def _private_key(key_file: str) -> str:
     try:
         private_key = Path(key_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"salesforce.private_key_file: cannot read {key_file}: "
-                           f"{exc.__class__.__name__}"]) from None
+        raise ConfigError(
+            [f"salesforce.private_key_file: cannot read {key_file}: {exc.__class__.__name__}"]
+        ) from None
     if "PRIVATE KEY" not in private_key:
-        raise ConfigError([f"salesforce.private_key_file: {key_file} holds no PEM private "
-                           "key (expected '-----BEGIN PRIVATE KEY-----')"])
+        raise ConfigError(
+            [
+                f"salesforce.private_key_file: {key_file} holds no PEM private "
+                "key (expected '-----BEGIN PRIVATE KEY-----')"
+            ]
+        )
     return private_key
 
 
@@ -191,9 +223,17 @@ def _jwt(settings: SalesforceConfig, _secrets: Secrets) -> Authenticator:
     domain, version = _domain_of(settings.domain), settings.api_version
 
     def jwt_bearer(session: requests.Session) -> SalesforceSession:
-        return _session_from(*SalesforceLogin(
-            username=username, consumer_key=key, privatekey=private_key, domain=domain,
-            sf_version=version, session=session))
+        return _session_from(
+            *SalesforceLogin(
+                username=username,
+                consumer_key=key,
+                privatekey=private_key,
+                domain=domain,
+                sf_version=version,
+                session=session,
+            )
+        )
+
     return Authenticator("jwt", f"user {username}", jwt_bearer, ())
 
 
@@ -201,25 +241,43 @@ def _client_credentials(settings: SalesforceConfig, secrets: Secrets) -> Authent
     """The token endpoint of the org's My Domain."""
     needs = _Needs("client_credentials")
     key = needs.setting(settings.consumer_key, "salesforce.consumer_key")
-    consumer_secret = needs.secret(secrets, "SALESFORCE_CONSUMER_SECRET",
-                                   "the connected app's consumer secret in the environment")
+    consumer_secret = needs.secret(
+        secrets,
+        "SALESFORCE_CONSUMER_SECRET",
+        "the connected app's consumer secret in the environment",
+    )
     my_domain = _my_domain(settings.domain) or _my_domain(settings.instance_url or "")
     if not my_domain:
-        needs.problems.append("salesforce.instance_url: the client credentials flow needs the "
-                              "org's My Domain, such as 'https://acme.my.salesforce.com'")
+        needs.problems.append(
+            "salesforce.instance_url: the client credentials flow needs the "
+            "org's My Domain, such as 'https://acme.my.salesforce.com'"
+        )
     needs.check()
     version = settings.api_version
 
     def client_credentials(session: requests.Session) -> SalesforceSession:
-        return _session_from(*SalesforceLogin(
-            consumer_key=key, consumer_secret=consumer_secret, domain=my_domain,
-            sf_version=version, session=session))
-    return Authenticator("client_credentials", f"the run-as user of consumer key {key[:8]}…",
-                         client_credentials, (consumer_secret,))
+        return _session_from(
+            *SalesforceLogin(
+                consumer_key=key,
+                consumer_secret=consumer_secret,
+                domain=my_domain,
+                sf_version=version,
+                session=session,
+            )
+        )
+
+    return Authenticator(
+        "client_credentials",
+        f"the run-as user of consumer key {key[:8]}…",
+        client_credentials,
+        (consumer_secret,),
+    )
 
 
 _MODES: dict[str, Callable[[SalesforceConfig, Secrets], Authenticator]] = {
-    "access_token": _access_token, "password": _password, "jwt": _jwt,
+    "access_token": _access_token,
+    "password": _password,
+    "jwt": _jwt,
     "client_credentials": _client_credentials,
 }
 

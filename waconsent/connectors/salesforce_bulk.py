@@ -63,15 +63,21 @@ def _raw(sf: Salesforce, method: str, url: str, **kwargs: Any) -> requests.Respo
     return response
 
 
-def _results_page(sf: Salesforce, *, job_id: str, params: Mapping[str, str]
-                  ) -> requests.Response:
+def _results_page(sf: Salesforce, *, job_id: str, params: Mapping[str, str]) -> requests.Response:
     return _raw(sf, "GET", f"{sf.bulk2_url}query/{job_id}/results", params=params)
 
 
 class Bulk2:
-    def __init__(self, call: Caller, sleep: Callable[[float], None], *,
-                 poll_base: float = 2.0, poll_max: float = 30.0, timeout: float = 3600.0,
-                 page_size: int = 50_000) -> None:
+    def __init__(
+        self,
+        call: Caller,
+        sleep: Callable[[float], None],
+        *,
+        poll_base: float = 2.0,
+        poll_max: float = 30.0,
+        timeout: float = 3600.0,
+        page_size: int = 50_000,
+    ) -> None:
         self._call = call
         self._sleep = sleep
         self._poll_base = poll_base
@@ -87,15 +93,21 @@ class Bulk2:
         delay = self._poll_base
         while True:
             info: Mapping[str, Any] = self._call(
-                lambda sf: rest(sf, f"jobs/{kind}/{job_id}"), f"Bulk API 2.0 {kind} job state")
+                lambda sf: rest(sf, f"jobs/{kind}/{job_id}"), f"Bulk API 2.0 {kind} job state"
+            )
             if info.get("state") in TERMINAL_STATES:
                 return info
             if waited >= self._timeout:
-                self._call(lambda sf: rest(sf, f"jobs/{kind}/{job_id}", method="PATCH",
-                                                 json={"state": "Aborted"}),
-                           f"Bulk API 2.0 {kind} job abort")
-                raise ConnectionFailed(f"Bulk API 2.0 {kind} job {job_id} was still "
-                                       f"{info.get('state')} after {waited:.0f} s; aborted it")
+                self._call(
+                    lambda sf: rest(
+                        sf, f"jobs/{kind}/{job_id}", method="PATCH", json={"state": "Aborted"}
+                    ),
+                    f"Bulk API 2.0 {kind} job abort",
+                )
+                raise ConnectionFailed(
+                    f"Bulk API 2.0 {kind} job {job_id} was still "
+                    f"{info.get('state')} after {waited:.0f} s; aborted it"
+                )
             self._sleep(delay)
             waited += delay
             delay = min(self._poll_max, delay * 2)
@@ -105,16 +117,27 @@ class Bulk2:
     def query(self, soql: str) -> Iterator[dict[str, str]]:
         """Rows of a query job as CSV dicts (strings; empty = null), paged by Sforce-Locator."""
         job: Mapping[str, Any] = self._call(
-            lambda sf: rest(sf, "jobs/query", method="POST",
-                                  json={"operation": "query", "query": soql,
-                                        "contentType": "CSV", "lineEnding": "LF",
-                                        "columnDelimiter": "COMMA"}),
-            "Bulk API 2.0 query job")
+            lambda sf: rest(
+                sf,
+                "jobs/query",
+                method="POST",
+                json={
+                    "operation": "query",
+                    "query": soql,
+                    "contentType": "CSV",
+                    "lineEnding": "LF",
+                    "columnDelimiter": "COMMA",
+                },
+            ),
+            "Bulk API 2.0 query job",
+        )
         job_id = str(job["id"])
         info = self._wait("query", job_id)
         if info.get("state") != "JobComplete":
-            raise ConnectionFailed(f"Bulk API 2.0 query job {job_id} ended {info.get('state')}: "
-                                   f"{info.get('errorMessage', '')}")
+            raise ConnectionFailed(
+                f"Bulk API 2.0 query job {job_id} ended {info.get('state')}: "
+                f"{info.get('errorMessage', '')}"
+            )
         locator = ""
         seen: set[str] = set()
         while True:
@@ -122,55 +145,79 @@ class Bulk2:
             if locator:
                 params["locator"] = locator
             response = self._call(
-                partial(_results_page, job_id=job_id, params=params),
-                "Bulk API 2.0 query results")
+                partial(_results_page, job_id=job_id, params=params), "Bulk API 2.0 query results"
+            )
             response.encoding = "utf-8"
             yield from csv.DictReader(io.StringIO(response.text))
             locator = response.headers.get("Sforce-Locator", "null") or "null"
             if locator == "null":
                 return
             if locator in seen:
-                raise ConnectionFailed(f"Bulk API 2.0 query job {job_id} repeated the result "
-                                       f"locator {locator!r}; stopped instead of looping")
+                raise ConnectionFailed(
+                    f"Bulk API 2.0 query job {job_id} repeated the result "
+                    f"locator {locator!r}; stopped instead of looping"
+                )
             seen.add(locator)
 
     # ---- ingest -----------------------------------------------------------------------------
 
-    def update(self, object_name: str, columns: Sequence[str],
-               rows: Sequence[Mapping[str, str]]) -> IngestOutcome:
+    def update(
+        self, object_name: str, columns: Sequence[str], rows: Sequence[Mapping[str, str]]
+    ) -> IngestOutcome:
         """One `update` ingest job over `rows` (CSV cells; Id first), with its results read back."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n",
-                                extrasaction="raise")
+        writer = csv.DictWriter(
+            buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="raise"
+        )
         writer.writeheader()
         writer.writerows(rows)
         data = buffer.getvalue().encode("utf-8")
         job: Mapping[str, Any] = self._call(
-            lambda sf: rest(sf, "jobs/ingest", method="POST",
-                                  json={"object": object_name, "operation": "update",
-                                        "contentType": "CSV", "lineEnding": "LF",
-                                        "columnDelimiter": "COMMA"}),
-            "Bulk API 2.0 ingest job")
+            lambda sf: rest(
+                sf,
+                "jobs/ingest",
+                method="POST",
+                json={
+                    "object": object_name,
+                    "operation": "update",
+                    "contentType": "CSV",
+                    "lineEnding": "LF",
+                    "columnDelimiter": "COMMA",
+                },
+            ),
+            "Bulk API 2.0 ingest job",
+        )
         job_id = str(job["id"])
-        self._call(lambda sf: _raw(sf, "PUT", f"{sf.bulk2_url}ingest/{job_id}/batches",
-                                   data=data, headers={"Content-Type": "text/csv"}),
-                   "Bulk API 2.0 upload")
-        self._call(lambda sf: rest(sf, f"jobs/ingest/{job_id}", method="PATCH",
-                                         json={"state": "UploadComplete"}),
-                   "Bulk API 2.0 upload complete")
+        self._call(
+            lambda sf: _raw(
+                sf,
+                "PUT",
+                f"{sf.bulk2_url}ingest/{job_id}/batches",
+                data=data,
+                headers={"Content-Type": "text/csv"},
+            ),
+            "Bulk API 2.0 upload",
+        )
+        self._call(
+            lambda sf: rest(
+                sf, f"jobs/ingest/{job_id}", method="PATCH", json={"state": "UploadComplete"}
+            ),
+            "Bulk API 2.0 upload complete",
+        )
         info = self._wait("ingest", job_id)
-        outcome = IngestOutcome(job_id, str(info.get("state")),
-                                str(info.get("errorMessage") or ""))
+        outcome = IngestOutcome(job_id, str(info.get("state")), str(info.get("errorMessage") or ""))
         for row in self._results(job_id, "successfulResults"):
             outcome.succeeded.add(row.get("Id") or row.get("sf__Id", ""))
         for row in self._results(job_id, "failedResults"):
             outcome.failed[row.get("Id") or row.get("sf__Id", "")] = split_error(
-                row.get("sf__Error", ""))
+                row.get("sf__Error", "")
+            )
         return outcome
 
     def _results(self, job_id: str, which: str) -> Iterator[dict[str, str]]:
         response = self._call(
             lambda sf: _raw(sf, "GET", f"{sf.bulk2_url}ingest/{job_id}/{which}/"),
-            f"Bulk API 2.0 {which}")
+            f"Bulk API 2.0 {which}",
+        )
         response.encoding = "utf-8"
         return csv.DictReader(io.StringIO(response.text))

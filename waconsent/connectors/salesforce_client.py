@@ -44,21 +44,42 @@ CODE_OUTCOMES: Mapping[str, Outcome] = {
 #: The org's allowance is used up (when Sforce-Limit-Info does not say otherwise).
 LIMIT_CODES = frozenset({"REQUEST_LIMIT_EXCEEDED"})
 #: A request-level 400/404 with these codes means the mapping names something missing.
-CONFIG_CODES = frozenset({"INVALID_FIELD", "INVALID_TYPE", "NOT_FOUND", "MALFORMED_QUERY",
-                          "INVALID_QUERY_FILTER_OPERATOR"})
+CONFIG_CODES = frozenset(
+    {
+        "INVALID_FIELD",
+        "INVALID_TYPE",
+        "NOT_FOUND",
+        "MALFORMED_QUERY",
+        "INVALID_QUERY_FILTER_OPERATOR",
+    }
+)
 
 #: Per-record errors retried for that record alone.
 TRANSIENT_RECORD_CODES = frozenset({"UNABLE_TO_LOCK_ROW"})
 #: Per-record errors that retrying will not heal: the outbox reports them once.
-PERMANENT_RECORD_CODES = frozenset({
-    "INVALID_FIELD", "INVALID_TYPE_ON_FIELD_IN_RECORD", "STRING_TOO_LONG",
-    "FIELD_INTEGRITY_EXCEPTION", "ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY",
-    "MALFORMED_ID", "INVALID_ID_FIELD", "INVALID_FIELD_FOR_INSERT_UPDATE",
-    "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", "FIELD_CUSTOM_VALIDATION_EXCEPTION",
-    "REQUIRED_FIELD_MISSING", "INSUFFICIENT_ACCESS_OR_READONLY",
-    "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY", "NOT_FOUND", "INVALID_TYPE",
-    "NUMBER_OUTSIDE_VALID_RANGE", "INVALID_EMAIL_ADDRESS", "DUPLICATE_VALUE",
-})
+PERMANENT_RECORD_CODES = frozenset(
+    {
+        "INVALID_FIELD",
+        "INVALID_TYPE_ON_FIELD_IN_RECORD",
+        "STRING_TOO_LONG",
+        "FIELD_INTEGRITY_EXCEPTION",
+        "ENTITY_IS_DELETED",
+        "INVALID_CROSS_REFERENCE_KEY",
+        "MALFORMED_ID",
+        "INVALID_ID_FIELD",
+        "INVALID_FIELD_FOR_INSERT_UPDATE",
+        "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+        "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+        "REQUIRED_FIELD_MISSING",
+        "INSUFFICIENT_ACCESS_OR_READONLY",
+        "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY",
+        "NOT_FOUND",
+        "INVALID_TYPE",
+        "NUMBER_OUTSIDE_VALID_RANGE",
+        "INVALID_EMAIL_ADDRESS",
+        "DUPLICATE_VALUE",
+    }
+)
 
 _LIMIT_INFO = re.compile(r"(?:^|[;,\s])api-usage=(\d+)/(\d+)")
 
@@ -73,8 +94,10 @@ def error_of(content: object) -> tuple[str, str]:
     if isinstance(content, list) and content and isinstance(content[0], Mapping):
         content = content[0]
     if isinstance(content, Mapping):
-        return (str(content.get("errorCode") or content.get("error") or ""),
-                str(content.get("message") or content.get("error_description") or ""))
+        return (
+            str(content.get("errorCode") or content.get("error") or ""),
+            str(content.get("message") or content.get("error_description") or ""),
+        )
     return "", ""
 
 
@@ -86,8 +109,14 @@ def limit_info(headers: Mapping[str, str]) -> tuple[int, int] | None:
 class SalesforceClient:
     """Logs in lazily, on the first request; `object_name` only names the object in errors."""
 
-    def __init__(self, settings: SalesforceConfig, auth: Authenticator, policy: RetryPolicy,
-                 session: requests.Session | None, object_name: str) -> None:
+    def __init__(
+        self,
+        settings: SalesforceConfig,
+        auth: Authenticator,
+        policy: RetryPolicy,
+        session: requests.Session | None,
+        object_name: str,
+    ) -> None:
         self._settings = settings
         self._auth = auth
         self._policy = policy
@@ -112,12 +141,16 @@ class SalesforceClient:
 
     def _sf(self) -> Salesforce:
         if self._client is None:
-            session = self._policy.run(lambda: self._auth.login(self._session),
-                                       f"Salesforce {self._auth.mode} login")
-            self._client = Salesforce(session_id=session.token,
-                                      instance_url=session.instance_url,
-                                      version=self._settings.api_version,
-                                      session=self._session, object_pairs_hook=dict)
+            session = self._policy.run(
+                lambda: self._auth.login(self._session), f"Salesforce {self._auth.mode} login"
+            )
+            self._client = Salesforce(
+                session_id=session.token,
+                instance_url=session.instance_url,
+                version=self._settings.api_version,
+                session=self._session,
+                object_pairs_hook=dict,
+            )
         return self._client
 
     def call(self, fn: Callable[[Salesforce], T], what: str) -> T:
@@ -148,37 +181,46 @@ class SalesforceClient:
         if outcome is Outcome.RENEW_SESSION:
             return
         if outcome is Outcome.RETRY:
-            raise RetryableError(f"Salesforce answered {status} {code}".strip(), status=status,
-                                 retry_after=retry_after_seconds(self._last_headers))
+            raise RetryableError(
+                f"Salesforce answered {status} {code}".strip(),
+                status=status,
+                retry_after=retry_after_seconds(self._last_headers),
+            )
         if status in (401, 403):
-            raise AuthenticationError(f"{what}: Salesforce refused the request ({status} "
-                                      f"{code}: {message}); check the integration user's "
-                                      "permissions on " + self._object)
+            raise AuthenticationError(
+                f"{what}: Salesforce refused the request ({status} "
+                f"{code}: {message}); check the integration user's "
+                "permissions on " + self._object
+            )
         if status in (400, 404) and code in CONFIG_CODES:
-            raise ConfigError([f"{what} on {self._object}: Salesforce answered {code}: "
-                               f"{message}"])
+            raise ConfigError([f"{what} on {self._object}: Salesforce answered {code}: {message}"])
         raise ConnectionFailed(f"{what}: Salesforce answered {status} {code}: {message}")
 
     def _raise_limit(self, code: str, status: int, what: str) -> None:
         usage = limit_info(self._last_headers)
         if usage is not None and usage[0] < usage[1]:
             # The daily allowance is not used up: a concurrency limit, which clears.
-            raise RateLimited(f"{what}: Salesforce refused a concurrent request ({code}, "
-                              f"api-usage {usage[0]}/{usage[1]})", status=status,
-                              retry_after=retry_after_seconds(self._last_headers))
+            raise RateLimited(
+                f"{what}: Salesforce refused a concurrent request ({code}, "
+                f"api-usage {usage[0]}/{usage[1]})",
+                status=status,
+                retry_after=retry_after_seconds(self._last_headers),
+            )
         shown = f"api-usage {usage[0]}/{usage[1]}" if usage else "no usage figures sent"
         raise ApiLimitExhausted(
             f"Salesforce's API request limit for this org (the daily 'API Requests, Last "
             f"24 Hours' allowance) is used up ({code}, {shown}) during {what}; the run "
-            "stops here and queued writes stay in the outbox for the next run")
+            "stops here and queued writes stay in the outbox for the next run"
+        )
 
     def usage(self) -> dict[str, int | str | None]:
         used, limit = self._usage if self._usage else (None, None)
         return {"api_calls": self._calls, "api_usage_used": used, "api_usage_max": limit}
 
     def close(self) -> None:
-        self._session.hooks["response"] = [hook for hook in self._session.hooks["response"]
-                                           if hook != self._observe]
+        self._session.hooks["response"] = [
+            hook for hook in self._session.hooks["response"] if hook != self._observe
+        ]
         if self._owns_session:
             self._session.close()
         self._client = None

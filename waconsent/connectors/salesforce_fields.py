@@ -33,8 +33,12 @@ _DEFAULT = f"{SOURCE_DIR}/main/default"
 # An API name: starts with a letter, letters, digits and single underscores, no trailing
 # underscore; the part before `__c` is at most 40 characters.
 _API_NAME = re.compile(r"[A-Za-z](?:[A-Za-z0-9]|_(?!_))*(?<!_)")
-_TYPES = {Kind.CHECKBOX: "Checkbox", Kind.DATETIME: "DateTime", Kind.TEXT: "Text",
-          Kind.CHOICE: "Picklist"}
+_TYPES = {
+    Kind.CHECKBOX: "Checkbox",
+    Kind.DATETIME: "DateTime",
+    Kind.TEXT: "Text",
+    Kind.CHOICE: "Picklist",
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,12 @@ class SfdxProject:
 def project(object_name: str, planned: Sequence[PlannedField], api_version: str) -> SfdxProject:
     """The SFDX project for `planned` fields on `object_name`; ConfigError for a bad name."""
     if not _API_NAME.fullmatch(object_name.removesuffix("__c")):
-        raise ConfigError([f"mapping.object: {object_name!r} is not a Salesforce object API "
-                           "name (such as Contact, Lead or MessagingEndUser)"])
+        raise ConfigError(
+            [
+                f"mapping.object: {object_name!r} is not a Salesforce object API "
+                "name (such as Contact, Lead or MessagingEndUser)"
+            ]
+        )
     files: dict[str, str] = {}
     generated, skipped, problems = [], [], []
     for planned_field in planned:
@@ -60,13 +68,17 @@ def project(object_name: str, planned: Sequence[PlannedField], api_version: str)
             continue
         stem = name.removesuffix("__c")
         if "__" in stem:
-            skipped.append(f"{object_name}.{name}: belongs to a managed package (namespace "
-                           f"{stem.split('__')[0]!r}); install the package instead")
+            skipped.append(
+                f"{object_name}.{name}: belongs to a managed package (namespace "
+                f"{stem.split('__')[0]!r}); install the package instead"
+            )
             continue
         if not _API_NAME.fullmatch(stem) or len(stem) > 40:
-            problems.append(f"mapping.fields.{planned_field.logical}: {name!r} is not a valid "
-                            "custom field API name (a letter, then letters, digits and single "
-                            "underscores, at most 40 before __c)")
+            problems.append(
+                f"mapping.fields.{planned_field.logical}: {name!r} is not a valid "
+                "custom field API name (a letter, then letters, digits and single "
+                "underscores, at most 40 before __c)"
+            )
             continue
         path = f"{_DEFAULT}/objects/{object_name}/fields/{name}.field-meta.xml"
         files[path] = _xml(custom_field(planned_field))
@@ -75,12 +87,21 @@ def project(object_name: str, planned: Sequence[PlannedField], api_version: str)
         raise ConfigError(problems)
     if generated:
         files[f"{_DEFAULT}/permissionsets/{PERMISSION_SET}.permissionset-meta.xml"] = _xml(
-            permission_set(object_name, generated))
+            permission_set(object_name, generated)
+        )
         files["manifest/package.xml"] = _xml(package(generated, api_version))
-    files["sfdx-project.json"] = json.dumps({
-        "packageDirectories": [{"path": SOURCE_DIR, "default": True}],
-        "name": "waconsent-fields", "namespace": "", "sourceApiVersion": api_version,
-    }, indent=2) + "\n"
+    files["sfdx-project.json"] = (
+        json.dumps(
+            {
+                "packageDirectories": [{"path": SOURCE_DIR, "default": True}],
+                "name": "waconsent-fields",
+                "namespace": "",
+                "sourceApiVersion": api_version,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return SfdxProject(files, tuple(generated), tuple(skipped))
 
 
@@ -132,8 +153,12 @@ def permission_set(object_name: str, fields: Sequence[str]) -> ET.Element:
     """Read and edit on exactly the generated fields, for the integration user (and anyone
     who records consent by hand). Object access stays with the user's profile."""
     root = _root("PermissionSet")
-    _add(root, "description", f"Read and edit on the WhatsApp consent fields waconsent keeps on "
-                              f"{object_name}. Assign to the waconsent integration user.")
+    _add(
+        root,
+        "description",
+        f"Read and edit on the WhatsApp consent fields waconsent keeps on "
+        f"{object_name}. Assign to the waconsent integration user.",
+    )
     for name in sorted(fields):
         grant = ET.SubElement(root, "fieldPermissions")
         _add(grant, "editable", "true")
@@ -147,8 +172,10 @@ def permission_set(object_name: str, fields: Sequence[str]) -> ET.Element:
 def package(fields: Sequence[str], api_version: str) -> ET.Element:
     """The manifest of the same components, for `sf project deploy start --manifest`."""
     root = _root("Package")
-    for type_name, members in (("CustomField", sorted(fields)),
-                               ("PermissionSet", [PERMISSION_SET])):
+    for type_name, members in (
+        ("CustomField", sorted(fields)),
+        ("PermissionSet", [PERMISSION_SET]),
+    ):
         types = ET.SubElement(root, "types")
         for member in members:
             _add(types, "members", member)
@@ -169,5 +196,4 @@ def _add(parent: ET.Element, tag: str, text: str) -> ET.Element:
 
 def _xml(root: ET.Element) -> str:
     ET.indent(root, space="    ")
-    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
-            + ET.tostring(root, encoding="unicode") + "\n")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -31,8 +31,12 @@ MAX_ENCODED_QUERY = 15_000
 def api_name(name: str, what: str) -> str:
     """`name` if it has the shape of a Salesforce API name, else a ConfigError naming it."""
     if not _API_NAME.fullmatch(name):
-        raise ConfigError([f"{what}: {name!r} is not a Salesforce API name "
-                           "(letters, digits and underscores, such as WhatsApp_Opt_In__c)"])
+        raise ConfigError(
+            [
+                f"{what}: {name!r} is not a Salesforce API name "
+                "(letters, digits and underscores, such as WhatsApp_Opt_In__c)"
+            ]
+        )
     return name
 
 
@@ -47,9 +51,11 @@ def select_fields(phone_fields: Iterable[str], mapped_fields: Iterable[str]) -> 
 
 
 def _select(object_name: str, fields: Sequence[str]) -> str:
-    return format_soql("SELECT {fields:literal} FROM {obj:literal}",
-                       fields=", ".join(api_name(f, "field") for f in fields),
-                       obj=api_name(object_name, "mapping.object"))
+    return format_soql(
+        "SELECT {fields:literal} FROM {obj:literal}",
+        fields=", ".join(api_name(f, "field") for f in fields),
+        obj=api_name(object_name, "mapping.object"),
+    )
 
 
 def select_all(object_name: str, fields: Sequence[str]) -> str:
@@ -62,24 +68,30 @@ def select_changed_since(object_name: str, fields: Sequence[str], since: datetim
     if since.tzinfo is None:
         raise ValueError("the watermark must be timezone-aware (UTC)")
     return _select(object_name, fields) + format_soql(
-        " WHERE SystemModstamp >= {since} ORDER BY SystemModstamp, Id", since=since)
+        " WHERE SystemModstamp >= {since} ORDER BY SystemModstamp, Id", since=since
+    )
 
 
-def select_changed_since_unordered(object_name: str, fields: Sequence[str],
-                                   since: datetime) -> str:
+def select_changed_since_unordered(object_name: str, fields: Sequence[str], since: datetime) -> str:
     """The same filter for a Bulk API 2.0 job, which returns rows in no particular order."""
     if since.tzinfo is None:
         raise ValueError("the watermark must be timezone-aware (UTC)")
     return _select(object_name, fields) + format_soql(
-        " WHERE SystemModstamp >= {since}", since=since)
+        " WHERE SystemModstamp >= {since}", since=since
+    )
 
 
 def _encoded_length(text: str) -> int:
     return len(quote_plus(text))
 
 
-def select_by_ids(object_name: str, fields: Sequence[str], record_ids: Iterable[str],
-                  budget: int = MAX_ENCODED_QUERY, most: int = 500) -> Iterator[str]:
+def select_by_ids(
+    object_name: str,
+    fields: Sequence[str],
+    record_ids: Iterable[str],
+    budget: int = MAX_ENCODED_QUERY,
+    most: int = 500,
+) -> Iterator[str]:
     """`... WHERE Id IN (...)` queries of at most `most` ids, each kept under `budget`
     characters once URL-encoded (so the cost of a read by id is known in advance).
 
@@ -105,21 +117,31 @@ def select_by_ids(object_name: str, fields: Sequence[str], record_ids: Iterable[
         yield head + ",".join(chunk) + ")"
 
 
-def select_by_numbers(object_name: str, fields: Sequence[str], phone_fields: Sequence[str],
-                      digit_patterns: Iterable[str], user_id_field: str | None = None,
-                      user_ids: Iterable[str] = (), budget: int = MAX_ENCODED_QUERY
-                      ) -> Iterator[str]:
+def select_by_numbers(
+    object_name: str,
+    fields: Sequence[str],
+    phone_fields: Sequence[str],
+    digit_patterns: Iterable[str],
+    user_id_field: str | None = None,
+    user_ids: Iterable[str] = (),
+    budget: int = MAX_ENCODED_QUERY,
+) -> Iterator[str]:
     """Records that may carry a number (any phone field LIKE its digit pattern, so that
     '0151 2345678' and '+49 (0)151-234 56 78' are both found) or a user id; queries kept
     under `budget` characters once URL-encoded. LIKE with a leading wildcard cannot use an
     index, which is why only numbers no sync has indexed yet are looked up this way."""
-    conditions = [format_soql("{field:literal} LIKE {pattern}", field=api_name(f, "field"),
-                              pattern=pattern)
-                  for pattern in digit_patterns for f in phone_fields]
+    conditions = [
+        format_soql("{field:literal} LIKE {pattern}", field=api_name(f, "field"), pattern=pattern)
+        for pattern in digit_patterns
+        for f in phone_fields
+    ]
     if user_id_field:
-        conditions += [format_soql("{field:literal} = {value}",
-                                   field=api_name(user_id_field, "field"), value=value)
-                       for value in user_ids]
+        conditions += [
+            format_soql(
+                "{field:literal} = {value}", field=api_name(user_id_field, "field"), value=value
+            )
+            for value in user_ids
+        ]
     head = _select(object_name, fields) + " WHERE "
     chunk: list[str] = []
     for condition in conditions:

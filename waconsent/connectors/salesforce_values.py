@@ -50,8 +50,12 @@ def parse_datetime(value: object) -> datetime | None:
 class SalesforceValues:
     """The conversions for one object's mapping (`mapping.fields`, `mapping.values`)."""
 
-    def __init__(self, object_name: str, mapped: Mapping[str, str],
-                 picklist_values: tuple[str | int | None, str | int | None]) -> None:
+    def __init__(
+        self,
+        object_name: str,
+        mapped: Mapping[str, str],
+        picklist_values: tuple[str | int | None, str | int | None],
+    ) -> None:
         self._object = object_name
         self._mapped = mapped
         self._picklist = picklist_values
@@ -64,8 +68,9 @@ class SalesforceValues:
             if isinstance(value, bool):
                 return value
             text = str(value)
-            if logical == domain.OPT_IN and (csv_type in PICKLIST_TYPES or (
-                    csv_type is None and self._picklist[0] is not None)):
+            if logical == domain.OPT_IN and (
+                csv_type in PICKLIST_TYPES or (csv_type is None and self._picklist[0] is not None)
+            ):
                 return self._opt_in_from_picklist(text)
             lowered = text.strip().lower()
             return True if lowered == "true" else False if lowered == "false" else None
@@ -79,37 +84,54 @@ class SalesforceValues:
             return True
         if opted_out is not None and text == str(opted_out):
             return False
-        if self._mapped.get(domain.OPT_IN) == "MessagingConsentStatus" and \
-                text in _ALSO_OPTED_IN:
+        if self._mapped.get(domain.OPT_IN) == "MessagingConsentStatus" and text in _ALSO_OPTED_IN:
             return True
         return None  # another value (ImplicitlyOptedIn, ...) is no explicit opt-in
 
-    def payload(self, record_id: str, values: Mapping[str, FieldValue],
-                fields: Mapping[str, FieldDescription]) -> dict[str, Written]:
+    def payload(
+        self,
+        record_id: str,
+        values: Mapping[str, FieldValue],
+        fields: Mapping[str, FieldDescription],
+    ) -> dict[str, Written]:
         """CRM field -> value for one write; PermanentRecordError if any value cannot go."""
-        return dict(self._write(record_id, logical, value, fields)
-                    for logical, value in values.items())
+        return dict(
+            self._write(record_id, logical, value, fields) for logical, value in values.items()
+        )
 
-    def _write(self, record_id: str, logical: str, value: FieldValue,
-               fields: Mapping[str, FieldDescription]) -> tuple[str, Written]:
+    def _write(
+        self,
+        record_id: str,
+        logical: str,
+        value: FieldValue,
+        fields: Mapping[str, FieldDescription],
+    ) -> tuple[str, Written]:
         name = self._mapped.get(logical)
         if name is None:
-            raise _refusal(record_id, logical, "INVALID_FIELD",
-                           f"{logical} is not mapped in [mapping.fields]")
+            raise _refusal(
+                record_id, logical, "INVALID_FIELD", f"{logical} is not mapped in [mapping.fields]"
+            )
         described = fields.get(name)
         kind = described.type if described else ""
         if logical == domain.OPT_IN and kind in PICKLIST_TYPES:
             return name, self._picklist_value(record_id, name, value)
         if kind == "boolean":
             if value is not None and not isinstance(value, bool):
-                raise _refusal(record_id, logical, "INVALID_TYPE_ON_FIELD_IN_RECORD",
-                               f"{name} is a checkbox; {logical} is not true or false")
+                raise _refusal(
+                    record_id,
+                    logical,
+                    "INVALID_TYPE_ON_FIELD_IN_RECORD",
+                    f"{name} is a checkbox; {logical} is not true or false",
+                )
             return name, bool(value)  # a checkbox cannot be null
         if value is None:
             return name, None
         if isinstance(value, datetime):
-            return name, (value.astimezone(UTC).date().isoformat() if kind == "date"
-                          else format_datetime(value))
+            return name, (
+                value.astimezone(UTC).date().isoformat()
+                if kind == "date"
+                else format_datetime(value)
+            )
         if isinstance(value, bool):
             return name, value if kind not in TEXT_TYPES else str(value).lower()
         return name, self._text(record_id, logical, name, str(value), described)
@@ -119,19 +141,32 @@ class SalesforceValues:
             return None
         chosen = self._picklist[0 if value else 1]
         if chosen is None:
-            raise _refusal(record_id, domain.OPT_IN, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                           f"{name} is a picklist and [mapping.values] names no value for "
-                           f"{'opted in' if value else 'opted out'}")
+            raise _refusal(
+                record_id,
+                domain.OPT_IN,
+                "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                f"{name} is a picklist and [mapping.values] names no value for "
+                f"{'opted in' if value else 'opted out'}",
+            )
         return str(chosen)
 
-    def _text(self, record_id: str, logical: str, name: str, text: str,
-              described: FieldDescription | None) -> str:
+    def _text(
+        self, record_id: str, logical: str, name: str, text: str, described: FieldDescription | None
+    ) -> str:
         """Never cut evidence short: a text longer than its field is refused, not truncated."""
-        if described is not None and described.length \
-                and described.type in TEXT_TYPES | PICKLIST_TYPES and len(text) > described.length:
-            raise _refusal(record_id, logical, "STRING_TOO_LONG",
-                           f"{logical} is {len(text)} characters but {self._object}.{name} "
-                           f"holds {described.length}; not truncated (lengthen the field)")
+        if (
+            described is not None
+            and described.length
+            and described.type in TEXT_TYPES | PICKLIST_TYPES
+            and len(text) > described.length
+        ):
+            raise _refusal(
+                record_id,
+                logical,
+                "STRING_TOO_LONG",
+                f"{logical} is {len(text)} characters but {self._object}.{name} "
+                f"holds {described.length}; not truncated (lengthen the field)",
+            )
         return text
 
 

@@ -49,5 +49,3 @@ def decode_json(raw: bytes | str) -> Any:
 def sign(raw_body: bytes, app_secret: str) -> str:
     """The header value Meta would send; for tests, benchmarks and replay tools."""
     return "sha256=" + hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
-
-

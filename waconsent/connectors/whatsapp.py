@@ -28,14 +28,7 @@ from waconsent.connectors.whatsapp_items import (
     text_of,
     time_of,
 )
-from waconsent.domain import (
-    Event,
-    EventKind,
-    ParsedPayload,
-    PlainStatus,
-    Signal,
-    SkippedItem,
-)
+from waconsent.domain import Event, EventKind, ParsedPayload, PlainStatus, Signal, SkippedItem
 from waconsent.keywords import DEFAULT_KEYWORDS, KeywordRules, Reply
 from waconsent.store import events as event_store
 
@@ -43,11 +36,28 @@ from waconsent.store import events as event_store
 # updates carry neither. `user_id_update` was documented by Meta until August 2026 (then
 # replaced by the `user_changed_user_id` system message); deliveries of it are still read.
 CONSENT_FIELDS = frozenset({"messages", "user_preferences", "user_id_update"})
-KNOWN_USER_MESSAGE_TYPES = frozenset({
-    "text", "button", "interactive", "image", "video", "audio", "document", "sticker",
-    "location", "contacts", "reaction", "order", "system", "unsupported", "request_welcome",
-    "revoke", "edit", "unknown",
-})
+KNOWN_USER_MESSAGE_TYPES = frozenset(
+    {
+        "text",
+        "button",
+        "interactive",
+        "image",
+        "video",
+        "audio",
+        "document",
+        "sticker",
+        "location",
+        "contacts",
+        "reaction",
+        "order",
+        "system",
+        "unsupported",
+        "request_welcome",
+        "revoke",
+        "edit",
+        "unknown",
+    }
+)
 
 
 MALFORMED = (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError)
@@ -64,12 +74,18 @@ class _Found:
     ignored: int = 0
 
     def parsed(self) -> ParsedPayload:
-        return ParsedPayload(tuple(self.events), tuple(self.skipped), self.ignored,
-                             tuple(self.locations), tuple(self.plain))
+        return ParsedPayload(
+            tuple(self.events),
+            tuple(self.skipped),
+            self.ignored,
+            tuple(self.locations),
+            tuple(self.plain),
+        )
 
 
-def parse_payload(payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS,
-                  now: datetime | None = None) -> ParsedPayload:
+def parse_payload(
+    payload: Any, keywords: KeywordRules = DEFAULT_KEYWORDS, now: datetime | None = None
+) -> ParsedPayload:
     """Turn one webhook body into events; never raises for content it does not understand.
 
     `now` (the receiver's clock) bounds event times from above: an item stamped more than
@@ -104,8 +120,9 @@ def _consent_changes(entries: list[Any], found: _Found) -> Iterator[tuple[str, M
                 yield where, change["value"]
 
 
-def _read_item(found: _Found, section: str, location: str, item: Any, shared: Change,
-               keywords: KeywordRules) -> None:
+def _read_item(
+    found: _Found, section: str, location: str, item: Any, shared: Change, keywords: KeywordRules
+) -> None:
     """One item into `found`: a plain status, an event, nothing, or a skip with its location."""
     try:
         plain = statuses.plain(item, shared) if section == "statuses" else None
@@ -137,8 +154,7 @@ def _items(value: Mapping[str, Any], where: str) -> Iterator[tuple[str, str, Any
             yield key, f"{where}.value.{key}[{index}]", item
 
 
-def _parse_item(section: str, item: Any, change: Change,
-                keywords: KeywordRules) -> Event | None:
+def _parse_item(section: str, item: Any, change: Change, keywords: KeywordRules) -> Event | None:
     if not isinstance(item, Mapping):
         raise Skip("item is not an object")
     if section == "messages":
@@ -184,7 +200,8 @@ def _message(item: Mapping[str, Any], change: Change, keywords: KeywordRules) ->
         signal=signal,
         keyword=keyword,
         opens_session=True,
-        referral_source_id=text_of(referral.get("source_id")) if isinstance(referral, Mapping)
+        referral_source_id=text_of(referral.get("source_id"))
+        if isinstance(referral, Mapping)
         else None,
         optin_token=keywords.optin_token(reply) if signal is Signal.OPT_IN else None,
     )
@@ -209,11 +226,13 @@ def _system_message(item: Mapping[str, Any], message_id: str, change: Change) ->
     new_user_id = text_of(system.get("user_id"))
     sender_user_id = text_of(item.get("from_user_id"))
     previous_user_id = text_of(system.get("previous_user_id")) or (
-        sender_user_id if sender_user_id != new_user_id else None)
+        sender_user_id if sender_user_id != new_user_id else None
+    )
     wa_id, user_id, new_wa_id, new_id = sender, sender_user_id, None, None
     signal, detail = Signal.NONE, kind
-    if kind == "user_changed_number" or (kind == "user_changed_user_id" and announced
-                                         and sender and announced != sender):
+    if kind == "user_changed_number" or (
+        kind == "user_changed_user_id" and announced and sender and announced != sender
+    ):
         signal, detail = Signal.NUMBER_CHANGED, "user_changed_number"
         user_id, new_wa_id, new_id = previous_user_id, announced, new_user_id
     elif kind == "user_changed_user_id" and new_user_id:
@@ -225,9 +244,19 @@ def _system_message(item: Mapping[str, Any], message_id: str, change: Change) ->
         detail = f"{kind}:{marketing}" if signal is not Signal.NONE else kind
     if not (wa_id or user_id or new_id):
         raise Skip("system message without a sender (no from, no user id)")
-    return Event(key=f"msg:{message_id}", kind=EventKind.MESSAGE, occurred_at=time_of(item, change),
-                 wa_id=wa_id, user_id=user_id, message_id=message_id, message_type="system",
-                 signal=signal, new_wa_id=new_wa_id, new_user_id=new_id, detail=detail)
+    return Event(
+        key=f"msg:{message_id}",
+        kind=EventKind.MESSAGE,
+        occurred_at=time_of(item, change),
+        wa_id=wa_id,
+        user_id=user_id,
+        message_id=message_id,
+        message_type="system",
+        signal=signal,
+        new_wa_id=new_wa_id,
+        new_user_id=new_id,
+        detail=detail,
+    )
 
 
 def _texts(*values: Any) -> tuple[str, ...]:
@@ -242,13 +271,13 @@ def _reply(item: Mapping[str, Any], raw_type: str) -> Reply:
     if raw_type == "text":
         return Reply(said=_texts(part.get("body")))
     if raw_type == "button":  # a template quick reply: `text` is its label, `payload` ours
-        return Reply(said=_texts(part.get("text")), chosen=_texts(part.get("payload")),
-                     tapped=True)
+        return Reply(said=_texts(part.get("text")), chosen=_texts(part.get("payload")), tapped=True)
     if raw_type == "interactive":
         tapped = part.get("button_reply") or part.get("list_reply")
         if isinstance(tapped, Mapping):
-            return Reply(said=_texts(tapped.get("title")), chosen=_texts(tapped.get("id")),
-                         tapped=True)
+            return Reply(
+                said=_texts(tapped.get("title")), chosen=_texts(tapped.get("id")), tapped=True
+            )
     return Reply()
 
 

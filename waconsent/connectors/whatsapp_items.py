@@ -40,8 +40,9 @@ class Change:
     @classmethod
     def of(cls, value: Mapping[str, Any], latest: datetime) -> Change:
         contacts = value.get("contacts")
-        candidates = ([c for c in contacts if isinstance(c, Mapping)]
-                      if isinstance(contacts, list) else [])
+        candidates = (
+            [c for c in contacts if isinstance(c, Mapping)] if isinstance(contacts, list) else []
+        )
         user_ids: dict[str, str | None] = {}
         for contact in candidates:
             wa_id = text_of(contact.get("wa_id"))
@@ -76,8 +77,10 @@ def time_of(item: Mapping[str, Any], change: Change) -> datetime:
     if moment < EARLIEST:  # WhatsApp did not exist; a zero or garbage stamp
         raise Skip("timestamp before 2009")
     if moment > change.latest:
-        raise Skip(f"timestamp {moment:%Y-%m-%d %H:%M} UTC is later than "
-                    f"{change.latest:%Y-%m-%d %H:%M} UTC (the future)")
+        raise Skip(
+            f"timestamp {moment:%Y-%m-%d %H:%M} UTC is later than "
+            f"{change.latest:%Y-%m-%d %H:%M} UTC (the future)"
+        )
     return moment
 
 

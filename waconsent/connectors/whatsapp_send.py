@@ -50,8 +50,11 @@ class _Do(enum.Enum):
 META_ERRORS: Mapping[int, tuple[_Do, str]] = {
     0: (_Do.CREDENTIALS, "the access token could not be authenticated"),
     190: (_Do.CREDENTIALS, "the access token has expired or is invalid"),
-    10: (_Do.CREDENTIALS, "permission denied: the token lacks whatsapp_business_messaging or "
-                    "access to this phone number"),
+    10: (
+        _Do.CREDENTIALS,
+        "permission denied: the token lacks whatsapp_business_messaging or "
+        "access to this phone number",
+    ),
     4: (_Do.RETRY, "the app reached its API call rate limit"),
     80007: (_Do.RETRY, "the WhatsApp Business Account reached its rate limit"),
     130429: (_Do.RETRY, "Cloud API throughput reached"),
@@ -59,10 +62,14 @@ META_ERRORS: Mapping[int, tuple[_Do, str]] = {
     131000: (_Do.RETRY, "something went wrong at Meta"),
     131016: (_Do.RETRY, "the service is temporarily unavailable"),
     2: (_Do.RETRY, "Meta's service is down or overloaded"),
-    131047: (_Do.FAIL, "more than 24 hours since the user's last message: the service "
-                       "window is closed"),
-    131026: (_Do.FAIL, "undeliverable: not a WhatsApp number, terms not accepted, or an old "
-                       "WhatsApp version"),
+    131047: (
+        _Do.FAIL,
+        "more than 24 hours since the user's last message: the service window is closed",
+    ),
+    131026: (
+        _Do.FAIL,
+        "undeliverable: not a WhatsApp number, terms not accepted, or an old WhatsApp version",
+    ),
     131048: (_Do.FAIL, "spam rate limit: the number's messages were blocked or flagged"),
     131062: (_Do.FAIL, "business-scoped user id recipients are not supported for this message"),
     131051: (_Do.FAIL, "unsupported message type"),
@@ -73,10 +80,12 @@ META_ERRORS: Mapping[int, tuple[_Do, str]] = {
 _PERMISSION_CODES = range(200, 300)
 #: Meta allows one message every 6 seconds to the same user (131056)
 PAIR_RATE_SECONDS = 6.0
-CREDENTIALS_FIX = ("create a system user token with the whatsapp_business_messaging permission for "
-             "this phone number's WhatsApp Business Account (Meta Business Suite > Business "
-             "settings > Users > System users > Generate new token), put it in "
-             "WHATSAPP_ACCESS_TOKEN and restart; queued replies are kept and sent then")
+CREDENTIALS_FIX = (
+    "create a system user token with the whatsapp_business_messaging permission for "
+    "this phone number's WhatsApp Business Account (Meta Business Suite > Business "
+    "settings > Users > System users > Generate new token), put it in "
+    "WHATSAPP_ACCESS_TOKEN and restart; queued replies are kept and sent then"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +97,9 @@ class SendResult:
     trace: str | None = None  # Meta's fbtrace_id, for Meta's support
 
 
-def request_body(*, wa_id: str | None, user_id: str | None, text: str, reply_to: str,
-                 callback_data: str) -> dict[str, Any]:
+def request_body(
+    *, wa_id: str | None, user_id: str | None, text: str, reply_to: str, callback_data: str
+) -> dict[str, Any]:
     """The JSON of one text reply (see the module docstring for each field)."""
     body: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual"}
     if wa_id:
@@ -98,8 +108,12 @@ def request_body(*, wa_id: str | None, user_id: str | None, text: str, reply_to:
         body["recipient"] = user_id
     else:
         raise ValueError("a reply needs a wa_id or a business-scoped user id")
-    body.update(context={"message_id": reply_to}, type="text",
-                text={"preview_url": False, "body": text}, biz_opaque_callback_data=callback_data)
+    body.update(
+        context={"message_id": reply_to},
+        type="text",
+        text={"preview_url": False, "body": text},
+        biz_opaque_callback_data=callback_data,
+    )
     return body
 
 
@@ -118,41 +132,69 @@ class _RateLimited(_Retry, RateLimited):
 class CloudApiSender:
     """One session and one retry policy for the life of the sender."""
 
-    def __init__(self, *, graph_url: str, api_version: str, phone_number_id: str,
-                 access_token: str, policy: RetryPolicy | None = None,
-                 session: requests.Session | None = None,
-                 timeout: tuple[float, float] = (5.0, 20.0)) -> None:
+    def __init__(
+        self,
+        *,
+        graph_url: str,
+        api_version: str,
+        phone_number_id: str,
+        access_token: str,
+        policy: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+        timeout: tuple[float, float] = (5.0, 20.0),
+    ) -> None:
         self.url = f"{graph_url.rstrip('/')}/{api_version}/{phone_number_id}/messages"
-        self._headers = {"Authorization": f"Bearer {access_token}",
-                         "Content-Type": "application/json"}
+        self._headers = {
+            "Authorization": f"Bearer {access_token}",
+            "Content-Type": "application/json",
+        }
         # a short budget: a reply is worth sending within seconds, and a row refused for
         # longer goes back to the queue for a later round instead of blocking the others
-        self.policy = policy or RetryPolicy(attempts=4, base_delay=1.0, max_delay=15.0,
-                                            max_retry_after=60.0, max_total_delay=60.0)
+        self.policy = policy or RetryPolicy(
+            attempts=4, base_delay=1.0, max_delay=15.0, max_retry_after=60.0, max_total_delay=60.0
+        )
         self.session = session or requests.Session()
         self.timeout = timeout
 
     def close(self) -> None:
         self.session.close()
 
-    def send_text(self, *, wa_id: str | None, user_id: str | None, text: str, reply_to: str,
-                  callback_data: str) -> SendResult:
+    def send_text(
+        self,
+        *,
+        wa_id: str | None,
+        user_id: str | None,
+        text: str,
+        reply_to: str,
+        callback_data: str,
+    ) -> SendResult:
         """Send one reply: the result says whether it went, and if not, what may be done."""
-        data = json.dumps(request_body(wa_id=wa_id, user_id=user_id, text=text,
-                                       reply_to=reply_to, callback_data=callback_data),
-                          ensure_ascii=False).encode("utf-8")
+        data = json.dumps(
+            request_body(
+                wa_id=wa_id,
+                user_id=user_id,
+                text=text,
+                reply_to=reply_to,
+                callback_data=callback_data,
+            ),
+            ensure_ascii=False,
+        ).encode("utf-8")
         last: list[SendResult] = []
 
         def attempt() -> SendResult:
             try:
-                response = self.session.post(self.url, data=data, headers=self._headers,
-                                             timeout=self.timeout)
+                response = self.session.post(
+                    self.url, data=data, headers=self._headers, timeout=self.timeout
+                )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if _never_connected(exc):
                     raise  # nothing left this machine: the policy may try again
-                return SendResult(Sent.NO_ANSWER, code=type(exc).__name__,
-                                  reason=f"no answer from Meta ({type(exc).__name__}) after "
-                                         "the request left: perhaps sent, so not repeated")
+                return SendResult(
+                    Sent.NO_ANSWER,
+                    code=type(exc).__name__,
+                    reason=f"no answer from Meta ({type(exc).__name__}) after "
+                    "the request left: perhaps sent, so not repeated",
+                )
             try:
                 return _answer(response)
             except _Retry as retry:
@@ -163,16 +205,21 @@ class CloudApiSender:
             return self.policy.run(attempt, what="sending a WhatsApp reply")
         except ConnectionFailed as exc:
             earlier = last[0] if last else None
-            return SendResult(Sent.RETRY_LATER, code=earlier.code if earlier else "connect",
-                              reason=str(exc), trace=earlier.trace if earlier else None)
+            return SendResult(
+                Sent.RETRY_LATER,
+                code=earlier.code if earlier else "connect",
+                reason=str(exc),
+                trace=earlier.trace if earlier else None,
+            )
 
 
 def _never_connected(exc: Exception) -> bool:
     """Whether the request certainly never reached Meta: the connection (or its TLS
     handshake, or the proxy) failed. A read timeout or a connection dropped while waiting
     for the answer may come after Meta took the message."""
-    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.SSLError,
-                        requests.exceptions.ProxyError)):
+    if isinstance(
+        exc, (requests.ConnectTimeout, requests.exceptions.SSLError, requests.exceptions.ProxyError)
+    ):
         return True
     reason = exc.args[0] if exc.args else None
     if isinstance(reason, MaxRetryError):
@@ -189,30 +236,47 @@ def _answer(response: requests.Response) -> SendResult:
     if 200 <= response.status_code < 300:
         reply_id = _message_id(body)
         if reply_id is None:
-            return SendResult(Sent.NO_ANSWER, code=f"http:{response.status_code}",
-                              reason="Meta accepted the request but named no message")
+            return SendResult(
+                Sent.NO_ANSWER,
+                code=f"http:{response.status_code}",
+                reason="Meta accepted the request but named no message",
+            )
         return SendResult(Sent.ACCEPTED, reply_id=reply_id)
     error = body.get("error") if isinstance(body, Mapping) else None
     error = error if isinstance(error, Mapping) else None
     code = error.get("code") if error else None
     trace = str(error.get("fbtrace_id"))[:100] if error and error.get("fbtrace_id") else None
-    do, why = _meaning(code if isinstance(code, int) and not isinstance(code, bool) else None,
-                       response.status_code, error is not None)
-    result = SendResult(Sent.REFUSED, code=str(code) if code is not None
-                        else f"http:{response.status_code}", reason=why, trace=trace)
+    do, why = _meaning(
+        code if isinstance(code, int) and not isinstance(code, bool) else None,
+        response.status_code,
+        error is not None,
+    )
+    result = SendResult(
+        Sent.REFUSED,
+        code=str(code) if code is not None else f"http:{response.status_code}",
+        reason=why,
+        trace=trace,
+    )
     if do is _Do.CREDENTIALS:
         return SendResult(Sent.CREDENTIALS_REJECTED, code=result.code, reason=why, trace=trace)
     if do is _Do.RETRY:
         wait = retry_after_seconds(response.headers)
         if code == 131056:
             wait = max(wait or 0.0, PAIR_RATE_SECONDS)
-        kind = _RateLimited if response.status_code == 429 or code in (4, 80007, 130429, 131056) \
+        kind = (
+            _RateLimited
+            if response.status_code == 429 or code in (4, 80007, 130429, 131056)
             else _Retry
+        )
         raise kind(result, response.status_code, wait)
     if do is None:
-        return SendResult(Sent.NO_ANSWER, code=result.code, trace=trace,
-                          reason=f"HTTP {response.status_code} without Meta's error body (a "
-                                 "proxy's answer): perhaps sent, so not repeated")
+        return SendResult(
+            Sent.NO_ANSWER,
+            code=result.code,
+            trace=trace,
+            reason=f"HTTP {response.status_code} without Meta's error body (a "
+            "proxy's answer): perhaps sent, so not repeated",
+        )
     return result
 
 

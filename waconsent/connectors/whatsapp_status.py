@@ -33,22 +33,30 @@ def plain(item: Any, change: Change) -> PlainStatus | None:
     read no further (a campaign brings three per recipient). None for anything else (an
     error, a free entry point window, a reply's callback data, a group, a malformed
     item), which the full parse takes. Never raises, whatever the item holds."""
-    if (type(item) is not dict or exact_text(item.get("status")) not in PLAIN_STATES
-            or type(item.get("id")) is not str or "errors" in item
-            or "biz_opaque_callback_data" in item or item.get("recipient_type") == "group"):
+    if (
+        type(item) is not dict
+        or exact_text(item.get("status")) not in PLAIN_STATES
+        or type(item.get("id")) is not str
+        or "errors" in item
+        or "biz_opaque_callback_data" in item
+        or item.get("recipient_type") == "group"
+    ):
         return None
     conversation, pricing = item.get("conversation"), item.get("pricing")
     if conversation is not None:
         origin = conversation.get("origin") if type(conversation) is dict else None
         if type(origin) is not dict or exact_text(origin.get("type")) in FREE_ENTRY_POINT_ORIGINS:
             return None
-    if pricing is not None and (type(pricing) is not dict
-                                or exact_text(pricing.get("type")) in FREE_ENTRY_POINT_PRICING
-                                or exact_text(pricing.get("category")) in FREE_ENTRY_POINT_ORIGINS):
+    if pricing is not None and (
+        type(pricing) is not dict
+        or exact_text(pricing.get("type")) in FREE_ENTRY_POINT_PRICING
+        or exact_text(pricing.get("category")) in FREE_ENTRY_POINT_ORIGINS
+    ):
         return None
     wa_id = text_of(item.get("recipient_id"))
-    return PlainStatus(item["id"], wa_id,
-                       text_of(item.get("recipient_user_id")) or change.user_id_for(wa_id))
+    return PlainStatus(
+        item["id"], wa_id, text_of(item.get("recipient_user_id")) or change.user_id_for(wa_id)
+    )
 
 
 def status(item: Mapping[str, Any], change: Change) -> Event:
@@ -64,10 +72,15 @@ def status(item: Mapping[str, Any], change: Change) -> Event:
         user_id = text_of(item.get("recipient_user_id")) or change.user_id_for(wa_id)
     occurred_at = time_of(item, change)
     errors = item.get("errors")
-    codes = tuple(
-        int(error["code"]) for error in errors
-        if isinstance(error, dict) and str(error.get("code", "")).lstrip("-").isdigit()
-    ) if errors else ()
+    codes = (
+        tuple(
+            int(error["code"])
+            for error in errors
+            if isinstance(error, dict) and str(error.get("code", "")).lstrip("-").isdigit()
+        )
+        if errors
+        else ()
+    )
     signal = Signal.OPT_OUT if STOP_MARKETING_ERROR in codes else Signal.NONE
     return Event(
         key=f"status:{message_id}:{status}",
@@ -98,8 +111,11 @@ def free_entry_expiry(item: Mapping[str, Any], occurred_at: datetime) -> datetim
         expiry = conversation.get("expiration_timestamp")
     pricing_type = text_of(pricing.get("type")) if isinstance(pricing, dict) else None
     pricing_category = text_of(pricing.get("category")) if isinstance(pricing, dict) else None
-    free = (origin in FREE_ENTRY_POINT_ORIGINS or pricing_type in FREE_ENTRY_POINT_PRICING
-            or pricing_category in FREE_ENTRY_POINT_ORIGINS)
+    free = (
+        origin in FREE_ENTRY_POINT_ORIGINS
+        or pricing_type in FREE_ENTRY_POINT_PRICING
+        or pricing_category in FREE_ENTRY_POINT_ORIGINS
+    )
     if not free or expiry is None:
         return None
     try:
@@ -107,5 +123,3 @@ def free_entry_expiry(item: Mapping[str, Any], occurred_at: datetime) -> datetim
     except (TypeError, ValueError, OverflowError, OSError):
         return None
     return moment if EARLIEST <= moment <= occurred_at + LONGEST_WINDOW else None
-
-

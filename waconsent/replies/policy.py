@@ -19,7 +19,8 @@ def reply_policy(settings: Settings) -> ReplyPolicy | None:
     return ReplyPolicy(
         opt_in=fill(replies.opt_in, values),
         opt_out=fill(replies.opt_out, values),
-        by_keyword={normalize_text(key): fill(text, values)
-                    for key, text in replies.keywords.items()},
+        by_keyword={
+            normalize_text(key): fill(text, values) for key, text in replies.keywords.items()
+        },
         max_age=timedelta(minutes=replies.max_age_minutes),
     )

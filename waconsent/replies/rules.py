@@ -62,8 +62,12 @@ class ReplyState(enum.StrEnum):
 # it could not deliver it) but not "delivered": a delivered reply was delivered, whatever a
 # late or duplicate status says.
 _RANK = {state: rank for rank, state in enumerate(ReplyState)}
-_STATUS_STATES = {"sent": ReplyState.SENT, "delivered": ReplyState.DELIVERED,
-                  "read": ReplyState.READ, "failed": ReplyState.FAILED}
+_STATUS_STATES = {
+    "sent": ReplyState.SENT,
+    "delivered": ReplyState.DELIVERED,
+    "read": ReplyState.READ,
+    "failed": ReplyState.FAILED,
+}
 
 
 def advance(current: ReplyState, new: ReplyState) -> ReplyState:
@@ -84,7 +88,7 @@ def callback_data_for(trigger_id: str) -> str:
 def trigger_of(callback_data: str | None) -> str | None:
     """The trigger's message id named by a status's callback data, if it is one of ours."""
     if callback_data and callback_data.startswith(CALLBACK_PREFIX):
-        return callback_data[len(CALLBACK_PREFIX):] or None
+        return callback_data[len(CALLBACK_PREFIX) :] or None
     return None
 
 
@@ -141,18 +145,29 @@ def plan_reply(event: Event, policy: ReplyPolicy, now: datetime) -> PlannedReply
     wrote nothing, so no service window is open and nobody asked. Never an event older
     than `max_age`: an archive import or a late redelivery answers nobody.
     """
-    if (event.kind is not EventKind.MESSAGE or event.message_type == "system"
-            or event.signal not in (Signal.OPT_IN, Signal.OPT_OUT) or not event.keyword
-            or not event.message_id or not (event.wa_id or event.user_id)):
+    if (
+        event.kind is not EventKind.MESSAGE
+        or event.message_type == "system"
+        or event.signal not in (Signal.OPT_IN, Signal.OPT_OUT)
+        or not event.keyword
+        or not event.message_id
+        or not (event.wa_id or event.user_id)
+    ):
         return None
     if now - event.occurred_at > policy.max_age:
         return None
     if len(callback_data_for(event.message_id).encode()) > CALLBACK_LIMIT:
         return None  # no real message id is this long; its statuses could not name it
     return PlannedReply(
-        trigger_id=event.message_id, trigger_key=event.key, wa_id=event.wa_id,
-        user_id=event.user_id, signal=event.signal, keyword=event.keyword,
-        text=policy.text_for(event.signal, event.keyword), triggered_at=event.occurred_at)
+        trigger_id=event.message_id,
+        trigger_key=event.key,
+        wa_id=event.wa_id,
+        user_id=event.user_id,
+        signal=event.signal,
+        keyword=event.keyword,
+        text=policy.text_for(event.signal, event.keyword),
+        triggered_at=event.occurred_at,
+    )
 
 
 class DueAction(enum.Enum):
@@ -176,5 +191,5 @@ def retry_at(rounds: int, now: datetime) -> datetime:
     """When a row refused `rounds` times is tried again: 1, 2, 4, ... minutes, at most an
     hour (the retry policy already waited within each round)."""
     doublings = min(max(0, rounds - 1), 10)  # 2**10 minutes is past the cap already
-    delay: timedelta = FIRST_RETRY * (2 ** doublings)
+    delay: timedelta = FIRST_RETRY * (2**doublings)
     return now + min(delay, LONGEST_RETRY)

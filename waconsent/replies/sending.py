@@ -47,8 +47,15 @@ CONCURRENCY = 8
 
 
 class TextSender(Protocol):
-    def send_text(self, *, wa_id: str | None, user_id: str | None, text: str, reply_to: str,
-                  callback_data: str) -> SendResult: ...
+    def send_text(
+        self,
+        *,
+        wa_id: str | None,
+        user_id: str | None,
+        text: str,
+        reply_to: str,
+        callback_data: str,
+    ) -> SendResult: ...
 
 
 @dataclass
@@ -73,17 +80,28 @@ def sender_from_config(config: LoadedConfig) -> CloudApiSender:
     """The Cloud API sender the configuration names; a ConfigError says what is missing."""
     whatsapp = config.settings.whatsapp
     if not config.settings.replies.enabled:
-        raise ConfigError(["replies.enabled: replies are off; set [replies] enabled = true "
-                           "to send confirmations of START and STOP"])
-    token = config.secrets.require(ACCESS_VARIABLE, "sending WhatsApp replies "
-                                   "(a system user token with whatsapp_business_messaging)")
+        raise ConfigError(
+            [
+                "replies.enabled: replies are off; set [replies] enabled = true "
+                "to send confirmations of START and STOP"
+            ]
+        )
+    token = config.secrets.require(
+        ACCESS_VARIABLE,
+        "sending WhatsApp replies (a system user token with whatsapp_business_messaging)",
+    )
     assert whatsapp.phone_number_id is not None  # the configuration's cross-checks ensure it
-    return CloudApiSender(graph_url=whatsapp.graph_url, api_version=whatsapp.graph_api_version,
-                          phone_number_id=whatsapp.phone_number_id, access_token=token)
+    return CloudApiSender(
+        graph_url=whatsapp.graph_url,
+        api_version=whatsapp.graph_api_version,
+        phone_number_id=whatsapp.phone_number_id,
+        access_token=token,
+    )
 
 
-def send_due(engine: Engine, sender: TextSender, holder: str,
-             clock: Callable[[], datetime]) -> PassSummary:
+def send_due(
+    engine: Engine, sender: TextSender, holder: str, clock: Callable[[], datetime]
+) -> PassSummary:
     """Send what is due now (see the module's docstring for the protocol).
 
     Up to `CONCURRENCY` people are answered at once: each request waits on Meta for a
@@ -105,8 +123,9 @@ def send_due(engine: Engine, sender: TextSender, holder: str,
         for rows in people.values():
             one_pass.answer(rows)
         return summary
-    with ThreadPoolExecutor(max_workers=min(CONCURRENCY, len(people)),
-                            thread_name_prefix="reply") as pool:
+    with ThreadPoolExecutor(
+        max_workers=min(CONCURRENCY, len(people)), thread_name_prefix="reply"
+    ) as pool:
         list(pool.map(logs.in_context(one_pass.answer), people.values()))
     return summary
 
@@ -116,13 +135,20 @@ class _Pass:
     SQLite one lock for writes (SQLite has one writer; threads queued on a lock are woken
     the moment it is free, while its busy handler would make them sleep in steps)."""
 
-    def __init__(self, engine: Engine, sender: TextSender, holder: str,
-                 clock: Callable[[], datetime], summary: PassSummary) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        sender: TextSender,
+        holder: str,
+        clock: Callable[[], datetime],
+        summary: PassSummary,
+    ) -> None:
         self.engine, self.sender, self.holder, self.clock = engine, sender, holder, clock
         self.summary = summary
         self.counting = threading.Lock()
         self.writing: AbstractContextManager[Any] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else nullcontext())
+            threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+        )
 
     def answer(self, rows: list[DueRow]) -> None:
         """One person's due replies, in order; none once sending has stopped."""
@@ -139,13 +165,19 @@ class _Pass:
                 row = reply_store.claim(self.engine, due.id, self.holder, self.clock())
             if row is None:
                 continue  # another sender claimed it first
-            result = self.sender.send_text(wa_id=row.wa_id, user_id=row.user_id, text=row.text,
-                                           reply_to=row.trigger_id,
-                                           callback_data=callback_data_for(row.trigger_id))
+            result = self.sender.send_text(
+                wa_id=row.wa_id,
+                user_id=row.user_id,
+                text=row.text,
+                reply_to=row.trigger_id,
+                callback_data=callback_data_for(row.trigger_id),
+            )
             with self.writing:
                 outcome = _record(self.engine, row, self.holder, result, self.clock())
-            self.count(outcome, stopped=f"{result.reason} (error {result.code})"
-                       if outcome == "stopped" else None)
+            self.count(
+                outcome,
+                stopped=f"{result.reason} (error {result.code})" if outcome == "stopped" else None,
+            )
 
     def count(self, outcome: str, stopped: str | None = None) -> None:
         with self.counting:
@@ -164,25 +196,33 @@ def _close(engine: Engine, row_id: int, action: DueAction, rounds: int, now: dat
     logs.event(log, "replies.not_sent", logging.WARNING, reply=row_id, code=code)
 
 
-def _record(engine: Engine, row: ReplyRow, holder: str, result: SendResult,
-            now: datetime) -> str:
+def _record(engine: Engine, row: ReplyRow, holder: str, result: SendResult, now: datetime) -> str:
     """Store Meta's answer; returns the summary's name for it."""
-    fields = {"trigger": row.trigger_id, "to": _who(row), "code": result.code,
-              "trace": result.trace}
+    fields = {
+        "trigger": row.trigger_id,
+        "to": _who(row),
+        "code": result.code,
+        "trace": result.trace,
+    }
     if result.outcome is Sent.ACCEPTED:
-        reply_store.record(engine, row.id, Observation(ReplyState.SENT, now,
-                                                       reply_id=result.reply_id), now)
-        logs.event(log, "replies.sent", trigger=row.trigger_id, reply=result.reply_id,
-                   to=_who(row))
+        reply_store.record(
+            engine, row.id, Observation(ReplyState.SENT, now, reply_id=result.reply_id), now
+        )
+        logs.event(log, "replies.sent", trigger=row.trigger_id, reply=result.reply_id, to=_who(row))
         return "sent"
     if result.outcome is Sent.REFUSED:
-        reply_store.record(engine, row.id, Observation(
-            ReplyState.FAILED, now, error_code=result.code, error=result.reason), now)
+        reply_store.record(
+            engine,
+            row.id,
+            Observation(ReplyState.FAILED, now, error_code=result.code, error=result.reason),
+            now,
+        )
         logs.event(log, "replies.failed", logging.WARNING, reason=result.reason, **fields)
         return "failed"
     if result.outcome is Sent.RETRY_LATER:
-        reply_store.put_back(engine, row, holder, now, error_code=result.code or "retry",
-                             error=result.reason)
+        reply_store.put_back(
+            engine, row, holder, now, error_code=result.code or "retry", error=result.reason
+        )
         logs.event(log, "replies.deferred", logging.WARNING, reason=result.reason, **fields)
         return "deferred"
     if result.outcome is Sent.NO_ANSWER:
@@ -190,10 +230,23 @@ def _record(engine: Engine, row: ReplyRow, holder: str, result: SendResult,
         logs.event(log, "replies.no_answer", logging.WARNING, reason=result.reason, **fields)
         return "no_answer"
     # the token: nothing was sent, and nothing can be until it is replaced
-    reply_store.put_back(engine, row, holder, now, error_code=result.code or "token",
-                         error=result.reason, counts=False)
-    logs.event(log, "replies.stopped", logging.ERROR, reason=f"{result.reason} "
-               f"(error {result.code})", fix=CREDENTIALS_FIX, trace=result.trace)
+    reply_store.put_back(
+        engine,
+        row,
+        holder,
+        now,
+        error_code=result.code or "token",
+        error=result.reason,
+        counts=False,
+    )
+    logs.event(
+        log,
+        "replies.stopped",
+        logging.ERROR,
+        reason=f"{result.reason} (error {result.code})",
+        fix=CREDENTIALS_FIX,
+        trace=result.trace,
+    )
     return "stopped"
 
 

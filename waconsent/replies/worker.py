@@ -24,8 +24,9 @@ log = logging.getLogger("waconsent.replies")
 
 
 class ReplyWorker:
-    def __init__(self, run_pass: Callable[[], PassSummary], *, poll: float = 2.0,
-                 after_failure: float = 5.0) -> None:
+    def __init__(
+        self, run_pass: Callable[[], PassSummary], *, poll: float = 2.0, after_failure: float = 5.0
+    ) -> None:
         self._run_pass = run_pass
         self._poll = poll
         self._after_failure = after_failure

@@ -27,8 +27,9 @@ from waconsent.sync.rules import proof_gaps
 KEEP_FLAGGED = 5000  # rows kept for the page; the count is always complete
 
 
-def flagged_records(records: Iterable[CrmRecord], keep: int = KEEP_FLAGGED
-                    ) -> tuple[list[Flagged], int]:
+def flagged_records(
+    records: Iterable[CrmRecord], keep: int = KEEP_FLAGGED
+) -> tuple[list[Flagged], int]:
     """Opted-in records whose proof is incomplete (SPEC 5.7), the first `keep`, and how many."""
     found: list[Flagged] = []
     total = 0
@@ -42,17 +43,25 @@ def flagged_records(records: Iterable[CrmRecord], keep: int = KEEP_FLAGGED
         if len(found) < keep:
             date = jsonable(record.get("opt_in_date"))
             source = record.get("opt_in_source")
-            found.append(Flagged(record.record_id, record.name,
-                                 None if date is None else str(date),
-                                 source if isinstance(source, str) else None, tuple(gaps)))
+            found.append(
+                Flagged(
+                    record.record_id,
+                    record.name,
+                    None if date is None else str(date),
+                    source if isinstance(source, str) else None,
+                    tuple(gaps),
+                )
+            )
     return found, total
 
 
 def run_history(engine: Engine, crm: str, since: datetime) -> list[Run]:
     with reading(engine) as connection:
         rows = run_store.finished_since(connection, crm, since)
-    return [Run(row.id, row.started_at, row.mode, row.status, row.counts or {}, row.error)
-            for row in rows]
+    return [
+        Run(row.id, row.started_at, row.mode, row.status, row.counts or {}, row.error)
+        for row in rows
+    ]
 
 
 def gather(config: LoadedConfig, engine: Engine, now: datetime, days: int = 30) -> ReportData:

@@ -30,8 +30,11 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("writes_sent", "CRM writes confirmed"),
     ("writes_failed", "CRM writes failed (queued again)"),
 )
-SERIES: tuple[tuple[str, str], ...] = (("revocations", "revocations"), ("opt_ins", "opt-ins"),
-                                       ("proof_missing", "missing proof"))
+SERIES: tuple[tuple[str, str], ...] = (
+    ("revocations", "revocations"),
+    ("opt_ins", "opt-ins"),
+    ("proof_missing", "missing proof"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +95,9 @@ class ReportData:
     def last(self) -> Run | None:
         """The newest finished full or incremental run: the org-wide numbers. A targeted
         run is a few records' early write-back, its numbers are not the org's."""
-        return next((r for r in reversed(self.runs)
-                     if r.status in FINISHED and r.mode != "targeted"), None)
+        return next(
+            (r for r in reversed(self.runs) if r.status in FINISHED and r.mode != "targeted"), None
+        )
 
     @property
     def failed_since(self) -> Run | None:
@@ -114,6 +118,13 @@ def trend(runs: Iterable[Run]) -> list[Day]:
         fulls = [r for r in finished if r.mode == "full"]
         if fulls:
             standing = fulls[-1].count("proof_missing")
-        points.append(Day(day, len(finished), sum(r.count("revocations") for r in finished),
-                          sum(r.count("opt_ins") for r in finished), standing))
+        points.append(
+            Day(
+                day,
+                len(finished),
+                sum(r.count("revocations") for r in finished),
+                sum(r.count("opt_ins") for r in finished),
+                standing,
+            )
+        )
     return points

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 PHONE_FIELDS = ("mobile_phone", "phone")
 CSV_COLUMNS: tuple[str, ...] = ("id", "name", *PHONE_FIELDS, *domain.LOGICAL_FIELDS)
 # The contacts table's string lengths: longer values are refused by line, never cut.
-COLUMN_LIMITS: dict[str, int] = {column.name: column.type.length for column in contacts.columns
-                                  if isinstance(column.type, String) and column.type.length}
+COLUMN_LIMITS: dict[str, int] = {
+    column.name: column.type.length
+    for column in contacts.columns
+    if isinstance(column.type, String) and column.type.length
+}
 # Rows per transaction of `contacts import` (about 60 ms of writing on SQLite): each
 # commit releases the write lock the webhook receiver waits for, so a delivery waits for
 # one chunk, never for the whole file.
@@ -38,9 +41,7 @@ IMPORT_CHUNK = 2_000
 SQLITE_YIELD_SECONDS = 0.11
 
 
-
-def upsert_contacts(engine: Engine, rows: Iterable[Mapping[str, FieldValue]],
-                    now: datetime) -> int:
+def upsert_contacts(engine: Engine, rows: Iterable[Mapping[str, FieldValue]], now: datetime) -> int:
     """Insert or update by id, in one transaction; only the columns a row carries are
     touched."""
     batch = list(rows)
@@ -49,9 +50,14 @@ def upsert_contacts(engine: Engine, rows: Iterable[Mapping[str, FieldValue]],
     return len(batch)
 
 
-def import_contacts(engine: Engine, rows: Sequence[Mapping[str, FieldValue]],
-                    report: ContactsImport, now: datetime, source: str,
-                    chunk: int = IMPORT_CHUNK) -> None:
+def import_contacts(
+    engine: Engine,
+    rows: Sequence[Mapping[str, FieldValue]],
+    report: ContactsImport,
+    now: datetime,
+    source: str,
+    chunk: int = IMPORT_CHUNK,
+) -> None:
     """`contacts import`: upsert in transactions of `chunk` rows, so the write lock is
     never held for long. `report.imported` counts what is committed as it goes (a store
     that fails midway keeps the chunks before), `report.lines` gives each row's line.
@@ -63,7 +69,7 @@ def import_contacts(engine: Engine, rows: Sequence[Mapping[str, FieldValue]],
     for start in range(0, len(rows), chunk):
         if start and pause:
             time.sleep(pause)  # let a waiting writer have the lock (see SQLITE_YIELD_SECONDS)
-        part = rows[start:start + chunk]
+        part = rows[start : start + chunk]
         try:
             with engine.begin() as connection:
                 _upsert(connection, part, now)
@@ -72,18 +78,20 @@ def import_contacts(engine: Engine, rows: Sequence[Mapping[str, FieldValue]],
         except REFUSED_VALUE:
             pass
         with engine.begin() as connection:
-            for row, line in zip(part, report.lines[start:start + chunk], strict=True):
+            for row, line in zip(part, report.lines[start : start + chunk], strict=True):
                 try:
                     with connection.begin_nested():
                         _upsert(connection, [row], now)
                     report.imported += 1
                 except REFUSED_VALUE as exc:
-                    report.refused.append(f"{source}:{line}: refused by the store "
-                                          f"({type(exc).__name__})")
+                    report.refused.append(
+                        f"{source}:{line}: refused by the store ({type(exc).__name__})"
+                    )
 
 
-def _upsert(connection: Connection, rows: Sequence[Mapping[str, FieldValue]],
-            now: datetime) -> None:
+def _upsert(
+    connection: Connection, rows: Sequence[Mapping[str, FieldValue]], now: datetime
+) -> None:
     """One executemany per run of rows with the same columns (a CSV's rows all share its
     header); a repeated id starts a new run, so that the later row wins in file order."""
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
@@ -104,7 +112,8 @@ def _execute_upsert(connection: Connection, dialect: Any, run: list[dict[str, An
     statement = dialect.insert(contacts)
     statement = statement.on_conflict_do_update(
         index_elements=["id"],
-        set_={name: statement.excluded[name] for name in run[0] if name != "id"})
+        set_={name: statement.excluded[name] for name in run[0] if name != "id"},
+    )
     connection.execute(statement, run)
 
 

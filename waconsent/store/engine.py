@@ -116,8 +116,7 @@ def migrate(engine: Engine) -> None:
     config = _alembic_config()
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"),
-                               {"k": _MIGRATION_LOCK_KEY})
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
@@ -167,23 +166,38 @@ def check_store_url(url: str) -> URL:
         raise ConfigError([f"store.url: not a database URL; expected {example}"]) from None
     backend, _, driver = parsed.drivername.partition("+")
     if backend not in SUPPORTED_DRIVERS:
-        raise ConfigError([f"store.url: the {backend!r} database is not supported; "
-                           f"expected {example}"])
+        raise ConfigError(
+            [f"store.url: the {backend!r} database is not supported; expected {example}"]
+        )
     if driver and driver not in SUPPORTED_DRIVERS[backend]:
-        raise ConfigError([f"store.url: the driver {driver!r} is not supported; expected "
-                           f"{backend}+{SUPPORTED_DRIVERS[backend][0]}://..."])
+        raise ConfigError(
+            [
+                f"store.url: the driver {driver!r} is not supported; expected "
+                f"{backend}+{SUPPORTED_DRIVERS[backend][0]}://..."
+            ]
+        )
     if backend == "postgresql" and not driver:
-        raise ConfigError(["store.url: name the driver: postgresql+psycopg://... (psycopg 3 "
-                           "is the one installed)"])
+        raise ConfigError(
+            [
+                "store.url: name the driver: postgresql+psycopg://... (psycopg 3 "
+                "is the one installed)"
+            ]
+        )
     if backend == "sqlite":
         database = parsed.database or ""
-        in_memory = (database in ("", ":memory:") or database.startswith("file::memory:")
-                     or parsed.query.get("mode") == "memory")
+        in_memory = (
+            database in ("", ":memory:")
+            or database.startswith("file::memory:")
+            or parsed.query.get("mode") == "memory"
+        )
         if in_memory:
-            raise ConfigError([
-                "store.url: names no database file, so SQLite would keep the ledger in "
-                "memory (lost at exit, unseen by every other command); expected a file such "
-                "as sqlite:///waconsent.db"])
+            raise ConfigError(
+                [
+                    "store.url: names no database file, so SQLite would keep the ledger in "
+                    "memory (lost at exit, unseen by every other command); expected a file such "
+                    "as sqlite:///waconsent.db"
+                ]
+            )
     return parsed
 
 
@@ -205,39 +219,66 @@ def _ensure_sqlite_folder(parsed: URL) -> None:
         return  # a SQLite URI names its own file
     path = Path(database).expanduser()
     if path.is_dir():
-        raise ConfigError([f"store.url: {path} is a folder; name a database file in it, "
-                           f"such as {path / 'waconsent.db'}"])
+        raise ConfigError(
+            [
+                f"store.url: {path} is a folder; name a database file in it, "
+                f"such as {path / 'waconsent.db'}"
+            ]
+        )
     for ancestor in path.parents:
         if ancestor.exists():
             if not ancestor.is_dir():
-                raise ConfigError([f"store.url: {path} lies under {ancestor}, which is a file, "
-                                   "not a folder"])
+                raise ConfigError(
+                    [f"store.url: {path} lies under {ancestor}, which is a file, not a folder"]
+                )
             break
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError([f"store.url: cannot create the folder {path.parent}: "
-                           f"{exc.strerror or type(exc).__name__}"]) from None
+        raise ConfigError(
+            [
+                f"store.url: cannot create the folder {path.parent}: "
+                f"{exc.strerror or type(exc).__name__}"
+            ]
+        ) from None
 
 
 # What a store error means for the caller, by code: SQLite's primary result codes,
 # PostgreSQL's SQLSTATE (exact, then by class).
-_SQLITE_MEANING = {5: "busy", 6: "busy", 8: "read-only", 3: "unreachable", 14: "unreachable",
-                   23: "unreachable", 26: "unreachable", 13: "full", 10: "failing",
-                   11: "failing"}
-_POSTGRES_MEANING = {"55P03": "busy", "57014": "busy", "40P01": "busy", "40001": "busy",
-                     "25006": "read-only", "53100": "full", "53300": "unreachable",
-                     "3D000": "unreachable", "57P01": "unreachable", "57P02": "unreachable",
-                     "57P03": "unreachable"}
+_SQLITE_MEANING = {
+    5: "busy",
+    6: "busy",
+    8: "read-only",
+    3: "unreachable",
+    14: "unreachable",
+    23: "unreachable",
+    26: "unreachable",
+    13: "full",
+    10: "failing",
+    11: "failing",
+}
+_POSTGRES_MEANING = {
+    "55P03": "busy",
+    "57014": "busy",
+    "40P01": "busy",
+    "40001": "busy",
+    "25006": "read-only",
+    "53100": "full",
+    "53300": "unreachable",
+    "3D000": "unreachable",
+    "57P01": "unreachable",
+    "57P02": "unreachable",
+    "57P03": "unreachable",
+}
 _POSTGRES_CLASS_MEANING = {"08": "unreachable", "28": "unreachable", "58": "failing"}
 _SENTENCES = {
     "busy": "the store is busy: another process held its lock longer than the store waits "
-            "(on SQLite {timeout:g} s unless store.url sets ?timeout=SECONDS); try again "
-            "when it is done",
+    "(on SQLite {timeout:g} s unless store.url sets ?timeout=SECONDS); try again "
+    "when it is done",
     "read-only": "the store is read-only (the SQLite file or its folder is not writable, or "
-                 "the PostgreSQL session is read-only), so nothing could be written",
+    "the PostgreSQL session is read-only), so nothing could be written",
     "unreachable": "cannot open the store named by store.url (the file cannot be opened, or "
-                   "the server refused or did not answer)",
+    "the server refused or did not answer)",
     "full": "the store's disk is full",
     "failing": "the store reported an I/O error or a damaged database",
 }
@@ -264,8 +305,9 @@ def store_failure(exc: DBAPIError) -> FatalError | None:
     return ConnectionFailed(f"{sentence} [{code}]")
 
 
-def among(connection: Connection, column: ColumnElement[Any],
-          values: Sequence[str] | Sequence[int]) -> ColumnElement[bool]:
+def among(
+    connection: Connection, column: ColumnElement[Any], values: Sequence[str] | Sequence[int]
+) -> ColumnElement[bool]:
     """`column IN (values)` with the values bound as one parameter: a JSON array on SQLite
     (`json_each`, built into SQLite since 3.38), an array on PostgreSQL.
 

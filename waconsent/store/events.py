@@ -41,8 +41,9 @@ from waconsent.store import identity
 from waconsent.store.engine import among
 from waconsent.store.tables import events
 
-EVIDENCE_SIGNALS = frozenset({Signal.OPT_IN, Signal.OPT_OUT, Signal.RESUME,
-                              Signal.NUMBER_CHANGED, Signal.USER_ID_CHANGED})
+EVIDENCE_SIGNALS = frozenset(
+    {Signal.OPT_IN, Signal.OPT_OUT, Signal.RESUME, Signal.NUMBER_CHANGED, Signal.USER_ID_CHANGED}
+)
 # Events the rules read whole (the rest only as aggregates): consent, and user-id changes.
 _WHOLE_SIGNALS = sorted(signal.value for signal in (*CONSENT_SIGNALS, Signal.USER_ID_CHANGED))
 _CHUNK = 500
@@ -58,17 +59,29 @@ class IngestCounts:
 
 def _row(event: Event, source: str, now: datetime) -> dict[str, Any]:
     return {
-        "key": event.key, "kind": event.kind.value, "occurred_at": event.occurred_at,
-        "wa_id": event.wa_id, "user_id": event.user_id, "new_user_id": event.new_user_id,
-        "phone_key": wa_id_key(event.wa_id), "uid_key": user_id_key(event.match_user_id),
-        "message_id": event.message_id, "message_type": event.message_type,
+        "key": event.key,
+        "kind": event.kind.value,
+        "occurred_at": event.occurred_at,
+        "wa_id": event.wa_id,
+        "user_id": event.user_id,
+        "new_user_id": event.new_user_id,
+        "phone_key": wa_id_key(event.wa_id),
+        "uid_key": user_id_key(event.match_user_id),
+        "message_id": event.message_id,
+        "message_type": event.message_type,
         "status": event.status,
         "error_codes": error_codes_text(event.error_codes),
-        "signal": event.signal.value, "keyword": event.keyword,
-        "opens_session": event.opens_session, "window_expires_at": event.window_expires_at,
-        "referral_source_id": event.referral_source_id, "new_wa_id": event.new_wa_id,
-        "detail": event.detail, "source": source[:300], "received_at": now,
-        "opt_in_ip": event.opt_in_ip, "opt_in_form": event.opt_in_form,  # issue 15
+        "signal": event.signal.value,
+        "keyword": event.keyword,
+        "opens_session": event.opens_session,
+        "window_expires_at": event.window_expires_at,
+        "referral_source_id": event.referral_source_id,
+        "new_wa_id": event.new_wa_id,
+        "detail": event.detail,
+        "source": source[:300],
+        "received_at": now,
+        "opt_in_ip": event.opt_in_ip,
+        "opt_in_form": event.opt_in_form,  # issue 15
     }
 
 
@@ -85,8 +98,9 @@ FIELD_LIMITS: dict[str, int] = {
 }
 
 
-_CHECKED = tuple((name, limit, attrgetter(name)) for name, limit in FIELD_LIMITS.items()
-                 if name != "error_codes")
+_CHECKED = tuple(
+    (name, limit, attrgetter(name)) for name, limit in FIELD_LIMITS.items() if name != "error_codes"
+)
 
 
 def unstorable(event: Event) -> str | None:
@@ -121,8 +135,9 @@ def _insert_ignoring_duplicates(connection: Connection) -> Any:
     return dialect.insert(events).on_conflict_do_nothing(index_elements=["key"])
 
 
-def ingest(connection: Connection, batch: Sequence[Event], source: str,
-           now: datetime) -> IngestCounts:
+def ingest(
+    connection: Connection, batch: Sequence[Event], source: str, now: datetime
+) -> IngestCounts:
     """Store new events and their evidence in the caller's transaction; duplicates are no-ops.
 
     Deduplication is the unique constraint's job, so concurrent identical
@@ -132,7 +147,7 @@ def ingest(connection: Connection, batch: Sequence[Event], source: str,
     unique = sorted({event.key: event for event in batch}.values(), key=lambda e: e.key)
     stored_keys: set[str] = set()
     for start in range(0, len(unique), _CHUNK):
-        chunk = unique[start:start + _CHUNK]
+        chunk = unique[start : start + _CHUNK]
         statement = _insert_ignoring_duplicates(connection).returning(events.c.key)
         result = connection.execute(statement, [_row(e, source, now) for e in chunk])
         stored_keys.update(result.scalars().all())
@@ -147,19 +162,34 @@ def ingest(connection: Connection, batch: Sequence[Event], source: str,
         if event.key in stored_keys and event.signal in EVIDENCE_SIGNALS
     ]
     evidence_store.append(connection, entries, now)
-    identity.record(connection, [e for e in unique if e.key in stored_keys
-                                 and e.signal is Signal.USER_ID_CHANGED])
-    return IngestCounts(stored=len(stored_keys), duplicates=len(batch) - len(stored_keys),
-                        stored_keys=frozenset(stored_keys))
+    identity.record(
+        connection,
+        [e for e in unique if e.key in stored_keys and e.signal is Signal.USER_ID_CHANGED],
+    )
+    return IngestCounts(
+        stored=len(stored_keys),
+        duplicates=len(batch) - len(stored_keys),
+        stored_keys=frozenset(stored_keys),
+    )
 
 
 def _evidence_body(event: Event, source: str) -> dict[str, Any]:
-    return {"event_key": event.key, "signal": event.signal.value,
-            "occurred_at": event.occurred_at, "keyword": event.keyword,
-            "message_id": event.message_id, "evidence": event.evidence,
-            "new_wa_id": event.new_wa_id, "new_user_id": event.new_user_id, "source": source,
-            **({"opt_in_ip": event.opt_in_ip, "opt_in_form": event.opt_in_form}
-               if event.opt_in_form else {})}  # issue 15: older bodies (and hashes) unchanged
+    return {
+        "event_key": event.key,
+        "signal": event.signal.value,
+        "occurred_at": event.occurred_at,
+        "keyword": event.keyword,
+        "message_id": event.message_id,
+        "evidence": event.evidence,
+        "new_wa_id": event.new_wa_id,
+        "new_user_id": event.new_user_id,
+        "source": source,
+        **(
+            {"opt_in_ip": event.opt_in_ip, "opt_in_form": event.opt_in_form}
+            if event.opt_in_form
+            else {}
+        ),
+    }  # issue 15: older bodies (and hashes) unchanged
 
 
 _KINDS = {kind.value: kind for kind in EventKind}
@@ -168,35 +198,89 @@ _SIGNALS = {signal.value: signal for signal in Signal}
 
 # What an Event needs, in this order; the bookkeeping columns (source, received_at) stay
 # in the database.
-_EVENT_COLUMNS = [events.c[name] for name in (
-    "key", "kind", "occurred_at", "wa_id", "user_id", "phone_key", "uid_key",
-    "message_id", "message_type", "status", "error_codes", "signal", "keyword",
-    "opens_session", "window_expires_at", "referral_source_id", "new_wa_id", "detail",
-    "new_user_id", "opt_in_ip", "opt_in_form")]
+_EVENT_COLUMNS = [
+    events.c[name]
+    for name in (
+        "key",
+        "kind",
+        "occurred_at",
+        "wa_id",
+        "user_id",
+        "phone_key",
+        "uid_key",
+        "message_id",
+        "message_type",
+        "status",
+        "error_codes",
+        "signal",
+        "keyword",
+        "opens_session",
+        "window_expires_at",
+        "referral_source_id",
+        "new_wa_id",
+        "detail",
+        "new_user_id",
+        "opt_in_ip",
+        "opt_in_form",
+    )
+]
 
 
 def to_event(row: Row[Any]) -> Event:
     """A row of `select(*_EVENT_COLUMNS)`, unpacked by position: this runs once per event
     per sync, and attribute access by name costs more than the rest of it."""
-    (key, kind, occurred_at, wa_id, user_id, _phone_key, _uid_key, message_id, message_type,
-     status, error_codes, signal, keyword, opens_session, window_expires_at,
-     referral_source_id, new_wa_id, detail, new_user_id, opt_in_ip, opt_in_form) = tuple(row)
+    (
+        key,
+        kind,
+        occurred_at,
+        wa_id,
+        user_id,
+        _phone_key,
+        _uid_key,
+        message_id,
+        message_type,
+        status,
+        error_codes,
+        signal,
+        keyword,
+        opens_session,
+        window_expires_at,
+        referral_source_id,
+        new_wa_id,
+        detail,
+        new_user_id,
+        opt_in_ip,
+        opt_in_form,
+    ) = tuple(row)
     return Event(
-        key=key, kind=_KINDS[kind], occurred_at=occurred_at, wa_id=wa_id, user_id=user_id,
-        message_id=message_id, message_type=message_type, status=status,
+        key=key,
+        kind=_KINDS[kind],
+        occurred_at=occurred_at,
+        wa_id=wa_id,
+        user_id=user_id,
+        message_id=message_id,
+        message_type=message_type,
+        status=status,
         error_codes=tuple(int(c) for c in error_codes.split(",")) if error_codes else (),
-        signal=_SIGNALS[signal], keyword=keyword, opens_session=opens_session,
-        window_expires_at=window_expires_at, referral_source_id=referral_source_id,
-        new_wa_id=new_wa_id, detail=detail, new_user_id=new_user_id,
-        opt_in_ip=opt_in_ip, opt_in_form=opt_in_form,
+        signal=_SIGNALS[signal],
+        keyword=keyword,
+        opens_session=opens_session,
+        window_expires_at=window_expires_at,
+        referral_source_id=referral_source_id,
+        new_wa_id=new_wa_id,
+        detail=detail,
+        new_user_id=new_user_id,
+        opt_in_ip=opt_in_ip,
+        opt_in_form=opt_in_form,
     )
 
 
 Group = tuple[str | None, str | None]  # (phone key, user-id key) shared by a set of events
 
 
-def activity_of(connection: Connection, keys_by_record: Mapping[str, Collection[str]]
-                ) -> dict[str, Activity]:
+def activity_of(
+    connection: Connection, keys_by_record: Mapping[str, Collection[str]]
+) -> dict[str, Activity]:
     """Each record's `Activity`, from the events under any of its match keys or any key
     linked to them (`store.identity`); records without events are left out.
 
@@ -214,8 +298,9 @@ def activity_of(connection: Connection, keys_by_record: Mapping[str, Collection[
         groups.update(found)
         return [(phone, uid) for phone, uid in found if phone is not None and uid is not None]
 
-    people = identity.connect(connection, set(chain.from_iterable(keys_by_record.values())),
-                              pairs_of)
+    people = identity.connect(
+        connection, set(chain.from_iterable(keys_by_record.values())), pairs_of
+    )
     by_key: dict[str, list[Group]] = defaultdict(list)
     for group in groups:
         for key in group:
@@ -229,15 +314,17 @@ def activity_of(connection: Connection, keys_by_record: Mapping[str, Collection[
     return found
 
 
-def activity_since(connection: Connection, keys: Iterable[str],
-                   since: datetime | None) -> dict[Group, Activity]:
+def activity_since(
+    connection: Connection, keys: Iterable[str], since: datetime | None
+) -> dict[Group, Activity]:
     """The activity of each (phone key, user-id key) group under `keys`, of the events
     received since `since` only (issue 16: what arrived after the last sync)."""
     return _activity_by_group(connection, keys, since)
 
 
-def keys_with_events_since(connection: Connection, keys: Collection[str],
-                           since: datetime) -> set[str]:
+def keys_with_events_since(
+    connection: Connection, keys: Collection[str], since: datetime
+) -> set[str]:
     """Which of the keys have events received since `since` (issue 16: most numbers have
     none, and then the aggregates need not run). Statements built once: this runs per
     request of the consent API."""
@@ -247,9 +334,12 @@ def keys_with_events_since(connection: Connection, keys: Collection[str],
         wanted = sorted(k for k in keys if k.startswith(USER_ID_PREFIX) == (column == "uid_key"))
         statement = _SINCE[(column, sqlite)]
         for start in range(0, len(wanted), _KEYS_PER_QUERY):
-            chunk = wanted[start:start + _KEYS_PER_QUERY]
-            found.update(connection.execute(statement, {
-                "keys": json.dumps(chunk) if sqlite else chunk, "since": since}).scalars())
+            chunk = wanted[start : start + _KEYS_PER_QUERY]
+            found.update(
+                connection.execute(
+                    statement, {"keys": json.dumps(chunk) if sqlite else chunk, "since": since}
+                ).scalars()
+            )
     return found
 
 
@@ -261,29 +351,45 @@ def _since_statement(column: str, sqlite: bool) -> Any:
         among_keys = matched.in_(select(listed.c.value))
     else:
         among_keys = matched == any_(bindparam("keys", type_=ARRAY(String())))
-    return select(matched).distinct().where(among_keys,
-                                            events.c.received_at >= bindparam("since"))
+    return select(matched).distinct().where(among_keys, events.c.received_at >= bindparam("since"))
 
 
-_SINCE = {(column, sqlite): _since_statement(column, sqlite)
-          for column in ("phone_key", "uid_key") for sqlite in (True, False)}
+_SINCE = {
+    (column, sqlite): _since_statement(column, sqlite)
+    for column in ("phone_key", "uid_key")
+    for sqlite in (True, False)
+}
 
 
-def _activity_by_group(connection: Connection, keys: Iterable[str],
-                       since: datetime | None = None) -> dict[Group, Activity]:
+def _activity_by_group(
+    connection: Connection, keys: Iterable[str], since: datetime | None = None
+) -> dict[Group, Activity]:
     """One aggregate row per group; consent events and user-id changes themselves are read
     only for the groups that have any (most numbers never sent STOP or START)."""
     newer = events.c.received_at >= since if since is not None else None
     wanted = set(keys)
-    facts: dict[Group, tuple[int, datetime | None, datetime | None,
-                             tuple[datetime, str] | None]] = {}
+    facts: dict[
+        Group, tuple[int, datetime | None, datetime | None, tuple[datetime, str] | None]
+    ] = {}
     with_whole: set[str] = set()
     for matches in _under_keys(connection, wanted):
         query = _ACTIVITY.where(matches) if newer is None else _ACTIVITY.where(matches, newer)
-        for (phone_key, uid_key, count, whole_count, inbound, window, uid_at,
-             user_id) in connection.execute(query).all():
+        for (
+            phone_key,
+            uid_key,
+            count,
+            whole_count,
+            inbound,
+            window,
+            uid_at,
+            user_id,
+        ) in connection.execute(query).all():
             facts[(phone_key, uid_key)] = (
-                count, inbound, window, (uid_at, user_id) if uid_at and user_id else None)
+                count,
+                inbound,
+                window,
+                (uid_at, user_id) if uid_at and user_id else None,
+            )
             if whole_count:
                 with_whole.add(phone_key if phone_key in wanted else uid_key)
     whole: dict[Group, dict[str, Event]] = defaultdict(dict)
@@ -296,9 +402,13 @@ def _activity_by_group(connection: Connection, keys: Iterable[str],
     for group, (count, inbound, window, newest_user_id) in facts.items():
         read = _in_key_order(whole.get(group, {}))
         activities[group] = Activity(
-            tuple(e for e in read if e.signal in CONSENT_SIGNALS), inbound, window,
-            newest_user_id, count,
-            UserIdChange.in_order(c for c in map(UserIdChange.of, read) if c is not None))
+            tuple(e for e in read if e.signal in CONSENT_SIGNALS),
+            inbound,
+            window,
+            newest_user_id,
+            count,
+            UserIdChange.in_order(c for c in map(UserIdChange.of, read) if c is not None),
+        )
     return activities
 
 
@@ -307,7 +417,9 @@ def _in_key_order(by_key: Mapping[str, Event]) -> tuple[Event, ...]:
 
 
 _ACTIVITY = select(
-    events.c.phone_key, events.c.uid_key, func.count(),
+    events.c.phone_key,
+    events.c.uid_key,
+    func.count(),
     func.count(case((events.c.signal.in_(_WHOLE_SIGNALS), 1))),
     func.max(case((events.c.opens_session, events.c.occurred_at))),
     func.max(events.c.window_expires_at),
@@ -317,8 +429,9 @@ _ACTIVITY = select(
 _WHOLE = select(*_EVENT_COLUMNS).where(events.c.signal.in_(_WHOLE_SIGNALS))
 
 
-def _under_keys(connection: Connection, keys: Collection[str | None]
-                ) -> Iterator[ColumnElement[bool]]:
+def _under_keys(
+    connection: Connection, keys: Collection[str | None]
+) -> Iterator[ColumnElement[bool]]:
     """Conditions matching the events under the keys (phone keys and user-id keys), a
     bounded number of keys at a time."""
     ordered = sorted(k for k in keys if k)
@@ -326,12 +439,14 @@ def _under_keys(connection: Connection, keys: Collection[str | None]
     uids = [k for k in ordered if k.startswith(USER_ID_PREFIX)]
     for start in range(0, max(len(phone), len(uids)), _KEYS_PER_QUERY):
         conditions = []
-        if phone[start:start + _KEYS_PER_QUERY]:
-            conditions.append(among(connection, events.c.phone_key,
-                                    phone[start:start + _KEYS_PER_QUERY]))
-        if uids[start:start + _KEYS_PER_QUERY]:
-            conditions.append(among(connection, events.c.uid_key,
-                                    uids[start:start + _KEYS_PER_QUERY]))
+        if phone[start : start + _KEYS_PER_QUERY]:
+            conditions.append(
+                among(connection, events.c.phone_key, phone[start : start + _KEYS_PER_QUERY])
+            )
+        if uids[start : start + _KEYS_PER_QUERY]:
+            conditions.append(
+                among(connection, events.c.uid_key, uids[start : start + _KEYS_PER_QUERY])
+            )
         yield or_(*conditions)
 
 
@@ -342,14 +457,23 @@ def newest_id(connection: Connection) -> int:
 # What can change a record's fields: a consent signal, a user message (the session), a free
 # entry point window, a changed number or user id. The plain statuses of the business's own
 # messages (sent, delivered, read) cannot, so after a campaign they cost no read.
-_MEANINGFUL = or_(events.c.signal.in_([s.value for s in (*CONSENT_SIGNALS, Signal.NUMBER_CHANGED,
-                                                         Signal.USER_ID_CHANGED)]),
-                  events.c.opens_session.is_(True), events.c.window_expires_at.is_not(None))
+_MEANINGFUL = or_(
+    events.c.signal.in_(
+        [s.value for s in (*CONSENT_SIGNALS, Signal.NUMBER_CHANGED, Signal.USER_ID_CHANGED)]
+    ),
+    events.c.opens_session.is_(True),
+    events.c.window_expires_at.is_not(None),
+)
 
 
-def keys_after(connection: Connection, after_id: int, up_to_id: int,
-               received_since: datetime | None = None, *,
-               meaningful_only: bool = False) -> Iterator[str]:
+def keys_after(
+    connection: Connection,
+    after_id: int,
+    up_to_id: int,
+    received_since: datetime | None = None,
+    *,
+    meaningful_only: bool = False,
+) -> Iterator[str]:
     """Match keys of events stored in (after_id, up_to_id]; `meaningful_only`: only events
     that can change a field (whose records need a look in an incremental run).
 
@@ -360,8 +484,11 @@ def keys_after(connection: Connection, after_id: int, up_to_id: int,
     newer = events.c.id > after_id
     if received_since is not None:
         newer = or_(newer, events.c.received_at >= received_since)
-    query = (select(events.c.phone_key, events.c.uid_key)
-             .where(newer, events.c.id <= up_to_id).distinct())
+    query = (
+        select(events.c.phone_key, events.c.uid_key)
+        .where(newer, events.c.id <= up_to_id)
+        .distinct()
+    )
     if meaningful_only:
         query = query.where(_MEANINGFUL)
     for phone_key, uid_key in connection.execute(query):
@@ -371,8 +498,9 @@ def keys_after(connection: Connection, after_id: int, up_to_id: int,
             yield uid_key
 
 
-def in_range(connection: Connection, after_id: int, up_to_id: int,
-             signal: Signal | None = None) -> Iterator[Event]:
+def in_range(
+    connection: Connection, after_id: int, up_to_id: int, signal: Signal | None = None
+) -> Iterator[Event]:
     query = select(*_EVENT_COLUMNS).where(events.c.id > after_id, events.c.id <= up_to_id)
     if signal is not None:
         query = query.where(events.c.signal == signal.value)
@@ -381,7 +509,15 @@ def in_range(connection: Connection, after_id: int, up_to_id: int,
 
 
 def for_proof(connection: Connection, keys: Sequence[str]) -> list[Any]:
-    return list(connection.execute(
-        select(events).where(or_(among(connection, events.c.phone_key, keys),
-                                 among(connection, events.c.uid_key, keys)))
-        .order_by(events.c.occurred_at, events.c.id)))
+    return list(
+        connection.execute(
+            select(events)
+            .where(
+                or_(
+                    among(connection, events.c.phone_key, keys),
+                    among(connection, events.c.uid_key, keys),
+                )
+            )
+            .order_by(events.c.occurred_at, events.c.id)
+        )
+    )

@@ -35,8 +35,13 @@ class EvidenceEntry:
 
 
 def canonical_json(body: Mapping[str, Any]) -> str:
-    return json.dumps({k: jsonable(v) for k, v in body.items()}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=False, default=str)
+    return json.dumps(
+        {k: jsonable(v) for k, v in body.items()},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=str,
+    )
 
 
 def chain_hash(prev_hash: str, created_at: datetime, kind: str, body: str) -> str:
@@ -49,21 +54,33 @@ def append(connection: Connection, entries: Sequence[EvidenceEntry], now: dateti
     if not entries:
         return 0
     head = connection.execute(
-        select(evidence_head).where(evidence_head.c.id == 1).with_for_update()).one()
+        select(evidence_head).where(evidence_head.c.id == 1).with_for_update()
+    ).one()
     prev = head.last_hash
     rows = []
     for entry in entries:
         body = canonical_json(entry.body)
         digest = chain_hash(prev, now, entry.kind, body)
-        rows.append({"created_at": now, "kind": entry.kind, "phone_key": entry.phone_key,
-                     "uid_key": entry.uid_key, "record_id": entry.record_id, "body": body,
-                     "prev_hash": prev, "hash": digest})
+        rows.append(
+            {
+                "created_at": now,
+                "kind": entry.kind,
+                "phone_key": entry.phone_key,
+                "uid_key": entry.uid_key,
+                "record_id": entry.record_id,
+                "body": body,
+                "prev_hash": prev,
+                "hash": digest,
+            }
+        )
         prev = digest
     connection.execute(evidence.insert(), rows)
-    last_id = connection.execute(
-        select(evidence.c.id).where(evidence.c.hash == prev)).scalar_one()
-    connection.execute(update(evidence_head).where(evidence_head.c.id == 1).values(
-        last_id=last_id, last_hash=prev, count=head._mapping["count"] + len(rows)))
+    last_id = connection.execute(select(evidence.c.id).where(evidence.c.hash == prev)).scalar_one()
+    connection.execute(
+        update(evidence_head)
+        .where(evidence_head.c.id == 1)
+        .values(last_id=last_id, last_hash=prev, count=head._mapping["count"] + len(rows))
+    )
     return len(rows)
 
 
@@ -86,15 +103,23 @@ def verify(connection: Connection, batch: int = 5_000) -> list[ChainProblem]:
     last_id = 0
     while True:
         rows = connection.execute(
-            select(evidence).where(evidence.c.id > last_id, evidence.c.id <= head.last_id)
-            .order_by(evidence.c.id).limit(batch)).all()
+            select(evidence)
+            .where(evidence.c.id > last_id, evidence.c.id <= head.last_id)
+            .order_by(evidence.c.id)
+            .limit(batch)
+        ).all()
         if not rows:
             break
         for row in rows:
             count += 1
             if row.prev_hash != prev:
-                problems.append(ChainProblem(row.id, "a row before it was deleted or altered "
-                                                     "(its link to the previous row is broken)"))
+                problems.append(
+                    ChainProblem(
+                        row.id,
+                        "a row before it was deleted or altered "
+                        "(its link to the previous row is broken)",
+                    )
+                )
             if chain_hash(row.prev_hash, row.created_at, row.kind, row.body) != row.hash:
                 problems.append(ChainProblem(row.id, "its content was altered (hash mismatch)"))
             prev = row.hash
@@ -102,8 +127,11 @@ def verify(connection: Connection, batch: int = 5_000) -> list[ChainProblem]:
     if head.last_hash != prev:
         problems.append(ChainProblem(head.last_id or None, "the newest row was deleted or altered"))
     if head._mapping["count"] != count:
-        problems.append(ChainProblem(None, f"the head counts {head._mapping['count']} rows, "
-                                           f"the table holds {count}"))
+        problems.append(
+            ChainProblem(
+                None, f"the head counts {head._mapping['count']} rows, the table holds {count}"
+            )
+        )
     return problems
 
 
@@ -112,12 +140,14 @@ def chain_length(connection: Connection) -> int:
     return int(head._mapping["count"])
 
 
-def for_keys(connection: Connection, keys: Sequence[str],
-             record_ids: Sequence[str] = ()) -> Iterator[Any]:
+def for_keys(
+    connection: Connection, keys: Sequence[str], record_ids: Sequence[str] = ()
+) -> Iterator[Any]:
     """Evidence rows about the given match keys or records, oldest first."""
-    conditions = [among(connection, evidence.c.phone_key, keys),
-                  among(connection, evidence.c.uid_key, keys)]
+    conditions = [
+        among(connection, evidence.c.phone_key, keys),
+        among(connection, evidence.c.uid_key, keys),
+    ]
     if record_ids:
         conditions.append(among(connection, evidence.c.record_id, record_ids))
-    yield from connection.execute(
-        select(evidence).where(or_(*conditions)).order_by(evidence.c.id))
+    yield from connection.execute(select(evidence).where(or_(*conditions)).order_by(evidence.c.id))

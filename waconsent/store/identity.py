@@ -69,8 +69,9 @@ class People:
         return found
 
 
-def connect(connection: Connection, keys: Collection[str],
-            pairs_of: PairSource | None = None) -> People:
+def connect(
+    connection: Connection, keys: Collection[str], pairs_of: PairSource | None = None
+) -> People:
     """The people behind `keys`, following joins for at most MAX_ROUNDS steps.
 
     `pairs_of` finds the number-and-user-id pairs of events under the keys it is given;
@@ -99,13 +100,14 @@ def expand(connection: Connection, keys: Collection[str]) -> set[str]:
 def _chunks(keys: Collection[str]) -> Iterator[list[str]]:
     ordered = sorted(keys)
     for start in range(0, len(ordered), _KEYS_PER_QUERY):
-        yield ordered[start:start + _KEYS_PER_QUERY]
+        yield ordered[start : start + _KEYS_PER_QUERY]
 
 
 def links(connection: Connection, keys: Collection[str]) -> Iterator[Pair]:
     for chunk in _chunks(keys):
         query = select(identity_links.c.key, identity_links.c.linked_key).where(
-            among(connection, identity_links.c.key, chunk))
+            among(connection, identity_links.c.key, chunk)
+        )
         yield from ((a, b) for a, b in connection.execute(query))
 
 
@@ -116,8 +118,11 @@ def event_pairs(connection: Connection, keys: Collection[str]) -> Iterator[Pair]
     both = and_(events.c.phone_key.is_not(None), events.c.uid_key.is_not(None))
     for column, chosen in ((events.c.phone_key, phones), (events.c.uid_key, uids)):
         for chunk in _chunks(chosen):
-            query = (select(events.c.phone_key, events.c.uid_key)
-                     .where(both, among(connection, column, chunk)).distinct())
+            query = (
+                select(events.c.phone_key, events.c.uid_key)
+                .where(both, among(connection, column, chunk))
+                .distinct()
+            )
             yield from ((a, b) for a, b in connection.execute(query))
 
 
@@ -128,15 +133,20 @@ def links_of(event: Event) -> list[Pair]:
     new = user_id_key(event.new_user_id)
     if new is None:
         return []
-    return [(key, new) for key in (user_id_key(event.user_id), wa_id_key(event.wa_id))
-            if key and key != new]
+    return [
+        (key, new)
+        for key in (user_id_key(event.user_id), wa_id_key(event.wa_id))
+        if key and key != new
+    ]
 
 
 def record(connection: Connection, changes: Sequence[Event]) -> None:
     """Keep the links of freshly stored user-id changes (both ways round), in the caller's
     transaction; a link seen before is kept with its first event."""
-    _insert(connection, [(pair, event.occurred_at, event.key) for event in changes
-                         for pair in links_of(event)])
+    _insert(
+        connection,
+        [(pair, event.occurred_at, event.key) for event in changes for pair in links_of(event)],
+    )
 
 
 #: (where the pair was seen, a number, a business-scoped user id)
@@ -154,8 +164,12 @@ def pair_links(sightings: Sequence[Sighting], seen_at: datetime) -> list[Link]:
     links = []
     for source, wa_id, user_id in sightings:
         phone = wa_id_key(wa_id)
-        if phone is None or user_id is None or len(user_id) > _USER_ID_LENGTH \
-                or not user_id.isascii():
+        if (
+            phone is None
+            or user_id is None
+            or len(user_id) > _USER_ID_LENGTH
+            or not user_id.isascii()
+        ):
             continue
         links.append(((phone, f"{USER_ID_PREFIX}{user_id}"), seen_at, source))
     return links
@@ -170,12 +184,19 @@ def _insert(connection: Connection, links: Sequence[Link]) -> None:
     rows: dict[Pair, dict[str, str | datetime]] = {}
     for (a, b), occurred_at, event_key in links:
         for key, linked in ((a, b), (b, a)):
-            rows.setdefault((key, linked), {"key": key, "linked_key": linked,
-                                            "occurred_at": occurred_at,
-                                            "event_key": event_key[:300]})
+            rows.setdefault(
+                (key, linked),
+                {
+                    "key": key,
+                    "linked_key": linked,
+                    "occurred_at": occurred_at,
+                    "event_key": event_key[:300],
+                },
+            )
     if not rows:
         return
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     statement = dialect.insert(identity_links).on_conflict_do_nothing(
-        index_elements=["key", "linked_key"])
+        index_elements=["key", "linked_key"]
+    )
     connection.execute(statement, [rows[pair] for pair in sorted(rows)])

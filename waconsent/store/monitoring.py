@@ -29,8 +29,10 @@ class OutboxState:
 def outbox_state(connection: Connection) -> list[OutboxState]:
     """One state per CRM that has rows in the outbox, by CRM name."""
     rows = connection.execute(
-        select(outbox.c.crm, outbox.c.permanent, func.count(), func.min(outbox.c.created_at))
-        .group_by(outbox.c.crm, outbox.c.permanent))
+        select(
+            outbox.c.crm, outbox.c.permanent, func.count(), func.min(outbox.c.created_at)
+        ).group_by(outbox.c.crm, outbox.c.permanent)
+    )
     states: dict[str, OutboxState] = {}
     for crm, permanent, count, oldest in rows:
         state = states.get(crm, OutboxState(crm, 0, 0, None))
@@ -47,5 +49,6 @@ def last_successes(connection: Connection) -> dict[tuple[str, str], datetime]:
     rows = connection.execute(
         select(runs.c.crm, runs.c.mode, func.max(runs.c.finished_at))
         .where(runs.c.status.in_(SUCCEEDED), runs.c.finished_at.is_not(None))
-        .group_by(runs.c.crm, runs.c.mode))
+        .group_by(runs.c.crm, runs.c.mode)
+    )
     return {(crm, mode): finished for crm, mode, finished in rows if finished is not None}

@@ -67,16 +67,19 @@ def record(connection: Connection, request: NewRequest, token: str) -> int:
     """Store a request under the token's hash; returns its id."""
     values = dataclasses.asdict(request)
     values.update(token_hash=token_hash(token), wording_sha256=sha256_text(request.wording))
-    result = connection.execute(optin_requests.insert().values(**values)
-                                .returning(optin_requests.c.id))
+    result = connection.execute(
+        optin_requests.insert().values(**values).returning(optin_requests.c.id)
+    )
     return int(result.scalar_one())
 
 
 def is_open(connection: Connection, token: str, now: datetime) -> bool:
     """Whether the token names a request not yet confirmed and not expired (for its QR)."""
     row = connection.execute(
-        select(optin_requests.c.expires_at, optin_requests.c.confirmed_at)
-        .where(optin_requests.c.token_hash == token_hash(token))).first()
+        select(optin_requests.c.expires_at, optin_requests.c.confirmed_at).where(
+            optin_requests.c.token_hash == token_hash(token)
+        )
+    ).first()
     return row is not None and row.confirmed_at is None and row.expires_at >= now
 
 
@@ -89,21 +92,31 @@ class Confirmation:
     wa_id: str | None
 
 
-def confirm(connection: Connection, batch: Sequence[Event], now: datetime
-            ) -> tuple[list[Event], list[Confirmation]]:
+def confirm(
+    connection: Connection, batch: Sequence[Event], now: datetime
+) -> tuple[list[Event], list[Confirmation]]:
     """Join each new opt-in message carrying a token to its request, in the caller's
     transaction; returns the batch (confirming events gain the form's IP and form) and the
     outcomes. A message already stored (a redelivery) is enriched again but decided once."""
-    carrying = list({e.key: e for e in batch
-                     if e.optin_token and e.signal is Signal.OPT_IN}.values())
+    carrying = list(
+        {e.key: e for e in batch if e.optin_token and e.signal is Signal.OPT_IN}.values()
+    )
     if not carrying:
         return list(batch), []
-    stored = set(connection.execute(select(events.c.key).where(
-        among(connection, events.c.key, [e.key for e in carrying]))).scalars())
+    stored = set(
+        connection.execute(
+            select(events.c.key).where(among(connection, events.c.key, [e.key for e in carrying]))
+        ).scalars()
+    )
     hashes = {token_hash(e.optin_token or "") for e in carrying}
-    rows = {row.token_hash: dict(row._mapping) for row in connection.execute(
-        select(optin_requests).where(among(connection, optin_requests.c.token_hash,
-                                           sorted(hashes))))}
+    rows = {
+        row.token_hash: dict(row._mapping)
+        for row in connection.execute(
+            select(optin_requests).where(
+                among(connection, optin_requests.c.token_hash, sorted(hashes))
+            )
+        )
+    }
     replaced: dict[str, Event] = {}
     outcomes: list[Confirmation] = []
     entries: list[evidence_store.EvidenceEntry] = []
@@ -119,9 +132,13 @@ def confirm(connection: Connection, batch: Sequence[Event], now: datetime
             replaced[event.key] = _enriched(event, row)
             rows[digest] = {**row, "message_id": event.message_id}  # a twin in this batch
         outcomes.append(Confirmation(outcome, event.key, event.wa_id))
-        entries.append(evidence_store.EvidenceEntry(
-            kind=EVIDENCE_KIND, body=_evidence_body(event, row, outcome, digest),
-            phone_key=wa_id_key(event.wa_id)))
+        entries.append(
+            evidence_store.EvidenceEntry(
+                kind=EVIDENCE_KIND,
+                body=_evidence_body(event, row, outcome, digest),
+                phone_key=wa_id_key(event.wa_id),
+            )
+        )
     evidence_store.append(connection, entries, now)
     return [replaced.get(e.key, e) for e in batch], outcomes
 
@@ -139,8 +156,10 @@ def _decide(connection: Connection, event: Event, row: Row | None, now: datetime
     claimed = connection.execute(
         update(optin_requests)
         .where(optin_requests.c.id == row["id"], optin_requests.c.confirmed_at.is_(None))
-        .values(confirmed_at=event.occurred_at, message_id=event.message_id,
-                confirmed_by=event.wa_id))
+        .values(
+            confirmed_at=event.occurred_at, message_id=event.message_id, confirmed_by=event.wa_id
+        )
+    )
     if claimed.rowcount != 1:  # another delivery took it first
         return "used"
     if row["phone_key"] is not None and row["phone_key"] != wa_id_key(event.wa_id):
@@ -150,29 +169,46 @@ def _decide(connection: Connection, event: Event, row: Row | None, now: datetime
 
 def _enriched(event: Event, row: Row) -> Event:
     return dataclasses.replace(
-        event, opt_in_ip=row["client_ip"],
-        opt_in_form=f"form:{row['form_id']}:token:{row['token_hash'][:TOKEN_REF_LENGTH]}")
+        event,
+        opt_in_ip=row["client_ip"],
+        opt_in_form=f"form:{row['form_id']}:token:{row['token_hash'][:TOKEN_REF_LENGTH]}",
+    )
 
 
 def _evidence_body(event: Event, row: Row | None, outcome: Outcome, digest: str) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "outcome": outcome, "event_key": event.key, "message_id": event.message_id,
-        "occurred_at": event.occurred_at, "keyword": event.keyword,
-        "token_ref": digest[:TOKEN_REF_LENGTH]}
+        "outcome": outcome,
+        "event_key": event.key,
+        "message_id": event.message_id,
+        "occurred_at": event.occurred_at,
+        "keyword": event.keyword,
+        "token_ref": digest[:TOKEN_REF_LENGTH],
+    }
     if row is not None:
-        body.update(request_id=row["id"], requested_at=row["created_at"],
-                    expires_at=row["expires_at"], client_ip=row["client_ip"],
-                    user_agent=row["user_agent"], page=row["page"], form_id=row["form_id"],
-                    wording=row["wording"], wording_sha256=row["wording_sha256"],
-                    business=row["business"], typed_phone_matches=(
-                        None if row["phone_key"] is None
-                        else row["phone_key"] == wa_id_key(event.wa_id)))
+        body.update(
+            request_id=row["id"],
+            requested_at=row["created_at"],
+            expires_at=row["expires_at"],
+            client_ip=row["client_ip"],
+            user_agent=row["user_agent"],
+            page=row["page"],
+            form_id=row["form_id"],
+            wording=row["wording"],
+            wording_sha256=row["wording_sha256"],
+            business=row["business"],
+            typed_phone_matches=(
+                None if row["phone_key"] is None else row["phone_key"] == wa_id_key(event.wa_id)
+            ),
+        )
     return body
 
 
 def purge(connection: Connection, now: datetime) -> int:
     """Delete the requests never confirmed whose TTL ended more than 30 days ago."""
-    result = connection.execute(delete(optin_requests).where(
-        optin_requests.c.confirmed_at.is_(None),
-        optin_requests.c.expires_at < now - KEEP_UNCONFIRMED))
+    result = connection.execute(
+        delete(optin_requests).where(
+            optin_requests.c.confirmed_at.is_(None),
+            optin_requests.c.expires_at < now - KEEP_UNCONFIRMED,
+        )
+    )
     return int(result.rowcount or 0)

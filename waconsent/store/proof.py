@@ -40,9 +40,19 @@ def evidence_for(connection: Connection, keys: list[str]) -> list[dict[str, Any]
             detail = f"{detail} -> {row.new_user_id or mask(row.new_wa_id)}"
         if row.error_codes:
             detail = f"{detail} (error {row.error_codes})"
-        entries.append((row.occurred_at, 0, {
-            "at": jsonable(row.occurred_at), "what": f"whatsapp {row.kind}: {row.signal}",
-            "detail": detail, "id": row.message_id or row.key, "source": row.source}))
+        entries.append(
+            (
+                row.occurred_at,
+                0,
+                {
+                    "at": jsonable(row.occurred_at),
+                    "what": f"whatsapp {row.kind}: {row.signal}",
+                    "detail": detail,
+                    "id": row.message_id or row.key,
+                    "source": row.source,
+                },
+            )
+        )
     record_ids = sorted(phone_index.records_with_keys(connection, keys))
     for row in evidence_store.for_keys(connection, keys, record_ids):
         if row.kind == optin_store.EVIDENCE_KIND:  # issue 15: the request beside its message
@@ -52,9 +62,19 @@ def evidence_for(connection: Connection, keys: list[str]) -> list[dict[str, Any]
             continue  # consent events are listed above, from the events table
         body = json.loads(row.body)
         changes = ", ".join(f"{c['field']}={c['new']}" for c in body.get("changes", []))
-        entries.append((row.created_at, 1, {
-            "at": jsonable(row.created_at), "what": "CRM write confirmed",
-            "detail": changes, "id": row.record_id, "source": body.get("crm")}))
+        entries.append(
+            (
+                row.created_at,
+                1,
+                {
+                    "at": jsonable(row.created_at),
+                    "what": "CRM write confirmed",
+                    "detail": changes,
+                    "id": row.record_id,
+                    "source": body.get("crm"),
+                },
+            )
+        )
     entries.sort(key=lambda e: (e[0], e[1]))
     shown = [entry for _, _, entry in entries]
     # issue 14: each confirmation reply under the message it answered, with its statuses
@@ -64,27 +84,50 @@ def evidence_for(connection: Connection, keys: list[str]) -> list[dict[str, Any]
 OPTIN_OUTCOMES = {
     "confirmed": "website opt-in request, confirmed by the message",
     "phone_mismatch": "website opt-in request, confirmed from a number other than the one "
-                      "typed in the form (the sender's own message stands)",
+    "typed in the form (the sender's own message stands)",
     "unknown": "website opt-in token unknown: a plain keyword opt-in (no IP)",
     "used": "website opt-in token already used: a plain keyword opt-in (no IP)",
     "expired": "website opt-in token expired: a plain keyword opt-in (no IP)",
 }
-_REQUEST_FIELDS = ("request_id", "requested_at", "expires_at", "client_ip", "user_agent",
-                   "page", "form_id", "business", "wording", "wording_sha256",
-                   "typed_phone_matches", "token_ref")
+_REQUEST_FIELDS = (
+    "request_id",
+    "requested_at",
+    "expires_at",
+    "client_ip",
+    "user_agent",
+    "page",
+    "form_id",
+    "business",
+    "wording",
+    "wording_sha256",
+    "typed_phone_matches",
+    "token_ref",
+)
 
 
 def _optin_entry(body: dict[str, Any]) -> tuple[datetime, int, dict[str, Any]]:
     """Issue 15: one outcome of a `<keyword> <token>` message, at the request's time (just
     before the message it joins), with what the form recorded."""
     outcome = str(body.get("outcome"))
-    at = datetime.fromisoformat(str(body.get("requested_at") or body["occurred_at"])
-                                .replace("Z", "+00:00"))
-    parts = [f"{name} {body[name]}" for name in ("client_ip", "page", "form_id", "user_agent")
-             if body.get(name)]
+    at = datetime.fromisoformat(
+        str(body.get("requested_at") or body["occurred_at"]).replace("Z", "+00:00")
+    )
+    parts = [
+        f"{name} {body[name]}"
+        for name in ("client_ip", "page", "form_id", "user_agent")
+        if body.get(name)
+    ]
     if body.get("wording_sha256"):
         parts.append(f"wording sha256 {body['wording_sha256']}")
-    return (at, 0, {"at": jsonable(at), "what": OPTIN_OUTCOMES.get(outcome, outcome),
-                    "detail": ", ".join(parts) or f"token {body.get('token_ref')}",
-                    "id": body.get("message_id"), "source": "optin",
-                    "request": {name: body.get(name) for name in _REQUEST_FIELDS}})
+    return (
+        at,
+        0,
+        {
+            "at": jsonable(at),
+            "what": OPTIN_OUTCOMES.get(outcome, outcome),
+            "detail": ", ".join(parts) or f"token {body.get('token_ref')}",
+            "id": body.get("message_id"),
+            "source": "optin",
+            "request": {name: body.get(name) for name in _REQUEST_FIELDS},
+        },
+    )

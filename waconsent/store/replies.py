@@ -56,8 +56,9 @@ class ReplyRow:
 
     @classmethod
     def of(cls, row: Row[Any]) -> ReplyRow:
-        return cls(row.id, row.trigger_id, row.wa_id, row.user_id, row.text, row.triggered_at,
-                   row.rounds)
+        return cls(
+            row.id, row.trigger_id, row.wa_id, row.user_id, row.text, row.triggered_at, row.rounds
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,21 +75,38 @@ class Observation:
 
 # ---- queueing (the receiver, in the delivery's transaction) ----------------------------------
 
+
 def enqueue(connection: Connection, plans: Sequence[PlannedReply], now: datetime) -> int:
     """Queue replies in the caller's transaction; a trigger already queued is a no-op (the
     unique trigger id decides, however deliveries interleave). Returns how many are new."""
     if not plans:
         return 0
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    rows = [{"trigger_id": plan.trigger_id, "trigger_key": plan.trigger_key,
-             "wa_id": plan.wa_id, "user_id": plan.user_id, "phone_key": wa_id_key(plan.wa_id),
-             "uid_key": user_id_key(plan.user_id), "signal": plan.signal.value,
-             "keyword": plan.keyword, "text": plan.text, "text_sha256": plan.text_sha256,
-             "triggered_at": plan.triggered_at, "queued_at": now,
-             "state": ReplyState.QUEUED.value, "next_attempt_at": now, "rounds": 0}
-            for plan in sorted(plans, key=lambda plan: plan.trigger_id)]
-    statement = (dialect.insert(replies).on_conflict_do_nothing(index_elements=["trigger_id"])
-                 .returning(replies.c.id))
+    rows = [
+        {
+            "trigger_id": plan.trigger_id,
+            "trigger_key": plan.trigger_key,
+            "wa_id": plan.wa_id,
+            "user_id": plan.user_id,
+            "phone_key": wa_id_key(plan.wa_id),
+            "uid_key": user_id_key(plan.user_id),
+            "signal": plan.signal.value,
+            "keyword": plan.keyword,
+            "text": plan.text,
+            "text_sha256": plan.text_sha256,
+            "triggered_at": plan.triggered_at,
+            "queued_at": now,
+            "state": ReplyState.QUEUED.value,
+            "next_attempt_at": now,
+            "rounds": 0,
+        }
+        for plan in sorted(plans, key=lambda plan: plan.trigger_id)
+    ]
+    statement = (
+        dialect.insert(replies)
+        .on_conflict_do_nothing(index_elements=["trigger_id"])
+        .returning(replies.c.id)
+    )
     return len(connection.execute(statement, rows).scalars().all())
 
 
@@ -108,10 +126,17 @@ def settle(connection: Connection, statuses: Iterable[Event], now: datetime) -> 
             failed_by_id.setdefault(event.message_id, []).append(event)
     if not by_trigger and not failed_by_id:
         return 0
-    conditions = [among(connection, column, sorted(wanted)) for column, wanted in (
-        (replies.c.trigger_id, by_trigger), (replies.c.reply_id, failed_by_id)) if wanted]
-    ids = connection.execute(select(replies.c.id, replies.c.trigger_id, replies.c.reply_id)
-                             .where(or_(*conditions))).all()
+    conditions = [
+        among(connection, column, sorted(wanted))
+        for column, wanted in (
+            (replies.c.trigger_id, by_trigger),
+            (replies.c.reply_id, failed_by_id),
+        )
+        if wanted
+    ]
+    ids = connection.execute(
+        select(replies.c.id, replies.c.trigger_id, replies.c.reply_id).where(or_(*conditions))
+    ).all()
     seen: dict[int, list[Observation]] = {}
     for row_id, trigger_id, reply_id in ids:
         found = by_trigger.get(trigger_id, []) + failed_by_id.get(reply_id or "", [])
@@ -125,24 +150,50 @@ def _from_status(event: Event) -> Observation | None:
     if state is None:
         return None
     code = ",".join(str(c) for c in event.error_codes) or None
-    return Observation(state, event.occurred_at, reply_id=event.message_id, error_code=code,
-                       error=f"Meta reported the reply failed (error {code})"
-                       if state is ReplyState.FAILED else None, source="status")
+    return Observation(
+        state,
+        event.occurred_at,
+        reply_id=event.message_id,
+        error_code=code,
+        error=f"Meta reported the reply failed (error {code})"
+        if state is ReplyState.FAILED
+        else None,
+        source="status",
+    )
 
 
 # Built once (a delivery of statuses, and every reply sent, runs these).
-_LOCKED_ROWS = (select(replies).where(replies.c.id.in_(bindparam("ids", expanding=True)))
-                .order_by(replies.c.id).with_for_update())
-_MOVED = ("state", "reply_id", "sent_at", "delivered_at", "read_at", "settled_at",
-          "error_code", "error")
-_MOVE = (update(replies).where(replies.c.id == bindparam("row_id"))
-         .values({name: bindparam(f"new_{name}") for name in _MOVED}))
-_STAMPS = {ReplyState.SENT: "sent_at", ReplyState.DELIVERED: "delivered_at",
-           ReplyState.READ: "read_at"}
+_LOCKED_ROWS = (
+    select(replies)
+    .where(replies.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(replies.c.id)
+    .with_for_update()
+)
+_MOVED = (
+    "state",
+    "reply_id",
+    "sent_at",
+    "delivered_at",
+    "read_at",
+    "settled_at",
+    "error_code",
+    "error",
+)
+_MOVE = (
+    update(replies)
+    .where(replies.c.id == bindparam("row_id"))
+    .values({name: bindparam(f"new_{name}") for name in _MOVED})
+)
+_STAMPS = {
+    ReplyState.SENT: "sent_at",
+    ReplyState.DELIVERED: "delivered_at",
+    ReplyState.READ: "read_at",
+}
 
 
-def _observe(connection: Connection, seen: Mapping[int, Sequence[Observation]],
-             now: datetime) -> None:
+def _observe(
+    connection: Connection, seen: Mapping[int, Sequence[Observation]], now: datetime
+) -> None:
     """Move rows forwards (never back), each by its observations, and append the evidence
     of each reply whose row first learns its message id. Rows are locked first, in id
     order (see the module's docstring on lock order)."""
@@ -154,20 +205,32 @@ def _observe(connection: Connection, seen: Mapping[int, Sequence[Observation]],
         values, learnt = _folded(row, sorted(seen[row.id], key=lambda o: o.at), now)
         moves.append({"row_id": row.id, **{f"new_{k}": v for k, v in values.items()}})
         if learnt is not None:
-            entries.append(evidence_store.EvidenceEntry(
-                kind="reply", phone_key=row.phone_key, uid_key=row.uid_key,
-                body={"trigger_id": row.trigger_id, "trigger_key": row.trigger_key,
-                      "reply_id": values["reply_id"], "signal": row.signal,
-                      "keyword": row.keyword, "text": row.text,
-                      "text_sha256": row.text_sha256, "sent_at": values["sent_at"],
-                      "learnt_from": learnt.source}))
+            entries.append(
+                evidence_store.EvidenceEntry(
+                    kind="reply",
+                    phone_key=row.phone_key,
+                    uid_key=row.uid_key,
+                    body={
+                        "trigger_id": row.trigger_id,
+                        "trigger_key": row.trigger_key,
+                        "reply_id": values["reply_id"],
+                        "signal": row.signal,
+                        "keyword": row.keyword,
+                        "text": row.text,
+                        "text_sha256": row.text_sha256,
+                        "sent_at": values["sent_at"],
+                        "learnt_from": learnt.source,
+                    },
+                )
+            )
     if moves:
         connection.execute(_MOVE, moves)
     evidence_store.append(connection, entries, now)
 
 
-def _folded(row: Row[Any], observations: Sequence[Observation], now: datetime
-            ) -> tuple[dict[str, Any], Observation | None]:
+def _folded(
+    row: Row[Any], observations: Sequence[Observation], now: datetime
+) -> tuple[dict[str, Any], Observation | None]:
     """The row's moved columns after the observations (oldest first), and the observation
     that taught it its reply's id, if one did."""
     values = {name: getattr(row, name) for name in _MOVED}
@@ -181,13 +244,17 @@ def _folded(row: Row[Any], observations: Sequence[Observation], now: datetime
         if stamp and values[stamp] is None:
             values[stamp] = seen.at
         if state is ReplyState.FAILED and values["state"] != ReplyState.FAILED.value:
-            values.update(settled_at=now, error_code=seen.error_code,
-                          error=(seen.error or "")[:_ERROR_LENGTH] or None)
+            values.update(
+                settled_at=now,
+                error_code=seen.error_code,
+                error=(seen.error or "")[:_ERROR_LENGTH] or None,
+            )
         values["state"] = state.value
     return values, learnt
 
 
 # ---- sending (one transaction per move) ------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class DueRow:
@@ -201,49 +268,75 @@ def due(connection: Connection, now: datetime, limit: int) -> list[DueRow]:
     """Queued rows whose time has come, in the order their triggers were written: a START
     and a STOP typed a second apart are answered in that order, not in the order of their
     message ids."""
-    return [DueRow(row.id, row.triggered_at, row.rounds, row.wa_id or row.user_id or "")
-            for row in connection.execute(_DUE, {"state": ReplyState.QUEUED.value, "now": now,
-                                                 "limit": limit})]
+    return [
+        DueRow(row.id, row.triggered_at, row.rounds, row.wa_id or row.user_id or "")
+        for row in connection.execute(
+            _DUE, {"state": ReplyState.QUEUED.value, "now": now, "limit": limit}
+        )
+    ]
 
 
-_DUE = (select(replies.c.id, replies.c.triggered_at, replies.c.rounds, replies.c.wa_id,
-               replies.c.user_id)
-        .where(replies.c.state == bindparam("state"),
-               replies.c.next_attempt_at <= bindparam("now", type_=replies.c.queued_at.type))
-        .order_by(replies.c.triggered_at, replies.c.id).limit(bindparam("limit")))
+_DUE = (
+    select(
+        replies.c.id, replies.c.triggered_at, replies.c.rounds, replies.c.wa_id, replies.c.user_id
+    )
+    .where(
+        replies.c.state == bindparam("state"),
+        replies.c.next_attempt_at <= bindparam("now", type_=replies.c.queued_at.type),
+    )
+    .order_by(replies.c.triggered_at, replies.c.id)
+    .limit(bindparam("limit"))
+)
 
 
 def claim(engine: Engine, row_id: int, holder: str, now: datetime) -> ReplyRow | None:
     """Mark a queued row as being sent, and commit, before any request leaves: a row found
     "sending" later is never sent again. None when another sender was faster."""
     with engine.begin() as connection:
-        row = connection.execute(_CLAIM, {"row_id": row_id, "holder": holder,
-                                          "lease_until": now + LEASE, "now": now}).one_or_none()
+        row = connection.execute(
+            _CLAIM, {"row_id": row_id, "holder": holder, "lease_until": now + LEASE, "now": now}
+        ).one_or_none()
     return None if row is None else ReplyRow.of(row)
 
 
 # Built once: a pass claims a row per reply, and building the statement each time cost
 # about as much as running it (benchmarks/replies_send.py).
-_CLAIM = (update(replies)
-          .where(replies.c.id == bindparam("row_id"),
-                 replies.c.state == ReplyState.QUEUED.value)
-          .values(state=ReplyState.SENDING.value, holder=bindparam("holder"),
-                  lease_until=bindparam("lease_until"), sending_since=bindparam("now"),
-                  rounds=replies.c.rounds + 1)
-          .returning(replies.c.id, replies.c.trigger_id, replies.c.wa_id, replies.c.user_id,
-                     replies.c.text, replies.c.triggered_at, replies.c.rounds))
+_CLAIM = (
+    update(replies)
+    .where(replies.c.id == bindparam("row_id"), replies.c.state == ReplyState.QUEUED.value)
+    .values(
+        state=ReplyState.SENDING.value,
+        holder=bindparam("holder"),
+        lease_until=bindparam("lease_until"),
+        sending_since=bindparam("now"),
+        rounds=replies.c.rounds + 1,
+    )
+    .returning(
+        replies.c.id,
+        replies.c.trigger_id,
+        replies.c.wa_id,
+        replies.c.user_id,
+        replies.c.text,
+        replies.c.triggered_at,
+        replies.c.rounds,
+    )
+)
 
 
-def close_unsent(engine: Engine, row_id: int, error_code: str, error: str,
-                 now: datetime) -> None:
+def close_unsent(engine: Engine, row_id: int, error_code: str, error: str, now: datetime) -> None:
     """A queued row that will not be sent at all (its window closed, or it was refused too
     often): failed, with why."""
     with engine.begin() as connection:
         connection.execute(
             update(replies)
             .where(replies.c.id == row_id, replies.c.state == ReplyState.QUEUED.value)
-            .values(state=ReplyState.FAILED.value, settled_at=now, error_code=error_code,
-                    error=error[:_ERROR_LENGTH]))
+            .values(
+                state=ReplyState.FAILED.value,
+                settled_at=now,
+                error_code=error_code,
+                error=error[:_ERROR_LENGTH],
+            )
+        )
 
 
 def record(engine: Engine, row_id: int, seen: Observation, now: datetime) -> None:
@@ -252,19 +345,36 @@ def record(engine: Engine, row_id: int, seen: Observation, now: datetime) -> Non
         _observe(connection, {row_id: [seen]}, now)
 
 
-def put_back(engine: Engine, row: ReplyRow, holder: str, now: datetime, *, error_code: str,
-             error: str, counts: bool = True) -> None:
+def put_back(
+    engine: Engine,
+    row: ReplyRow,
+    holder: str,
+    now: datetime,
+    *,
+    error_code: str,
+    error: str,
+    counts: bool = True,
+) -> None:
     """A refusal that says nothing was sent and that may heal: queued again, for later
     (`counts`), or at once without spending a round (the sender stopped before asking)."""
     with engine.begin() as connection:
         connection.execute(
             update(replies)
-            .where(replies.c.id == row.id, replies.c.state == ReplyState.SENDING.value,
-                   replies.c.holder == holder)
-            .values(state=ReplyState.QUEUED.value, lease_until=None, sending_since=None,
-                    next_attempt_at=retry_at(row.rounds, now) if counts else now,
-                    rounds=row.rounds if counts else row.rounds - 1,
-                    error_code=error_code, error=error[:_ERROR_LENGTH]))
+            .where(
+                replies.c.id == row.id,
+                replies.c.state == ReplyState.SENDING.value,
+                replies.c.holder == holder,
+            )
+            .values(
+                state=ReplyState.QUEUED.value,
+                lease_until=None,
+                sending_since=None,
+                next_attempt_at=retry_at(row.rounds, now) if counts else now,
+                rounds=row.rounds if counts else row.rounds - 1,
+                error_code=error_code,
+                error=error[:_ERROR_LENGTH],
+            )
+        )
 
 
 def note_no_answer(engine: Engine, row_id: int, holder: str, error: str) -> None:
@@ -273,9 +383,13 @@ def note_no_answer(engine: Engine, row_id: int, holder: str, error: str) -> None
     with engine.begin() as connection:
         connection.execute(
             update(replies)
-            .where(replies.c.id == row_id, replies.c.state == ReplyState.SENDING.value,
-                   replies.c.holder == holder)
-            .values(error=error[:_ERROR_LENGTH]))
+            .where(
+                replies.c.id == row_id,
+                replies.c.state == ReplyState.SENDING.value,
+                replies.c.holder == holder,
+            )
+            .values(error=error[:_ERROR_LENGTH])
+        )
 
 
 def mark_unknown(engine: Engine, now: datetime) -> int:
@@ -283,25 +397,35 @@ def mark_unknown(engine: Engine, now: datetime) -> int:
     `UNKNOWN_AFTER`: unknown. They are never sent again; a status arriving later still
     settles them. Looked for with a read first: a pass runs every few seconds, and on
     SQLite a write transaction would take the lock the receiver waits for."""
-    stale = (replies.c.state == ReplyState.SENDING.value, replies.c.lease_until < now,
-             replies.c.sending_since <= now - UNKNOWN_AFTER)
+    stale = (
+        replies.c.state == ReplyState.SENDING.value,
+        replies.c.lease_until < now,
+        replies.c.sending_since <= now - UNKNOWN_AFTER,
+    )
     with reading(engine) as connection:
         if connection.execute(select(replies.c.id).where(*stale).limit(1)).first() is None:
             return 0
     with engine.begin() as connection:
         result = connection.execute(
-            update(replies).where(*stale)
-            .values(state=ReplyState.UNKNOWN.value, settled_at=now,
-                    error="no answer and no status from Meta: perhaps sent, never resent"))
+            update(replies)
+            .where(*stale)
+            .values(
+                state=ReplyState.UNKNOWN.value,
+                settled_at=now,
+                error="no answer and no status from Meta: perhaps sent, never resent",
+            )
+        )
     return int(result.rowcount or 0)
 
 
 # ---- reading ---------------------------------------------------------------------------------
 
+
 def counts(connection: Connection) -> dict[str, int]:
     found = Counter({state.value: 0 for state in ReplyState})
     for state, number in connection.execute(
-            select(replies.c.state, func.count()).group_by(replies.c.state)):
+        select(replies.c.state, func.count()).group_by(replies.c.state)
+    ):
         found[state] = int(number)
     return dict(found)
 
@@ -318,16 +442,24 @@ def for_keys(connection: Connection, keys: Sequence[str]) -> list[Row[Any]]:
     """The replies to the person behind the match keys (numbers and user ids)."""
     if not keys:
         return []
-    return list(connection.execute(
-        select(replies).where(or_(among(connection, replies.c.phone_key, keys),
-                                  among(connection, replies.c.uid_key, keys)))
-        .order_by(replies.c.triggered_at, replies.c.id)))
+    return list(
+        connection.execute(
+            select(replies)
+            .where(
+                or_(
+                    among(connection, replies.c.phone_key, keys),
+                    among(connection, replies.c.uid_key, keys),
+                )
+            )
+            .order_by(replies.c.triggered_at, replies.c.id)
+        )
+    )
 
 
 # ---- `waconsent proof` -----------------------------------------------------------------------
 
-def under_triggers(entries: list[dict[str, Any]], rows: Sequence[Row[Any]]
-                   ) -> list[dict[str, Any]]:
+
+def under_triggers(entries: list[dict[str, Any]], rows: Sequence[Row[Any]]) -> list[dict[str, Any]]:
     """The proof's entries with each reply placed right under the message it answered (or,
     when that message is not among them, at the time it was queued)."""
     result = list(entries)
@@ -335,8 +467,9 @@ def under_triggers(entries: list[dict[str, Any]], rows: Sequence[Row[Any]]
         entry = _proof_entry(row)
         at = next((i for i, e in enumerate(result) if e.get("id") == row.trigger_id), None)
         if at is None:
-            at = next((i - 1 for i, e in enumerate(result) if e["at"] > entry["at"]),
-                      len(result) - 1)
+            at = next(
+                (i - 1 for i, e in enumerate(result) if e["at"] > entry["at"]), len(result) - 1
+            )
         while at + 1 < len(result) and result[at + 1].get("trigger_id") == row.trigger_id:
             at += 1
         result.insert(at + 1, entry)
@@ -344,12 +477,22 @@ def under_triggers(entries: list[dict[str, Any]], rows: Sequence[Row[Any]]
 
 
 def _proof_entry(row: Row[Any]) -> dict[str, Any]:
-    when = [f"{name} {jsonable(moment)}" for name, moment in (
-        ("delivered", row.delivered_at), ("read", row.read_at)) if moment is not None]
+    when = [
+        f"{name} {jsonable(moment)}"
+        for name, moment in (("delivered", row.delivered_at), ("read", row.read_at))
+        if moment is not None
+    ]
     if row.error:
         when.append(f"{row.error_code}: {row.error}" if row.error_code else row.error)
     detail = f'"{row.text}" (sha256 {row.text_sha256[:16]}...)'
-    return {"at": jsonable(row.sent_at or row.queued_at), "what": f"WhatsApp reply {row.state}",
-            "detail": "; ".join([detail, *when]), "id": row.reply_id or "",
-            "source": f"reply to {row.trigger_id}", "trigger_id": row.trigger_id,
-            "state": row.state, "text": row.text, "text_sha256": row.text_sha256}
+    return {
+        "at": jsonable(row.sent_at or row.queued_at),
+        "what": f"WhatsApp reply {row.state}",
+        "detail": "; ".join([detail, *when]),
+        "id": row.reply_id or "",
+        "source": f"reply to {row.trigger_id}",
+        "trigger_id": row.trigger_id,
+        "state": row.state,
+        "text": row.text,
+        "text_sha256": row.text_sha256,
+    }

@@ -50,45 +50,74 @@ def tail_of(key: str) -> str | None:
     return None if key.startswith(USER_ID_PREFIX) else key[-SEARCH_DIGITS:]
 
 
-def held_records(connection: Connection, crm: str, record_ids: Sequence[str]
-                 ) -> dict[str, SnapshotRow]:
+def held_records(
+    connection: Connection, crm: str, record_ids: Sequence[str]
+) -> dict[str, SnapshotRow]:
     """What the snapshot holds for these records (for the sync to write only changes)."""
     found: dict[str, SnapshotRow] = {}
     for start in range(0, len(record_ids), _CHUNK):
-        query = _ROWS.where(consent_snapshot.c.crm == crm, among(
-            connection, consent_snapshot.c.record_id, record_ids[start:start + _CHUNK]))
+        query = _ROWS.where(
+            consent_snapshot.c.crm == crm,
+            among(connection, consent_snapshot.c.record_id, record_ids[start : start + _CHUNK]),
+        )
         for row in connection.execute(query).all():
             found.setdefault(row[0], _to_row(row))
     return found
 
 
-def replace(connection: Connection, crm: str, record_ids: Sequence[str],
-            rows: Iterable[SnapshotRow], run_id: int | None) -> None:
+def replace(
+    connection: Connection,
+    crm: str,
+    record_ids: Sequence[str],
+    rows: Iterable[SnapshotRow],
+    run_id: int | None,
+) -> None:
     """Replace the snapshot of `record_ids` with `rows` (a record without keys has none)."""
     for start in range(0, len(record_ids), _CHUNK):
-        connection.execute(delete(consent_snapshot).where(
-            consent_snapshot.c.crm == crm,
-            among(connection, consent_snapshot.c.record_id, record_ids[start:start + _CHUNK])))
-    values = [{"crm": crm, "key": key, "record_id": row.record_id, "tail": tail_of(key),
-               "keys": KEY_SEPARATOR.join(sorted(row.keys)), "opt_in": row.opt_in,
-               "opt_in_date": row.opt_in_date, "opt_out_date": row.opt_out_date,
-               "proof_complete": row.proof_complete, "session_expires": row.session_expires,
-               "synced_at": row.synced_at, "run_id": run_id or None}
-              for row in rows for key in sorted(row.keys) if KEY_SEPARATOR not in key]
+        connection.execute(
+            delete(consent_snapshot).where(
+                consent_snapshot.c.crm == crm,
+                among(connection, consent_snapshot.c.record_id, record_ids[start : start + _CHUNK]),
+            )
+        )
+    values = [
+        {
+            "crm": crm,
+            "key": key,
+            "record_id": row.record_id,
+            "tail": tail_of(key),
+            "keys": KEY_SEPARATOR.join(sorted(row.keys)),
+            "opt_in": row.opt_in,
+            "opt_in_date": row.opt_in_date,
+            "opt_out_date": row.opt_out_date,
+            "proof_complete": row.proof_complete,
+            "session_expires": row.session_expires,
+            "synced_at": row.synced_at,
+            "run_id": run_id or None,
+        }
+        for row in rows
+        for key in sorted(row.keys)
+        if KEY_SEPARATOR not in key
+    ]
     if values:
         connection.execute(consent_snapshot.insert(), values)
 
 
 def drop_unseen(connection: Connection, crm: str) -> int:
     """After a full read: records the phone index no longer knows leave the snapshot."""
-    known = exists().where(phone_index.c.crm == crm,
-                           phone_index.c.record_id == consent_snapshot.c.record_id)
-    return int(connection.execute(delete(consent_snapshot).where(
-        consent_snapshot.c.crm == crm, ~known)).rowcount)
+    known = exists().where(
+        phone_index.c.crm == crm, phone_index.c.record_id == consent_snapshot.c.record_id
+    )
+    return int(
+        connection.execute(
+            delete(consent_snapshot).where(consent_snapshot.c.crm == crm, ~known)
+        ).rowcount
+    )
 
 
-def by_keys(connection: Connection, crm: str, keys: Collection[str]
-            ) -> dict[str, list[SnapshotRow]]:
+def by_keys(
+    connection: Connection, crm: str, keys: Collection[str]
+) -> dict[str, list[SnapshotRow]]:
     """key -> the records carrying it, for a batch of keys; one indexed statement per
     `_CHUNK` of them."""
     by_key: dict[str, list[SnapshotRow]] = {}
@@ -96,7 +125,7 @@ def by_keys(connection: Connection, crm: str, keys: Collection[str]
     sqlite = connection.dialect.name == "sqlite"
     statement = _BY_KEYS_SQLITE if sqlite else _BY_KEYS_ARRAY
     for start in range(0, len(wanted), _CHUNK):
-        chunk = wanted[start:start + _CHUNK]
+        chunk = wanted[start : start + _CHUNK]
         params = {"crm": crm, "keys": json.dumps(chunk) if sqlite else chunk}
         for row in connection.execute(statement, params).all():
             by_key.setdefault(row[-1], []).append(_to_row(row))
@@ -110,51 +139,95 @@ def tails_carried(connection: Connection, crm: str, tails: Collection[str]) -> s
     sqlite = connection.dialect.name == "sqlite"
     statement = _TAILS_SQLITE if sqlite else _TAILS_ARRAY
     for start in range(0, len(wanted), _CHUNK):
-        chunk = wanted[start:start + _CHUNK]
-        found.update(connection.execute(statement, {
-            "crm": crm, "keys": json.dumps(chunk) if sqlite else chunk}).scalars())
+        chunk = wanted[start : start + _CHUNK]
+        found.update(
+            connection.execute(
+                statement, {"crm": crm, "keys": json.dumps(chunk) if sqlite else chunk}
+            ).scalars()
+        )
     return found
 
 
 def coverage(connection: Connection, crm: str) -> tuple[int, int]:
     """(records in the snapshot, records in the phone index): fewer in the first means no
     full sync ran since the snapshot was introduced."""
-    held = connection.execute(select(func.count(func.distinct(consent_snapshot.c.record_id)))
-                              .where(consent_snapshot.c.crm == crm)).scalar_one()
-    indexed = connection.execute(select(func.count(func.distinct(phone_index.c.record_id)))
-                                 .where(phone_index.c.crm == crm)).scalar_one()
+    held = connection.execute(
+        select(func.count(func.distinct(consent_snapshot.c.record_id))).where(
+            consent_snapshot.c.crm == crm
+        )
+    ).scalar_one()
+    indexed = connection.execute(
+        select(func.count(func.distinct(phone_index.c.record_id))).where(phone_index.c.crm == crm)
+    ).scalar_one()
     return int(held), int(indexed)
 
 
-_ROWS = select(consent_snapshot.c.record_id, consent_snapshot.c["keys"].label("record_keys"),
-               consent_snapshot.c.opt_in,
-               consent_snapshot.c.opt_in_date, consent_snapshot.c.opt_out_date,
-               consent_snapshot.c.proof_complete, consent_snapshot.c.session_expires,
-               consent_snapshot.c.synced_at)
+_ROWS = select(
+    consent_snapshot.c.record_id,
+    consent_snapshot.c["keys"].label("record_keys"),
+    consent_snapshot.c.opt_in,
+    consent_snapshot.c.opt_in_date,
+    consent_snapshot.c.opt_out_date,
+    consent_snapshot.c.proof_complete,
+    consent_snapshot.c.session_expires,
+    consent_snapshot.c.synced_at,
+)
 
 
 # `by_keys` runs per API request: its statement is built once (the keys bound as one
 # parameter, as `store.engine.among` binds them), so SQLAlchemy finds it compiled
 _BY_KEYS_SQLITE = _ROWS.add_columns(consent_snapshot.c.key).where(
-    consent_snapshot.c.crm == bindparam("crm"), consent_snapshot.c.key.in_(select(
-        func.json_each(bindparam("keys", type_=String)).table_valued("value").c.value)))
+    consent_snapshot.c.crm == bindparam("crm"),
+    consent_snapshot.c.key.in_(
+        select(func.json_each(bindparam("keys", type_=String)).table_valued("value").c.value)
+    ),
+)
 _BY_KEYS_ARRAY = _ROWS.add_columns(consent_snapshot.c.key).where(
     consent_snapshot.c.crm == bindparam("crm"),
-    consent_snapshot.c.key == any_(bindparam("keys", type_=ARRAY(String()))))
+    consent_snapshot.c.key == any_(bindparam("keys", type_=ARRAY(String()))),
+)
 
 
-_TAILS_SQLITE = select(consent_snapshot.c.tail).distinct().where(
-    consent_snapshot.c.crm == bindparam("crm"), consent_snapshot.c.tail.in_(select(
-        func.json_each(bindparam("keys", type_=String)).table_valued("value").c.value)))
-_TAILS_ARRAY = select(consent_snapshot.c.tail).distinct().where(
-    consent_snapshot.c.crm == bindparam("crm"),
-    consent_snapshot.c.tail == any_(bindparam("keys", type_=ARRAY(String()))))
+_TAILS_SQLITE = (
+    select(consent_snapshot.c.tail)
+    .distinct()
+    .where(
+        consent_snapshot.c.crm == bindparam("crm"),
+        consent_snapshot.c.tail.in_(
+            select(func.json_each(bindparam("keys", type_=String)).table_valued("value").c.value)
+        ),
+    )
+)
+_TAILS_ARRAY = (
+    select(consent_snapshot.c.tail)
+    .distinct()
+    .where(
+        consent_snapshot.c.crm == bindparam("crm"),
+        consent_snapshot.c.tail == any_(bindparam("keys", type_=ARRAY(String()))),
+    )
+)
 
 
 def _to_row(row: Any) -> SnapshotRow:
     """Unpacked by position: this runs for every number a check finds, and attribute access
     by name cost more than the rest of it."""
-    (record_id, keys, opt_in, opt_in_date, opt_out_date, proof_complete, session_expires,
-     synced_at) = tuple(row)[:8]
-    return SnapshotRow(record_id, frozenset(keys.split(KEY_SEPARATOR)), opt_in, opt_in_date,
-                       opt_out_date, proof_complete, session_expires, synced_at)
+    (
+        record_id,
+        keys,
+        opt_in,
+        opt_in_date,
+        opt_out_date,
+        proof_complete,
+        session_expires,
+        synced_at,
+    ) = tuple(row)[:8]
+    return SnapshotRow(
+        record_id,
+        frozenset(keys.split(KEY_SEPARATOR)),
+        opt_in,
+        opt_in_date,
+        opt_out_date,
+        proof_complete,
+        session_expires,
+        synced_at,
+    )

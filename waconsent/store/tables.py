@@ -55,6 +55,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         def process(value: datetime | None) -> str | None:
             moment = self.process_bind_param(value, dialect)
             return None if moment is None else moment.isoformat(" ", "microseconds")
+
         return process
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
@@ -69,6 +70,7 @@ class UtcDateTime(TypeDecorator[datetime]):
                 return None
             moment = datetime.fromisoformat(value)
             return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
         return process
 
 
@@ -77,7 +79,8 @@ ID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INT
 UTC_DATETIME = UtcDateTime()
 
 events = Table(
-    "events", metadata,
+    "events",
+    metadata,
     Column("id", ID, primary_key=True, autoincrement=True),
     Column("key", String(300), nullable=False, unique=True),
     Column("kind", String(20), nullable=False),
@@ -108,7 +111,8 @@ events = Table(
 # Keys that name the same person because Meta announced a changed business-scoped user id
 # (previous id <-> new id, number <-> new id); each link is stored both ways round.
 identity_links = Table(
-    "identity_links", metadata,
+    "identity_links",
+    metadata,
     Column("key", String(140), primary_key=True),
     Column("linked_key", String(140), primary_key=True),
     Column("occurred_at", UTC_DATETIME, nullable=False),
@@ -116,7 +120,8 @@ identity_links = Table(
 )
 
 evidence = Table(
-    "evidence", metadata,
+    "evidence",
+    metadata,
     Column("id", ID, primary_key=True, autoincrement=True),
     Column("created_at", UTC_DATETIME, nullable=False),
     Column("kind", String(20), nullable=False),  # "event" | "write"
@@ -129,7 +134,8 @@ evidence = Table(
 )
 
 evidence_head = Table(
-    "evidence_head", metadata,
+    "evidence_head",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("last_id", ID, nullable=False),
     Column("last_hash", String(64), nullable=False),
@@ -137,7 +143,8 @@ evidence_head = Table(
 )
 
 phone_index = Table(
-    "phone_index", metadata,
+    "phone_index",
+    metadata,
     Column("crm", String(300), primary_key=True),
     Column("key", String(140), primary_key=True),
     Column("record_id", String(100), primary_key=True),
@@ -148,7 +155,8 @@ phone_index = Table(
 )
 
 contacts = Table(
-    "contacts", metadata,
+    "contacts",
+    metadata,
     Column("id", String(100), primary_key=True),
     Column("name", String(300)),
     Column("mobile_phone", String(100)),
@@ -167,7 +175,8 @@ contacts = Table(
 )
 
 runs = Table(
-    "runs", metadata,
+    "runs",
+    metadata,
     Column("id", ID, primary_key=True, autoincrement=True),
     Column("crm", String(300), nullable=False, index=True),
     Column("mode", String(20), nullable=False),
@@ -183,7 +192,8 @@ runs = Table(
 )
 
 outbox = Table(
-    "outbox", metadata,
+    "outbox",
+    metadata,
     Column("id", ID, primary_key=True, autoincrement=True),
     Column("crm", String(300), nullable=False),
     Column("record_id", String(100), nullable=False),
@@ -202,7 +212,8 @@ outbox = Table(
 )
 
 locks = Table(
-    "locks", metadata,
+    "locks",
+    metadata,
     Column("name", String(300), primary_key=True),
     Column("holder", String(200), nullable=False),
     Column("expires_at", UTC_DATETIME, nullable=False),
@@ -212,7 +223,8 @@ locks = Table(
 # redelivery, a restart or a second node never queues a second reply); the states and their
 # moves are drawn in `waconsent.replies.rules`
 replies = Table(
-    "replies", metadata,
+    "replies",
+    metadata,
     Column("id", ID, primary_key=True, autoincrement=True),
     Column("trigger_id", String(200), nullable=False, unique=True),
     Column("trigger_key", String(300), nullable=False),
@@ -246,7 +258,8 @@ replies = Table(
 # form, the wording shown and its SHA-256), the hash of the one-time token (never the token),
 # and the message that confirmed it. Unconfirmed rows are deleted after the TTL + 30 days.
 optin_requests = Table(
-    "optin_requests", metadata,
+    "optin_requests",
+    metadata,
     Column("id", ID, primary_key=True, autoincrement=True),
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", UTC_DATETIME, nullable=False),
@@ -270,7 +283,8 @@ optin_requests = Table(
 # record's match keys (one a line), `tail` the last digits of a phone key (a misspelt number is
 # parsed in full only when some record's number ends like it).
 consent_snapshot = Table(
-    "consent_snapshot", metadata,
+    "consent_snapshot",
+    metadata,
     Column("crm", String(300), primary_key=True),
     Column("key", String(140), primary_key=True),
     Column("record_id", String(100), primary_key=True),

@@ -44,13 +44,22 @@ NO_RECORD = "no_record"
 UNPARSEABLE_NUMBER = "unparseable_number"
 SESSION_OPEN = "session_open"
 SESSION_CLOSED = "session_closed"
-REASONS = (OPTED_IN, NO_CONSENT, REVOKED, PROOF_MISSING, NO_RECORD, UNPARSEABLE_NUMBER,
-           SESSION_OPEN, SESSION_CLOSED)
+REASONS = (
+    OPTED_IN,
+    NO_CONSENT,
+    REVOKED,
+    PROOF_MISSING,
+    NO_RECORD,
+    UNPARSEABLE_NUMBER,
+    SESSION_OPEN,
+    SESSION_CLOSED,
+)
 
 # What the check lets the rules write: consent and the session, never the proof fields
 # (the snapshot keeps whether proof was complete, not the IP or the source themselves).
-_CHECKED_FIELDS = frozenset({OPT_IN, OPT_IN_DATE, OPT_IN_SOURCE, OPT_OUT_DATE, LAST_INBOUND,
-                             SESSION_EXPIRES})
+_CHECKED_FIELDS = frozenset(
+    {OPT_IN, OPT_IN_DATE, OPT_IN_SOURCE, OPT_OUT_DATE, LAST_INBOUND, SESSION_EXPIRES}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +75,13 @@ class Held:
 
     def values(self) -> tuple[object, ...]:
         """Compared to the second, as the CRMs keep datetimes."""
-        return (self.opt_in, _second(self.opt_in_date), _second(self.opt_out_date),
-                self.proof_complete, _second(self.session_expires))
+        return (
+            self.opt_in,
+            _second(self.opt_in_date),
+            _second(self.opt_out_date),
+            self.proof_complete,
+            _second(self.session_expires),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +110,19 @@ def held_after(record: CrmRecord, decision: Decision, activity: Activity) -> Hel
     point window), also where the CRM maps no `session_expires` field.
     """
     after = rules.apply(record, decision).fields
-    session = max((m for m in (_when(after.get(SESSION_EXPIRES)),
-                               _session_from(activity)) if m is not None), default=None)
+    session = max(
+        (m for m in (_when(after.get(SESSION_EXPIRES)), _session_from(activity)) if m is not None),
+        default=None,
+    )
     opt_in = after.get(OPT_IN)
-    return Held(record.record_id, opt_in if isinstance(opt_in, bool) else None,
-                _when(after.get(OPT_IN_DATE)), _when(after.get(OPT_OUT_DATE)),
-                opt_in is True and not decision.proof_missing, session)
+    return Held(
+        record.record_id,
+        opt_in if isinstance(opt_in, bool) else None,
+        _when(after.get(OPT_IN_DATE)),
+        _when(after.get(OPT_OUT_DATE)),
+        opt_in is True and not decision.proof_missing,
+        session,
+    )
 
 
 def _session_from(activity: Activity) -> datetime | None:
@@ -126,28 +147,42 @@ def consent_now(held: Held, since: Activity, now: datetime) -> Now:
     """The held record with the events received since applied by the sync's own rules."""
     if not since:  # nothing arrived: the held record is the answer (most numbers, most days)
         opted_in = held.opt_in is True
-        return Now(held.record_id, opted_in, not opted_in and held.opt_out_date is not None,
-                   opted_in and held.proof_complete, held.session_expires)
-    fields: dict[str, FieldValue] = {OPT_IN: held.opt_in, OPT_IN_DATE: held.opt_in_date,
-                                     OPT_OUT_DATE: held.opt_out_date,
-                                     SESSION_EXPIRES: held.session_expires}
+        return Now(
+            held.record_id,
+            opted_in,
+            not opted_in and held.opt_out_date is not None,
+            opted_in and held.proof_complete,
+            held.session_expires,
+        )
+    fields: dict[str, FieldValue] = {
+        OPT_IN: held.opt_in,
+        OPT_IN_DATE: held.opt_in_date,
+        OPT_OUT_DATE: held.opt_out_date,
+        SESSION_EXPIRES: held.session_expires,
+    }
     record = CrmRecord(held.record_id, fields)
     decision = rules.decide(record, since, _CHECKED_FIELDS, now)
     after = rules.apply(record, decision).fields if decision.changes else fields
     opted_in = after.get(OPT_IN) is True
     # a fresh opt-in in WhatsApp brings its own proof (the message id); otherwise the proof
     # is what the sync found
-    proof = (not decision.proof_missing if decision.changed(OPT_IN_SOURCE)
-             else held.proof_complete)
-    session = max((m for m in (_when(after.get(SESSION_EXPIRES)), _session_from(since))
-                   if m is not None), default=None)
-    return Now(held.record_id, opted_in,
-               not opted_in and _when(after.get(OPT_OUT_DATE)) is not None,
-               opted_in and proof, session)
+    proof = not decision.proof_missing if decision.changed(OPT_IN_SOURCE) else held.proof_complete
+    session = max(
+        (m for m in (_when(after.get(SESSION_EXPIRES)), _session_from(since)) if m is not None),
+        default=None,
+    )
+    return Now(
+        held.record_id,
+        opted_in,
+        not opted_in and _when(after.get(OPT_OUT_DATE)) is not None,
+        opted_in and proof,
+        session,
+    )
 
 
-def answer(purpose: str, records: Sequence[tuple[Held, Activity]], unmatched: Activity,
-           now: datetime) -> Answer:
+def answer(
+    purpose: str, records: Sequence[tuple[Held, Activity]], unmatched: Activity, now: datetime
+) -> Answer:
     """The answer for one number: `records` are its records with what arrived since each
     was synced; `unmatched` is what arrived for a number no record carries (it can only
     open a service window)."""

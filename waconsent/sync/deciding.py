@@ -23,8 +23,13 @@ class ChunkDecider:
     """Decides chunk after chunk; remembers what the run's end needs (the newest record
     modification for the watermark, and in a dry run the keys it saw)."""
 
-    def __init__(self, scope: RunScope, plan: RunPlan, report: RunReport,
-                 on_decision: DecisionSink | None = None) -> None:
+    def __init__(
+        self,
+        scope: RunScope,
+        plan: RunPlan,
+        report: RunReport,
+        on_decision: DecisionSink | None = None,
+    ) -> None:
         self._scope = scope
         self._plan = plan
         self._report = report
@@ -44,11 +49,13 @@ class ChunkDecider:
             self._scope.keep_lock()
         self._scope.progress.decided(len(chunk.keyed))
 
-    def _decide_one(self, record: CrmRecord, keys: matching.RecordKeys, chunk: Prepared,
-                    now: datetime) -> Decision | None:
+    def _decide_one(
+        self, record: CrmRecord, keys: matching.RecordKeys, chunk: Prepared, now: datetime
+    ) -> Decision | None:
         modified = record.modified_at
-        if modified is not None and (self.newest_modified is None
-                                     or modified > self.newest_modified):
+        if modified is not None and (
+            self.newest_modified is None or modified > self.newest_modified
+        ):
             self.newest_modified = modified
         if not self._plan.writes:
             self.seen_keys.update(keys.key_set)
@@ -69,43 +76,68 @@ class ChunkDecider:
             self._on_decision(record, decision)
         return decision
 
-    def _queue(self, chunk: Prepared, decisions: list[Decision], now: datetime,
-               snapshot: list[snapshot_store.SnapshotRow]) -> None:
+    def _queue(
+        self,
+        chunk: Prepared,
+        decisions: list[Decision],
+        now: datetime,
+        snapshot: list[snapshot_store.SnapshotRow],
+    ) -> None:
         """Index rows of records whose numbers changed are replaced, the others only marked
         seen; decisions go to the outbox; the consent snapshot of records whose keys or
         consent changed is replaced (issue 16). One transaction."""
         scope = self._scope
-        changed = [(record, keys) for record, keys in chunk.keyed
-                   if _index_rows(record, keys) != _known_rows(chunk.known.get(record.record_id,
-                                                                               {}))]
+        changed = [
+            (record, keys)
+            for record, keys in chunk.keyed
+            if _index_rows(record, keys) != _known_rows(chunk.known.get(record.record_id, {}))
+        ]
         changed_ids = {record.record_id for record, _ in changed}
         unchanged = sorted({record.record_id for record, _ in chunk.keyed} - changed_ids)
         with scope.engine.begin() as connection:
             phone_index.replace(
-                connection, scope.crm, [r.record_id for r, _ in changed],
+                connection,
+                scope.crm,
+                [r.record_id for r, _ in changed],
                 [(r.record_id, f, k, _raw(r, f)) for r, keys in changed for f, k in keys.keys],
-                scope.run_id)
+                scope.run_id,
+            )
             phone_index.mark_seen(connection, scope.crm, unchanged, scope.run_id)
-            self._report.writes_queued += outbox_store.enqueue(connection, scope.crm, decisions,
-                                                               scope.run_id, now)
+            self._report.writes_queued += outbox_store.enqueue(
+                connection, scope.crm, decisions, scope.run_id, now
+            )
             moved = [row for row in snapshot if _snapshot_changed(row, chunk.held)]
-            snapshot_store.replace(connection, scope.crm, [row.record_id for row in moved],
-                                   moved, scope.run_id)
+            snapshot_store.replace(
+                connection, scope.crm, [row.record_id for row in moved], moved, scope.run_id
+            )
 
 
-def _snapshot_row(record: CrmRecord, keys: matching.RecordKeys, decision: Decision,
-                  activity: Activity, now: datetime) -> snapshot_store.SnapshotRow:
+def _snapshot_row(
+    record: CrmRecord,
+    keys: matching.RecordKeys,
+    decision: Decision,
+    activity: Activity,
+    now: datetime,
+) -> snapshot_store.SnapshotRow:
     """The record as this run leaves it, found by its keys and by the user id its numbers
     last wrote with (a later STOP that carries only that id still reaches it)."""
     held = audience.held_after(record, decision, activity)
     seen = user_id_key(activity.newest_user_id[1]) if activity.newest_user_id else None
     return snapshot_store.SnapshotRow(
-        record.record_id, keys.key_set | {seen} if seen else keys.key_set, held.opt_in,
-        held.opt_in_date, held.opt_out_date, held.proof_complete, held.session_expires, now)
+        record.record_id,
+        keys.key_set | {seen} if seen else keys.key_set,
+        held.opt_in,
+        held.opt_in_date,
+        held.opt_out_date,
+        held.proof_complete,
+        held.session_expires,
+        now,
+    )
 
 
-def _snapshot_changed(row: snapshot_store.SnapshotRow,
-                      held: dict[str, snapshot_store.SnapshotRow]) -> bool:
+def _snapshot_changed(
+    row: snapshot_store.SnapshotRow, held: dict[str, snapshot_store.SnapshotRow]
+) -> bool:
     before = held.get(row.record_id)
     if before is None:
         return bool(row.keys)  # a record without a number or user id cannot be looked up
@@ -113,8 +145,14 @@ def _snapshot_changed(row: snapshot_store.SnapshotRow,
 
 
 def _values(row: snapshot_store.SnapshotRow) -> tuple[object, ...]:
-    return audience.Held(row.record_id, row.opt_in, row.opt_in_date, row.opt_out_date,
-                         row.proof_complete, row.session_expires).values()
+    return audience.Held(
+        row.record_id,
+        row.opt_in,
+        row.opt_in_date,
+        row.opt_out_date,
+        row.proof_complete,
+        row.session_expires,
+    ).values()
 
 
 def _index_rows(record: CrmRecord, keys: matching.RecordKeys) -> set[tuple[str, str, str]]:

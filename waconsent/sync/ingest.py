@@ -25,8 +25,12 @@ from waconsent.store.engine import REFUSED_VALUE
 
 def keyword_rules(settings: Settings) -> KeywordRules:
     whatsapp = settings.whatsapp
-    return KeywordRules.build(whatsapp.opt_in_keywords, whatsapp.opt_out_keywords,
-                              whatsapp.stop_button_labels, whatsapp.opt_in_button_payloads)
+    return KeywordRules.build(
+        whatsapp.opt_in_keywords,
+        whatsapp.opt_out_keywords,
+        whatsapp.stop_button_labels,
+        whatsapp.opt_in_button_payloads,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +49,14 @@ class IngestReport:
     new_keys: frozenset[str] = frozenset()  # issue 17: the events' keys this delivery stored
 
 
-def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source: str,
-                   clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                   replies: ReplyPolicy | None = None) -> IngestReport:
+def ingest_payload(
+    engine: Engine,
+    payload: Any,
+    keywords: KeywordRules,
+    source: str,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    replies: ReplyPolicy | None = None,
+) -> IngestReport:
     """Parse one webhook body and commit its events (and their evidence) in one transaction.
 
     Issue 14, in the same transaction: the statuses of waconsent's own replies settle
@@ -62,12 +71,15 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     now = clock()
     parsed = parse_payload(payload, keywords, now)
     worth = [event.worth_a_row for event in parsed.events]
-    located = [(parsed.location_of(i), event) for i, event in enumerate(parsed.events)
-               if worth[i]]
-    plain = [(f"status:{status.message_id}", status.wa_id, status.user_id)
-             for status in parsed.plain]
-    plain += [(event.key, event.wa_id, event.match_user_id)
-              for event, kept in zip(parsed.events, worth, strict=True) if not kept]
+    located = [(parsed.location_of(i), event) for i, event in enumerate(parsed.events) if worth[i]]
+    plain = [
+        (f"status:{status.message_id}", status.wa_id, status.user_id) for status in parsed.plain
+    ]
+    plain += [
+        (event.key, event.wa_id, event.match_user_id)
+        for event, kept in zip(parsed.events, worth, strict=True)
+        if not kept
+    ]
     events = tuple(event for _, event in located)
     links = identity.pair_links(plain, now)
     own = _own_reply_statuses(parsed.events)  # issue 14
@@ -85,9 +97,17 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
     except REFUSED_VALUE:
         pass
     else:
-        return IngestReport(counts.stored, counts.duplicates, parsed.skipped, tuple(joined),
-                            len(plain), queued, settled, optin=tuple(confirmations),
-                            new_keys=frozenset(counts.stored_keys))
+        return IngestReport(
+            counts.stored,
+            counts.duplicates,
+            parsed.skipped,
+            tuple(joined),
+            len(plain),
+            queued,
+            settled,
+            optin=tuple(confirmations),
+            new_keys=frozenset(counts.stored_keys),
+        )
     with engine.begin() as connection:
         settled = reply_store.settle(connection, own, now)  # issue 14: first
         joined, confirmations = optin_store.confirm(connection, events, now)  # issue 15
@@ -99,36 +119,50 @@ def ingest_payload(engine: Engine, payload: Any, keywords: KeywordRules, source:
         queued = reply_store.enqueue(connection, _reply_plans(kept, replies, now), now)
     skipped = parsed.skipped + tuple(
         SkippedItem(location, f"refused by the store ({type(exc).__name__})")
-        for location, exc in refused)
-    return IngestReport(len(new_keys), duplicates, skipped, kept, len(plain), queued, settled,
-                        optin=tuple(confirmations), new_keys=frozenset(new_keys))
+        for location, exc in refused
+    )
+    return IngestReport(
+        len(new_keys),
+        duplicates,
+        skipped,
+        kept,
+        len(plain),
+        queued,
+        settled,
+        optin=tuple(confirmations),
+        new_keys=frozenset(new_keys),
+    )
 
 
 def _own_reply_statuses(events: Sequence[Event]) -> list[Event]:
     """Issue 14: the statuses that may belong to waconsent's own replies: those naming
     one in their callback data, and failures (Meta may omit the callback data there; they
     are matched by the reply's message id)."""
-    return [event for event in events if is_reply_status(event)
-            or (event.kind is EventKind.STATUS and event.status == "failed")]
+    return [
+        event
+        for event in events
+        if is_reply_status(event) or (event.kind is EventKind.STATUS and event.status == "failed")
+    ]
 
 
-def _reply_plans(events: Sequence[Event], replies: ReplyPolicy | None,
-                 now: datetime) -> list[PlannedReply]:
+def _reply_plans(
+    events: Sequence[Event], replies: ReplyPolicy | None, now: datetime
+) -> list[PlannedReply]:
     """Issue 14: the confirmations the stored events ask for (none without a policy)."""
     if replies is None:
         return []
     return [plan for event in events if (plan := plan_reply(event, replies, now)) is not None]
 
 
-def _isolate(connection: Connection, located: Sequence[tuple[str, Event]], source: str,
-             now: datetime) -> tuple[set[str], int, list[tuple[str, Exception]]]:
+def _isolate(
+    connection: Connection, located: Sequence[tuple[str, Event]], source: str, now: datetime
+) -> tuple[set[str], int, list[tuple[str, Exception]]]:
     """Store the events in savepoints, halving a part the store refuses until the refused
     items stand alone: (stored keys, duplicates, [(location, error)]). k bad items among n
     cost about k * log2(n) extra statements, not n."""
     try:
         with connection.begin_nested():
-            counts = event_store.ingest(connection, [event for _, event in located], source,
-                                        now)
+            counts = event_store.ingest(connection, [event for _, event in located], source, now)
     except REFUSED_VALUE as exc:
         if len(located) == 1:
             return set(), 0, [(located[0][0], exc)]

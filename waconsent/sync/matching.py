@@ -28,9 +28,13 @@ class RecordKeys:
     key_set: frozenset[str] = frozenset()
 
 
-def record_keys(record_id: str, phones: Mapping[str, str | None], user_id: str | None,
-                default_region: str,
-                known: Mapping[str, tuple[str, str]] | None = None) -> RecordKeys:
+def record_keys(
+    record_id: str,
+    phones: Mapping[str, str | None],
+    user_id: str | None,
+    default_region: str,
+    known: Mapping[str, tuple[str, str]] | None = None,
+) -> RecordKeys:
     """The record's keys; `known` (field -> (raw, key) from the phone index) skips re-parsing."""
     keys: list[tuple[str, str]] = []
     problems: list[PhoneProblem] = []

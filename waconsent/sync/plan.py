@@ -38,8 +38,15 @@ class RunPlan:
     keys: frozenset[str] = frozenset()  # a targeted run's match keys
 
     @classmethod
-    def choose(cls, marks: Watermarks, event_upto: int, *, full: bool, dry_run: bool,
-               only_keys: Collection[str] | None) -> RunPlan:
+    def choose(
+        cls,
+        marks: Watermarks,
+        event_upto: int,
+        *,
+        full: bool,
+        dry_run: bool,
+        only_keys: Collection[str] | None,
+    ) -> RunPlan:
         """Targeted when keys are given; full when asked or when no run finished before."""
         if only_keys is not None:
             mode = Mode.TARGETED

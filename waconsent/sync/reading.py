@@ -73,28 +73,41 @@ def choose_read(scope: RunScope, plan: RunPlan) -> ReadChoice:
     lookback = timedelta(seconds=scope.settings.sync.lookback_seconds)
     with reading(scope.engine) as connection:
         since = marks.run_started - lookback if marks.run_started else None
-        keys = set(event_store.keys_after(connection, marks.events, plan.event_upto, since,
-                                          meaningful_only=True))
-        active = phone_index.record_ids_for_keys(connection, scope.crm,
-                                                 identity.expand(connection, keys))
-        size = max(run_store.last_full_size(connection, scope.crm),
-                   phone_index.record_count(connection, scope.crm))
+        keys = set(
+            event_store.keys_after(
+                connection, marks.events, plan.event_upto, since, meaningful_only=True
+            )
+        )
+        active = phone_index.record_ids_for_keys(
+            connection, scope.crm, identity.expand(connection, keys)
+        )
+        size = max(
+            run_store.last_full_size(connection, scope.crm),
+            phone_index.record_count(connection, scope.crm),
+        )
     connector = scope.connector
     by_id, whole = _calls(len(active), connector.ids_per_read), _calls(size, connector.page_size)
     if active and by_id > whole:
-        return ReadChoice("full", f"{len(active)} records with new activity would cost {by_id} "
-                          f"reads by id; all ~{size} records cost {whole} pages")
-    return ReadChoice("changed+ids", f"{len(active)} records with new activity cost {by_id} "
-                      f"reads by id (all ~{size} records would cost {whole} pages)",
-                      frozenset(active))
+        return ReadChoice(
+            "full",
+            f"{len(active)} records with new activity would cost {by_id} "
+            f"reads by id; all ~{size} records cost {whole} pages",
+        )
+    return ReadChoice(
+        "changed+ids",
+        f"{len(active)} records with new activity cost {by_id} "
+        f"reads by id (all ~{size} records would cost {whole} pages)",
+        frozenset(active),
+    )
 
 
 def _calls(records: int, per_call: int) -> int:
     return -(-records // max(1, per_call))
 
 
-def records_to_read(scope: RunScope, plan: RunPlan, targets: Targets | None,
-                    report: RunReport) -> Iterator[CrmRecord]:
+def records_to_read(
+    scope: RunScope, plan: RunPlan, targets: Targets | None, report: RunReport
+) -> Iterator[CrmRecord]:
     choice = choose_read(scope, plan)
     report.read_plan, report.read_plan_reason = choice.plan, choice.reason
     if choice.plan == "full":
@@ -104,12 +117,16 @@ def records_to_read(scope: RunScope, plan: RunPlan, targets: Targets | None,
         assert targets is not None
         return _targeted(scope, targets, report)
     records = _changed_and_active(scope, plan, choice.active_ids)
-    return (_telling_total(scope, records, len(choice.active_ids), full=False)
-            if scope.progress.active else records)
+    return (
+        _telling_total(scope, records, len(choice.active_ids), full=False)
+        if scope.progress.active
+        else records
+    )
 
 
-def _telling_total(scope: RunScope, records: Iterator[CrmRecord], extra: int, *,
-                   full: bool) -> Iterator[CrmRecord]:
+def _telling_total(
+    scope: RunScope, records: Iterator[CrmRecord], extra: int, *, full: bool
+) -> Iterator[CrmRecord]:
     """Issue 17: tells the progress bar the run's total once the CRM's first page is in:
     the CRM's own count (plus `extra`, the records with activity read by id, an upper
     bound), else for a full read the ledger's last full size as an estimate."""
@@ -137,8 +154,9 @@ def _tell_total(scope: RunScope, extra: int, full: bool) -> None:
     scope.progress.total(None)
 
 
-def _changed_and_active(scope: RunScope, plan: RunPlan,
-                        active_ids: frozenset[str]) -> Iterator[CrmRecord]:
+def _changed_and_active(
+    scope: RunScope, plan: RunPlan, active_ids: frozenset[str]
+) -> Iterator[CrmRecord]:
     """Records changed since the watermark (with the lookback), then the records whose
     numbers had new meaningful WhatsApp activity, found through the ledger's own phone
     index (never by searching the CRM's unnormalized phone fields)."""
@@ -146,8 +164,9 @@ def _changed_and_active(scope: RunScope, plan: RunPlan,
     assert marks.records is not None
     lookback = timedelta(seconds=scope.settings.sync.lookback_seconds)
     changed_ids: set[str] = set()
-    for record in scope.connector.read_changed_since(marks.records - lookback,
-                                                     marks.connector_state):
+    for record in scope.connector.read_changed_since(
+        marks.records - lookback, marks.connector_state
+    ):
         changed_ids.add(record.record_id)
         yield record
     missing = sorted(active_ids - changed_ids)
@@ -162,8 +181,7 @@ def _targeted(scope: RunScope, targets: Targets, report: RunReport) -> Iterator[
         yield from _found_by_search(scope, targets, report)
 
 
-def _found_by_search(scope: RunScope, targets: Targets,
-                     report: RunReport) -> Iterator[CrmRecord]:
+def _found_by_search(scope: RunScope, targets: Targets, report: RunReport) -> Iterator[CrmRecord]:
     """Records created since the last sync that carry a revoked number: the CRM is searched
     by the number's digits (one call per batch of numbers) and every candidate confirmed by
     its parsed number, so a near miss is never revoked. A failed search (a throttled
@@ -174,8 +192,13 @@ def _found_by_search(scope: RunScope, targets: Targets,
         candidates = list(scope.connector.find_by_keys(targets.unindexed))
     except WaconsentError as exc:
         report.search_error = str(exc)
-        logs.event(log, "sync.search_failed", logging.WARNING, error=str(exc),
-                   numbers=len(targets.unindexed))
+        logs.event(
+            log,
+            "sync.search_failed",
+            logging.WARNING,
+            error=str(exc),
+            numbers=len(targets.unindexed),
+        )
         return
     for record in candidates:
         if record.record_id in targets.record_ids:
@@ -208,8 +231,7 @@ def _offer(handoff: queue.Queue[Any], stop: threading.Event, item: Any) -> bool:
     return False
 
 
-def read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2
-               ) -> Iterator[list[CrmRecord]]:
+def read_ahead(chunks: Iterator[list[CrmRecord]], depth: int = 2) -> Iterator[list[CrmRecord]]:
     """Fetch the next chunks in a thread while this one is decided (connectors whose reads
     wait on the network; see `CrmConnector.read_ahead`).
 
@@ -261,17 +283,25 @@ def prepare(scope: RunScope, chunk: Sequence[CrmRecord]) -> Prepared:
     fresh = list({r.record_id: r for r in chunk}.values())
     with reading(scope.engine) as connection:
         known = phone_index.known_keys(connection, scope.crm, [r.record_id for r in fresh])
-        keyed = [(record, record_keys(record, scope.region, known.get(record.record_id)))
-                 for record in fresh]
+        keyed = [
+            (record, record_keys(record, scope.region, known.get(record.record_id)))
+            for record in fresh
+        ]
         activity = event_store.activity_of(
-            connection, {record.record_id: keys.key_set for record, keys in keyed})
+            connection, {record.record_id: keys.key_set for record, keys in keyed}
+        )
         held = snapshot_store.held_records(connection, scope.crm, [r.record_id for r in fresh])
     return Prepared(keyed, known, activity, held)
 
 
-def record_keys(record: CrmRecord, default_region: str,
-                known: KnownKeys | None) -> matching.RecordKeys:
+def record_keys(
+    record: CrmRecord, default_region: str, known: KnownKeys | None
+) -> matching.RecordKeys:
     user_id = record.get("whatsapp_user_id")
-    return matching.record_keys(record.record_id, record.phones,
-                                user_id if isinstance(user_id, str) else None, default_region,
-                                known)
+    return matching.record_keys(
+        record.record_id,
+        record.phones,
+        user_id if isinstance(user_id, str) else None,
+        default_region,
+        known,
+    )

@@ -85,17 +85,23 @@ class RunReport:
         """Count one record read, decided or not, with its unparseable phone values."""
         self.records_read += 1
         for problem in keys.problems:
-            self.note(self.phone_problems, {"record_id": problem.record_id,
-                                            "field": problem.field,
-                                            "value": problem.masked_value,
-                                            "reason": problem.reason})
+            self.note(
+                self.phone_problems,
+                {
+                    "record_id": problem.record_id,
+                    "field": problem.field,
+                    "value": problem.masked_value,
+                    "reason": problem.reason,
+                },
+            )
 
     def tally_undecided(self, record: CrmRecord, error: Exception) -> None:
         """A record the rules could not decide: named with the error's type only (its
         message may quote the data)."""
         self.records_failed += 1
-        self.note(self.record_errors, {"record_id": record.record_id,
-                                       "error": type(error).__name__})
+        self.note(
+            self.record_errors, {"record_id": record.record_id, "error": type(error).__name__}
+        )
 
     def tally(self, record: CrmRecord, decision: Decision) -> None:
         """Count one decided record into the report."""
@@ -129,8 +135,14 @@ def label(record: CrmRecord) -> str:
     return f"{record.record_id} ({record.name})" if record.name else record.record_id
 
 
-def note_unmatched(report: RunReport, engine: Engine, crm: str, after_id: int, upto_id: int,
-                   seen_keys: set[str] | None = None) -> None:
+def note_unmatched(
+    report: RunReport,
+    engine: Engine,
+    crm: str,
+    after_id: int,
+    upto_id: int,
+    seen_keys: set[str] | None = None,
+) -> None:
     """Keys with activity that reach no record, directly or through a linked key.
 
     `seen_keys` (a dry run, which writes no index) are the keys of the records it read.
@@ -142,27 +154,38 @@ def note_unmatched(report: RunReport, engine: Engine, crm: str, after_id: int, u
         else:
             candidates = phone_index.unmatched_keys(connection, crm, after_id, upto_id)
         people = identity.connect(connection, candidates)
-        indexed = set(seen_keys) if seen_keys is not None else set(
-            phone_index.records_by_key(connection, crm, people.expand(candidates)))
+        indexed = (
+            set(seen_keys)
+            if seen_keys is not None
+            else set(phone_index.records_by_key(connection, crm, people.expand(candidates)))
+        )
     unmatched = [key for key in candidates if not people.expand([key]) & indexed]
     report.unmatched_numbers = len(unmatched)
     for key in unmatched[:LIST_LIMIT]:
         report.unmatched.append(key if key.startswith(USER_ID_PREFIX) else mask(key))
 
 
-def note_identity_changes(report: RunReport, engine: Engine, after_id: int,
-                          upto_id: int) -> None:
+def note_identity_changes(report: RunReport, engine: Engine, after_id: int, upto_id: int) -> None:
     """SPEC 5.9: number changes and user-id changes are reported for the admin; a number
     change moves no consent, a user-id change links the old and new ids."""
     with reading(engine) as connection:
         for event in event_store.in_range(connection, after_id, upto_id, Signal.NUMBER_CHANGED):
-            report.note(report.number_changes, {
-                "from": mask(event.wa_id or ""), "to": mask(event.new_wa_id or ""),
-                "at": jsonable(event.occurred_at),
-                "user_id": user_id_key(event.user_id) or ""})
-        for event in event_store.in_range(connection, after_id, upto_id,
-                                          Signal.USER_ID_CHANGED):
-            report.note(report.user_id_changes, {
-                "from": event.user_id or "", "to": event.new_user_id or "",
-                "number": mask(event.wa_id) if event.wa_id else "",
-                "at": jsonable(event.occurred_at)})
+            report.note(
+                report.number_changes,
+                {
+                    "from": mask(event.wa_id or ""),
+                    "to": mask(event.new_wa_id or ""),
+                    "at": jsonable(event.occurred_at),
+                    "user_id": user_id_key(event.user_id) or "",
+                },
+            )
+        for event in event_store.in_range(connection, after_id, upto_id, Signal.USER_ID_CHANGED):
+            report.note(
+                report.user_id_changes,
+                {
+                    "from": event.user_id or "",
+                    "to": event.new_user_id or "",
+                    "number": mask(event.wa_id) if event.wa_id else "",
+                    "at": jsonable(event.occurred_at),
+                },
+            )

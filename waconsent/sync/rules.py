@@ -56,8 +56,12 @@ def has_message_evidence(source: str | None) -> bool:
     parts = source.split(":")
     if parts[0] == "website":  # issue 15: website:form:<form>:token:<ref>:<message id>
         return len(parts) >= 6 and parts[1] == "form" and bool(":".join(parts[5:]).strip())
-    return (len(parts) == 4 and parts[:2] == ["whatsapp", "keyword"] and bool(parts[2].strip())
-            and bool(parts[3].strip()))
+    return (
+        len(parts) == 4
+        and parts[:2] == ["whatsapp", "keyword"]
+        and bool(parts[2].strip())
+        and bool(parts[3].strip())
+    )
 
 
 def proof_gaps(fields: Mapping[str, FieldValue]) -> list[str]:
@@ -80,8 +84,9 @@ def _consent_winner(events: Iterable[Event]) -> Event | None:
     candidates = [e for e in events if e.signal in (Signal.OPT_IN, Signal.OPT_OUT)]
     if not candidates:
         return None
-    return max(candidates, key=lambda e: (to_second(e.occurred_at),
-                                          e.signal is Signal.OPT_OUT, e.key))
+    return max(
+        candidates, key=lambda e: (to_second(e.occurred_at), e.signal is Signal.OPT_OUT, e.key)
+    )
 
 
 def _is_fresh(event: Event, opt_in_date: datetime | None, opt_out_date: datetime | None) -> bool:
@@ -92,14 +97,15 @@ def _is_fresh(event: Event, opt_in_date: datetime | None, opt_out_date: datetime
     """
     at = to_second(event.occurred_at)
     if event.signal is Signal.OPT_OUT:
-        return ((opt_out_date is None or at > opt_out_date)
-                and (opt_in_date is None or at >= opt_in_date))
-    return ((opt_in_date is None or at > opt_in_date)
-            and (opt_out_date is None or at > opt_out_date))
+        return (opt_out_date is None or at > opt_out_date) and (
+            opt_in_date is None or at >= opt_in_date
+        )
+    return (opt_in_date is None or at > opt_in_date) and (opt_out_date is None or at > opt_out_date)
 
 
-def _consent_targets(fields: Mapping[str, FieldValue], events: Sequence[Event]
-                     ) -> tuple[dict[str, tuple[FieldValue, str]], list[str]]:
+def _consent_targets(
+    fields: Mapping[str, FieldValue], events: Sequence[Event]
+) -> tuple[dict[str, tuple[FieldValue, str]], list[str]]:
     """Only events newer than the CRM's own last consent change apply; the newest wins."""
     opt_in_date = _when(fields.get(OPT_IN_DATE))
     opt_out_date = _when(fields.get(OPT_OUT_DATE))
@@ -124,8 +130,12 @@ def _consent_targets(fields: Mapping[str, FieldValue], events: Sequence[Event]
     return targets, _stale_conflicts(fields, stale, opt_in_date, opt_out_date)
 
 
-def _stale_conflicts(fields: Mapping[str, FieldValue], stale: Sequence[Event],
-                     opt_in_date: datetime | None, opt_out_date: datetime | None) -> list[str]:
+def _stale_conflicts(
+    fields: Mapping[str, FieldValue],
+    stale: Sequence[Event],
+    opt_in_date: datetime | None,
+    opt_out_date: datetime | None,
+) -> list[str]:
     """WhatsApp signals the CRM overrode with a newer change it made itself (the CRM stands).
 
     A signal the CRM already recorded (its date is the recorded one) is history, not a
@@ -135,20 +145,35 @@ def _stale_conflicts(fields: Mapping[str, FieldValue], stale: Sequence[Event],
     notes = []
     for event in sorted(stale, key=lambda e: (e.occurred_at, e.key)):
         at = to_second(event.occurred_at)
-        if (event.signal is Signal.OPT_OUT and opted_in and opt_in_date is not None
-                and at < opt_in_date and (opt_out_date is None or opt_out_date < at)):
-            notes.append(f"WhatsApp opt-out ({event.evidence}) at {_stamp(at)} is older than "
-                         f"the CRM's opt-in of {_stamp(opt_in_date)}; the CRM's "
-                         "re-subscription stands")
-        elif (event.signal is Signal.OPT_IN and not opted_in and opt_out_date is not None
-              and at < opt_out_date and (opt_in_date is None or opt_in_date < at)):
-            notes.append(f"WhatsApp opt-in ({event.evidence}) at {_stamp(at)} is older than "
-                         f"the CRM's opt-out of {_stamp(opt_out_date)}; the CRM's opt-out stands")
+        if (
+            event.signal is Signal.OPT_OUT
+            and opted_in
+            and opt_in_date is not None
+            and at < opt_in_date
+            and (opt_out_date is None or opt_out_date < at)
+        ):
+            notes.append(
+                f"WhatsApp opt-out ({event.evidence}) at {_stamp(at)} is older than "
+                f"the CRM's opt-in of {_stamp(opt_in_date)}; the CRM's "
+                "re-subscription stands"
+            )
+        elif (
+            event.signal is Signal.OPT_IN
+            and not opted_in
+            and opt_out_date is not None
+            and at < opt_out_date
+            and (opt_in_date is None or opt_in_date < at)
+        ):
+            notes.append(
+                f"WhatsApp opt-in ({event.evidence}) at {_stamp(at)} is older than "
+                f"the CRM's opt-out of {_stamp(opt_out_date)}; the CRM's opt-out stands"
+            )
     return notes
 
 
-def _session_targets(fields: Mapping[str, FieldValue], activity: Activity
-                     ) -> dict[str, tuple[FieldValue, str]]:
+def _session_targets(
+    fields: Mapping[str, FieldValue], activity: Activity
+) -> dict[str, tuple[FieldValue, str]]:
     """5.1: the newest user message opens 24 h; a later free-entry-point expiry extends it."""
     targets: dict[str, tuple[FieldValue, str]] = {}
     inbound = _when(activity.last_inbound)
@@ -163,8 +188,11 @@ def _session_targets(fields: Mapping[str, FieldValue], activity: Activity
         expiry = max(expiries)
         current_expiry = _when(fields.get(SESSION_EXPIRES))
         if current_expiry is None or expiry > current_expiry:
-            why = ("free entry point window" if inbound is None or expiry > inbound
-                   + SERVICE_WINDOW else "24-hour customer service window")
+            why = (
+                "free entry point window"
+                if inbound is None or expiry > inbound + SERVICE_WINDOW
+                else "24-hour customer service window"
+            )
             targets[SESSION_EXPIRES] = (expiry, why)
     return targets
 
@@ -182,8 +210,9 @@ def current_user_id(start: str, changes: Sequence[UserIdChange]) -> str:
         seen.add(current)
 
 
-def _user_id_target(fields: Mapping[str, FieldValue], activity: Activity
-                    ) -> dict[str, tuple[FieldValue, str]]:
+def _user_id_target(
+    fields: Mapping[str, FieldValue], activity: Activity
+) -> dict[str, tuple[FieldValue, str]]:
     """The record's business-scoped user id: the newest seen, written once a record is
     matched by number; after that it moves only where Meta announced the change."""
     held = fields.get(WHATSAPP_USER_ID)
@@ -195,8 +224,11 @@ def _user_id_target(fields: Mapping[str, FieldValue], activity: Activity
     target = current_user_id(start, activity.user_id_changes)
     if target == held:
         return {}
-    why = ("business-scoped user id seen on WhatsApp" if held is None or held == ""
-           else f"business-scoped user id changed from {held} to {target}")
+    why = (
+        "business-scoped user id seen on WhatsApp"
+        if held is None or held == ""
+        else f"business-scoped user id changed from {held} to {target}"
+    )
     return {WHATSAPP_USER_ID: (target, why)}
 
 
@@ -206,8 +238,9 @@ def _differs(old: FieldValue, new: FieldValue) -> bool:
     return old != new
 
 
-def decide(record: CrmRecord, activity: Activity, mapped: Collection[str],
-           now: datetime) -> Decision:
+def decide(
+    record: CrmRecord, activity: Activity, mapped: Collection[str], now: datetime
+) -> Decision:
     """Every rule of SPEC section 5 for one record; `mapped` limits what may be written.
 
     `activity` is `Activity.of(events)` for the events matched to the record (a store may
@@ -218,15 +251,21 @@ def decide(record: CrmRecord, activity: Activity, mapped: Collection[str],
     conflicts: list[str] = []
     if activity:  # most records of an org have no WhatsApp activity: only proof applies
         consent, conflicts = _consent_targets(fields, activity.consent)
-        targets = {**consent, **_session_targets(fields, activity),
-                   **_user_id_target(fields, activity)}
-    after = ({**fields, **{name: value for name, (value, _) in targets.items()}} if targets
-             else fields)
+        targets = {
+            **consent,
+            **_session_targets(fields, activity),
+            **_user_id_target(fields, activity),
+        }
+    after = (
+        {**fields, **{name: value for name, (value, _) in targets.items()}} if targets else fields
+    )
     gaps = proof_gaps(after) if after.get(OPT_IN) is True else []
     proof_missing = bool(gaps)
     if (fields.get(PROOF_MISSING) is True) != proof_missing:
-        targets[PROOF_MISSING] = (proof_missing, f"proof lacks {', '.join(gaps)}"
-                                  if proof_missing else "proof complete or not opted in")
+        targets[PROOF_MISSING] = (
+            proof_missing,
+            f"proof lacks {', '.join(gaps)}" if proof_missing else "proof complete or not opted in",
+        )
     changes = tuple(
         FieldChange(name, fields.get(name), value, why)
         for name, (value, why) in targets.items()

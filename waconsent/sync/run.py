@@ -50,11 +50,18 @@ __all__ = ["DecisionSink", "RunReport", "run_once"]
 log = logging.getLogger("waconsent.sync")
 
 
-def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
-             connector: CrmConnector | None = None, engine: Engine | None = None,
-             clock: Clock | None = None, on_decision: DecisionSink | None = None,
-             only_keys: Collection[str] | None = None,
-             progress: Progress | None = None) -> RunReport:
+def run_once(
+    config: LoadedConfig,
+    *,
+    full: bool = False,
+    dry_run: bool = False,
+    connector: CrmConnector | None = None,
+    engine: Engine | None = None,
+    clock: Clock | None = None,
+    on_decision: DecisionSink | None = None,
+    only_keys: Collection[str] | None = None,
+    progress: Progress | None = None,
+) -> RunReport:
     """The one entry point of the CLI, the scheduler and the webhook's targeted write-back.
 
     `only_keys` makes a *targeted* run: only the records behind those match keys are read,
@@ -71,11 +78,9 @@ def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
         with reading(engine) as connection:
             marks = run_store.last_watermarks(connection, config.settings.crm_name)
             event_upto = event_store.newest_id(connection)
-        plan = RunPlan.choose(marks, event_upto, full=full, dry_run=dry_run,
-                              only_keys=only_keys)
+        plan = RunPlan.choose(marks, event_upto, full=full, dry_run=dry_run, only_keys=only_keys)
         with _long_lived_objects_frozen():
-            return _run(config, engine, connector, clock, plan, on_decision,
-                        progress or SILENT)
+            return _run(config, engine, connector, clock, plan, on_decision, progress or SILENT)
     finally:
         if own_connector and connector is not None:
             connector.close()
@@ -83,8 +88,15 @@ def run_once(config: LoadedConfig, *, full: bool = False, dry_run: bool = False,
             engine.dispose()
 
 
-def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: Clock,
-         plan: RunPlan, on_decision: DecisionSink | None, progress: Progress) -> RunReport:
+def _run(
+    config: LoadedConfig,
+    engine: Engine,
+    connector: CrmConnector,
+    clock: Clock,
+    plan: RunPlan,
+    on_decision: DecisionSink | None,
+    progress: Progress,
+) -> RunReport:
     settings = config.settings
     crm = settings.crm_name
     report = RunReport(mode=plan.mode.value, dry_run=plan.dry_run)
@@ -95,10 +107,20 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
     run_id = 0
     try:
         if plan.writes:
-            run_id = report.run_id = run_store.start_run(engine, crm, plan.mode.value, holder,
-                                                         clock())
-        scope = RunScope(settings, engine, connector, clock, crm, holder, run_id,
-                         frozenset(settings.mapped_fields()), progress)
+            run_id = report.run_id = run_store.start_run(
+                engine, crm, plan.mode.value, holder, clock()
+            )
+        scope = RunScope(
+            settings,
+            engine,
+            connector,
+            clock,
+            crm,
+            holder,
+            run_id,
+            frozenset(settings.mapped_fields()),
+            progress,
+        )
         with logs.bound(run_id=run_id or None, crm=crm, mode=plan.mode.value):
             _steps(scope, plan, report, on_decision)
     except Exception as exc:  # any failure: the run record says so, the outbox keeps its rows
@@ -110,16 +132,27 @@ def _run(config: LoadedConfig, engine: Engine, connector: CrmConnector, clock: C
         _record_usage(connector, report)
         if plan.writes:
             run_store.release_lock(engine, crm, holder)
-    logs.event(log, "sync.finished", run_id=report.run_id, crm=crm, mode=report.mode,
-               status=report.status, read_plan=report.read_plan,
-               records_read=report.records_read, revocations=report.revocations,
-               opt_ins=report.opt_ins, writes_sent=report.writes_sent,
-               writes_failed=report.writes_failed, api_calls=report.api_calls)
+    logs.event(
+        log,
+        "sync.finished",
+        run_id=report.run_id,
+        crm=crm,
+        mode=report.mode,
+        status=report.status,
+        read_plan=report.read_plan,
+        records_read=report.records_read,
+        revocations=report.revocations,
+        opt_ins=report.opt_ins,
+        writes_sent=report.writes_sent,
+        writes_failed=report.writes_failed,
+        api_calls=report.api_calls,
+    )
     return report
 
 
-def _steps(scope: RunScope, plan: RunPlan, report: RunReport,
-           on_decision: DecisionSink | None) -> None:
+def _steps(
+    scope: RunScope, plan: RunPlan, report: RunReport, on_decision: DecisionSink | None
+) -> None:
     """Leftovers, read and decide, reports, send, finish: in this order."""
     targets = read.targets_for(scope, plan.keys) if plan.targeted else None
     only = targets.record_ids if targets is not None else None
@@ -127,14 +160,14 @@ def _steps(scope: RunScope, plan: RunPlan, report: RunReport,
     if plan.writes:  # what earlier runs left, revocations first (targeted: its records only)
         sender.send(leftovers=True, record_ids=set(only) if only is not None else None)
     decider = ChunkDecider(scope, plan, report, on_decision)
-    chunks = read.chunks(read.records_to_read(scope, plan, targets, report),
-                         scope.settings.sync.read_chunk_size)
+    chunks = read.chunks(
+        read.records_to_read(scope, plan, targets, report), scope.settings.sync.read_chunk_size
+    )
     for chunk in read.read_ahead(chunks) if scope.connector.read_ahead else chunks:
         decider.decide(read.prepare(scope, chunk))
     if not plan.targeted:
         seen = None if plan.writes else decider.seen_keys
-        note_unmatched(report, scope.engine, scope.crm, plan.events_after, plan.event_upto,
-                       seen)
+        note_unmatched(report, scope.engine, scope.crm, plan.events_after, plan.event_upto, seen)
         note_identity_changes(report, scope.engine, plan.events_after, plan.event_upto)
     if not plan.writes:
         report.status = "dry-run"
@@ -159,22 +192,27 @@ def _finish(scope: RunScope, plan: RunPlan, report: RunReport, decider: ChunkDec
         marks = plan.marks
         newest = decider.newest_modified
         record_mark = max((m for m in (marks.records, newest) if m is not None), default=None)
-        new_marks = run_store.Watermarks(record_mark or to_second(scope.clock()),
-                                         max(marks.events, plan.event_upto),
-                                         connector_state=scope.connector.next_cursor())
+        new_marks = run_store.Watermarks(
+            record_mark or to_second(scope.clock()),
+            max(marks.events, plan.event_upto),
+            connector_state=scope.connector.next_cursor(),
+        )
     with scope.engine.begin() as connection:
         if plan.mode is Mode.FULL:
             phone_index.drop_unseen(connection, scope.crm, scope.run_id)
             snapshot_store.drop_unseen(connection, scope.crm)  # issue 16
-        run_store.finish_run(connection, scope.run_id, report.status, scope.clock(),
-                             report.counts(), new_marks)
+        run_store.finish_run(
+            connection, scope.run_id, report.status, scope.clock(), report.counts(), new_marks
+        )
 
 
-def _finish_failed(engine: Engine, run_id: int, report: RunReport, clock: Clock,
-                   exc: Exception) -> None:
+def _finish_failed(
+    engine: Engine, run_id: int, report: RunReport, clock: Clock, exc: Exception
+) -> None:
     with engine.begin() as connection:
-        run_store.finish_run(connection, run_id, "failed", clock(), report.counts(), None,
-                             error=describe(exc))
+        run_store.finish_run(
+            connection, run_id, "failed", clock(), report.counts(), None, error=describe(exc)
+        )
 
 
 _FROZEN = threading.Lock()

@@ -33,8 +33,9 @@ NIGHTLY_RETRY = timedelta(minutes=5)
 NIGHTLY_RETRIES = 24  # two hours of an incremental run in the way, then tomorrow
 
 
-def _guarded(name: str, job: Callable[[], Any],
-             on_lock_held: Callable[[], None] | None = None) -> Callable[[], None]:
+def _guarded(
+    name: str, job: Callable[[], Any], on_lock_held: Callable[[], None] | None = None
+) -> Callable[[], None]:
     def run() -> None:
         try:
             job()
@@ -44,12 +45,16 @@ def _guarded(name: str, job: Callable[[], Any],
                 on_lock_held()
         except Exception as exc:  # noqa: BLE001 - the outbox keeps what was decided; the next run resumes
             logs.event(log, "scheduler.job_failed", logging.ERROR, job=name, error=describe(exc))
+
     return run
 
 
-def build_scheduler(schedule: ScheduleConfig, full_run: Callable[[], Any],
-                    incremental_run: Callable[[], Any],
-                    hourly: Callable[[], Any] | None = None) -> BackgroundScheduler:
+def build_scheduler(
+    schedule: ScheduleConfig,
+    full_run: Callable[[], Any],
+    incremental_run: Callable[[], Any],
+    hourly: Callable[[], Any] | None = None,
+) -> BackgroundScheduler:
     """Nightly full run on the cron expression, incremental every N minutes, never overlapping.
 
     A nightly run that finds an incremental run holding the lock is tried again every five
@@ -62,31 +67,40 @@ def build_scheduler(schedule: ScheduleConfig, full_run: Callable[[], Any],
     def retry_nightly() -> None:
         if retries[0] < NIGHTLY_RETRIES:
             retries[0] += 1
-            scheduler.add_job(nightly, DateTrigger(datetime.now(UTC) + NIGHTLY_RETRY),
-                              id="nightly-full-retry", replace_existing=True)
+            scheduler.add_job(
+                nightly,
+                DateTrigger(datetime.now(UTC) + NIGHTLY_RETRY),
+                id="nightly-full-retry",
+                replace_existing=True,
+            )
 
     def full_then_reset() -> None:
         full_run()
         retries[0] = 0
 
     nightly = _guarded("nightly full sync", full_then_reset, retry_nightly)
-    scheduler.add_job(nightly,
-                      CronTrigger.from_crontab(schedule.nightly, timezone=schedule.timezone),
-                      id="nightly-full", **common)
-    scheduler.add_job(_guarded("incremental sync", incremental_run),
-                      IntervalTrigger(minutes=schedule.incremental_minutes,
-                                      timezone=schedule.timezone),
-                      id="incremental", **common)
+    scheduler.add_job(
+        nightly,
+        CronTrigger.from_crontab(schedule.nightly, timezone=schedule.timezone),
+        id="nightly-full",
+        **common,
+    )
+    scheduler.add_job(
+        _guarded("incremental sync", incremental_run),
+        IntervalTrigger(minutes=schedule.incremental_minutes, timezone=schedule.timezone),
+        id="incremental",
+        **common,
+    )
     if hourly is not None:  # issue 15: the purge of unconfirmed website opt-in requests
-        scheduler.add_job(_guarded("hourly upkeep", hourly), IntervalTrigger(hours=1),
-                          id="hourly", **common)
+        scheduler.add_job(
+            _guarded("hourly upkeep", hourly), IntervalTrigger(hours=1), id="hourly", **common
+        )
     return scheduler
 
 
 def revocation_keys(events: Collection[Event]) -> set[str]:
     """The match keys of the opt-outs among freshly stored events."""
-    return {key for event in events if event.signal is Signal.OPT_OUT
-            for key in event_keys(event)}
+    return {key for event in events if event.signal is Signal.OPT_OUT for key in event_keys(event)}
 
 
 class RevocationDispatcher:
@@ -98,8 +112,15 @@ class RevocationDispatcher:
     stored, so nothing is lost either way).
     """
 
-    def __init__(self, run: Callable[[set[str]], Any], *, debounce: float = 0.5,
-                 max_wait: float = 2.0, retry_after: float = 5.0, attempts: int = 60) -> None:
+    def __init__(
+        self,
+        run: Callable[[set[str]], Any],
+        *,
+        debounce: float = 0.5,
+        max_wait: float = 2.0,
+        retry_after: float = 5.0,
+        attempts: int = 60,
+    ) -> None:
         self._run = run
         self._debounce = debounce
         self._max_wait = max_wait
@@ -158,8 +179,13 @@ class RevocationDispatcher:
                 if failures < self._attempts:
                     pending = keys
                     level = logging.INFO if isinstance(exc, RunLockHeld) else logging.ERROR
-                    logs.event(log, "revocations.deferred", level, error=describe(exc),
-                               retry_in_seconds=self._retry_after)
+                    logs.event(
+                        log,
+                        "revocations.deferred",
+                        level,
+                        error=describe(exc),
+                        retry_in_seconds=self._retry_after,
+                    )
                 else:
                     # the events are stored: the next scheduled run sends the revocation
                     logs.event(log, "revocations.gave_up", logging.WARNING, tries=failures)

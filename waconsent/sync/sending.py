@@ -24,8 +24,7 @@ class OutboxSender:
         self._report = report
         self._failed: set[int] = set()
 
-    def send(self, *, leftovers: bool = False,
-             record_ids: Collection[str] | None = None) -> None:
+    def send(self, *, leftovers: bool = False, record_ids: Collection[str] | None = None) -> None:
         """One pass over the outbox; `record_ids` limits a targeted run to its records.
 
         `leftovers`: rows earlier runs left behind are checked against the CRM first. A row
@@ -43,8 +42,14 @@ class OutboxSender:
         cursor = (0, 0)  # (priority, id) of the last row read, so the pass moves on
         while True:
             with reading(scope.engine) as connection:
-                page = outbox_store.sendable(connection, scope.crm, after_id=cursor[1],
-                                             priority=cursor[0], limit=size, record_ids=only)
+                page = outbox_store.sendable(
+                    connection,
+                    scope.crm,
+                    after_id=cursor[1],
+                    priority=cursor[0],
+                    limit=size,
+                    record_ids=only,
+                )
             if not page:
                 return
             cursor = (page[-1].priority, page[-1].outbox_id)
@@ -53,14 +58,17 @@ class OutboxSender:
             batch = [q for q in page if q.outbox_id not in self._failed]
             to_send = self._check_leftovers(batch) if leftovers and batch else batch
             if to_send:
-                results = scope.connector.write([WriteRequest(q.record_id, q.values())
-                                                 for q in to_send])
+                results = scope.connector.write(
+                    [WriteRequest(q.record_id, q.values()) for q in to_send]
+                )
                 self._settle(_pair(to_send, results))
             scope.keep_lock()
 
     def _check_leftovers(self, batch: Sequence[QueuedWrite]) -> list[QueuedWrite]:
-        current = {r.record_id: r.fields
-                   for r in self._scope.connector.read_by_ids([q.record_id for q in batch])}
+        current = {
+            r.record_id: r.fields
+            for r in self._scope.connector.read_by_ids([q.record_id for q in batch])
+        }
         states: dict[str, list[QueuedWrite]] = {"pending": [], "applied": [], "superseded": []}
         for queued in batch:
             fields = current.get(queued.record_id)
@@ -80,15 +88,24 @@ class OutboxSender:
     def _settle(self, outcomes: Sequence[tuple[QueuedWrite, WriteResult]]) -> None:
         scope, report = self._scope, self._report
         entries = []
-        scope.progress.sent(sum(1 for _, r in outcomes if r.ok),
-                            sum(1 for _, r in outcomes if not r.ok))
+        scope.progress.sent(
+            sum(1 for _, r in outcomes if r.ok), sum(1 for _, r in outcomes if not r.ok)
+        )
         for queued, result in outcomes:
             if result.ok:
                 report.writes_sent += 1
-                entries.append(evidence_store.EvidenceEntry(
-                    kind="write", record_id=queued.record_id,
-                    body={"crm": scope.crm, "record_id": queued.record_id,
-                          "run_id": scope.run_id, "changes": list(queued.changes)}))
+                entries.append(
+                    evidence_store.EvidenceEntry(
+                        kind="write",
+                        record_id=queued.record_id,
+                        body={
+                            "crm": scope.crm,
+                            "record_id": queued.record_id,
+                            "run_id": scope.run_id,
+                            "changes": list(queued.changes),
+                        },
+                    )
+                )
             else:
                 self._failed.add(queued.outbox_id)
                 report.note_write_error(queued.record_id, result.code, result.error)
@@ -97,14 +114,16 @@ class OutboxSender:
             evidence_store.append(connection, entries, scope.clock())
 
 
-def _pair(batch: Sequence[QueuedWrite], results: Sequence[WriteResult]
-          ) -> list[tuple[QueuedWrite, WriteResult]]:
+def _pair(
+    batch: Sequence[QueuedWrite], results: Sequence[WriteResult]
+) -> list[tuple[QueuedWrite, WriteResult]]:
     """Results come one per request in order; a short or mismatched answer is a failure."""
     pairs = []
     for index, queued in enumerate(batch):
         result = results[index] if index < len(results) else None
         if result is None or result.record_id != queued.record_id:
-            result = WriteResult(queued.record_id, False, "the CRM returned no result for "
-                                 "this record", "NO_RESULT")
+            result = WriteResult(
+                queued.record_id, False, "the CRM returned no result for this record", "NO_RESULT"
+            )
         pairs.append((queued, result))
     return pairs

@@ -21,8 +21,12 @@ depends_on = None
 
 def upgrade() -> None:
     sqlite = op.get_bind().dialect.name == "sqlite"
-    with op.batch_alter_table("outbox", schema=None, recreate="always" if sqlite else "auto",
-                              table_kwargs={"sqlite_autoincrement": True}) as batch_op:
+    with op.batch_alter_table(
+        "outbox",
+        schema=None,
+        recreate="always" if sqlite else "auto",
+        table_kwargs={"sqlite_autoincrement": True},
+    ) as batch_op:
         batch_op.add_column(sa.Column("basis", sa.JSON(), nullable=True))
 
 

@@ -22,8 +22,12 @@ def upgrade() -> None:
     moment = sa.DateTime(timezone=True)
     op.create_table(
         "optin_requests",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                  primary_key=True, autoincrement=True),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
         sa.Column("token_hash", sa.String(length=64), nullable=False),
         sa.Column("created_at", moment, nullable=False),
         sa.Column("expires_at", moment, nullable=False),
