@@ -15,6 +15,7 @@ from tests import payloads as p
 from waconsent.connectors.whatsapp import parse_payload
 from waconsent.domain import NO_ACTIVITY, Activity, Event, EventKind, Signal
 from waconsent.errors import RunLockHeld
+from waconsent.store import activity as activity_store
 from waconsent.store import events as event_store
 from waconsent.store import evidence as evidence_store
 from waconsent.store import identity
@@ -155,7 +156,7 @@ def test_activity_found_by_canonical_key_and_user_id(engine: Engine) -> None:
     with engine.begin() as connection:
         event_store.ingest(connection, batch, "test", NOW)
     with engine.connect() as connection:
-        found = event_store.activity_of(
+        found = activity_store.activity_of(
             connection,
             {
                 "both": {"+4915123456789", "uid:US.7"},
@@ -227,7 +228,7 @@ def test_activity_aggregates_equal_the_rules_reduction(
     """The store's SQL aggregates answer exactly `Activity.of` over the matching events,
     for any set of keys (number only, user id only, both, several numbers), also when the
     keys are spread over several queries and one group comes back from two of them."""
-    monkeypatch.setattr(event_store, "_KEYS_PER_QUERY", keys_per_query)
+    monkeypatch.setattr(activity_store, "_KEYS_PER_QUERY", keys_per_query)
     rnd = random.Random(seed)
     made = _random_events(rnd, 40)
     with engine.begin() as connection:
@@ -240,7 +241,7 @@ def test_activity_aggregates_equal_the_rules_reduction(
         "mx": {"+5215512345678", "uid:US.1", "uid:US.2"},
     }
     with engine.connect() as connection:
-        found = event_store.activity_of(connection, key_sets)
+        found = activity_store.activity_of(connection, key_sets)
     for record_id, keys in key_sets.items():
         reach = linked(keys, made)
         expected = Activity.of(e for e in made if set(event_keys(e)) & reach)

@@ -29,7 +29,7 @@ from sqlalchemy import Engine
 from waconsent.csvfiles import is_utf8
 from waconsent.domain import NO_ACTIVITY, Activity
 from waconsent.phones import lookup_keys, quick_key
-from waconsent.store import events as event_store
+from waconsent.store import activity as activity_store
 from waconsent.store import snapshot as snapshot_store
 from waconsent.store.engine import open_engine, reading
 from waconsent.sync import audience
@@ -98,13 +98,15 @@ class ConsentChecker:
                 moments.append(now - UNMATCHED_REACH)
             since = min(moments, default=now)
             active = (
-                event_store.keys_with_events_since(connection, wanted, since) if wanted else set()
+                activity_store.keys_with_events_since(connection, wanted, since)
+                if wanted
+                else set()
             )
             # a record's activity needs all its keys once one of them has news
             wanted = {key for row in rows.values() if row.keys & active for key in row.keys} | (
                 active & unmatched
             )
-            groups = event_store.activity_since(connection, wanted, since) if wanted else {}
+            groups = activity_store.activity_since(connection, wanted, since) if wanted else {}
         by_group_key: dict[str, list[Activity]] = {}
         for (phone, uid), activity in groups.items():
             for key in (phone, uid):

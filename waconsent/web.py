@@ -45,26 +45,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from waconsent import logs
 from waconsent.config.loading import LoadedConfig
 from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, decode_json, verify_signature
 from waconsent.consent_api import consent_routes
-from waconsent.domain import CONSENT_SIGNALS, Signal
 from waconsent.errors import ConfigError
 from waconsent.keywords import KeywordRules
 from waconsent.metrics import CONTENT_TYPE, Metrics
 from waconsent.optin_web import optin_routes
-from waconsent.phones import mask
 from waconsent.replies.policy import reply_policy
 from waconsent.replies.rules import ReplyPolicy
 from waconsent.server_limits import ServerLimits, Throttled
 from waconsent.store.engine import reading
 from waconsent.sync.ingest import IngestReport, ingest_payload, keyword_rules
+from waconsent.web_logs import AccessLog, log_delivery
 
 logger = logging.getLogger("waconsent.web")
-access_logger = logging.getLogger("waconsent.web.access")
 
 # The two environment variables the receiver cannot start without, and where each comes from.
 REQUIRED_VARIABLES = {
@@ -77,8 +74,6 @@ HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
 SOURCE = "webhook"
 RETRY_AFTER_SECONDS = "30"
-MAX_SKIPS_LOGGED = 20  # a 1,000-item batch of junk logs 20 locations and a count, not 1,000 lines
-LOGGED_SIGNALS = CONSENT_SIGNALS | {Signal.RESUME, Signal.NUMBER_CHANGED}
 OnIngest = Callable[[IngestReport], None]
 #: issue 14: more of `/healthz` (the reply sender's state); "stopped" makes it "degraded"
 HealthHook = Callable[[], dict[str, Any]]
@@ -259,7 +254,7 @@ class _Receiver:
             self.metrics.delivery("error")
             return PlainTextResponse("internal error", status_code=500)
         seconds = time.perf_counter() - started
-        self._log_report(report, size, seconds)
+        log_delivery(report, size, seconds)
         self.metrics.delivered(report, seconds)
         if self.on_ingest is not None and report.stored:
             try:
@@ -278,54 +273,6 @@ class _Receiver:
                 "duplicates": report.duplicates,
                 "skipped": len(report.skipped),
             }
-        )
-
-    def _log_report(self, report: IngestReport, size: int, seconds: float) -> None:
-        for skipped in report.skipped[:MAX_SKIPS_LOGGED]:
-            logs.event(
-                logger,
-                "webhook.item_skipped",
-                logging.WARNING,
-                where=skipped.location,
-                reason=skipped.reason,
-            )
-        if len(report.skipped) > MAX_SKIPS_LOGGED:
-            logs.event(
-                logger,
-                "webhook.items_skipped_more",
-                logging.WARNING,
-                count=len(report.skipped) - MAX_SKIPS_LOGGED,
-            )
-        if logger.isEnabledFor(logging.INFO):
-            for event in report.events:
-                if event.signal in LOGGED_SIGNALS:
-                    logs.event(
-                        logger,
-                        "webhook.signal",
-                        signal=event.signal.value,
-                        kind=event.kind.value,
-                        wa_id=mask(event.wa_id) if event.wa_id else None,
-                        key=_masked_key(event.key),
-                    )
-        for confirmation in report.optin:  # issue 15: unknown, used, expired, mismatched too
-            logs.event(
-                logger,
-                "webhook.optin",
-                outcome=confirmation.outcome,
-                wa_id=mask(confirmation.wa_id) if confirmation.wa_id else None,
-            )
-        logs.event(
-            logger,
-            "webhook.delivery",
-            bytes=size,
-            events=len(report.events),
-            stored=report.stored,
-            duplicates=report.duplicates,
-            acknowledged=report.acknowledged,
-            replies_queued=report.replies_queued,
-            replies_settled=report.replies_settled,
-            skipped=len(report.skipped),
-            store_ms=round(seconds * 1000, 2),
         )
 
     async def health(self, request: Request) -> Response:
@@ -353,52 +300,6 @@ class _Receiver:
     def _ping(self) -> None:
         with reading(self.engine) as connection:
             connection.execute(text("SELECT 1"))
-
-
-def _masked_key(key: str) -> str:
-    """Preference keys embed the wa_id (`pref:<wa_id>:<value>:<time>`); mask that part."""
-    kind, _, rest = key.partition(":")
-    if kind != "pref":
-        return key
-    who, _, tail = rest.partition(":")
-    return f"pref:{mask(who)}:{tail}"
-
-
-class AccessLog:
-    """ASGI middleware: method, path without query string, status, duration; nothing else.
-
-    Paths other than the app's own are logged as `(other)`: a scanner's path could be
-    anything, a phone number included.
-    """
-
-    def __init__(self, app: ASGIApp, paths: frozenset[str]) -> None:
-        self.app = app
-        self.paths = paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # what the client sees if the app fails before starting a response
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            logs.event(
-                access_logger,
-                "http.access",
-                method=scope["method"],
-                path=scope["path"] if scope["path"] in self.paths else "(other)",
-                status=status,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-            )
 
 
 def create_app(

@@ -7,7 +7,7 @@ with `dynamics.change_tracking`, follow the delta link of the last full read.
 Writes are `PATCH entityset(id)` with `If-Match: *` (so a missing record is never
 created), up to 1,000 to a `$batch`, one change set per record and
 `Prefer: odata.continue-on-error`, so one bad record fails alone. Several batches
-go out in parallel, bounded by `dynamics.max_concurrency`.
+go out in parallel, bounded by `dynamics.max_concurrency` (`connectors.dynamics_writing`).
 
 Every request goes through the shared RetryPolicy: 429 waits exactly its
 `Retry-After`, 503 and connection errors back off; a 401 renews the token once.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -42,9 +41,10 @@ from waconsent.connectors.dynamics_client import (
 )
 from waconsent.connectors.dynamics_metadata import DataverseMetadata, Entity, MappedTable, described
 from waconsent.connectors.dynamics_values import DataverseValues
+from waconsent.connectors.dynamics_writing import DataverseWriter
 from waconsent.connectors.http import RetryPolicy
 from waconsent.domain import CrmRecord, FieldDescription, FieldValue, WriteRequest, WriteResult
-from waconsent.errors import ConfigError, ConnectionFailed, PermanentRecordError
+from waconsent.errors import ConfigError, ConnectionFailed
 from waconsent.phones import USER_ID_PREFIX, search_digits
 
 if TYPE_CHECKING:
@@ -56,10 +56,6 @@ log = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 5000  # Dataverse's ceiling for odata.maxpagesize
 ID_CHUNK = 200  # GUIDs per by-id query: ~10 KB of URL, well under Dataverse's limit
 SEARCH_CHUNK = 60  # conditions per look-up by number (~4 KB of URL)
-
-# per-operation answers inside a $batch that a later attempt may heal
-_TRANSIENT_STATUSES = frozenset({401, 408, 423, 429, 500, 502, 503, 504})
-_MISSING_STATUSES = frozenset({404, 412})  # 412: If-Match: * found no record
 
 
 class _DeltaExpired(Exception):
@@ -130,6 +126,15 @@ class DynamicsConnector:
                 self._change_tracking,
             ),
             lambda url: self._client.get_json(url, kind="metadata", table=self._set),
+        )
+        self._writer = DataverseWriter(
+            self._base,
+            self._set,
+            self._client,
+            self._values,
+            self._meta.attributes,
+            batch_size=self._batch_size,
+            concurrency=self._concurrency,
         )
 
     # ---- construction ---------------------------------------------------------------------
@@ -346,96 +351,7 @@ class DynamicsConnector:
     def write(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
         """PATCH each record with only its changed attributes, in `$batch`es sent in
         parallel (at most max_concurrency); one result per write, in order."""
-        results: list[WriteResult | None] = [None] * len(writes)
-        pending: list[tuple[int, str, dict[str, Any]]] = []
-        for index, write in enumerate(writes):
-            record_id = odata.guid(write.record_id)
-            if record_id is None:
-                results[index] = WriteResult(
-                    write.record_id,
-                    False,
-                    "not a Dataverse record id (a GUID)",
-                    "INVALID_ID",
-                    permanent=True,
-                )
-                continue
-            try:
-                body = self._values.payload(write.record_id, write.values, self._meta.attributes())
-            except PermanentRecordError as exc:
-                results[index] = WriteResult(
-                    write.record_id, False, str(exc), exc.code, permanent=True
-                )
-                continue
-            if not body:
-                results[index] = WriteResult(write.record_id, True)
-                continue
-            pending.append((index, record_id, body))
-        chunks = [
-            pending[i : i + self._batch_size] for i in range(0, len(pending), self._batch_size)
-        ]
-        if len(chunks) <= 1:
-            answered = [self._send_batch(chunk) for chunk in chunks]
-        else:
-            with ThreadPoolExecutor(
-                max_workers=min(self._concurrency, len(chunks)),
-                thread_name_prefix="dataverse-batch",
-            ) as pool:
-                answered = list(pool.map(logs.in_context(self._send_batch), chunks))
-        for chunk, chunk_results in zip(chunks, answered, strict=True):
-            for (index, _, _), result in zip(chunk, chunk_results, strict=True):
-                results[index] = WriteResult(
-                    writes[index].record_id, result.ok, result.error, result.code, result.permanent
-                )
-        return [r for r in results if r is not None]
-
-    def _send_batch(self, chunk: Sequence[tuple[int, str, dict[str, Any]]]) -> list[WriteResult]:
-        operations = [
-            batch.Operation(
-                str(n), "PATCH", f"{self._base}/{self._set}({record_id})", body, {"If-Match": "*"}
-            )
-            for n, (_, record_id, body) in enumerate(chunk, start=1)
-        ]
-        content_type, payload = batch.build(operations)
-        response = self._client.send(
-            "POST",
-            f"{self._base}/$batch",
-            kind="batch",
-            body=payload,
-            headers={"Content-Type": content_type, "Prefer": odata.prefer(continue_on_error=True)},
-        )
-        if not response.ok:
-            code, message = error_of(response)
-            logs.event(
-                log,
-                "dataverse.batch_refused",
-                logging.ERROR,
-                status=response.status_code,
-                code=code,
-                operations=len(operations),
-            )
-            return [
-                WriteResult(
-                    record_id,
-                    False,
-                    f"the $batch was refused: HTTP {response.status_code} {message}".strip(),
-                    code or f"HTTP_{response.status_code}",
-                )
-                for _, record_id, _ in chunk
-            ]
-        try:
-            groups = batch.parse(response.headers.get("Content-Type", ""), response.text)
-        except ValueError as exc:
-            return [
-                WriteResult(
-                    record_id, False, f"unreadable $batch answer: {exc}", "BAD_BATCH_RESPONSE"
-                )
-                for _, record_id, _ in chunk
-            ]
-        answers = batch.match(operations, groups)
-        return [
-            _result(record_id, answers.get(operation.content_id))
-            for operation, (_, record_id, _) in zip(operations, chunk, strict=True)
-        ]
+        return self._writer.write(writes)
 
     # ---- bookkeeping ----------------------------------------------------------------------
 
@@ -444,32 +360,3 @@ class DynamicsConnector:
 
     def close(self) -> None:
         self._client.close()
-
-
-# ---- helpers --------------------------------------------------------------------------------
-
-
-def _result(record_id: str, answer: batch.OperationResult | None) -> WriteResult:
-    if answer is None:
-        return WriteResult(
-            record_id, False, "the $batch answer has no result for this record", "NO_RESULT"
-        )
-    if 200 <= answer.status < 300:
-        return WriteResult(record_id, True)
-    code, message = answer.error()
-    if answer.status in _MISSING_STATUSES:
-        return WriteResult(
-            record_id,
-            False,
-            "no such record in Dataverse (deleted or merged?)",
-            code or "NOT_FOUND",
-            permanent=True,
-        )
-    transient = answer.status in _TRANSIENT_STATUSES
-    return WriteResult(
-        record_id,
-        False,
-        f"HTTP {answer.status} {message}".strip(),
-        code or f"HTTP_{answer.status}",
-        permanent=not transient,
-    )

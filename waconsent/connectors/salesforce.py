@@ -15,7 +15,8 @@ API calls are a product feature here, so each operation has a fixed cost:
 
 Every request goes through the one call path of `salesforce_client` (retries, session
 renewal, the org's allowance); values convert in `salesforce_values`, SOQL is built in
-`salesforce_soql`, Bulk API 2.0 jobs run in `salesforce_bulk`.
+`salesforce_soql`, Bulk API 2.0 jobs run in `salesforce_bulk`, and the write paths
+(Collections and Bulk updates) live in `salesforce_writing`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Generator, Iterator, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from itertools import chain
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import requests
 from simple_salesforce.api import Salesforce
@@ -40,12 +41,8 @@ from waconsent.config.check import (
 from waconsent.config.schema import MappingConfig, SalesforceConfig
 from waconsent.connectors.http import RetryPolicy
 from waconsent.connectors.salesforce_auth import Authenticator, authenticator
-from waconsent.connectors.salesforce_bulk import NULL, Bulk2, IngestOutcome, rest
-from waconsent.connectors.salesforce_client import (
-    PERMANENT_RECORD_CODES,
-    TRANSIENT_RECORD_CODES,
-    SalesforceClient,
-)
+from waconsent.connectors.salesforce_bulk import Bulk2, rest
+from waconsent.connectors.salesforce_client import SalesforceClient
 from waconsent.connectors.salesforce_soql import (
     api_name,
     is_record_id,
@@ -56,35 +53,25 @@ from waconsent.connectors.salesforce_soql import (
     select_changed_since_unordered,
     select_fields,
 )
-from waconsent.connectors.salesforce_values import SalesforceValues, csv_cell, parse_datetime
+from waconsent.connectors.salesforce_values import SalesforceValues, parse_datetime
+from waconsent.connectors.salesforce_writing import BULK_CHUNK as BULK_CHUNK
+from waconsent.connectors.salesforce_writing import BULK_JOB_LIMIT as BULK_JOB_LIMIT
+from waconsent.connectors.salesforce_writing import COLLECTION_LIMIT as COLLECTION_LIMIT
+from waconsent.connectors.salesforce_writing import SalesforceWriter
 from waconsent.domain import CrmRecord, FieldDescription, WriteRequest, WriteResult
-from waconsent.errors import ConfigError, ConnectionFailed, PermanentRecordError, RetryableError
+from waconsent.errors import ConfigError, ConnectionFailed
 from waconsent.phones import USER_ID_PREFIX, like_pattern, search_digits
 
 if TYPE_CHECKING:
     from waconsent.config import LoadedConfig
 
-T = TypeVar("T")
-
 QUERY_PAGE_SIZE = 2_000  # Salesforce's maximum REST query page
 IDS_PER_QUERY = 500  # 18-character ids an `Id IN (...)` query carries under the URL limit
-COLLECTION_LIMIT = 200  # sObject Collections: records per call
-BULK_JOB_LIMIT = 100_000  # rows per ingest job (keeps one upload far below 100 MB)
-BULK_CHUNK = BULK_JOB_LIMIT  # queued writes handed to one `write` on the bulk path
 _QUERY_OPTIONS = {"Sforce-Query-Options": f"batchSize={QUERY_PAGE_SIZE}"}
-
-
-class _RowsLocked(RetryableError):
-    """Some records of a batch were locked; the policy retries just those."""
 
 
 def _query_more(sf: Salesforce, *, link: str) -> Any:
     return sf.query_more(link, identifier_is_url=True, headers=_QUERY_OPTIONS)
-
-
-def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 # ---- the connector --------------------------------------------------------------------------
@@ -130,6 +117,15 @@ class SalesforceConnector:
         self._total: int | None = None  # issue 17: the current read's totalSize
         self._bulk = Bulk2(
             self._call, self._policy.sleep, timeout=bulk_timeout, page_size=bulk_page_size
+        )
+        self._writer = SalesforceWriter(
+            self._object,
+            self._mapped,
+            self._values,
+            self._describe,
+            self._call,
+            self._policy,
+            self._bulk,
         )
 
     @classmethod
@@ -314,25 +310,7 @@ class SalesforceConnector:
             modified_at=parse_datetime(raw.get("SystemModstamp")),
         )
 
-    def _payloads(
-        self, writes: Sequence[WriteRequest], results: list[WriteResult | None]
-    ) -> list[tuple[int, dict[str, str | bool | None]]]:
-        """CRM field values per write; refused ones get their result now and are not sent."""
-        fields = self._describe()
-        payloads = []
-        for index, write in enumerate(writes):
-            try:
-                payload = self._values.payload(write.record_id, write.values, fields)
-            except PermanentRecordError as refused:
-                results[index] = WriteResult(
-                    write.record_id, False, str(refused), refused.code, permanent=True
-                )
-                continue
-            if payload:
-                payloads.append((index, payload))
-            else:
-                results[index] = WriteResult(write.record_id, True)
-        return payloads
+    # ---- writes (the paths themselves are in salesforce_writing) ---------------------------
 
     def batch_size(self, backlog: int) -> int:
         """200 (one Collections call) normally; from `bulk_write_threshold` waiting writes on,
@@ -345,134 +323,8 @@ class SalesforceConnector:
         """From `bulk_write_threshold` writes on, Bulk API 2.0 update jobs; below it, sObject
         Collections in calls of 200. One result per write, in order."""
         if len(writes) >= self._settings.bulk_write_threshold:
-            return self._write_bulk(writes)
-        return [
-            result
-            for batch in _batched(writes, COLLECTION_LIMIT)
-            for result in self._write_collection(batch)
-        ]
-
-    def _write_collection(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
-        """sObject Collections PATCH, 200 records a call, allOrNone false; one result per write."""
-        results: list[WriteResult | None] = [None] * len(writes)
-        payloads = self._payloads(writes, results)
-        for chunk in _batched(payloads, COLLECTION_LIMIT):
-            self._send_collection(writes, chunk, results)
-        return [
-            r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
-            for r, w in zip(results, writes, strict=True)
-        ]
-
-    def _send_collection(
-        self,
-        writes: Sequence[WriteRequest],
-        chunk: Sequence[tuple[int, dict[str, str | bool | None]]],
-        results: list[WriteResult | None],
-    ) -> None:
-        pending = list(chunk)
-
-        def attempt() -> None:
-            nonlocal pending
-            body = {
-                "allOrNone": False,
-                "records": [
-                    {"attributes": {"type": self._object}, "id": writes[index].record_id, **payload}
-                    for index, payload in pending
-                ],
-            }
-            answer = self._call(
-                lambda sf: rest(sf, "composite/sobjects", method="PATCH", json=body),
-                "sObject Collections update",
-            )
-            if not isinstance(answer, list) or len(answer) != len(pending):
-                raise ConnectionFailed(
-                    f"sObject Collections update on {self._object}: expected "
-                    f"{len(pending)} results, got "
-                    f"{len(answer) if isinstance(answer, list) else answer!r}"
-                )
-            locked = []
-            # Results come in request order; a failed record's result has no id.
-            for (index, payload), result in zip(pending, answer, strict=True):
-                record_id = writes[index].record_id
-                if result.get("success"):
-                    results[index] = WriteResult(record_id, True)
-                    continue
-                errors = result.get("errors") or [{}]
-                code = str(errors[0].get("statusCode") or "UNKNOWN_ERROR")
-                message = "; ".join(str(e.get("message", "")) for e in errors) or code
-                results[index] = WriteResult(
-                    record_id, False, message, code, permanent=code in PERMANENT_RECORD_CODES
-                )
-                if code in TRANSIENT_RECORD_CODES:
-                    locked.append((index, payload))
-            pending = locked
-            if pending:
-                raise _RowsLocked(f"{len(pending)} record(s) locked (UNABLE_TO_LOCK_ROW)")
-
-        try:
-            self._policy.run(attempt, f"sObject Collections update on {self._object}")
-        except ConnectionFailed as exc:
-            if not isinstance(exc.__cause__, _RowsLocked):
-                raise
-            # Still locked after the policy's attempts: their results say so, not permanent.
-
-    def _write_bulk(self, writes: Sequence[WriteRequest]) -> list[WriteResult]:
-        """Bulk API 2.0 update jobs. Records a job reports locked are retried through sObject
-        Collections; records a failed or aborted job never processed come back ok=False, not
-        permanent."""
-        results: list[WriteResult | None] = [None] * len(writes)
-        payloads = self._payloads(writes, results)
-        order = {name: None for name in self._mapped.values()}
-        for chunk in _batched(payloads, BULK_JOB_LIMIT):
-            used = [n for n in order if any(n in payload for _, payload in chunk)]
-            rows = [
-                {
-                    "Id": writes[index].record_id,
-                    **{n: csv_cell(payload[n], NULL) if n in payload else "" for n in used},
-                }
-                for index, payload in chunk
-            ]
-            outcome = self._bulk.update(self._object, ["Id", *used], rows)
-            self._take_outcome(outcome, writes, chunk, results)
-        retry = [
-            index
-            for index, result in enumerate(results)
-            if result is not None and result.code in TRANSIENT_RECORD_CODES
-        ]
-        for batch in _batched(retry, COLLECTION_LIMIT):
-            for index, result in zip(
-                batch, self._write_collection([writes[i] for i in batch]), strict=True
-            ):
-                results[index] = result
-        return [
-            r if r is not None else WriteResult(w.record_id, False, "no answer", "NO_RESULT")
-            for r, w in zip(results, writes, strict=True)
-        ]
-
-    def _take_outcome(
-        self,
-        outcome: IngestOutcome,
-        writes: Sequence[WriteRequest],
-        chunk: Sequence[tuple[int, Mapping[str, object]]],
-        results: list[WriteResult | None],
-    ) -> None:
-        for index, _ in chunk:
-            record_id = writes[index].record_id
-            if record_id in outcome.failed:
-                code, message = outcome.failed[record_id]
-                results[index] = WriteResult(
-                    record_id, False, message, code, permanent=code in PERMANENT_RECORD_CODES
-                )
-            elif record_id in outcome.succeeded:
-                results[index] = WriteResult(record_id, True)
-            else:
-                detail = f": {outcome.error_message}" if outcome.error_message else ""
-                results[index] = WriteResult(
-                    record_id,
-                    False,
-                    f"not processed by Bulk API 2.0 job {outcome.job_id} ({outcome.state}{detail})",
-                    "UNPROCESSED",
-                )
+            return self._writer.write_bulk(writes)
+        return self._writer.write_collections(writes)
 
     # ---- the rest ---------------------------------------------------------------------------
 

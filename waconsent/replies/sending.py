@@ -34,9 +34,10 @@ from waconsent.connectors.whatsapp_send import CREDENTIALS_FIX, CloudApiSender, 
 from waconsent.errors import ConfigError
 from waconsent.phones import mask
 from waconsent.replies.rules import DueAction, ReplyState, callback_data_for, due_action
-from waconsent.store import replies as reply_store
+from waconsent.store import reply_claims
 from waconsent.store.engine import reading
-from waconsent.store.replies import DueRow, Observation, ReplyRow
+from waconsent.store.replies import Observation, ReplyRow
+from waconsent.store.reply_claims import DueRow
 
 log = logging.getLogger("waconsent.replies")
 ACCESS_VARIABLE = "WHATSAPP_ACCESS_TOKEN"
@@ -109,11 +110,11 @@ def send_due(
     messages a second per number by default). One person's replies go one after the other,
     in the order they wrote, which also keeps within Meta's pair rate limit.
     """
-    summary = PassSummary(marked_unknown=reply_store.mark_unknown(engine, clock()))
+    summary = PassSummary(marked_unknown=reply_claims.mark_unknown(engine, clock()))
     if summary.marked_unknown:
         logs.event(log, "replies.unknown", logging.WARNING, count=summary.marked_unknown)
     with reading(engine) as connection:
-        due = reply_store.due(connection, clock(), PASS_LIMIT)
+        due = reply_claims.due(connection, clock(), PASS_LIMIT)
     summary.looked_at = len(due)
     people: dict[str, list[DueRow]] = {}
     for row in due:
@@ -162,7 +163,7 @@ class _Pass:
                 self.count("failed")
                 continue
             with self.writing:
-                row = reply_store.claim(self.engine, due.id, self.holder, self.clock())
+                row = reply_claims.claim(self.engine, due.id, self.holder, self.clock())
             if row is None:
                 continue  # another sender claimed it first
             result = self.sender.send_text(
@@ -192,7 +193,7 @@ def _close(engine: Engine, row_id: int, action: DueAction, rounds: int, now: dat
         code, why = "window_closed", "the 24-hour service window closed before it was sent"
     else:
         code, why = "gave_up", f"refused {rounds} times for reasons that may heal; gave up"
-    reply_store.close_unsent(engine, row_id, code, why, now)
+    reply_claims.close_unsent(engine, row_id, code, why, now)
     logs.event(log, "replies.not_sent", logging.WARNING, reply=row_id, code=code)
 
 
@@ -205,13 +206,13 @@ def _record(engine: Engine, row: ReplyRow, holder: str, result: SendResult, now:
         "trace": result.trace,
     }
     if result.outcome is Sent.ACCEPTED:
-        reply_store.record(
+        reply_claims.record(
             engine, row.id, Observation(ReplyState.SENT, now, reply_id=result.reply_id), now
         )
         logs.event(log, "replies.sent", trigger=row.trigger_id, reply=result.reply_id, to=_who(row))
         return "sent"
     if result.outcome is Sent.REFUSED:
-        reply_store.record(
+        reply_claims.record(
             engine,
             row.id,
             Observation(ReplyState.FAILED, now, error_code=result.code, error=result.reason),
@@ -220,17 +221,17 @@ def _record(engine: Engine, row: ReplyRow, holder: str, result: SendResult, now:
         logs.event(log, "replies.failed", logging.WARNING, reason=result.reason, **fields)
         return "failed"
     if result.outcome is Sent.RETRY_LATER:
-        reply_store.put_back(
+        reply_claims.put_back(
             engine, row, holder, now, error_code=result.code or "retry", error=result.reason
         )
         logs.event(log, "replies.deferred", logging.WARNING, reason=result.reason, **fields)
         return "deferred"
     if result.outcome is Sent.NO_ANSWER:
-        reply_store.note_no_answer(engine, row.id, holder, result.reason)
+        reply_claims.note_no_answer(engine, row.id, holder, result.reason)
         logs.event(log, "replies.no_answer", logging.WARNING, reason=result.reason, **fields)
         return "no_answer"
     # the token: nothing was sent, and nothing can be until it is replaced
-    reply_store.put_back(
+    reply_claims.put_back(
         engine,
         row,
         holder,

@@ -20,6 +20,7 @@ from waconsent import logs
 from waconsent.connectors.base import total_hint
 from waconsent.domain import Activity, CrmRecord
 from waconsent.errors import WaconsentError
+from waconsent.store import activity as activity_store
 from waconsent.store import events as event_store
 from waconsent.store import identity, phone_index
 from waconsent.store import runs as run_store
@@ -287,7 +288,7 @@ def prepare(scope: RunScope, chunk: Sequence[CrmRecord]) -> Prepared:
             (record, record_keys(record, scope.region, known.get(record.record_id)))
             for record in fresh
         ]
-        activity = event_store.activity_of(
+        activity = activity_store.activity_of(
             connection, {record.record_id: keys.key_set for record, keys in keyed}
         )
         held = snapshot_store.held_records(connection, scope.crm, [r.record_id for r in fresh])
