@@ -3,8 +3,9 @@
 Apart from `connectors.dynamics`, which decides what to read and write, so that each reads
 on its own; `DynamicsConnector.write` delegates here. Each record becomes
 `PATCH entityset(id)` with `If-Match: *` (so a missing record is never created), up to
-`batch_size` to a `$batch`, one change set per record and `Prefer: odata.continue-on-error`, so one bad record fails alone. Several
-batches go out in parallel, bounded by `dynamics.max_concurrency`.
+`batch_size` to a `$batch`, one change set per record and
+`Prefer: odata.continue-on-error`, so one bad record fails alone. Several batches go out in
+parallel, bounded by `dynamics.max_concurrency`.
 """
 
 from __future__ import annotations
