@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from waconsent.domain import (
     LAST_INBOUND,
@@ -75,12 +75,12 @@ class Held:
 
     def values(self) -> tuple[object, ...]:
         """Compared to the second, as the CRMs keep datetimes."""
-        return (
+        return held_values(
             self.opt_in,
-            _second(self.opt_in_date),
-            _second(self.opt_out_date),
+            self.opt_in_date,
+            self.opt_out_date,
             self.proof_complete,
-            _second(self.session_expires),
+            self.session_expires,
         )
 
 
@@ -95,8 +95,29 @@ class Answer:
 UNPARSEABLE = Answer(False, UNPARSEABLE_NUMBER)
 
 
+def held_values(
+    opt_in: bool | None,
+    opt_in_date: datetime | None,
+    opt_out_date: datetime | None,
+    proof_complete: bool,
+    session_expires: datetime | None,
+) -> tuple[object, ...]:
+    """A record's consent as the snapshot compares it: datetimes to the second."""
+    return (
+        opt_in,
+        _second(opt_in_date),
+        _second(opt_out_date),
+        proof_complete,
+        _second(session_expires),
+    )
+
+
 def _second(moment: datetime | None) -> datetime | None:
-    return to_second(moment) if moment is not None else None
+    if moment is None:
+        return None
+    if moment.microsecond == 0 and moment.tzinfo is UTC:
+        return moment  # already what `to_second` gives: the common case, and a full sync's
+    return to_second(moment)  # snapshot compares several per record
 
 
 def _when(value: FieldValue) -> datetime | None:
@@ -109,7 +130,8 @@ def held_after(record: CrmRecord, decision: Decision, activity: Activity) -> Hel
     The session is the rules' own (the newest user message + 24 h, or a later free entry
     point window), also where the CRM maps no `session_expires` field.
     """
-    after = rules.apply(record, decision).fields
+    # Most records of a run change nothing: read their fields as they are, without a copy.
+    after = rules.apply(record, decision).fields if decision.changes else record.fields
     session = max(
         (m for m in (_when(after.get(SESSION_EXPIRES)), _session_from(activity)) if m is not None),
         default=None,

@@ -145,14 +145,10 @@ def _snapshot_changed(
 
 
 def _values(row: snapshot_store.SnapshotRow) -> tuple[object, ...]:
-    return audience.Held(
-        row.record_id,
-        row.opt_in,
-        row.opt_in_date,
-        row.opt_out_date,
-        row.proof_complete,
-        row.session_expires,
-    ).values()
+    """What `audience.Held.values` compares, without building a Held per record."""
+    return audience.held_values(
+        row.opt_in, row.opt_in_date, row.opt_out_date, row.proof_complete, row.session_expires
+    )
 
 
 def _index_rows(record: CrmRecord, keys: matching.RecordKeys) -> set[tuple[str, str, str]]:
