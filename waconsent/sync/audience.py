@@ -132,10 +132,10 @@ def held_after(record: CrmRecord, decision: Decision, activity: Activity) -> Hel
     """
     # Most records of a run change nothing: read their fields as they are, without a copy.
     after = rules.apply(record, decision).fields if decision.changes else record.fields
-    session = max(
-        (m for m in (_when(after.get(SESSION_EXPIRES)), _session_from(activity)) if m is not None),
-        default=None,
-    )
+    session = _session_from(activity)
+    expires = after.get(SESSION_EXPIRES)
+    if isinstance(expires, datetime) and (session is None or expires > session):
+        session = expires
     opt_in = after.get(OPT_IN)
     return Held(
         record.record_id,
@@ -148,10 +148,13 @@ def held_after(record: CrmRecord, decision: Decision, activity: Activity) -> Hel
 
 
 def _session_from(activity: Activity) -> datetime | None:
-    ends = [to_second(m) for m in (activity.window_expires_at,) if m is not None]
-    if activity.last_inbound is not None:
-        ends.append(to_second(activity.last_inbound) + rules.SERVICE_WINDOW)
-    return max(ends, default=None)
+    window, inbound = activity.window_expires_at, activity.last_inbound
+    if window is None and inbound is None:
+        return None  # most records: no message ever, so no window (a full sync asks each)
+    ends = [to_second(window)] if window is not None else []
+    if inbound is not None:
+        ends.append(to_second(inbound) + rules.SERVICE_WINDOW)
+    return max(ends)
 
 
 @dataclass(frozen=True, slots=True)
