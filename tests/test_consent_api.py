@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import StarletteDeprecationWarning
 
 from tests import payloads as p
 from tests.test_run import opted_in
+from waconsent import consent_api as api
 from waconsent.config.loading import LoadedConfig, Secrets, parse
 from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, sign
 from waconsent.logs import fields_of
@@ -171,3 +173,24 @@ def test_rate_limited_per_client(engine: Engine, synced: LoadedConfig, store_url
         assert client.get(f"/v1/consent/{NUMBER}", headers=AUTH).status_code == 200
         refused = client.get(f"/v1/consent/{NUMBER}", headers=AUTH)
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+
+
+def test_a_get_on_sqlite_is_checked_without_a_worker_thread(
+    engine: Engine, synced: LoadedConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16's p99: on SQLite a GET's check runs on the event loop (in worker threads at
+    500/s they traded the GIL and churned the pool into 100-300 ms stalls); a POST of more
+    than a few numbers, and anything on PostgreSQL, still goes to a thread."""
+    threaded: list[int] = []
+
+    async def counted(func: Any, *args: Any) -> Any:
+        threaded.append(len(args[0]))
+        return await run_in_threadpool(func, *args)
+
+    monkeypatch.setattr(api, "run_in_threadpool", counted)
+    with TestClient(create_app(synced, engine)) as client:
+        assert client.get(f"/v1/consent/+{NUMBER}", headers=AUTH).json()["may_send"] is True
+        many = {"numbers": [f"+{NUMBER}"] * (api.INLINE_UP_TO + 1)}
+        assert client.post("/v1/consent/check", json=many, headers=AUTH).status_code == 200
+    inline = engine.dialect.name == "sqlite"
+    assert threaded == ([] if inline else [1]) + [api.INLINE_UP_TO + 1]
