@@ -4,10 +4,7 @@ app and parsed with prometheus-client's own parser."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,8 +24,8 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 from tests import payloads as p
+from tests.serving import free_port, start_serve
 from tests.test_run import NOW, T0, clock, contact, opted_in
-from tests.test_serve import free_port
 from waconsent.config.loading import LoadedConfig, Secrets, parse
 from waconsent.connectors.ledger import LedgerCrm
 from waconsent.connectors.webhook_signature import SIGNATURE_HEADER, sign
@@ -324,24 +321,10 @@ def test_serve_counts_the_targeted_write_back_of_a_stop(tmp_path: Path) -> None:
     engine = open_engine(f"sqlite:///{db}")
     upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
     run_once(config(f"sqlite:///{db}"), engine=engine)
-    env = {**os.environ, "WHATSAPP_APP_SECRET": SECRET, "WHATSAPP_VERIFY_TOKEN": "vt"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "waconsent", "--config", str(cfg), "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process, base = start_serve(
+        cfg, port, {"WHATSAPP_APP_SECRET": SECRET, "WHATSAPP_VERIFY_TOKEN": "vt"}
     )
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         body = json.dumps(
             p.payload(p.message("4915123456789", datetime.now(UTC).replace(microsecond=0), "STOP"))
         ).encode()
@@ -355,6 +338,7 @@ def test_serve_counts_the_targeted_write_back_of_a_stop(tmp_path: Path) -> None:
             == 200
         )
         scraped: Samples = {}
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             scraped = samples(httpx.get(f"{base}/metrics", timeout=5).text)
             if value(scraped, "waconsent_sync_runs_total", mode="targeted", outcome="ok"):

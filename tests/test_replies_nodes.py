@@ -4,7 +4,6 @@ senders on one PostgreSQL store, and `waconsent serve` sending within about a se
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from tests import payloads as p
 from tests.fakes.meta_messages import PHONE_NUMBER_ID, TOKEN, VERSION, FakeCloudApi, SentMessage
 from tests.replies_support import BUSINESS, NOW, USER, deliver, meta, replies_config, rows, sender
 from tests.replies_support import send_pass as one_pass
-from tests.test_serve import free_port
+from tests.serving import free_port
+from tests.serving import start_serve as start_serve_process
 from waconsent.connectors.webhook_signature import sign
 from waconsent.replies.rules import UNKNOWN_AFTER
 from waconsent.replies.sending import send_due
@@ -166,29 +166,12 @@ def start_serve(tmp_path: Path, db: Path, graph: str, token: str) -> tuple[Any, 
     """),
         encoding="utf-8",
     )
-    env = {
-        **os.environ,
+    secrets = {
         "WHATSAPP_APP_SECRET": "app-secret",
         "WHATSAPP_VERIFY_TOKEN": "vt",
         "WHATSAPP_ACCESS_TOKEN": token,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "waconsent", "--config", str(cfg), "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    return process, base
+    return start_serve_process(cfg, port, secrets)
 
 
 def post(base: str, body: dict[str, Any]) -> None:

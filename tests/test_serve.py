@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -19,6 +15,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from tests import payloads as p
+from tests.serving import free_port, start_serve
 from tests.test_run import NOW, T0, clock, contact, deliver, loaded, opted_in
 from waconsent.config import parse
 from waconsent.connectors.webhook_signature import sign
@@ -111,12 +108,6 @@ def test_schedule_wiring() -> None:
     assert all(job.max_instances == 1 for job in jobs.values())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize(
     "created_after_sync",
     [False, True],
@@ -143,24 +134,10 @@ def test_serve_writes_a_revocation_back_within_seconds(
     run_once(loaded(f"sqlite:///{db}"), engine=engine)  # the phone index knows B (and A)
     if created_after_sync:
         upsert_contacts(engine, [opted_in("A", "+49 (0)151-234 567 89")], NOW)
-    env = {**os.environ, "WHATSAPP_APP_SECRET": "app-secret", "WHATSAPP_VERIFY_TOKEN": "vt"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "waconsent", "--config", str(cfg), "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process, base = start_serve(
+        cfg, port, {"WHATSAPP_APP_SECRET": "app-secret", "WHATSAPP_VERIFY_TOKEN": "vt"}
     )
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         body = json.dumps(
             p.payload(p.message("4915123456789", datetime.now(UTC).replace(microsecond=0), "STOP"))
         ).encode()
