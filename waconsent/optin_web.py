@@ -46,6 +46,7 @@ from waconsent.web_guard import (
     api_refusal,
     bearer_outcome,
     client_address,
+    is_trusted,
     too_many,
     trusted_networks,
 )
@@ -90,6 +91,14 @@ class OptinSite:
         self.business = business_of(settings)
         self.wording = self.optin.wording.replace("{business}", self.business)
         self.origins = frozenset(self.optin.allowed_origins)
+        # The page and its headers depend on the configuration only: built once, not per GET.
+        self.headers = security_headers(self.optin.allowed_origins)
+        self.form = form_page(
+            action=self.optin.path,
+            business=self.business,
+            wording=self.wording,
+            form_id=self.optin.form_id,
+        )
 
     def routes(self) -> list[Route]:
         path = self.optin.path
@@ -107,15 +116,7 @@ class OptinSite:
         )
 
     async def page(self, request: Request) -> Response:
-        return HTMLResponse(
-            form_page(
-                action=self.optin.path,
-                business=self.business,
-                wording=self.wording,
-                form_id=self.optin.form_id,
-            ),
-            headers=security_headers(self.optin.allowed_origins),
-        )
+        return HTMLResponse(self.form, headers=self.headers)
 
     async def preflight(self, request: Request) -> Response:
         origin = request.headers.get("origin")
@@ -170,7 +171,7 @@ class OptinSite:
                     expires_at=expires,
                 ),
                 status_code=201,
-                headers={**security_headers(self.optin.allowed_origins), **cors},
+                headers={**self.headers, **cors},
             )
         absolute = self._origin_of(request) + qr_url
         return JSONResponse(
@@ -198,10 +199,7 @@ class OptinSite:
             raise Refused(too_many(retry_after))
 
     def _from_trusted_proxy(self, request: Request) -> bool:
-        peer = _ip_or_none(request.client.host) if request.client else None
-        return peer is not None and any(
-            ipaddress.ip_address(peer) in network for network in self.trusted
-        )
+        return request.client is not None and is_trusted(request.client.host, self.trusted)
 
     def _client(self, request: Request, fields: Mapping[str, str]) -> str:
         """The visitor's address: `client_ip` from an authenticated server, else the peer's

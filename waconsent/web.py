@@ -30,6 +30,7 @@ log is ours (method, path without query string, status, duration), uvicorn's is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import threading
@@ -217,15 +218,10 @@ class _Receiver:
         """Runs in a worker thread: parse and commit, then answer."""
         started = time.perf_counter()
         try:
-            if self.write_lock is None:
+            with self.write_lock or contextlib.nullcontext():
                 report = ingest_payload(
                     self.engine, payload, self.keywords, SOURCE, replies=self.replies
                 )
-            else:
-                with self.write_lock:
-                    report = ingest_payload(
-                        self.engine, payload, self.keywords, SOURCE, replies=self.replies
-                    )
         except SQLAlchemyError as exc:
             # A value the store refuses never gets here: ingest skips that one item (with
             # its location) and commits the rest. What does is the store itself failing,

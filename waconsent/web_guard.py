@@ -30,7 +30,6 @@ API_TOKEN_VARIABLE = "WACONSENT_API_TOKEN"  # noqa: S105 (a variable name, not a
 BEARER = "bearer"
 WINDOW_SECONDS = 60.0
 MAX_TRACKED_CLIENTS = 10_000
-LOOPBACK = ("127.0.0.1/32", "::1/128")
 
 BearerOutcome = Literal["ok", "missing", "wrong"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -78,7 +77,7 @@ def trusted_networks(entries: Iterable[str]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address.strip().strip("[]"))
     except ValueError:
@@ -93,11 +92,11 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequenc
     the left end is whatever the client wrote and proves nothing.
     """
     address = peer or "unknown"
-    if not forwarded_for or not _is_trusted(address, trusted):
+    if not forwarded_for or not is_trusted(address, trusted):
         return address
     for hop in reversed([part.strip() for part in forwarded_for.split(",") if part.strip()]):
         address = hop
-        if not _is_trusted(hop, trusted):
+        if not is_trusted(hop, trusted):
             break
     return address
 

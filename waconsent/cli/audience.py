@@ -81,6 +81,7 @@ def check(
     checker = ConsentChecker(engine, settings.crm_name, settings.mapping.default_region)
     counts: Counter[str] = Counter()
     skipped: list[str] = []
+    allowed = 0
     try:
         _warn_if_incomplete(checker)
         try:
@@ -104,6 +105,7 @@ def check(
             for rows, answers in _batches(readable, index, checker, settings.store.url, purpose):
                 for row, answer in zip(rows, answers, strict=True):
                     counts[answer.reason] += 1
+                    allowed += answer.may_send
                     if answer.may_send or not only_allowed:
                         writer.row(row, answer)
             writer.close()
@@ -112,7 +114,6 @@ def check(
     finally:
         engine.dispose()
     total = sum(counts.values())
-    allowed = sum(n for reason, n in counts.items() if reason in ("opted_in", "session_open"))
     err.print(
         f"{total} numbers for {purpose}: {allowed} may be sent"
         + "".join(f", {n} {reason}" for reason, n in sorted(counts.items()))

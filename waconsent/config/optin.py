@@ -32,6 +32,10 @@ FORM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_WORDING = 2000
 
 
+#: a proxy on the same host: the default of every `trusted_proxies`
+LOOPBACK_PROXIES = ("127.0.0.1/32", "::1/128")
+
+
 def _form_id(value: str) -> str:
     if not FORM_ID.fullmatch(value):
         raise ValueError(
@@ -54,7 +58,7 @@ class OptinConfig(BaseModel):
     keyword: str | None = None  # default: the first of whatsapp.opt_in_keywords
     token_ttl_hours: int = Field(default=72, ge=1, le=24 * 90)
     allowed_origins: tuple[str, ...] = ()
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    trusted_proxies: tuple[str, ...] = LOOPBACK_PROXIES
     rate_per_minute: int = Field(default=10, ge=1, le=10_000)
 
     @field_validator("path")
@@ -115,14 +119,20 @@ class OptinConfig(BaseModel):
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in values:  # the same reading as `web_guard.trusted_networks`
-            try:
-                ipaddress.ip_network(entry.strip(), strict=False)
-            except ValueError:
-                raise ValueError(
-                    f"expected IP addresses or networks such as '10.0.0.0/8', got {entry!r}"
-                ) from None
-        return values
+        return proxy_list(values)
+
+
+def proxy_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    """A `trusted_proxies` setting checked as `web_guard.trusted_networks` will read it
+    (`[optin]` and `[api]` alike)."""
+    for entry in values:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ValueError(
+                f"expected IP addresses or networks such as '10.0.0.0/8', got {entry!r}"
+            ) from None
+    return values
 
 
 def keyword_of(settings: Settings) -> str:

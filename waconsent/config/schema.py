@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -10,7 +9,11 @@ import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from waconsent import domain
-from waconsent.config.optin import OptinConfig  # issue 15: the website opt-in
+from waconsent.config.optin import (  # issue 15: the website opt-in
+    LOOPBACK_PROXIES,
+    OptinConfig,
+    proxy_list,
+)
 from waconsent.config.replies import (  # issue 14: the reply channel
     DEFAULT_GRAPH_API_VERSION,
     DEFAULT_GRAPH_URL,
@@ -207,17 +210,12 @@ class ApiConfig(Section):
     rate_per_minute: int = Field(default=600, ge=1, le=1_000_000)
     #: proxies whose X-Forwarded-For names the client (addresses or networks); loopback by
     #: default, like `[optin] trusted_proxies`: a proxy on the same host
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    trusted_proxies: tuple[str, ...] = LOOPBACK_PROXIES
 
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry.strip(), strict=False)
-            except ValueError:
-                raise ValueError(f"{entry!r} is not an IP address or network") from None
-        return value
+        return proxy_list(value)
 
 
 class Settings(Section):

@@ -60,6 +60,8 @@ KNOWN_USER_MESSAGE_TYPES = frozenset(
 )
 
 
+# A marketing preference (system message or `user_preferences`) as a consent signal.
+_MARKETING_SIGNALS = {"stop": Signal.OPT_OUT, "resume": Signal.RESUME}
 MALFORMED = (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError)
 
 
@@ -240,7 +242,7 @@ def _system_message(item: Mapping[str, Any], message_id: str, change: Change) ->
         wa_id, user_id, new_id = announced or sender, previous_user_id, new_user_id
     elif kind == "user_preference_changed":
         marketing = (text_of(system.get("marketing")) or "").lower()
-        signal = {"stop": Signal.OPT_OUT, "resume": Signal.RESUME}.get(marketing, Signal.NONE)
+        signal = _MARKETING_SIGNALS.get(marketing, Signal.NONE)
         detail = f"{kind}:{marketing}" if signal is not Signal.NONE else kind
     if not (wa_id or user_id or new_id):
         raise Skip("system message without a sender (no from, no user id)")
@@ -290,7 +292,7 @@ def _preference(item: Mapping[str, Any], change: Change) -> Event:
     if not preference:
         raise Skip("preference without a value")
     occurred_at = time_of(item, change)
-    signal = {"stop": Signal.OPT_OUT, "resume": Signal.RESUME}.get(preference, Signal.NONE)
+    signal = _MARKETING_SIGNALS.get(preference, Signal.NONE)
     return Event(
         key=f"pref:{wa_id or user_id}:{preference}:{int(occurred_at.timestamp())}",
         kind=EventKind.PREFERENCE,

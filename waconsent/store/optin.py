@@ -108,12 +108,12 @@ def confirm(
             select(events.c.key).where(among(connection, events.c.key, [e.key for e in carrying]))
         ).scalars()
     )
-    hashes = {token_hash(e.optin_token or "") for e in carrying}
+    digests = {e.key: token_hash(e.optin_token or "") for e in carrying}
     rows = {
         row.token_hash: dict(row._mapping)
         for row in connection.execute(
             select(optin_requests).where(
-                among(connection, optin_requests.c.token_hash, sorted(hashes))
+                among(connection, optin_requests.c.token_hash, sorted(set(digests.values())))
             )
         )
     }
@@ -121,7 +121,7 @@ def confirm(
     outcomes: list[Confirmation] = []
     entries: list[evidence_store.EvidenceEntry] = []
     for event in sorted(carrying, key=lambda e: (e.occurred_at, e.key)):
-        digest = token_hash(event.optin_token or "")
+        digest = digests[event.key]
         row = rows.get(digest)
         if event.key in stored:
             if row is not None and row["message_id"] == event.message_id:

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from waconsent.domain import Event, jsonable
+from waconsent.domain import Event, error_codes_text, jsonable
 from waconsent.phones import user_id_key, wa_id_key
 from waconsent.replies.rules import PlannedReply, ReplyState, advance, state_of_status, trigger_of
 from waconsent.store import evidence as evidence_store
@@ -140,7 +140,7 @@ def _from_status(event: Event) -> Observation | None:
     state = state_of_status(event.status)
     if state is None:
         return None
-    code = ",".join(str(c) for c in event.error_codes) or None
+    code = error_codes_text(event.error_codes)
     return Observation(
         state,
         event.occurred_at,
@@ -242,9 +242,6 @@ def _folded(
             )
         values["state"] = state.value
     return values, learnt
-
-
-# ---- sending (one transaction per move) ------------------------------------------------------
 
 
 # ---- reading ---------------------------------------------------------------------------------
