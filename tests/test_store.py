@@ -344,6 +344,21 @@ def test_sqlite_datetimes_are_stored_in_sqlalchemy_format_and_read_back(moment: 
         ours.bind_processor(dialect)(moment.replace(tzinfo=None))
 
 
+@pytest.mark.parametrize(
+    ("text", "moment"),
+    [
+        ("2026-03-01 01:02:03", datetime(2026, 3, 1, 1, 2, 3, tzinfo=UTC)),  # no fraction
+        ("2026-03-01 01:02:03+02:00", datetime(2026, 2, 28, 23, 2, 3, tzinfo=UTC)),
+        ("2026-03-01T01:02:03.12345Z", datetime(2026, 3, 1, 1, 2, 3, 123450, tzinfo=UTC)),
+    ],
+)
+def test_sqlite_datetimes_in_other_spellings_are_read_as_utc(text: str, moment: datetime) -> None:
+    """Text the ledger did not write itself (an older release, a hand-edited row), even of
+    the stored format's length, is still read as the instant it names."""
+    back = UtcDateTime().result_processor(sqlite_dialect(), None)(text)
+    assert back == moment and back.tzinfo is UTC
+
+
 def test_among_matches_whole_values_only(engine: Engine) -> None:
     """The one-parameter list lookup: exact matches only (an over-long value never matches
     its prefix, as a cast to the column's varchar(n) would make it), nothing for an empty
