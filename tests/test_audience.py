@@ -5,7 +5,8 @@ and `waconsent audience check` as a user runs it."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from waconsent.cli import main
 from waconsent.config import LoadedConfig
 from waconsent.consent_check import ConsentChecker
 from waconsent.store.contacts import upsert_contacts
+from waconsent.store.snapshot import SnapshotRow, digest_of
 from waconsent.store.tables import consent_snapshot
 from waconsent.sync.audience import Answer
 from waconsent.sync.ingest import ingest_payload, keyword_rules
@@ -233,6 +235,61 @@ def test_the_snapshot_follows_the_ledger(engine: Engine, store_url: str) -> None
     run_once(cfg, full=True, engine=engine, clock=clock)
     assert snapshot_rows(engine) == 1
     assert reasons(check(engine, cfg, B_NUMBER)) == [(False, "no_record")]
+
+
+def test_a_changed_record_and_a_row_without_digest_are_rewritten_once(
+    engine: Engine, store_url: str
+) -> None:
+    """A full sync rewrites the snapshot of a record whose consent changed in the CRM, and
+    a row kept before digests existed (migration 0009) once; then nothing again."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("A", "0151 11111111"), opted_in("B", "0151 22222222")], NOW)
+    run_once(cfg, engine=engine, clock=clock)
+    later = NOW + timedelta(hours=1)
+    upsert_contacts(engine, [opted_in("A", "0151 11111111", opt_in=False)], later)
+    with engine.begin() as connection:
+        connection.execute(
+            consent_snapshot.update().where(consent_snapshot.c.record_id == "B").values(digest=None)
+        )
+    run_once(cfg, full=True, engine=engine, clock=lambda: later)
+    assert synced_at(engine) == {"A": later, "B": later}
+    assert reasons(check(engine, cfg, A_NUMBER, B_NUMBER, now=later)) == [
+        (False, "no_consent"),
+        (True, "opted_in"),
+    ]
+    run_once(cfg, full=True, engine=engine, clock=lambda: later + timedelta(hours=1))
+    assert synced_at(engine) == {"A": later, "B": later}
+
+
+def synced_at(engine: Engine) -> dict[str, datetime]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(consent_snapshot.c.record_id, consent_snapshot.c.synced_at)
+        )
+        return {record_id: moment for record_id, moment in rows}
+
+
+def test_the_snapshot_digest_sees_every_consent_field_to_the_second() -> None:
+    """Equal digests mean equal snapshots (a sync skips the write): every field and key
+    counts, a microsecond does not (the CRMs keep seconds), nor does the sync's own time."""
+    moment = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+    row = SnapshotRow("R", frozenset({"+491511"}), True, moment, None, True, None, moment)
+    same = [
+        replace(row, opt_in_date=moment.replace(microsecond=999_999)),
+        replace(row, synced_at=moment + timedelta(days=1)),
+        replace(row, opt_in_date=moment.astimezone(timezone(timedelta(hours=2)))),
+    ]
+    different = [
+        replace(row, keys=frozenset({"+491511", "uid:US.1"})),
+        replace(row, opt_in=None),
+        replace(row, opt_in=False),
+        replace(row, opt_in_date=moment + timedelta(seconds=1)),
+        replace(row, opt_out_date=moment),
+        replace(row, proof_complete=False),
+        replace(row, session_expires=moment),
+    ]
+    assert {digest_of(other) for other in same} == {digest_of(row)}
+    assert len({digest_of(other) for other in [row, *different]}) == len(different) + 1
 
 
 # ---------------------------------------------------------------- the command

@@ -53,7 +53,7 @@ def test_migrations_create_every_table_from_empty(engine: Engine) -> None:
     } <= names
     with engine.connect() as connection:
         assert (
-            connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"
+            connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0009"
         )
 
 

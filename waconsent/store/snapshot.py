@@ -3,13 +3,16 @@ again by match key for the pre-send check.
 
 One row per (CRM, match key, record): a number on three records is three rows, a record with
 two numbers and a user id is three rows. A sync writes the rows of the records whose keys or
-consent changed (it reads what is held first, so an idle full sync writes nothing); a full
-sync drops the rows of records it no longer saw.
+consent changed (it compares each record's `digest_of` with the one held, so an idle full
+sync writes nothing and reads one short value per record); a full sync drops the rows of
+records it no longer saw.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,18 +53,37 @@ def tail_of(key: str) -> str | None:
     return None if key.startswith(USER_ID_PREFIX) else key[-SEARCH_DIGITS:]
 
 
-def held_records(
+def digest_of(row: SnapshotRow) -> str:
+    """What a record's snapshot says, in 32 hex digits: its keys and its consent, datetimes
+    to the second (as the CRMs keep them; finer, every run would see a change). Equal
+    digests, equal snapshots: `synced_at` and the run are left out on purpose."""
+    parts = (
+        *sorted(row.keys),
+        repr(row.opt_in),
+        _seconds(row.opt_in_date),
+        _seconds(row.opt_out_date),
+        repr(row.proof_complete),
+        _seconds(row.session_expires),
+    )
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def _seconds(moment: datetime | None) -> str:
+    return "" if moment is None else str(math.floor(moment.timestamp()))
+
+
+def held_digests(
     connection: Connection, crm: str, record_ids: Sequence[str]
-) -> dict[str, SnapshotRow]:
-    """What the snapshot holds for these records (for the sync to write only changes)."""
-    found: dict[str, SnapshotRow] = {}
+) -> dict[str, str | None]:
+    """record id -> the digest of what the snapshot holds for it (None: a row written before
+    digests were kept); a record the snapshot does not hold is left out."""
+    found: dict[str, str | None] = {}
     for start in range(0, len(record_ids), _CHUNK):
-        query = _ROWS.where(
+        query = select(consent_snapshot.c.record_id, consent_snapshot.c.digest).where(
             consent_snapshot.c.crm == crm,
             among(connection, consent_snapshot.c.record_id, record_ids[start : start + _CHUNK]),
         )
-        for row in connection.execute(query).all():
-            found.setdefault(row[0], _to_row(row))
+        found.update(connection.execute(query).all())
     return found
 
 
@@ -94,8 +116,10 @@ def replace(
             "session_expires": row.session_expires,
             "synced_at": row.synced_at,
             "run_id": run_id or None,
+            "digest": digest,
         }
         for row in rows
+        for digest in (digest_of(row),)
         for key in sorted(row.keys)
         if KEY_SEPARATOR not in key
     ]

@@ -304,6 +304,7 @@ consent_snapshot = Table(
     Column("session_expires", UTC_DATETIME),
     Column("synced_at", UTC_DATETIME, nullable=False),
     Column("run_id", ID),
+    Column("digest", String(32)),  # of keys and consent, see `store.snapshot.digest_of`
     Index("ix_consent_snapshot_record", "crm", "record_id"),
     Index("ix_consent_snapshot_tail", "crm", "tail"),
 )

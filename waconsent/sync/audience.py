@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from waconsent.domain import (
     LAST_INBOUND,
@@ -73,16 +73,6 @@ class Held:
     proof_complete: bool
     session_expires: datetime | None
 
-    def values(self) -> tuple[object, ...]:
-        """Compared to the second, as the CRMs keep datetimes."""
-        return held_values(
-            self.opt_in,
-            self.opt_in_date,
-            self.opt_out_date,
-            self.proof_complete,
-            self.session_expires,
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -93,31 +83,6 @@ class Answer:
 
 
 UNPARSEABLE = Answer(False, UNPARSEABLE_NUMBER)
-
-
-def held_values(
-    opt_in: bool | None,
-    opt_in_date: datetime | None,
-    opt_out_date: datetime | None,
-    proof_complete: bool,
-    session_expires: datetime | None,
-) -> tuple[object, ...]:
-    """A record's consent as the snapshot compares it: datetimes to the second."""
-    return (
-        opt_in,
-        _second(opt_in_date),
-        _second(opt_out_date),
-        proof_complete,
-        _second(session_expires),
-    )
-
-
-def _second(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    if moment.microsecond == 0 and moment.tzinfo is UTC:
-        return moment  # already what `to_second` gives: the common case, and a full sync's
-    return to_second(moment)  # snapshot compares several per record
 
 
 def _when(value: FieldValue) -> datetime | None:

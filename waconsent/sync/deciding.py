@@ -135,20 +135,10 @@ def _snapshot_row(
     )
 
 
-def _snapshot_changed(
-    row: snapshot_store.SnapshotRow, held: dict[str, snapshot_store.SnapshotRow]
-) -> bool:
-    before = held.get(row.record_id)
-    if before is None:
+def _snapshot_changed(row: snapshot_store.SnapshotRow, held: dict[str, str | None]) -> bool:
+    if row.record_id not in held:
         return bool(row.keys)  # a record without a number or user id cannot be looked up
-    return before.keys != row.keys or _values(before) != _values(row)
-
-
-def _values(row: snapshot_store.SnapshotRow) -> tuple[object, ...]:
-    """What `audience.Held.values` compares, without building a Held per record."""
-    return audience.held_values(
-        row.opt_in, row.opt_in_date, row.opt_out_date, row.proof_complete, row.session_expires
-    )
+    return snapshot_store.digest_of(row) != held[row.record_id]
 
 
 def _index_rows(record: CrmRecord, keys: matching.RecordKeys) -> set[tuple[str, str, str]]:

@@ -275,8 +275,9 @@ class Prepared:
     keyed: list[tuple[CrmRecord, matching.RecordKeys]]
     known: dict[str, KnownKeys]
     activity: dict[str, Activity]  # by record id; records without events are left out
-    #: issue 16: what the consent snapshot holds for these records (a run writes changes only)
-    held: dict[str, snapshot_store.SnapshotRow] = field(default_factory=dict)
+    #: issue 16: the digest of what the consent snapshot holds for these records (a run
+    #: writes changes only)
+    held: dict[str, str | None] = field(default_factory=dict)
 
 
 def prepare(scope: RunScope, chunk: Sequence[CrmRecord]) -> Prepared:
@@ -291,7 +292,7 @@ def prepare(scope: RunScope, chunk: Sequence[CrmRecord]) -> Prepared:
         activity = activity_store.activity_of(
             connection, {record.record_id: keys.key_set for record, keys in keyed}
         )
-        held = snapshot_store.held_records(connection, scope.crm, [r.record_id for r in fresh])
+        held = snapshot_store.held_digests(connection, scope.crm, [r.record_id for r in fresh])
     return Prepared(keyed, known, activity, held)
 
 
