@@ -278,7 +278,11 @@ def decide(
         conflicts=tuple(conflicts),
         proof_missing=proof_missing,
         session_open=expiry is not None and expiry > now,
-        basis=tuple((name, fields.get(name)) for name in CONSENT_BASIS if name in mapped),
+        # the precondition of a write; a decision without changes is never queued (most
+        # records of a full sync), so it needs none
+        basis=tuple((name, fields.get(name)) for name in CONSENT_BASIS if name in mapped)
+        if changes
+        else (),
     )
 
 
