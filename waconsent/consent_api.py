@@ -43,10 +43,12 @@ from waconsent.phones import mask
 from waconsent.sync.audience import MARKETING, PURPOSES, Answer
 from waconsent.web_guard import (
     API_TOKEN_VARIABLE,
+    OverLimit,
     PerClientLimit,
     api_refusal,
     bearer_outcome,
     client_address,
+    read_capped,
     too_many,
     trusted_networks,
 )
@@ -189,8 +191,8 @@ class _ConsentApi:
         )
 
     async def _read(self, request: Request) -> tuple[list[str], str] | Response:
-        raw = await _body_within_limit(request)
-        if raw is None:
+        raw = await read_capped(request, MAX_BODY)
+        if isinstance(raw, OverLimit):
             return _error(
                 413, f"body over {MAX_BODY} bytes; send at most {MAX_NUMBERS} numbers per request"
             )
@@ -217,19 +219,6 @@ class _ConsentApi:
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
-
-
-async def _body_within_limit(request: Request) -> bytes | None:
-    """The body, or None once it is longer than MAX_BODY (never read whole)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        return None
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            return None
-    return bytes(raw)
 
 
 def _check_request(body: Any) -> tuple[int, str] | None:

@@ -42,11 +42,13 @@ from waconsent.phones import UnparseablePhone, phone_key
 from waconsent.store import optin as optin_store
 from waconsent.web_guard import (
     API_TOKEN_VARIABLE,
+    OverLimit,
     PerClientLimit,
     api_refusal,
     bearer_outcome,
     client_address,
     is_trusted,
+    read_capped,
     too_many,
     trusted_networks,
 )
@@ -273,19 +275,14 @@ class OptinSite:
 
 
 async def _read(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        raise _bad(f"body over {MAX_BODY} bytes", 413)
-    body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_BODY:
-                    raise _bad(f"body over {MAX_BODY} bytes", 413)
+            body = await read_capped(request, MAX_BODY)
     except (ClientDisconnect, TimeoutError):
         raise _bad("the body did not arrive", 400) from None
-    return bytes(body)
+    if isinstance(body, OverLimit):
+        raise _bad(f"body over {MAX_BODY} bytes", 413)
+    return body
 
 
 def _parse(body: bytes, content_type: str | None) -> tuple[dict[str, str], bool]:

@@ -22,8 +22,10 @@ import ipaddress
 import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 API_TOKEN_VARIABLE = "WACONSENT_API_TOKEN"  # noqa: S105 (a variable name, not a secret)
@@ -64,6 +66,31 @@ def too_many(retry_after: int) -> Response:
         status_code=429,
         headers={"Retry-After": str(retry_after)},
     )
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """A body refused for its length: `size` is the bytes declared, or received so far."""
+
+    size: int
+
+
+async def read_capped(request: Request, limit: int) -> bytes | OverLimit:
+    """The body, or OverLimit as soon as it is known to be longer than `limit` bytes.
+
+    A declared `Content-Length` over the limit is refused before a byte is read, and a body
+    streamed past it at the chunk that crosses it, so a huge body is never held whole. Time
+    limits and disconnects are left to the caller: each route answers them in its own way.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return OverLimit(int(declared))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return OverLimit(len(body))
+    return bytes(body)
 
 
 def trusted_networks(entries: Iterable[str]) -> tuple[Network, ...]:
