@@ -48,6 +48,7 @@ from waconsent.web_guard import (
     bearer_outcome,
     client_address,
     is_trusted,
+    json_error,
     read_capped,
     too_many,
     trusted_networks,
@@ -67,7 +68,7 @@ class Refused(Exception):
 
 
 def _bad(message: str, status: int = 400) -> Refused:
-    return Refused(JSONResponse({"error": message}, status_code=status))
+    return Refused(json_error(status, message))
 
 
 def _ip_or_none(address: str) -> str | None:

@@ -21,7 +21,7 @@ import hmac
 import ipaddress
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,24 +46,30 @@ def bearer_outcome(authorization: str | None, token: str) -> BearerOutcome:
     return "ok" if hmac.compare_digest(given, token.encode("utf-8")) else "wrong"
 
 
+def json_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """`{"error": message}` with `status`: the one shape every refusal of the JSON routes has,
+    so a client reads any of them the same way."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 def api_refusal(outcome: BearerOutcome) -> Response | None:
     """The answer to a caller without the right token (None when the token is right)."""
     if outcome == "ok":
         return None
     if outcome == "missing":
-        return JSONResponse(
-            {"error": f"send Authorization: Bearer <{API_TOKEN_VARIABLE}>"},
-            status_code=401,
+        return json_error(
+            401,
+            f"send Authorization: Bearer <{API_TOKEN_VARIABLE}>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return JSONResponse({"error": "the bearer token is not the API token"}, status_code=403)
+    return json_error(403, "the bearer token is not the API token")
 
 
 def too_many(retry_after: int) -> Response:
     """429 with the seconds until this client may try again."""
-    return JSONResponse(
-        {"error": "too many requests from this address; try again later"},
-        status_code=429,
+    return json_error(
+        429,
+        "too many requests from this address; try again later",
         headers={"Retry-After": str(retry_after)},
     )
 
