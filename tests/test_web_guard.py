@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from starlette.requests import Request
+from starlette.types import Message
 
 from waconsent.web_guard import (
+    OverLimit,
     PerClientLimit,
     api_refusal,
     bearer_outcome,
     client_address,
+    read_capped,
     trusted_networks,
 )
 
@@ -78,3 +84,31 @@ def test_rate_limit_memory_is_bounded() -> None:
         limit.admit(f"client{n}", 0.0)
     assert limit.admit("client9", 1.0) is not None  # recent clients are still counted
     assert limit.admit("client0", 1.0) is None  # the oldest were forgotten
+
+
+def _request(chunks: list[bytes], declared: int | None = None) -> Request:
+    """A POST whose body arrives in `chunks`, with `declared` as its Content-Length if given."""
+    headers = [] if declared is None else [(b"content-length", str(declared).encode())]
+    messages: list[Message] = [
+        {"type": "http.request", "body": chunk, "more_body": n < len(chunks) - 1}
+        for n, chunk in enumerate(chunks)
+    ]
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "declared", "expected"),
+    [
+        ([b"abc", b"de"], None, b"abcde"),
+        ([b"abcde"], 5, b"abcde"),  # exactly the limit is accepted
+        ([b""], 6, OverLimit(6)),  # refused on the declared length, before any byte
+        ([b"abc", b"def", b"ghi"], None, OverLimit(6)),  # refused at the chunk that crosses
+        ([b"abcdef"], 3, OverLimit(6)),  # a declared length that lies does not help
+    ],
+)
+def test_read_capped(chunks: list[bytes], declared: int | None, expected: object) -> None:
+    assert asyncio.run(read_capped(_request(chunks, declared), 5)) == expected

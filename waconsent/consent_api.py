@@ -43,10 +43,13 @@ from waconsent.phones import mask
 from waconsent.sync.audience import MARKETING, PURPOSES, Answer
 from waconsent.web_guard import (
     API_TOKEN_VARIABLE,
+    OverLimit,
     PerClientLimit,
     api_refusal,
     bearer_outcome,
     client_address,
+    json_error,
+    read_capped,
     too_many,
     trusted_networks,
 )
@@ -84,10 +87,6 @@ def consent_routes(
         Route(f"{PREFIX}/check", api.check_many, methods=["POST"]),
         Route(PREFIX + "/{who}", api.check_one, methods=["GET"]),
     ]
-
-
-def _error(status: int, message: str) -> Response:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 def _body(value: str, answer: Answer, purpose: str) -> dict[str, Any]:
@@ -145,7 +144,7 @@ class _ConsentApi:
             return refusal
         purpose = request.query_params.get("purpose", MARKETING)
         if purpose not in PURPOSES:
-            return _error(422, f"purpose must be one of {', '.join(PURPOSES)}")
+            return json_error(422, f"purpose must be one of {', '.join(PURPOSES)}")
         who = request.path_params["who"][:MAX_VALUE]
         answers = await self._check([who], purpose)
         if isinstance(answers, Response):
@@ -189,18 +188,18 @@ class _ConsentApi:
         )
 
     async def _read(self, request: Request) -> tuple[list[str], str] | Response:
-        raw = await _body_within_limit(request)
-        if raw is None:
-            return _error(
+        raw = await read_capped(request, MAX_BODY)
+        if isinstance(raw, OverLimit):
+            return json_error(
                 413, f"body over {MAX_BODY} bytes; send at most {MAX_NUMBERS} numbers per request"
             )
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
-            return _error(400, "body is not JSON")
+            return json_error(400, "body is not JSON")
         problem = _check_request(body)
         if problem is not None:
-            return _error(*problem)
+            return json_error(*problem)
         return body["numbers"], body.get("purpose", MARKETING)
 
     async def _check(self, values: list[str], purpose: str) -> list[Answer] | Response:
@@ -212,24 +211,7 @@ class _ConsentApi:
             logs.event(
                 logger, "consent_api.store_unavailable", logging.ERROR, error=type(exc).__name__
             )
-            return JSONResponse(
-                {"error": "store unavailable, retry later"},
-                status_code=503,
-                headers={"Retry-After": "5"},
-            )
-
-
-async def _body_within_limit(request: Request) -> bytes | None:
-    """The body, or None once it is longer than MAX_BODY (never read whole)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        return None
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            return None
-    return bytes(raw)
+            return json_error(503, "store unavailable, retry later", headers={"Retry-After": "5"})
 
 
 def _check_request(body: Any) -> tuple[int, str] | None:

@@ -42,11 +42,14 @@ from waconsent.phones import UnparseablePhone, phone_key
 from waconsent.store import optin as optin_store
 from waconsent.web_guard import (
     API_TOKEN_VARIABLE,
+    OverLimit,
     PerClientLimit,
     api_refusal,
     bearer_outcome,
     client_address,
     is_trusted,
+    json_error,
+    read_capped,
     too_many,
     trusted_networks,
 )
@@ -65,7 +68,7 @@ class Refused(Exception):
 
 
 def _bad(message: str, status: int = 400) -> Refused:
-    return Refused(JSONResponse({"error": message}, status_code=status))
+    return Refused(json_error(status, message))
 
 
 def _ip_or_none(address: str) -> str | None:
@@ -273,19 +276,14 @@ class OptinSite:
 
 
 async def _read(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        raise _bad(f"body over {MAX_BODY} bytes", 413)
-    body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_BODY:
-                    raise _bad(f"body over {MAX_BODY} bytes", 413)
+            body = await read_capped(request, MAX_BODY)
     except (ClientDisconnect, TimeoutError):
         raise _bad("the body did not arrive", 400) from None
-    return bytes(body)
+    if isinstance(body, OverLimit):
+        raise _bad(f"body over {MAX_BODY} bytes", 413)
+    return body
 
 
 def _parse(body: bytes, content_type: str | None) -> tuple[dict[str, str], bool]:

@@ -60,6 +60,7 @@ from waconsent.replies.rules import ReplyPolicy
 from waconsent.server_limits import ServerLimits, Throttled
 from waconsent.store.engine import reading
 from waconsent.sync.ingest import IngestReport, ingest_payload, keyword_rules
+from waconsent.web_guard import OverLimit, read_capped
 from waconsent.web_logs import AccessLog, log_delivery
 
 logger = logging.getLogger("waconsent.web")
@@ -186,13 +187,9 @@ class _Receiver:
                 return PlainTextResponse("bad Content-Length", status_code=400)
             if length > self.max_body:
                 return self._too_large(length)
-        body = bytearray()
         try:
             async with asyncio.timeout(self.body_timeout):
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > self.max_body:
-                        return self._too_large(len(body))
+                body = await read_capped(request, self.max_body)
         except ClientDisconnect:
             self.metrics.delivery("bad_request")
             return PlainTextResponse("client went away", status_code=400)
@@ -202,7 +199,7 @@ class _Receiver:
             return PlainTextResponse(
                 "body too slow", status_code=408, headers={"Connection": "close"}
             )
-        return bytes(body)
+        return self._too_large(body.size) if isinstance(body, OverLimit) else body
 
     def _too_large(self, size: int) -> Response:
         logs.event(

@@ -21,9 +21,11 @@ import hmac
 import ipaddress
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 API_TOKEN_VARIABLE = "WACONSENT_API_TOKEN"  # noqa: S105 (a variable name, not a secret)
@@ -44,26 +46,57 @@ def bearer_outcome(authorization: str | None, token: str) -> BearerOutcome:
     return "ok" if hmac.compare_digest(given, token.encode("utf-8")) else "wrong"
 
 
+def json_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """`{"error": message}` with `status`: the one shape every refusal of the JSON routes has,
+    so a client reads any of them the same way."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 def api_refusal(outcome: BearerOutcome) -> Response | None:
     """The answer to a caller without the right token (None when the token is right)."""
     if outcome == "ok":
         return None
     if outcome == "missing":
-        return JSONResponse(
-            {"error": f"send Authorization: Bearer <{API_TOKEN_VARIABLE}>"},
-            status_code=401,
+        return json_error(
+            401,
+            f"send Authorization: Bearer <{API_TOKEN_VARIABLE}>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return JSONResponse({"error": "the bearer token is not the API token"}, status_code=403)
+    return json_error(403, "the bearer token is not the API token")
 
 
 def too_many(retry_after: int) -> Response:
     """429 with the seconds until this client may try again."""
-    return JSONResponse(
-        {"error": "too many requests from this address; try again later"},
-        status_code=429,
+    return json_error(
+        429,
+        "too many requests from this address; try again later",
         headers={"Retry-After": str(retry_after)},
     )
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """A body refused for its length: `size` is the bytes declared, or received so far."""
+
+    size: int
+
+
+async def read_capped(request: Request, limit: int) -> bytes | OverLimit:
+    """The body, or OverLimit as soon as it is known to be longer than `limit` bytes.
+
+    A declared `Content-Length` over the limit is refused before a byte is read, and a body
+    streamed past it at the chunk that crosses it, so a huge body is never held whole. Time
+    limits and disconnects are left to the caller: each route answers them in its own way.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return OverLimit(int(declared))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return OverLimit(len(body))
+    return bytes(body)
 
 
 def trusted_networks(entries: Iterable[str]) -> tuple[Network, ...]:

@@ -54,10 +54,7 @@ from waconsent.connectors.salesforce_soql import (
     select_fields,
 )
 from waconsent.connectors.salesforce_values import SalesforceValues, parse_datetime
-from waconsent.connectors.salesforce_writing import BULK_CHUNK as BULK_CHUNK
-from waconsent.connectors.salesforce_writing import BULK_JOB_LIMIT as BULK_JOB_LIMIT
-from waconsent.connectors.salesforce_writing import COLLECTION_LIMIT as COLLECTION_LIMIT
-from waconsent.connectors.salesforce_writing import SalesforceWriter
+from waconsent.connectors.salesforce_writing import BULK_CHUNK, COLLECTION_LIMIT, SalesforceWriter
 from waconsent.domain import CrmRecord, FieldDescription, WriteRequest, WriteResult
 from waconsent.errors import ConfigError, ConnectionFailed
 from waconsent.phones import USER_ID_PREFIX, like_pattern, search_digits

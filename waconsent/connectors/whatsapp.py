@@ -183,8 +183,7 @@ def _message(item: Mapping[str, Any], change: Change, keywords: KeywordRules) ->
     raw_type = text_of(item.get("type")) or "unknown"
     if raw_type == "system":
         return _system_message(item, message_id, change)
-    wa_id = text_of(item.get("from"))
-    user_id = text_of(item.get("from_user_id")) or change.user_id_for(wa_id)
+    wa_id, user_id = change.ids_of(item, "from", "from_user_id")
     if wa_id is None and user_id is None:
         raise Skip("message without a sender (no from, no from_user_id)")
     occurred_at = time_of(item, change)
@@ -284,8 +283,7 @@ def _reply(item: Mapping[str, Any], raw_type: str) -> Reply:
 
 
 def _preference(item: Mapping[str, Any], change: Change) -> Event:
-    wa_id = text_of(item.get("wa_id"))
-    user_id = text_of(item.get("user_id")) or change.user_id_for(wa_id)
+    wa_id, user_id = change.ids_of(item, "wa_id", "user_id")
     preference = (text_of(item.get("value")) or "").lower()
     if wa_id is None and user_id is None:
         raise Skip("preference without wa_id or user_id")

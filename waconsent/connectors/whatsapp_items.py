@@ -58,6 +58,15 @@ class Change:
             return self.user_ids.get(wa_id)
         return self.only_user_id
 
+    def ids_of(
+        self, item: Mapping[str, Any], wa_id_field: str, user_id_field: str
+    ) -> tuple[str | None, str | None]:
+        """(wa_id, user id) of the person an item names in these two fields. Meta may leave
+        the user id out of the item and give it in `contacts[]` only, so it is looked up
+        there by wa_id when the item has none: every kind of item is read the same way."""
+        wa_id = text_of(item.get(wa_id_field))
+        return wa_id, text_of(item.get(user_id_field)) or self.user_id_for(wa_id)
+
 
 def unix(raw: Any) -> datetime:
     """Unix seconds (a string or a number) as aware UTC; raises for anything else."""

@@ -43,20 +43,22 @@ def plain(item: Any, change: Change) -> PlainStatus | None:
     ):
         return None
     conversation, pricing = item.get("conversation"), item.get("pricing")
+    origin = pricing_type = category = None
     if conversation is not None:
-        origin = conversation.get("origin") if type(conversation) is dict else None
-        if type(origin) is not dict or exact_text(origin.get("type")) in FREE_ENTRY_POINT_ORIGINS:
+        origin_obj = conversation.get("origin") if type(conversation) is dict else None
+        if type(origin_obj) is not dict:
             return None
-    if pricing is not None and (
-        type(pricing) is not dict
-        or exact_text(pricing.get("type")) in FREE_ENTRY_POINT_PRICING
-        or exact_text(pricing.get("category")) in FREE_ENTRY_POINT_ORIGINS
-    ):
+        origin = exact_text(origin_obj.get("type"))
+    if pricing is not None:
+        if type(pricing) is not dict:
+            return None
+        pricing_type, category = (
+            exact_text(pricing.get("type")),
+            exact_text(pricing.get("category")),
+        )
+    if _is_free_entry_point(origin, pricing_type, category):
         return None
-    wa_id = text_of(item.get("recipient_id"))
-    return PlainStatus(
-        item["id"], wa_id, text_of(item.get("recipient_user_id")) or change.user_id_for(wa_id)
-    )
+    return PlainStatus(item["id"], *change.ids_of(item, "recipient_id", "recipient_user_id"))
 
 
 def status(item: Mapping[str, Any], change: Change) -> Event:
@@ -68,8 +70,7 @@ def status(item: Mapping[str, Any], change: Change) -> Event:
         wa_id = text_of(item.get("recipient_participant_id"))
         user_id = text_of(item.get("recipient_participant_user_id"))
     else:
-        wa_id = text_of(item.get("recipient_id"))
-        user_id = text_of(item.get("recipient_user_id")) or change.user_id_for(wa_id)
+        wa_id, user_id = change.ids_of(item, "recipient_id", "recipient_user_id")
     occurred_at = time_of(item, change)
     errors = item.get("errors")
     codes = (
@@ -98,6 +99,20 @@ def status(item: Mapping[str, Any], change: Change) -> Event:
     )
 
 
+def _is_free_entry_point(
+    origin: str | None, pricing_type: str | None, pricing_category: str | None
+) -> bool:
+    """Whether a status shows a free entry point window. Meta has named it in the
+    conversation's origin, in the pricing type, and (with the origin's word) in the pricing
+    category; any one is enough. `plain` and the full parse ask the same question, so a
+    new word for the window is added here once."""
+    return (
+        origin in FREE_ENTRY_POINT_ORIGINS
+        or pricing_type in FREE_ENTRY_POINT_PRICING
+        or pricing_category in FREE_ENTRY_POINT_ORIGINS
+    )
+
+
 def free_entry_expiry(item: Mapping[str, Any], occurred_at: datetime) -> datetime | None:
     """The expiry of a free entry point window, when the status shows one and names a
     plausible end (not before 2009, at most `LONGEST_WINDOW` after the status)."""
@@ -111,12 +126,7 @@ def free_entry_expiry(item: Mapping[str, Any], occurred_at: datetime) -> datetim
         expiry = conversation.get("expiration_timestamp")
     pricing_type = text_of(pricing.get("type")) if isinstance(pricing, dict) else None
     pricing_category = text_of(pricing.get("category")) if isinstance(pricing, dict) else None
-    free = (
-        origin in FREE_ENTRY_POINT_ORIGINS
-        or pricing_type in FREE_ENTRY_POINT_PRICING
-        or pricing_category in FREE_ENTRY_POINT_ORIGINS
-    )
-    if not free or expiry is None:
+    if not _is_free_entry_point(origin, pricing_type, pricing_category) or expiry is None:
         return None
     try:
         moment = unix(expiry)

@@ -13,11 +13,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, String, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent import domain
 from waconsent.domain import FieldValue
-from waconsent.store.engine import REFUSED_VALUE, reading
+from waconsent.store.engine import REFUSED_VALUE, dialect_insert, reading
 from waconsent.store.tables import contacts
 
 if TYPE_CHECKING:
@@ -94,22 +93,21 @@ def _upsert(
 ) -> None:
     """One executemany per run of rows with the same columns (a CSV's rows all share its
     header); a repeated id starts a new run, so that the later row wins in file order."""
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     run: list[dict[str, Any]] = []
     ids: set[Any] = set()
     for row in rows:
         values = {**row, "modified_at": now}
         if run and (values.keys() != run[0].keys() or values.get("id") in ids):
-            _execute_upsert(connection, dialect, run)
+            _execute_upsert(connection, run)
             run, ids = [], set()
         run.append(values)
         ids.add(values.get("id"))
     if run:
-        _execute_upsert(connection, dialect, run)
+        _execute_upsert(connection, run)
 
 
-def _execute_upsert(connection: Connection, dialect: Any, run: list[dict[str, Any]]) -> None:
-    statement = dialect.insert(contacts)
+def _execute_upsert(connection: Connection, run: list[dict[str, Any]]) -> None:
+    statement = dialect_insert(connection, contacts)
     statement = statement.on_conflict_do_update(
         index_elements=["id"],
         set_={name: statement.excluded[name] for name in run[0] if name != "id"},

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     String,
+    Table,
     any_,
     bindparam,
     create_engine,
@@ -38,6 +39,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -321,3 +323,21 @@ def among(
         return column.in_(select(listed.table_valued("value").c.value))
     item = String() if isinstance(column.type, String) else column.type
     return column == any_(bindparam(None, list(values), type_=ARRAY(item)))
+
+
+def dialect_insert(connection: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT in the connection's own dialect: only the dialects' inserts can say what to
+    do on a conflict (`ON CONFLICT`), which the generic one cannot."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def insert_ignoring(
+    connection: Connection, table: Table, index_elements: Sequence[str]
+) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT that skips a row whose `index_elements` are already stored: the way the
+    ledger stays idempotent when the same delivery, link or trigger arrives twice."""
+    return dialect_insert(connection, table).on_conflict_do_nothing(
+        index_elements=list(index_elements)
+    )

@@ -9,13 +9,12 @@ from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import Connection, Row, String, func, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent.domain import CONSENT_SIGNALS, Event, EventKind, Signal, error_codes_text
 from waconsent.phones import user_id_key, wa_id_key
 from waconsent.store import evidence as evidence_store
 from waconsent.store import identity
-from waconsent.store.engine import among
+from waconsent.store.engine import among, insert_ignoring
 from waconsent.store.tables import events
 
 EVIDENCE_SIGNALS = frozenset(
@@ -107,8 +106,7 @@ def _why_unstorable(name: str, limit: int, value: str) -> str | None:
 
 
 def _insert_ignoring_duplicates(connection: Connection) -> Any:
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return dialect.insert(events).on_conflict_do_nothing(index_elements=["key"])
+    return insert_ignoring(connection, events, ["key"])
 
 
 def ingest(

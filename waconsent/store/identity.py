@@ -17,11 +17,10 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 
 from sqlalchemy import Connection, and_, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent.domain import Event, Signal
 from waconsent.phones import USER_ID_PREFIX, user_id_key, wa_id_key
-from waconsent.store.engine import among
+from waconsent.store.engine import among, insert_ignoring
 from waconsent.store.tables import events, identity_links
 
 MAX_ROUNDS = 3
@@ -195,8 +194,5 @@ def _insert(connection: Connection, links: Sequence[Link]) -> None:
             )
     if not rows:
         return
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(identity_links).on_conflict_do_nothing(
-        index_elements=["key", "linked_key"]
-    )
+    statement = insert_ignoring(connection, identity_links, ["key", "linked_key"])
     connection.execute(statement, [rows[pair] for pair in sorted(rows)])

@@ -21,13 +21,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent.domain import Event, error_codes_text, jsonable
 from waconsent.phones import user_id_key, wa_id_key
 from waconsent.replies.rules import PlannedReply, ReplyState, advance, state_of_status, trigger_of
 from waconsent.store import evidence as evidence_store
-from waconsent.store.engine import among
+from waconsent.store.engine import among, insert_ignoring
 from waconsent.store.tables import replies
 
 ERROR_LENGTH = 300
@@ -72,7 +71,6 @@ def enqueue(connection: Connection, plans: Sequence[PlannedReply], now: datetime
     unique trigger id decides, however deliveries interleave). Returns how many are new."""
     if not plans:
         return 0
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     rows = [
         {
             "trigger_id": plan.trigger_id,
@@ -93,11 +91,7 @@ def enqueue(connection: Connection, plans: Sequence[PlannedReply], now: datetime
         }
         for plan in sorted(plans, key=lambda plan: plan.trigger_id)
     ]
-    statement = (
-        dialect.insert(replies)
-        .on_conflict_do_nothing(index_elements=["trigger_id"])
-        .returning(replies.c.id)
-    )
+    statement = insert_ignoring(connection, replies, ["trigger_id"]).returning(replies.c.id)
     return len(connection.execute(statement, rows).scalars().all())
 
 

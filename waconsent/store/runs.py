@@ -11,9 +11,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from waconsent.errors import RunLockHeld
+from waconsent.store.engine import dialect_insert
 from waconsent.store.tables import locks, runs
 
 LOCK_TTL = timedelta(minutes=10)
@@ -36,8 +36,9 @@ def acquire_lock(
 ) -> None:
     """Take the lease, or raise RunLockHeld; an expired lease (a dead node) is taken over."""
     with engine.begin() as connection:
-        dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(locks).values(name=name, holder=holder, expires_at=now + ttl)
+        statement = dialect_insert(connection, locks).values(
+            name=name, holder=holder, expires_at=now + ttl
+        )
         statement = statement.on_conflict_do_update(
             index_elements=["name"],
             set_={"holder": holder, "expires_at": now + ttl},
