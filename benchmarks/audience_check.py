@@ -14,7 +14,9 @@ one in twenty a STOP: the check must apply them). Then:
   spellings: 50 % E.164, 25 % wa_id digits, 15 % spaced E.164, 7 % national, 3 % junk) is
   checked by `waconsent audience check` in a child process, output to /dev/null: wall time,
   numbers/s and the child's peak RSS; the same with a tenth of the list, so that memory can
-  be compared (flat: the same peak for a tenth and for all);
+  be compared (flat: the same peak for a tenth and for all). The baseline, in the same run:
+  a child process that only copies the list through Python's csv module, adding the four
+  answer columns (the I/O floor of any CSV-in, CSV-out tool); reported as "x the copy";
 * **API**: the receiver (production uvicorn settings) in a child process, `GET
   /v1/consent/{number}` sent open loop at `--rate` per second for `--duration` seconds
   (after 2 s of warm-up at the same rate; latency counted from the scheduled moment), then
@@ -126,6 +128,26 @@ def cli_check(cfg: Path, listing: Path) -> tuple[float, int]:
     return seconds, int(lines[-1]) * 1024
 
 
+COPY = """
+import csv, sys
+with open(sys.argv[1], newline="", encoding="utf-8") as source:
+    reader = csv.reader(source)
+    writer = csv.writer(sys.stdout, lineterminator="\\r\\n")
+    writer.writerow(next(reader) + ["may_send", "reason", "session_open_until", "records"])
+    for row in reader:
+        writer.writerow(row + ["false", "no_record", "", ""])
+"""
+
+
+def csv_copy(listing: Path) -> float:
+    """Seconds of the baseline: the list copied through the csv module, nothing checked."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", COPY, str(listing)], stdout=subprocess.DEVNULL, check=True
+    )
+    return time.perf_counter() - started
+
+
 # ------------------------------------------------------------------ API
 
 
@@ -185,10 +207,11 @@ def server(store_url: str) -> Iterator[int]:
             process.wait(30)
 
 
-def get_request(port: int, value: str) -> bytes:
+def get_request(port: int, value: str | None) -> bytes:
+    """A consent check of `value`; None: the baseline, `GET /healthz`."""
+    path = "/healthz" if value is None else f"/v1/consent/{value}"
     return (
-        f"GET /v1/consent/{value} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Authorization: Bearer {TOKEN}\r\n\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
     ).encode()
 
 
@@ -202,18 +225,24 @@ def post_request(port: int, values: list[str]) -> bytes:
 
 
 async def api_open_loop(
-    port: int, contacts: int, rate: float, duration: float, connections: int = 32
+    port: int,
+    contacts: int,
+    rate: float,
+    duration: float,
+    connections: int = 32,
+    baseline: bool = False,
 ) -> Phase:
     """GETs started on schedule over a fixed set of keep-alive connections (a sending tool's
-    HTTP client pool); a request waits for a free connection, and that wait counts."""
-    phase = Phase(f"GET open loop at {rate:.0f}/s")
+    HTTP client pool); a request waits for a free connection, and that wait counts. With
+    `baseline`, the same schedule of `GET /healthz`."""
+    phase = Phase(f"GET {'/healthz' if baseline else 'open loop'} at {rate:.0f}/s")
     rnd = random.Random(5)
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(connections):
         pool.put_nowait(await Connection.open(port))
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one(scheduled: float, value: str) -> None:
+    async def one(scheduled: float, value: str | None) -> None:
         connection = await pool.get()
         try:
             status = await connection.exchange(get_request(port, value))
@@ -237,7 +266,7 @@ async def api_open_loop(
         if delay > 0:
             await asyncio.sleep(delay)
         value = number(rnd.randrange(2 * contacts), rnd.randrange(75))
-        task = asyncio.create_task(one(scheduled, value))
+        task = asyncio.create_task(one(scheduled, None if baseline else value))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)
@@ -302,13 +331,21 @@ def main() -> None:
             cpu_before = os.times()
             seconds, peak = cli_check(cfg, listing)
             cpu = sum(os.times()[2:4]) - sum(cpu_before[2:4])
+            copy = csv_copy(listing)
             print(
                 f"audience check: {count:,} numbers in {seconds:.1f} s = "
                 f"{count / seconds:,.0f} numbers/s, peak RSS {peak / 2**20:,.0f} MiB, "
-                f"CPU {cpu:.1f} s (load average {os.getloadavg()[0]:.1f})"
+                f"CPU {cpu:.1f} s (load average {os.getloadavg()[0]:.1f}); plain CSV copy "
+                f"{copy:.1f} s = {count / copy:,.0f} rows/s; the check {seconds / copy:.1f}x "
+                "the copy"
             )
         with server(url) as port:
             asyncio.run(api_open_loop(port, args.contacts, args.rate, 2))  # warm-up, not kept
+            print(
+                asyncio.run(
+                    api_open_loop(port, args.contacts, args.rate, args.duration, baseline=True)
+                ).line()
+            )
             print(asyncio.run(api_open_loop(port, args.contacts, args.rate, args.duration)).line())
             print(asyncio.run(api_posts(port, args.contacts)).line())
 
