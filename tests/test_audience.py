@@ -5,7 +5,6 @@ and `waconsent audience check` as a user runs it."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -275,18 +274,18 @@ def test_the_snapshot_digest_sees_every_consent_field_to_the_second() -> None:
     moment = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
     row = SnapshotRow("R", frozenset({"+491511"}), True, moment, None, True, None, moment)
     same = [
-        replace(row, opt_in_date=moment.replace(microsecond=999_999)),
-        replace(row, synced_at=moment + timedelta(days=1)),
-        replace(row, opt_in_date=moment.astimezone(timezone(timedelta(hours=2)))),
+        row._replace(opt_in_date=moment.replace(microsecond=999_999)),
+        row._replace(synced_at=moment + timedelta(days=1)),
+        row._replace(opt_in_date=moment.astimezone(timezone(timedelta(hours=2)))),
     ]
     different = [
-        replace(row, keys=frozenset({"+491511", "uid:US.1"})),
-        replace(row, opt_in=None),
-        replace(row, opt_in=False),
-        replace(row, opt_in_date=moment + timedelta(seconds=1)),
-        replace(row, opt_out_date=moment),
-        replace(row, proof_complete=False),
-        replace(row, session_expires=moment),
+        row._replace(keys=frozenset({"+491511", "uid:US.1"})),
+        row._replace(opt_in=None),
+        row._replace(opt_in=False),
+        row._replace(opt_in_date=moment + timedelta(seconds=1)),
+        row._replace(opt_out_date=moment),
+        row._replace(proof_complete=False),
+        row._replace(session_expires=moment),
     ]
     assert {digest_of(other) for other in same} == {digest_of(row)}
     assert len({digest_of(other) for other in [row, *different]}) == len(different) + 1

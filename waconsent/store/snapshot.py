@@ -14,9 +14,8 @@ import hashlib
 import json
 import math
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ARRAY, Connection, String, any_, bindparam, delete, exists, func, select
 
@@ -33,9 +32,9 @@ KEY_SEPARATOR = "\n"
 Fields = tuple[Any, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotRow:
-    """A record as the sync leaves it, with all its match keys."""
+class SnapshotRow(NamedTuple):
+    """A record as the sync leaves it, with all its match keys (a named tuple: a full sync
+    builds one per record, and the check one per record it finds)."""
 
     record_id: str
     keys: frozenset[str]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from waconsent.domain import (
     LAST_INBOUND,
@@ -62,9 +63,10 @@ _CHECKED_FIELDS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Held:
-    """One record as the last sync left it: read, with the writes it decided applied."""
+class Held(NamedTuple):
+    """One record as the last sync left it: read, with the writes it decided applied.
+    A named tuple, not a frozen dataclass: a full sync builds one per record, and a tuple
+    is built in a third of the time."""
 
     record_id: str
     opt_in: bool | None
