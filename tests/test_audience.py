@@ -206,6 +206,36 @@ def test_a_stop_by_user_id_reaches_the_number_it_came_with(engine: Engine, store
     assert reasons(check(engine, cfg, "4915112121212")) == [(False, "revoked")]
 
 
+@pytest.mark.parametrize(
+    "link",
+    [
+        p.message("4915112121212", NOW - timedelta(minutes=2), "hi", user_id="DE.778"),
+        p.status("4915112121212", NOW - timedelta(minutes=2), recipient_user_id="DE.778"),
+        p.user_id_update("4915112121212", NOW - timedelta(minutes=2), None, "DE.778"),
+    ],
+    ids=["message with both", "status with both", "user id update"],
+)
+def test_a_stop_by_a_user_id_linked_after_the_last_sync(
+    engine: Engine, store_url: str, link: dict[str, Any]
+) -> None:
+    """The number was joined to a user id only after the last sync (by a message or a
+    status carrying both, or by a user-id change), then a stop carried only that id: the
+    check follows the new link at once, as the next sync will."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("K", "0151 12121212")], NOW)
+    run_once(cfg, engine=engine, clock=clock)
+    assert reasons(check(engine, cfg, "4915112121212")) == [(True, "opted_in")]
+    deliver(engine, cfg, link)
+    assert reasons(check(engine, cfg, "4915112121212")) == [(True, "opted_in")]
+    deliver(engine, cfg, p.user_preference("DE.778", NOW - timedelta(minutes=1), "stop"))
+    assert reasons(check(engine, cfg, "4915112121212")) == [(False, "revoked")]
+    run_once(cfg, engine=engine, clock=clock)
+    assert reasons(check(engine, cfg, "4915112121212", "DE.778")) == [
+        (False, "revoked"),
+        (False, "revoked"),
+    ]
+
+
 def snapshot_rows(engine: Engine) -> int:
     with engine.connect() as connection:
         return int(

@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import chain, islice
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from waconsent.csvfiles import is_utf8
 from waconsent.domain import NO_ACTIVITY, Activity
 from waconsent.phones import lookup_keys, quick_key
 from waconsent.store import activity as activity_store
+from waconsent.store import identity as identity_store
 from waconsent.store import snapshot as snapshot_store
+from waconsent.store.activity import Group
 from waconsent.store.engine import open_engine, reading
 from waconsent.sync import audience
 
@@ -90,30 +92,15 @@ class ConsentChecker:
                 if again:
                     by_key.update(snapshot_store.by_keys(connection, self.crm, again))
             rows = {row.record_id: row for found in by_key.values() for row in found}
-            wanted = {key for row in rows.values() for key in row.keys}
-            moments = [row.synced_at - MARGIN for row in rows.values()]
             unmatched = {r.key for r in reads if r.key is not None and r.key not in by_key}
-            if purpose == audience.SERVICE and unmatched:
-                wanted |= unmatched
-                moments.append(now - UNMATCHED_REACH)
-            since = min(moments, default=now)
-            active = (
-                activity_store.keys_with_events_since(connection, wanted, since)
-                if wanted
-                else set()
-            )
-            # a record's activity needs all its keys once one of them has news
-            wanted = {key for row in rows.values() if row.keys & active for key in row.keys} | (
-                active & unmatched
-            )
-            groups = activity_store.activity_since(connection, wanted, since) if wanted else {}
+            keys_of, groups = _since_sync(connection, rows, unmatched, purpose, now)
         by_group_key: dict[str, list[Activity]] = {}
         for (phone, uid), activity in groups.items():
             for key in (phone, uid):
                 if key is not None:
                     by_group_key.setdefault(key, []).append(activity)
         news = (
-            {record_id: _merged(row.keys, by_group_key) for record_id, row in rows.items()}
+            {record_id: _merged(keys_of[record_id], by_group_key) for record_id in rows}
             if by_group_key
             else {}
         )
@@ -156,6 +143,55 @@ class ConsentChecker:
             except ValueError:
                 again.append(read)
         return again
+
+
+def _since_sync(
+    connection: Connection,
+    rows: dict[str, snapshot_store.SnapshotRow],
+    unmatched: set[str],
+    purpose: str,
+    now: datetime,
+) -> tuple[dict[str, set[str]], dict[Group, Activity]]:
+    """What arrived since each record's sync: every record's keys (with those joined to them
+    since), and the activity received since under the keys of the records that have news
+    (a record's activity needs all its keys once one of them has news)."""
+    wanted = {key for row in rows.values() for key in row.keys}
+    moments = [row.synced_at - MARGIN for row in rows.values()]
+    if purpose == audience.SERVICE and unmatched:
+        wanted |= unmatched
+        moments.append(now - UNMATCHED_REACH)
+    since = min(moments, default=now)
+    people, active = _news(connection, wanted, since)
+    keys_of = {record_id: people.expand(row.keys) for record_id, row in rows.items()}
+    wanted = {key for keys in keys_of.values() if keys & active for key in keys}
+    wanted |= active & unmatched
+    groups = activity_store.activity_since(connection, wanted, since) if wanted else {}
+    return keys_of, groups
+
+
+def _news(
+    connection: Connection, keys: set[str], since: datetime
+) -> tuple[identity_store.People, set[str]]:
+    """The keys with events received since `since`, and the people those events and the
+    links first seen since join them to (a message or status carrying a number and a user
+    id, a user-id change), followed as far as the sync follows links: a stop that carries
+    only a user id joined to the number after the last sync answers "no" at once."""
+    people = identity_store.People()
+    active: set[str] = set()
+    asked: set[str] = set()
+    frontier = keys
+    for _ in range(identity_store.MAX_ROUNDS):
+        if not frontier:
+            break
+        asked |= frontier
+        groups = activity_store.groups_since(connection, frontier, since)
+        active |= {key for group in groups for key in group if key is not None}
+        pairs = [(a, b) for a, b in groups if a is not None and b is not None]
+        pairs += identity_store.links_since(connection, frontier, since)
+        for a, b in pairs:
+            people.join(a, b)
+        frontier = {key for pair in pairs for key in pair} - asked
+    return people, active
 
 
 def _merged(keys: set[str] | frozenset[str], by_key: dict[str, list[Activity]]) -> Activity:

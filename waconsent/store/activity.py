@@ -84,23 +84,23 @@ def activity_since(
     return _activity_by_group(connection, keys, since)
 
 
-def keys_with_events_since(
-    connection: Connection, keys: Collection[str], since: datetime
-) -> set[str]:
-    """Which of the keys have events received since `since` (issue 16: most numbers have
-    none, and then the aggregates need not run). Statements built once: this runs per
-    request of the consent API."""
+def groups_since(connection: Connection, keys: Collection[str], since: datetime) -> set[Group]:
+    """The (phone key, user-id key) groups of the events under `keys` received since `since`
+    (issue 16: most numbers have none, and then the aggregates need not run; a group with
+    both keys joins them, as `identity` does). Statements built once: this runs per request
+    of the consent API."""
     sqlite = connection.dialect.name == "sqlite"
-    found: set[str] = set()
+    found: set[Group] = set()
     for column in ("phone_key", "uid_key"):
         wanted = sorted(k for k in keys if k.startswith(USER_ID_PREFIX) == (column == "uid_key"))
         statement = _SINCE[(column, sqlite)]
         for start in range(0, len(wanted), _KEYS_PER_QUERY):
             chunk = wanted[start : start + _KEYS_PER_QUERY]
             found.update(
-                connection.execute(
+                (phone, uid)
+                for phone, uid in connection.execute(
                     statement, {"keys": json.dumps(chunk) if sqlite else chunk, "since": since}
-                ).scalars()
+                )
             )
     return found
 
@@ -113,7 +113,11 @@ def _since_statement(column: str, sqlite: bool) -> Any:
         among_keys = matched.in_(select(listed.c.value))
     else:
         among_keys = matched == any_(bindparam("keys", type_=ARRAY(String())))
-    return select(matched).distinct().where(among_keys, events.c.received_at >= bindparam("since"))
+    return (
+        select(events.c.phone_key, events.c.uid_key)
+        .distinct()
+        .where(among_keys, events.c.received_at >= bindparam("since"))
+    )
 
 
 _SINCE = {

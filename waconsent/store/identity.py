@@ -110,6 +110,16 @@ def links(connection: Connection, keys: Collection[str]) -> Iterator[Pair]:
         yield from ((a, b) for a, b in connection.execute(query))
 
 
+def links_since(connection: Connection, keys: Collection[str], since: datetime) -> Iterator[Pair]:
+    """The links of `keys` first seen since `since` (issue 16: what the pre-send check follows
+    before the next sync does)."""
+    for chunk in _chunks(keys):
+        query = select(identity_links.c.key, identity_links.c.linked_key).where(
+            among(connection, identity_links.c.key, chunk), identity_links.c.occurred_at >= since
+        )
+        yield from ((a, b) for a, b in connection.execute(query))
+
+
 def event_pairs(connection: Connection, keys: Collection[str]) -> Iterator[Pair]:
     """(number, user id) pairs of events under the keys: a message from a user who has both."""
     phones = [k for k in keys if not k.startswith(USER_ID_PREFIX)]
