@@ -212,17 +212,26 @@ def test_a_stop_by_user_id_reaches_the_number_it_came_with(engine: Engine, store
         p.message("4915112121212", NOW - timedelta(minutes=2), "hi", user_id="DE.778"),
         p.status("4915112121212", NOW - timedelta(minutes=2), recipient_user_id="DE.778"),
         p.user_id_update("4915112121212", NOW - timedelta(minutes=2), None, "DE.778"),
+        p.user_id_update(None, NOW - timedelta(minutes=2), "DE.777", "DE.778"),
+        p.user_id_update(None, NOW - timedelta(days=2), "DE.777", "DE.778"),
     ],
-    ids=["message with both", "status with both", "user id update"],
+    ids=[
+        "message with both",
+        "status with both",
+        "user id update",
+        "update of the user id alone",
+        "that update delivered late",
+    ],
 )
 def test_a_stop_by_a_user_id_linked_after_the_last_sync(
     engine: Engine, store_url: str, link: dict[str, Any]
 ) -> None:
     """The number was joined to a user id only after the last sync (by a message or a
-    status carrying both, or by a user-id change), then a stop carried only that id: the
-    check follows the new link at once, as the next sync will."""
+    status carrying both, or by a user-id change, also one Meta delivers days after it
+    happened), then a stop carried only that id: the check follows the new link at once, as
+    the next sync will."""
     cfg = loaded(store_url)
-    upsert_contacts(engine, [opted_in("K", "0151 12121212")], NOW)
+    upsert_contacts(engine, [opted_in("K", "0151 12121212", whatsapp_user_id="DE.777")], NOW)
     run_once(cfg, engine=engine, clock=clock)
     assert reasons(check(engine, cfg, "4915112121212")) == [(True, "opted_in")]
     deliver(engine, cfg, link)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 
-from sqlalchemy import Connection, and_, select
+from sqlalchemy import Connection, and_, or_, select
 
 from waconsent.domain import Event, Signal
 from waconsent.phones import USER_ID_PREFIX, user_id_key, wa_id_key
@@ -112,10 +112,17 @@ def links(connection: Connection, keys: Collection[str]) -> Iterator[Pair]:
 
 def links_since(connection: Connection, keys: Collection[str], since: datetime) -> Iterator[Pair]:
     """The links of `keys` first seen since `since` (issue 16: what the pre-send check follows
-    before the next sync does)."""
+    before the next sync does). A user-id change counts from when it was received: Meta may
+    deliver one days after it happened, and a sync in between never saw it."""
+    received = (
+        select(events.c.received_at)
+        .where(events.c.key == identity_links.c.event_key)
+        .scalar_subquery()
+    )
     for chunk in _chunks(keys):
         query = select(identity_links.c.key, identity_links.c.linked_key).where(
-            among(connection, identity_links.c.key, chunk), identity_links.c.occurred_at >= since
+            among(connection, identity_links.c.key, chunk),
+            or_(identity_links.c.occurred_at >= since, received >= since),
         )
         yield from ((a, b) for a, b in connection.execute(query))
 
