@@ -245,6 +245,30 @@ def test_a_stop_by_a_user_id_linked_after_the_last_sync(
     ]
 
 
+def test_a_stop_by_a_user_id_before_the_sync_joined_after_it(
+    engine: Engine, store_url: str
+) -> None:
+    """Meta delivered the user-id change late: the STOP by the new id arrived before the
+    sync (which could not tie it to the record), the change after. The check applies the
+    new id's whole history at once, as the next sync will."""
+    cfg = loaded(store_url)
+    upsert_contacts(engine, [opted_in("K", "0151 12121212", whatsapp_user_id="DE.777")], NOW)
+    early = NOW - timedelta(hours=2)
+    ingest_payload(
+        engine,
+        p.payload(p.user_preference("DE.778", early, "stop")),
+        keyword_rules(cfg.settings),
+        "test",
+        lambda: early,
+    )
+    run_once(cfg, engine=engine, clock=lambda: NOW - timedelta(hours=1))
+    assert reasons(check(engine, cfg, "4915112121212")) == [(True, "opted_in")]
+    deliver(engine, cfg, p.user_id_update(None, NOW - timedelta(hours=3), "DE.777", "DE.778"))
+    assert reasons(check(engine, cfg, "4915112121212")) == [(False, "revoked")]
+    run_once(cfg, engine=engine, clock=clock)
+    assert reasons(check(engine, cfg, "4915112121212")) == [(False, "revoked")]
+
+
 def snapshot_rows(engine: Engine) -> int:
     with engine.connect() as connection:
         return int(
@@ -328,6 +352,18 @@ def test_the_snapshot_digest_sees_every_consent_field_to_the_second() -> None:
     ]
     assert {digest_of(other) for other in same} == {digest_of(row)}
     assert len({digest_of(other) for other in [row, *different]}) == len(different) + 1
+
+
+def test_the_snapshot_digest_is_exact_at_the_edges() -> None:
+    """A second apart near the year 9999 (where a float timestamp rounds) and a key holding
+    the characters that could join two keys are different snapshots."""
+    last = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    row = SnapshotRow("R", frozenset({"+491511"}), True, last, None, True, None, last)
+    before = row._replace(opt_in_date=last - timedelta(microseconds=1))
+    assert digest_of(before) != digest_of(row)
+    one = row._replace(keys=frozenset({"uid:a\x1fuid:b"}))
+    two = row._replace(keys=frozenset({"uid:a", "uid:b"}))
+    assert digest_of(one) != digest_of(two)
 
 
 # ---------------------------------------------------------------- the command

@@ -350,6 +350,7 @@ def test_sqlite_datetimes_are_stored_in_sqlalchemy_format_and_read_back(moment: 
         ("2026-03-01 01:02:03", datetime(2026, 3, 1, 1, 2, 3, tzinfo=UTC)),  # no fraction
         ("2026-03-01 01:02:03+02:00", datetime(2026, 2, 28, 23, 2, 3, tzinfo=UTC)),
         ("2026-03-01T01:02:03.12345Z", datetime(2026, 3, 1, 1, 2, 3, 123450, tzinfo=UTC)),
+        ("2026-03-01 01:02:03+020000", datetime(2026, 2, 28, 23, 2, 3, tzinfo=UTC)),
     ],
 )
 def test_sqlite_datetimes_in_other_spellings_are_read_as_utc(text: str, moment: datetime) -> None:

@@ -153,8 +153,10 @@ def _since_sync(
     now: datetime,
 ) -> tuple[dict[str, set[str]], dict[Group, Activity]]:
     """What arrived since each record's sync: every record's keys (with those joined to them
-    since), and the activity received since under the keys of the records that have news
-    (a record's activity needs all its keys once one of them has news)."""
+    since), and the activity under the keys of the records that have news (a record's
+    activity needs all its keys once one of them has news). A key joined to a record only
+    since its sync brings its whole history: the sync never applied any of it to the record
+    (a STOP by a new user id can arrive before Meta's notice of the change)."""
     wanted = {key for row in rows.values() for key in row.keys}
     moments = [row.synced_at - MARGIN for row in rows.values()]
     if purpose == audience.SERVICE and unmatched:
@@ -163,9 +165,12 @@ def _since_sync(
     since = min(moments, default=now)
     people, active = _news(connection, wanted, since)
     keys_of = {record_id: people.expand(row.keys) for record_id, row in rows.items()}
-    wanted = {key for keys in keys_of.values() if keys & active for key in keys}
-    wanted |= active & unmatched
+    joined = {key for record_id, row in rows.items() for key in keys_of[record_id] - row.keys}
+    wanted = {key for keys in keys_of.values() if keys & (active | joined) for key in keys}
+    wanted = (wanted | (active & unmatched)) - joined
     groups = activity_store.activity_since(connection, wanted, since) if wanted else {}
+    if joined:  # whole histories, which also hold what arrived since
+        groups.update(activity_store.activity_since(connection, joined, None))
     return keys_of, groups
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Collection, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import ARRAY, Connection, String, any_, bindparam, delete, exists, func, select
@@ -55,20 +54,28 @@ def tail_of(key: str) -> str | None:
 def digest_of(row: SnapshotRow) -> str:
     """What a record's snapshot says, in 32 hex digits: its keys and its consent, datetimes
     to the second (as the CRMs keep them; finer, every run would see a change). Equal
-    digests, equal snapshots: `synced_at` and the run are left out on purpose."""
-    parts = (
-        *sorted(row.keys),
-        repr(row.opt_in),
-        _seconds(row.opt_in_date),
-        _seconds(row.opt_out_date),
-        repr(row.proof_complete),
-        _seconds(row.session_expires),
+    digests, equal snapshots: `synced_at` and the run are left out on purpose. The text
+    hashed is a tuple's `repr`, so no value can pass for two (a key holding a separator)."""
+    text = repr(
+        (
+            tuple(sorted(row.keys)),
+            row.opt_in,
+            _seconds(row.opt_in_date),
+            _seconds(row.opt_out_date),
+            row.proof_complete,
+            _seconds(row.session_expires),
+        )
     )
-    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _seconds(moment: datetime | None) -> str:
-    return "" if moment is None else str(math.floor(moment.timestamp()))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
+
+def _seconds(moment: datetime | None) -> int | None:
+    """Whole seconds since 1970, exactly (a float timestamp rounds up near the year 9999)."""
+    return None if moment is None else (moment - _EPOCH) // _SECOND
 
 
 def held_digests(
