@@ -130,6 +130,15 @@ def test_stop_revokes_an_opted_in_record() -> None:
     assert result["opt_in"] is False and result["opt_out_date"] == at(1)
 
 
+def test_a_write_carries_the_values_it_was_decided_on_and_no_write_carries_none() -> None:
+    """The basis is the queued write's precondition (the consent read from the CRM); a
+    decision with nothing to write needs none."""
+    rec = record(**OPTED_IN)
+    revoked = decide_events(rec, [stop(1)], ALL, NOW)
+    assert dict(revoked.basis) == {"opt_in": True, "opt_in_date": at(-100), "opt_out_date": None}
+    assert decide_events(rec, [], ALL, NOW).basis == ()
+
+
 def test_plain_message_opens_session_only() -> None:
     """A plain message sets last_inbound and a 24-hour window, and never grants consent."""
     result = changes(record(opt_in=False), [msg(1)])
