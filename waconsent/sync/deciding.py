@@ -37,7 +37,8 @@ class ChunkDecider:
         self.newest_modified: datetime | None = None
         #: a dry run writes no index, so it remembers the keys of what it read
         self.seen_keys: set[str] = set()
-        self._snapshot: list[snapshot_store.SnapshotRow] = []  # the chunk's (issue 16)
+        #: the chunk's snapshot rows that differ from what is held (issue 16)
+        self._snapshot: list[snapshot_store.SnapshotRow] = []
 
     def decide(self, chunk: Prepared) -> None:
         now = self._scope.clock()
@@ -71,7 +72,9 @@ class ChunkDecider:
             return None
         self._report.tally(record, decision)
         if self._plan.writes:
-            self._snapshot.append(_snapshot_row(record, keys, decision, activity, now))
+            row = _snapshot_row(record, keys, decision, activity, now)
+            if _snapshot_changed(row, chunk.held):
+                self._snapshot.append(row)
         if self._on_decision is not None:
             self._on_decision(record, decision)
         return decision
@@ -106,9 +109,8 @@ class ChunkDecider:
             self._report.writes_queued += outbox_store.enqueue(
                 connection, scope.crm, decisions, scope.run_id, now
             )
-            moved = [row for row in snapshot if _snapshot_changed(row, chunk.held)]
             snapshot_store.replace(
-                connection, scope.crm, [row.record_id for row in moved], moved, scope.run_id
+                connection, scope.crm, [row.record_id for row in snapshot], snapshot, scope.run_id
             )
 
 
