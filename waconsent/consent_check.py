@@ -4,8 +4,9 @@ For each batch the store is asked a few indexed questions, whatever its size: wh
 carry the batch's numbers (the consent snapshot, by key), which of the numbers no record
 carries end like one that some record does (by tail), which of the records' keys had
 anything received since their sync and which keys were joined to them since (`_news`), and
-for those few keys what (`store.activity`'s aggregates). The answer itself is `sync.audience.answer`, pure. The CLI (`audience check`)
-and the HTTP API (`/v1/consent`) are thin shells over `ConsentChecker.check`.
+for those few keys what (`store.activity`'s aggregates). The answer itself is
+`sync.audience.answer`, pure. The CLI (`audience check`) and the HTTP API (`/v1/consent`)
+are thin shells over `ConsentChecker.check`.
 
 A number is read the quick way when it is written as a wa_id or as E.164 (`phones.quick_key`);
 in any other form (a national number, a user id) by `phones.lookup_keys`. A quick key that no

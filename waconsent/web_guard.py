@@ -89,7 +89,7 @@ async def read_capped(request: Request, limit: int) -> bytes | OverLimit:
     limits and disconnects are left to the caller: each route answers them in its own way.
     """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         return OverLimit(int(declared))
     body = bytearray()
     async for chunk in request.stream():
