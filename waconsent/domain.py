@@ -76,6 +76,8 @@ def error_codes_text(codes: Sequence[int]) -> str | None:
 
 def to_second(moment: datetime) -> datetime:
     """CRMs keep datetimes to the second; compare at that precision or every run sees a change."""
+    if moment.microsecond == 0 and moment.tzinfo is UTC:
+        return moment  # already whole UTC seconds: most CRM values (the rules ask for several)
     return moment.astimezone(UTC).replace(microsecond=0)
 
 
