@@ -56,6 +56,8 @@ class UtcDateTime(TypeDecorator[datetime]):
             return super().bind_processor(dialect)
 
         def process(value: datetime | None) -> str | None:
+            if value is not None and value.tzinfo is UTC:  # most values: no conversion
+                return value.isoformat(" ", "microseconds")[:_STORED_LENGTH]  # "+00:00" off
             moment = self.process_bind_param(value, dialect)
             return None if moment is None else moment.isoformat(" ", "microseconds")
 
