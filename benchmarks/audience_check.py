@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.sync_full_ledger import add_events, build  # noqa: E402
-from benchmarks.webhook_throughput import Connection, Phase  # noqa: E402
+from benchmarks.webhook_throughput import Connection, Phase, wait_for_port  # noqa: E402
 
 TOKEN = "benchmark-api-token"
 SECRETS = {
@@ -189,19 +188,7 @@ def server(store_url: str) -> Iterator[int]:
             stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 30
-            while not os.path.exists(port_file) or not Path(port_file).read_text():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the server did not start")
-                time.sleep(0.05)
-            port = int(Path(port_file).read_text())
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            yield port
+            yield wait_for_port(process, port_file, "the server")
         finally:
             process.terminate()
             process.wait(30)

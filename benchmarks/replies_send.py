@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import responses  # noqa: E402
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
+from benchmarks.webhook_throughput import store_for  # noqa: E402
 from tests import payloads as p  # noqa: E402
 from tests.fakes.meta_messages import FakeCloudApi  # noqa: E402
 from tests.replies_support import replies_config, sender  # noqa: E402
@@ -55,24 +53,6 @@ DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BATCH = 100
 
 
-@contextmanager
-def store(target: str, postgres_url: str) -> Iterator[str]:
-    if target == "sqlite":
-        with tempfile.TemporaryDirectory() as folder:
-            yield f"sqlite:///{Path(folder) / 'bench.db'}"
-        return
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{postgres_url}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
 def timed(step: Callable[[], int]) -> tuple[int, float]:
     started = time.perf_counter()
     count = step()
@@ -82,7 +62,7 @@ def timed(step: Callable[[], int]) -> tuple[int, float]:
 def run_target(target: str, count: int, postgres_url: str) -> list[tuple[str, int, float]]:
     results: list[tuple[str, int, float]] = []
     now = datetime.now(UTC).replace(microsecond=0)
-    with store(target, postgres_url) as url:
+    with store_for(target, postgres_url) as url:
         cfg = replies_config(url)
         keywords, policy = keyword_rules(cfg.settings), reply_policy(cfg.settings)
         users = [f"4915{n:09d}" for n in range(count)]

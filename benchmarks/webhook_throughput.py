@@ -334,22 +334,27 @@ def server(target: str, store_url: str) -> Iterator[int]:
             stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 30
-            while not os.path.exists(port_file) or not Path(port_file).read_text():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the {target} server did not start")
-                time.sleep(0.05)
-            port = int(Path(port_file).read_text())
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            yield port
+            yield wait_for_port(process, port_file, f"the {target} server")
         finally:
             process.terminate()
             process.wait(30)
+
+
+def wait_for_port(process: subprocess.Popen[bytes], port_file: str, what: str) -> int:
+    """The port a child server wrote to `port_file`, once it accepts connections."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(port_file) or not Path(port_file).read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start")
+        time.sleep(0.05)
+    port = int(Path(port_file).read_text())
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            time.sleep(0.05)
+        else:
+            return port
 
 
 def stored_events(store_url: str) -> int:
