@@ -21,6 +21,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def ledger_serve_config(folder: Path, port: int) -> tuple[Path, str]:
+    """A config for `serve` on a SQLite ledger in `folder`, with the scheduled incremental
+    runs far apart (so what a test sees is the targeted write-back), and the store URL."""
+    url = f"sqlite:///{folder / 'serve.db'}"
+    cfg = folder / "waconsent.toml"
+    cfg.write_text(
+        f'[store]\nurl = "{url}"\n[webhook]\nport = {port}\n'
+        "[schedule]\nincremental_minutes = 600\n",
+        encoding="utf-8",
+    )
+    return cfg, url
+
+
 def start_serve(
     cfg: Path, port: int, secrets: Mapping[str, str]
 ) -> tuple[subprocess.Popen[str], str]:

@@ -24,7 +24,7 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 from tests import payloads as p
-from tests.serving import free_port, start_serve
+from tests.serving import free_port, ledger_serve_config, start_serve
 from tests.test_run import NOW, T0, clock, contact, opted_in
 from waconsent.config.loading import LoadedConfig, Secrets, parse
 from waconsent.connectors.ledger import LedgerCrm
@@ -311,16 +311,10 @@ def test_serve_counts_the_targeted_write_back_of_a_stop(tmp_path: Path) -> None:
     """Under `waconsent serve`, a signed STOP is counted as a stored delivery and an opt-out,
     and the targeted write-back it starts as a targeted run, with its finish time."""
     port = free_port()
-    db = tmp_path / "serve.db"
-    cfg = tmp_path / "waconsent.toml"
-    cfg.write_text(
-        f'[store]\nurl = "sqlite:///{db}"\n[webhook]\nport = {port}\n'
-        "[schedule]\nincremental_minutes = 600\n",
-        encoding="utf-8",
-    )
-    engine = open_engine(f"sqlite:///{db}")
+    cfg, url = ledger_serve_config(tmp_path, port)
+    engine = open_engine(url)
     upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
-    run_once(config(f"sqlite:///{db}"), engine=engine)
+    run_once(config(url), engine=engine)
     process, base = start_serve(
         cfg, port, {"WHATSAPP_APP_SECRET": SECRET, "WHATSAPP_VERIFY_TOKEN": "vt"}
     )

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from tests import payloads as p
-from tests.serving import free_port, start_serve
+from tests.serving import free_port, ledger_serve_config, start_serve
 from tests.test_run import NOW, T0, clock, contact, deliver, loaded, opted_in
 from waconsent.config import parse
 from waconsent.connectors.webhook_signature import sign
@@ -120,18 +120,12 @@ def test_serve_writes_a_revocation_back_within_seconds(
     the next scheduled run, also for a contact the last sync has not seen (found by its
     number in the CRM); SIGTERM stops it cleanly."""
     port = free_port()
-    db = tmp_path / "serve.db"
-    cfg = tmp_path / "waconsent.toml"
-    cfg.write_text(
-        f'[store]\nurl = "sqlite:///{db}"\n[webhook]\nport = {port}\n'
-        "[schedule]\nincremental_minutes = 600\n",
-        encoding="utf-8",
-    )
-    engine = open_engine(f"sqlite:///{db}")
+    cfg, url = ledger_serve_config(tmp_path, port)
+    engine = open_engine(url)
     upsert_contacts(engine, [opted_in("B", "0170 1112233")], NOW)
     if not created_after_sync:
         upsert_contacts(engine, [opted_in("A", "0151 23456789")], NOW)
-    run_once(loaded(f"sqlite:///{db}"), engine=engine)  # the phone index knows B (and A)
+    run_once(loaded(url), engine=engine)  # the phone index knows B (and A)
     if created_after_sync:
         upsert_contacts(engine, [opted_in("A", "+49 (0)151-234 567 89")], NOW)
     process, base = start_serve(
